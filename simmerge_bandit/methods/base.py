@@ -1,0 +1,169 @@
+"""Parameter schemas shared by every merge method.
+
+A method is described by a :class:`MethodSpec`: its name, its family, its parameters (global or per model, with
+mergekit's names and defaults) and the function that merges one tensor. Operators are *data*: a method name plus
+validated parameter values (see :func:`MethodSpec.validate`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from ..errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of a merge method.
+
+    ``scope`` is ``"global"`` (one value for the merge) or ``"model"`` (mergekit's per-model ``parameters``;
+    an operator's value applies to every model of the merge).
+    """
+
+    name: str
+    kind: str  # "float" | "bool" | "int"
+    default: Any
+    scope: str = "global"
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+    help: str = ""
+
+    def range_text(self) -> str:
+        if self.kind == "bool":
+            return "true or false"
+        if self.low is None and self.high is None:
+            return f"any finite {self.kind}"
+        lo = "(" if not self.low_inclusive else "["
+        hi = ")" if not self.high_inclusive else "]"
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"{self.kind} in {lo}{low}, {high}{hi}"
+
+    def coerce(self, value: Any) -> Any:
+        """Parse and range-check ``value``; raise :class:`InvalidInput` naming the parameter."""
+        if self.kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in {"true", "1", "yes", "y", "on"}:
+                return True
+            if isinstance(value, str) and value.strip().lower() in {"false", "0", "no", "n", "off"}:
+                return False
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise InvalidInput(f"parameter {self.name!r} must be true or false, got {value!r}")
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            if self.kind == "int":
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                v: float = int(value) if not isinstance(value, str) else int(value.strip())
+            else:
+                v = float(value)
+        except (TypeError, ValueError):
+            raise InvalidInput(f"parameter {self.name!r} must be a {self.kind}, got {value!r}") from None
+        if not math.isfinite(v):
+            raise InvalidInput(f"parameter {self.name!r} must be finite, got {value!r}")
+        ok_low = self.low is None or (v >= self.low if self.low_inclusive else v > self.low)
+        ok_high = self.high is None or (v <= self.high if self.high_inclusive else v < self.high)
+        if not (ok_low and ok_high):
+            raise InvalidInput(f"parameter {self.name!r} = {value!r} is out of range: {self.range_text()}")
+        return v
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A merge method: name, family, parameters and (once implemented) the per-tensor merge function."""
+
+    name: str
+    family: str  # "linear" | "task_arithmetic" | "slerp" | "nuslerp" | "model_stock"
+    params: tuple[ParamSpec, ...]
+    needs_base: bool
+    min_models: int = 2
+    max_models: int | None = None
+    random: bool = False
+    description: str = ""
+    #: Sparsification and consensus of the generic task-arithmetic engine (None for other families).
+    sparsification: str | None = None
+    consensus: str | None = None
+    merge: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
+
+    def param(self, name: str) -> ParamSpec:
+        for p in self.params:
+            if p.name == name:
+                return p
+        known = ", ".join(p.name for p in self.params) or "(none)"
+        raise InvalidInput(f"method {self.name!r} has no parameter {name!r}; known: {known}")
+
+    def defaults(self) -> dict[str, Any]:
+        return {p.name: p.default for p in self.params}
+
+    def validate(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Return the full, typed parameter dict (defaults filled in) or raise :class:`InvalidInput`."""
+        out = self.defaults()
+        for key, value in params.items():
+            out[key] = self.param(key).coerce(value)
+        check = _CROSS_CHECKS.get(self.sparsification)
+        if check:
+            check(self.name, out)
+        return out
+
+
+def _check_breadcrumbs(name: str, p: dict) -> None:
+    if p["density"] + p["gamma"] > 1.0 + 1e-12:
+        raise InvalidInput(
+            f"{name}: density + gamma must be <= 1 (got {p['density']:g} + {p['gamma']:g})")
+
+
+def _check_della(name: str, p: dict) -> None:
+    if p["density"] - p["epsilon"] < 0 or p["density"] + p["epsilon"] > 1.0 + 1e-12:
+        raise InvalidInput(
+            f"{name}: density +/- epsilon must stay within [0, 1] (got density={p['density']:g}, "
+            f"epsilon={p['epsilon']:g})")
+
+
+_CROSS_CHECKS = {"magnitude_outliers": _check_breadcrumbs, "della_magprune": _check_della}
+
+
+# Shared parameter definitions (mergekit names and meanings).
+def weight(default: float = 1.0) -> ParamSpec:
+    return ParamSpec("weight", "float", default, scope="model", help="weight of each model's contribution")
+
+
+def density(default: float = 1.0) -> ParamSpec:
+    return ParamSpec("density", "float", default, scope="model", low=0.0, high=1.0, low_inclusive=False,
+                     help="fraction of task-vector entries kept")
+
+
+def normalize(default: bool) -> ParamSpec:
+    return ParamSpec("normalize", "bool", default, help="divide by the sum of weights")
+
+
+def rescale(default: bool) -> ParamSpec:
+    return ParamSpec("rescale", "bool", default, help="rescale kept entries by 1/density to preserve the norm")
+
+
+def lambda_() -> ParamSpec:
+    return ParamSpec("lambda", "float", 1.0, help="scale of the merged task vector")
+
+
+def int8_mask() -> ParamSpec:
+    return ParamSpec("int8_mask", "bool", False, help="store masks as int8 (memory only; same result)")
+
+
+def task_arithmetic_params(*, normalize_default: bool, rescale_default: bool, sparsify: str | None) -> tuple:
+    params = [weight()]
+    if sparsify is not None:
+        params.append(density())
+    if sparsify == "magnitude_outliers":
+        params.append(ParamSpec("gamma", "float", 0.01, scope="model", low=0.0, high=1.0, high_inclusive=False,
+                                help="fraction of largest-magnitude entries removed as outliers"))
+    if sparsify == "della_magprune":
+        params.append(ParamSpec("epsilon", "float", 0.15, scope="model", low=0.0, high=1.0, high_inclusive=False,
+                                help="spread of drop probabilities around 1 - density"))
+    params += [normalize(normalize_default), rescale(rescale_default), lambda_(), int8_mask()]
+    return tuple(params)

@@ -1,0 +1,135 @@
+"""The DuckDB state store: one file per state home, migrated on every open.
+
+One process owns the file for writing (DuckDB's own file lock enforces it). A second process gets a
+:class:`~.errors.StateLocked` naming the holder and, when it is the daemon, pointing at it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import duckdb
+
+from . import migrations
+from .errors import StateLocked
+from .paths import artifacts_dir, daemon_file, resolve_home, state_path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock_message(home: Path, err: Exception) -> str:
+    text = str(err)
+    m = re.search(r"PID (\d+)", text)
+    holder = f"process {m.group(1)}" if m else "another process"
+    try:
+        info = json.loads(daemon_file(home).read_text())
+        if m and int(info.get("pid", -1)) == int(m.group(1)):
+            return (f"state {state_path(home)} is held by the simmerge daemon (pid {info['pid']}, port "
+                    f"{info.get('port')}); commands that support it go through the daemon's API")
+    except (OSError, ValueError):
+        pass
+    return f"state {state_path(home)} is locked for writing by {holder}; stop it or use the daemon"
+
+
+class Store:
+    """A migrated connection to ``$SIMMERGE_HOME/state.duckdb``.
+
+    Calls are serialized by a re-entrant lock so that one Store can be shared by the daemon's threads.
+
+    >>> store = Store.open("/tmp/some-home")            # doctest: +SKIP
+    >>> with store.transaction():                       # doctest: +SKIP
+    ...     store.execute("INSERT INTO ...", [...])
+    """
+
+    def __init__(self, home: Path, db: duckdb.DuckDBPyConnection):
+        self.home = home
+        self.db = db
+        self.lock = threading.RLock()
+        self._depth = 0
+
+    @classmethod
+    def open(cls, home: str | os.PathLike | None = None, *, upto: str | None = None) -> "Store":
+        """Open (creating if needed) and migrate the store in ``home`` (see :func:`paths.resolve_home`)."""
+        home_path = resolve_home(home)
+        home_path.mkdir(parents=True, exist_ok=True)
+        artifacts_dir(home_path).mkdir(exist_ok=True)
+        try:
+            db = duckdb.connect(str(state_path(home_path)))
+        except duckdb.IOException as e:
+            if "lock" in str(e).lower():
+                raise StateLocked(_lock_message(home_path, e)) from None
+            raise
+        migrations.migrate(db, upto=upto)
+        return cls(home_path, db)
+
+    @property
+    def artifacts(self) -> Path:
+        return artifacts_dir(self.home)
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator["Store"]:
+        """Run the block in one transaction (nested blocks join the outer one)."""
+        with self.lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self
+                finally:
+                    self._depth -= 1
+                return
+            self.db.execute("BEGIN TRANSACTION")
+            self._depth = 1
+            try:
+                yield self
+            except BaseException:
+                self._depth = 0
+                self.db.execute("ROLLBACK")
+                raise
+            self._depth = 0
+            self.db.execute("COMMIT")
+
+    def execute(self, sql: str, params: Sequence[Any] | None = None) -> duckdb.DuckDBPyConnection:
+        with self.lock:
+            return self.db.execute(sql, params or [])
+
+    def fetchall(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
+        with self.lock:
+            return self.db.execute(sql, params or []).fetchall()
+
+    def fetchone(self, sql: str, params: Sequence[Any] | None = None) -> tuple | None:
+        with self.lock:
+            return self.db.execute(sql, params or []).fetchone()
+
+    def fetchdicts(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        with self.lock:
+            cur = self.db.execute(sql, params or [])
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+    def applied_migrations(self) -> list[str]:
+        with self.lock:
+            return migrations.applied(self.db)

@@ -66,7 +66,9 @@ def m0002_tasks_and_probe_sets(db: duckdb.DuckDBPyConnection) -> None:
             data_hash VARCHAR NOT NULL,
             n_examples INTEGER NOT NULL,
             probe_set VARCHAR NOT NULL,
-            metric VARCHAR NOT NULL,
+            metric VARCHAR NOT NULL,     -- evaluator name: exact_match | loglik | external
+            eval_command VARCHAR,        -- external evaluator: command template
+            metric_path VARCHAR,         -- external evaluator: dotted path of the metric in its JSON output
             added_at TIMESTAMP NOT NULL DEFAULT current_timestamp
         )""")
 

@@ -1,0 +1,261 @@
+"""The catalog: models, tasks, probe sets and operators, persisted in the store.
+
+>>> from simmerge_bandit.store import Store                      # doctest: +SKIP
+>>> cat = Catalog(Store.open("/tmp/home"))                        # doctest: +SKIP
+>>> cat.add_operator("ties_d0.5", "ties", {"density": 0.5})      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+from .checkpoint import check_compatible, read_checkpoint
+from .errors import AlreadyExists, InvalidInput, NotFound
+from .methods import get_method
+from .store import Store
+
+METRICS = ("exact_match", "loglik", "external")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
+#: Without --probes, a task's probe set is made of the first prompts of its data file (answers dropped).
+DEFAULT_PROBES = 64
+
+
+def check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidInput(f"invalid {kind} name {name!r}: use 1-128 letters, digits and . _ - : @ +, "
+                           f"starting with a letter or digit")
+    return name
+
+
+def read_jsonl(path: str | Path, *, need: tuple[str, ...]) -> list[dict]:
+    """Read a JSON-lines file whose objects have string fields ``need``; errors name the line."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InvalidInput(f"{p}: no such file")
+    rows = []
+    with open(p, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise InvalidInput(f"{p}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise InvalidInput(f"{p}:{i}: expected a JSON object")
+            for key in need:
+                if not isinstance(obj.get(key), str):
+                    raise InvalidInput(f"{p}:{i}: missing string field {key!r}")
+            rows.append(obj)
+    if not rows:
+        raise InvalidInput(f"{p}: empty file (expected JSON lines with {', '.join(need)})")
+    return rows
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Probe prompts: JSON lines with a "prompt" field, or plain text with one prompt per line."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InvalidInput(f"{p}: no such file")
+    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not lines:
+        raise InvalidInput(f"{p}: empty probe set (expected one prompt per line or JSON lines with 'prompt')")
+    if lines[0].lstrip().startswith("{"):
+        return [r["prompt"] for r in read_jsonl(p, need=("prompt",))]
+    return lines
+
+
+def _hash_prompts(prompts: list[str]) -> str:
+    return hashlib.blake2b(json.dumps(prompts).encode(), digest_size=16).hexdigest()
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+class Catalog:
+    """CRUD over models, tasks, probe sets and operators. Every mutation is one transaction."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    # ---- models ----
+    def add_model(self, path: str | Path, name: str | None = None, base: str | None = None) -> dict:
+        """Register a checkpoint directory; with ``base``, its tensors must match the base's."""
+        ck = read_checkpoint(path)
+        name = check_name("model", name or ck.path.name)
+        if self._exists("models", name):
+            raise AlreadyExists(f"model {name!r} already exists")
+        shapes = ck.shapes()
+        if base is not None:
+            b = self.model(base)
+            check_compatible(b["tensors"], shapes, base, name)
+        fingerprint = ck.fingerprint()
+        with self.store.transaction():
+            self.store.execute(
+                "INSERT INTO models (name, path, base, architecture, model_type, dtype, n_params, n_tensors, "
+                "size_bytes, fingerprint, tensors, config) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                [name, str(ck.path), base, ck.architecture, ck.model_type, ck.dtype, ck.n_params, len(ck.tensors),
+                 ck.size_bytes, fingerprint, json.dumps(shapes), json.dumps(ck.config)])
+        return self.model(name)
+
+    def models(self) -> list[dict]:
+        return [self._model_row(r) for r in self.store.fetchdicts("SELECT * FROM models ORDER BY added_at, name")]
+
+    def model(self, name: str) -> dict:
+        rows = self.store.fetchdicts("SELECT * FROM models WHERE name = ?", [name])
+        if not rows:
+            raise NotFound(f"no model named {name!r}")
+        return self._model_row(rows[0])
+
+    def remove_model(self, name: str) -> None:
+        self.model(name)
+        children = [r[0] for r in self.store.fetchall("SELECT name FROM models WHERE base = ?", [name])]
+        if children:
+            raise InvalidInput(f"model {name!r} is the base of {', '.join(children)}; remove those first")
+        with self.store.transaction():
+            self.store.execute("DELETE FROM models WHERE name = ?", [name])
+
+    def refresh_model(self, name: str) -> dict:
+        """Re-read a model's checkpoint (after its weights changed) and update its fingerprint and shapes."""
+        m = self.model(name)
+        ck = read_checkpoint(m["path"])
+        with self.store.transaction():
+            self.store.execute(
+                "UPDATE models SET fingerprint = ?, tensors = ?, config = ?, dtype = ?, n_params = ?, "
+                "size_bytes = ? WHERE name = ?",
+                [ck.fingerprint(), json.dumps(ck.shapes()), json.dumps(ck.config), ck.dtype, ck.n_params,
+                 ck.size_bytes, name])
+        return self.model(name)
+
+    @staticmethod
+    def _model_row(r: dict) -> dict:
+        r = dict(r)
+        r["tensors"] = json.loads(r["tensors"])
+        r["config"] = json.loads(r["config"])
+        return r
+
+    # ---- probe sets ----
+    def add_probe_set(self, name: str, path: str | Path) -> dict:
+        check_name("probe set", name)
+        if self._exists("probe_sets", name):
+            raise AlreadyExists(f"probe set {name!r} already exists")
+        return self._store_probes(name, read_prompts(path))
+
+    def _store_probes(self, name: str, prompts: list[str]) -> dict:
+        dest = self.store.artifacts / "probes" / f"{name}.jsonl"
+        _write_jsonl(dest, [{"prompt": p} for p in prompts])
+        with self.store.transaction():
+            self.store.execute("INSERT INTO probe_sets (name, hash, path, n_prompts) VALUES (?,?,?,?)",
+                               [name, _hash_prompts(prompts), str(dest), len(prompts)])
+        return self.probe_set(name)
+
+    def probe_sets(self) -> list[dict]:
+        return self.store.fetchdicts("SELECT * FROM probe_sets ORDER BY added_at, name")
+
+    def probe_set(self, name: str) -> dict:
+        rows = self.store.fetchdicts("SELECT * FROM probe_sets WHERE name = ?", [name])
+        if not rows:
+            raise NotFound(f"no probe set named {name!r}")
+        return rows[0]
+
+    def probe_prompts(self, name: str) -> list[str]:
+        return read_prompts(self.probe_set(name)["path"])
+
+    # ---- tasks ----
+    def add_task(self, name: str, data: str | Path, probes: str | Path | None = None, metric: str = "exact_match",
+                 eval_command: str | None = None, metric_path: str | None = None) -> dict:
+        """Register a task from a JSON-lines file of {"prompt", "answer"} and an optional probe file.
+
+        ``probes`` may be a file or the name of an existing probe set. Without it the task's probe set is the
+        first prompts of the data (answers are never used as probes).
+        """
+        check_name("task", name)
+        if self._exists("tasks", name):
+            raise AlreadyExists(f"task {name!r} already exists")
+        if metric not in METRICS:
+            raise InvalidInput(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+        if metric == "external" and not (eval_command and metric_path):
+            raise InvalidInput("metric 'external' needs an eval command and a metric path")
+        rows = read_jsonl(data, need=("prompt", "answer"))
+        rows = [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows]
+        if probes is not None and not Path(str(probes)).expanduser().exists() and self._exists("probe_sets",
+                                                                                             str(probes)):
+            probe_name, prompts = str(probes), None
+        else:
+            probe_name = f"{name}.probes"
+            prompts = read_prompts(probes) if probes is not None else [r["prompt"] for r in rows[:DEFAULT_PROBES]]
+            if self._exists("probe_sets", probe_name):
+                raise AlreadyExists(f"probe set {probe_name!r} already exists")
+        dest = self.store.artifacts / "tasks" / name / "data.jsonl"
+        _write_jsonl(dest, rows)
+        data_hash = hashlib.blake2b(dest.read_bytes(), digest_size=16).hexdigest()
+        with self.store.transaction():
+            if prompts is not None:
+                self._store_probes(probe_name, prompts)
+            self.store.execute(
+                "INSERT INTO tasks (name, data_path, data_hash, n_examples, probe_set, metric, eval_command, "
+                "metric_path) VALUES (?,?,?,?,?,?,?,?)",
+                [name, str(dest), data_hash, len(rows), probe_name, metric, eval_command, metric_path])
+        return self.task(name)
+
+    def tasks(self) -> list[dict]:
+        return self.store.fetchdicts("SELECT * FROM tasks ORDER BY added_at, name")
+
+    def task(self, name: str) -> dict:
+        rows = self.store.fetchdicts("SELECT * FROM tasks WHERE name = ?", [name])
+        if not rows:
+            raise NotFound(f"no task named {name!r}")
+        return rows[0]
+
+    def task_examples(self, name: str) -> list[dict]:
+        return read_jsonl(self.task(name)["data_path"], need=("prompt", "answer"))
+
+    # ---- operators ----
+    def add_operator(self, name: str, method: str, params: Mapping[str, Any] | None = None) -> dict:
+        """Add an operator: a registered merge method plus validated parameters (defaults filled in)."""
+        check_name("operator", name)
+        spec = get_method(method)
+        full = spec.validate(params or {})
+        if self._exists("operators", name):
+            raise AlreadyExists(f"operator {name!r} already exists")
+        with self.store.transaction():
+            self.store.execute("INSERT INTO operators (name, method, params) VALUES (?,?,?)",
+                               [name, method, json.dumps(full, sort_keys=True)])
+        return self.operator(name)
+
+    def operators(self, active_only: bool = False) -> list[dict]:
+        sql = "SELECT * FROM operators" + (" WHERE status = 'active'" if active_only else "")
+        return [self._op_row(r) for r in self.store.fetchdicts(sql + " ORDER BY added_at, name")]
+
+    def operator(self, name: str) -> dict:
+        rows = self.store.fetchdicts("SELECT * FROM operators WHERE name = ?", [name])
+        if not rows:
+            raise NotFound(f"no operator named {name!r}")
+        return self._op_row(rows[0])
+
+    def retire_operator(self, name: str) -> dict:
+        op = self.operator(name)
+        if op["status"] == "retired":
+            return op
+        with self.store.transaction():
+            self.store.execute("UPDATE operators SET status = 'retired', retired_at = current_timestamp "
+                               "WHERE name = ?", [name])
+        return self.operator(name)
+
+    @staticmethod
+    def _op_row(r: dict) -> dict:
+        r = dict(r)
+        r["params"] = json.loads(r["params"])
+        return r
+
+    def _exists(self, table: str, name: str) -> bool:
+        return self.store.fetchone(f"SELECT 1 FROM {table} WHERE name = ?", [name]) is not None

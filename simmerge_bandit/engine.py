@@ -1,0 +1,396 @@
+"""The decision engine: candidates, suggestions, decisions, rewards and policy state.
+
+A candidate is (task, ordered models, operator). Its context ``x`` is the pair's similarity features on the task's
+probe set (signals module) plus task descriptors; its arm descriptor ``z`` describes the operator (method one-hot and
+parameters), so that what is learned about one operator informs similar ones.
+
+Every suggestion is logged as a decision (context, candidate, propensity, policy and version). Rewards are appended
+to the log; a policy's state is the fold of the rewards in arrival order (``seq``), snapshotted in ``policy_state``
+and caught up from the log tail on load, so ``rebuild`` from the log always gives the live state.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import threading
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .catalog import Catalog
+from .errors import Conflict, InvalidInput, NotFound
+from .methods import REGISTRY
+from .store import Store
+
+#: Documented reward range: a normalized score (merged score / best source model's score, clipped to [0, 2]).
+REWARD_RANGE = (0.0, 2.0)
+TASK_BUCKETS = 8
+OPERATOR_PARAMS = ("weight", "density", "t", "lambda", "gamma", "epsilon", "normalize", "rescale", "filter_wise",
+                   "nuslerp_flatten", "nuslerp_row_wise")
+ARM_NAMES = tuple(f"method={m}" for m in REGISTRY) + OPERATOR_PARAMS + ("consensus", "random")
+
+
+def operator_descriptor(op: dict) -> np.ndarray:
+    """z for an operator: one-hot of its method, then its numeric parameters, consensus and randomness flags."""
+    spec = REGISTRY[op["method"]]
+    z = np.zeros(len(ARM_NAMES))
+    z[list(REGISTRY).index(op["method"])] = 1.0
+    base = len(REGISTRY)
+    for i, key in enumerate(OPERATOR_PARAMS):
+        v = op["params"].get(key)
+        if v is not None:
+            z[base + i] = float(v)
+    z[-2] = 1.0 if spec.consensus else 0.0
+    z[-1] = 1.0 if spec.random else 0.0
+    return z
+
+
+def _task_bucket(task: str) -> int:
+    return zlib.crc32(task.encode()) % TASK_BUCKETS
+
+
+def context_names(feature_names: Sequence[str]) -> list[str]:
+    return [*feature_names, *(f"task_bucket_{i}" for i in range(TASK_BUCKETS))]
+
+
+def contexts(features: np.ndarray, task: str) -> np.ndarray:
+    """x for each row of raw pair features: signed log1p of each feature (absent -> 0), task bucket one-hot.
+
+    The log keeps unbounded features (KL, norm ratios) on the scale of the bounded ones without fitted statistics,
+    so a context means the same thing before and after any amount of data.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    f = np.where(np.isfinite(f), np.sign(f) * np.log1p(np.abs(f)), 0.0)
+    n = f.shape[0]
+    bucket = np.zeros((n, TASK_BUCKETS))
+    bucket[:, _task_bucket(task)] = 1.0
+    return np.hstack([f, bucket])
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine decides (validated configuration, separate from learned state)."""
+
+    default_policy: str = "linucb-hybrid"
+    #: Real evaluations the engine may request per window.
+    eval_budget: int = 10
+    eval_window_s: float = 24 * 3600.0
+    #: Ask for an evaluation of the choice when its uncertainty is at least this, or the policy has fewer than
+    #: ``eval_warmup`` rewards.
+    eval_threshold: float = 0.05
+    eval_warmup: int = 5
+    #: Save a policy snapshot every N updates (the log tail is replayed on load, so nothing is lost in between).
+    snapshot_every: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.eval_budget < 0 or self.eval_window_s <= 0 or self.snapshot_every < 1:
+            raise InvalidInput("eval budget must be >= 0, window > 0, snapshot_every >= 1")
+
+
+@dataclass
+class CandidateSet:
+    task: str
+    pairs: list[tuple[str, str]]
+    operators: list[dict]
+    X: np.ndarray            # (n_pairs * n_ops, d)
+    Z: np.ndarray            # (n_pairs * n_ops, k)
+    arms: list[str]
+    pair_index: np.ndarray   # candidate -> pair
+    names: list[str]         # context names
+    feature_schema: str
+
+    def __len__(self) -> int:
+        return len(self.arms)
+
+
+class Engine:
+    """Suggest merges, log decisions, learn from rewards.
+
+    >>> eng = Engine(Store.open())                          # doctest: +SKIP
+    >>> best = eng.suggest("arith", top=3)[0]               # doctest: +SKIP
+    >>> eng.feedback(best["id"], 0.93)                      # doctest: +SKIP
+    """
+
+    def __init__(self, store: Store, config: EngineConfig | None = None):
+        self.store = store
+        self.config = config or EngineConfig()
+        self.catalog = Catalog(store)
+        self._policies: dict[str, Any] = {}
+        self._last_seq: dict[str, int] = {}
+        self._since_snapshot: dict[str, int] = {}
+        self.lock = threading.RLock()
+
+    # ---- candidates ----
+    def pairs(self, task: str) -> list[tuple[str, str]]:
+        """Ordered pairs of distinct catalog models that share a base model."""
+        self.catalog.task(task)
+        by_base: dict[str, list[str]] = {}
+        for m in self.catalog.models():
+            if m["base"]:
+                by_base.setdefault(m["base"], []).append(m["name"])
+        return [(a, b) for names in by_base.values() for a in names for b in names if a != b]
+
+    def candidates(self, task: str, operators: Sequence[str] | None = None) -> CandidateSet:
+        from . import signals
+
+        ops = [self.catalog.operator(o) for o in operators] if operators else self.catalog.operators(active_only=True)
+        if not ops:
+            raise InvalidInput("no active operators: add one with `simmerge operator add`")
+        pairs = self.pairs(task)
+        if not pairs:
+            raise InvalidInput("no candidate pairs: register at least two models with the same --base")
+        names = sorted({m for p in pairs for m in p})
+        signals.ensure_signatures(self.store, names, task)
+        feats, fnames = signals.feature_matrix(self.store, pairs, task)
+        x_pairs = contexts(feats, task)
+        n_p, n_o = len(pairs), len(ops)
+        X = np.repeat(x_pairs, n_o, axis=0)
+        zs = np.stack([operator_descriptor(o) for o in ops])
+        Z = np.tile(zs, (n_p, 1))
+        arms = [o["name"] for o in ops] * n_p
+        return CandidateSet(task, pairs, ops, X, Z, arms, np.repeat(np.arange(n_p), n_o), context_names(fnames),
+                            str(signals.FEATURE_SCHEMA_VERSION))
+
+    # ---- policies ----
+    def policy(self, name: str | None = None):
+        """The named policy, restored from its snapshot and caught up with the reward log."""
+        from .policies import make_policy
+
+        name = name or self.config.default_policy
+        with self.lock:
+            if name not in self._policies:
+                pol = make_policy(name, seed=self.config.seed)
+                row = self.store.fetchone("SELECT last_seq, arrays, meta FROM policy_state WHERE policy = ?", [name])
+                last = 0
+                if row is not None:
+                    with np.load(io.BytesIO(row[1]), allow_pickle=False) as npz:
+                        arrays = {k: npz[k] for k in npz.files}
+                    pol.restore(arrays, json.loads(row[2]))
+                    last = int(row[0])
+                self._policies[name], self._last_seq[name], self._since_snapshot[name] = pol, last, 0
+            self._catch_up(name)
+            return self._policies[name]
+
+    def _catch_up(self, name: str) -> int:
+        pol = self._policies[name]
+        rows = self.store.fetchall(
+            "SELECT r.seq, d.context, d.operator, d.arm, r.reward, d.propensity FROM rewards r "
+            "JOIN decisions d ON d.id = r.decision_id WHERE r.seq > ? ORDER BY r.seq", [self._last_seq[name]])
+        for seq, x, op, z, reward, prop in rows:
+            pol.update(np.asarray(x), json.loads(op)[-1], np.asarray(z), float(reward), float(prop))
+            self._last_seq[name] = seq
+        if rows:
+            self._since_snapshot[name] += len(rows)
+            if self._since_snapshot[name] >= self.config.snapshot_every:
+                self._save(name)
+        return len(rows)
+
+    def _save(self, name: str) -> None:
+        arrays, meta = self._policies[name].snapshot()
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        with self.store.transaction():
+            self.store.execute("DELETE FROM policy_state WHERE policy = ?", [name])
+            self.store.execute("INSERT INTO policy_state (policy, last_seq, arrays, meta) VALUES (?,?,?,?)",
+                               [name, self._last_seq[name], buf.getvalue(), json.dumps(meta)])
+        self._since_snapshot[name] = 0
+
+    def flush(self) -> None:
+        """Snapshot every loaded policy (called on shutdown)."""
+        with self.lock:
+            for name in self._policies:
+                self._catch_up(name)
+                self._save(name)
+
+    def rebuild(self, name: str | None = None):
+        """Rebuild a policy from the decision log alone, replace its snapshot, and return it."""
+        from .policies import make_policy
+
+        name = name or self.config.default_policy
+        with self.lock:
+            self._policies[name] = make_policy(name, seed=self.config.seed)
+            self._last_seq[name], self._since_snapshot[name] = 0, 0
+            self._catch_up(name)
+            self._save(name)
+            return self._policies[name]
+
+    # ---- suggestions ----
+    def suggest(self, task: str, top: int = 5, policy: str | None = None, chain: int | None = None) -> list[dict]:
+        """Rank candidate merges for ``task``; log each returned entry as a decision. The first is the choice."""
+        from .policies import Candidates
+
+        if top < 1:
+            raise InvalidInput("--top must be at least 1")
+        if chain is not None and chain < 2:
+            raise InvalidInput("--chain must be at least 2 (the number of models in the chain)")
+        name = policy or self.config.default_policy
+        with self.lock:
+            pol = self.policy(name)
+            cs = self.candidates(task)
+            ranking = pol.rank(Candidates(X=cs.X, arms=cs.arms, Z=cs.Z))
+            if chain and chain > 2:
+                entries = self._chains(cs, pol, ranking, top, chain)
+            else:
+                entries = [self._entry(cs, pol, ranking, int(i)) for i in ranking.order[:top]]
+            self._decide_evaluation(entries, pol)
+            self._log(entries, cs, name, pol)
+        return [e["public"] for e in entries]
+
+    def _entry(self, cs: CandidateSet, pol, ranking, i: int) -> dict:
+        a, b = cs.pairs[cs.pair_index[i]]
+        return {"models": [a, b], "operator": [cs.arms[i]], "x": cs.X[i], "z": cs.Z[i],
+                "predicted": float(ranking.predicted[i]), "uncertainty": float(ranking.uncertainty[i]),
+                "propensity": float(ranking.propensity[i]),
+                "explanation": self._explain(pol, cs.X[i], cs.arms[i], cs.Z[i], cs.names)}
+
+    def _explain(self, pol, x, arm, z, names, k: int = 3) -> list[dict]:
+        info = pol.explain(x, arm, z)
+        contrib = np.asarray(info.get("contributions", []), dtype=float).reshape(-1)
+        if contrib.shape != x.shape or not np.any(contrib):
+            return []
+        idx = list(np.argsort(-np.abs(contrib)))[:k]
+        return [{"feature": names[i], "value": float(x[i]), "contribution": float(contrib[i])} for i in idx]
+
+    def _chains(self, cs: CandidateSet, pol, ranking, top: int, length: int) -> list[dict]:
+        """Greedy chains ((a op1 b) op2 c) ...: each step ranks (chain so far, next model, operator).
+
+        An intermediate merge has no signature of its own; its features against the next model are the mean of
+        the features of its members against that model (an approximation, documented in the README).
+        """
+        from .policies import Candidates
+
+        pair_row = {p: i for i, p in enumerate(cs.pairs)}
+        n_ops = len(cs.operators)
+        entries = []
+        for start_rank, first in enumerate(ranking.order[:top]):
+            e = self._entry(cs, pol, ranking, int(first))
+            models = list(e["models"])
+            for _ in range(length - 2):
+                rest = [m for m in sorted({m for p in cs.pairs for m in p}) if m not in models]
+                rest = [m for m in rest if all((u, m) in pair_row for u in models)]
+                if not rest:
+                    break
+                X = np.stack([np.mean([cs.X[pair_row[(u, m)] * n_ops] for u in models], axis=0) for m in rest])
+                X = np.repeat(X, n_ops, axis=0)
+                Z = np.tile(cs.Z[:n_ops], (len(rest), 1))
+                arms = cs.arms[:n_ops] * len(rest)
+                r = pol.rank(Candidates(X=X, arms=arms, Z=Z))
+                j = int(r.choice) if start_rank == 0 else int(np.argmax(r.scores))
+                models.append(rest[j // n_ops])
+                e["operator"].append(arms[j])
+                e.update(x=X[j], z=Z[j], predicted=float(r.predicted[j]), uncertainty=float(r.uncertainty[j]),
+                         propensity=e["propensity"] * float(r.propensity[j]),
+                         explanation=self._explain(pol, X[j], arms[j], Z[j], cs.names))
+            e["models"] = models
+            entries.append(e)
+        return entries
+
+    def _decide_evaluation(self, entries: list[dict], pol) -> None:
+        cfg = self.config
+        used = self.budget_used()
+        for i, e in enumerate(entries):
+            unc = e["uncertainty"]
+            informative = (not math.isfinite(unc)) or unc >= cfg.eval_threshold or pol.n_updates < cfg.eval_warmup
+            e["evaluate"] = bool(i == 0 and used < cfg.eval_budget and informative)
+
+    def budget_used(self) -> int:
+        row = self.store.fetchone(
+            "SELECT count(*) FROM decisions WHERE evaluate AND created_at >= current_timestamp - to_seconds(?)",
+            [float(self.config.eval_window_s)])
+        return int(row[0])
+
+    def _log(self, entries: list[dict], cs: CandidateSet, policy: str, pol) -> None:
+        batch = uuid.uuid4().hex
+        with self.store.transaction():
+            for rank, e in enumerate(entries):
+                did = uuid.uuid4().hex[:16]
+                self.store.execute(
+                    "INSERT INTO decisions (id, batch, rank, task, models, operator, policy, policy_version, "
+                    "feature_schema, context, arm, predicted, uncertainty, propensity, evaluate) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    [did, batch, rank, cs.task, json.dumps(e["models"]), json.dumps(e["operator"]), policy,
+                     str(pol.version), cs.feature_schema, [float(v) for v in e["x"]], [float(v) for v in e["z"]],
+                     _finite(e["predicted"]), _finite(e["uncertainty"]), e["propensity"], e["evaluate"]])
+                if e["evaluate"]:
+                    self.store.execute("INSERT INTO eval_queue (decision_id) VALUES (?)", [did])
+                e["public"] = {
+                    "id": did, "task": cs.task, "models": e["models"],
+                    "operator": e["operator"][0] if len(e["operator"]) == 1 else e["operator"],
+                    "predicted": _finite(e["predicted"]), "uncertainty": _finite(e["uncertainty"]),
+                    "propensity": e["propensity"], "evaluate": e["evaluate"], "explanation": e["explanation"],
+                    "policy": policy}
+
+    # ---- rewards ----
+    def feedback(self, decision_id: str, reward: float, raw_score: float | None = None,
+                 source: str = "feedback") -> dict:
+        """Record the reward of a decision and update the policies. Durable when this returns.
+
+        The same value again is a no-op; a different value for the same decision is refused.
+        """
+        try:
+            value = float(reward)
+        except (TypeError, ValueError):
+            raise InvalidInput(f"reward must be a number, got {reward!r}") from None
+        lo, hi = REWARD_RANGE
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise InvalidInput(f"reward must be a finite number in [{lo:g}, {hi:g}] (a normalized score), "
+                               f"got {reward!r}")
+        with self.lock:
+            if self.store.fetchone("SELECT 1 FROM decisions WHERE id = ?", [decision_id]) is None:
+                raise NotFound(f"no decision with id {decision_id!r}")
+            old = self.store.fetchone("SELECT reward FROM rewards WHERE decision_id = ?", [decision_id])
+            if old is not None:
+                if abs(old[0] - value) <= 1e-12:
+                    return {"id": decision_id, "reward": value, "status": "unchanged"}
+                raise Conflict(f"decision {decision_id} already has reward {old[0]:g}; refusing {value:g}")
+            with self.store.transaction():
+                self.store.execute("INSERT INTO rewards (decision_id, reward, raw_score, source) VALUES (?,?,?,?)",
+                                   [decision_id, value, raw_score, source])
+            for name in list(self._policies):
+                self._catch_up(name)
+        return {"id": decision_id, "reward": value, "status": "recorded"}
+
+    def decision(self, decision_id: str) -> dict:
+        rows = self.store.fetchdicts("SELECT * EXCLUDE (context, arm) FROM decisions WHERE id = ?", [decision_id])
+        if not rows:
+            raise NotFound(f"no decision with id {decision_id!r}")
+        d = rows[0]
+        d["models"], d["operator"] = json.loads(d["models"]), json.loads(d["operator"])
+        return d
+
+    def status(self) -> dict:
+        def count(sql):
+            return int(self.store.fetchone(sql)[0])
+
+        queue = {s: 0 for s in ("queued", "running", "done", "failed")}
+        for state, n in self.store.fetchall("SELECT state, count(*) FROM eval_queue GROUP BY state"):
+            queue[state] = int(n)
+        last = self.store.fetchdicts(
+            "SELECT id, task, models, operator, policy, created_at FROM decisions ORDER BY created_at DESC, "
+            "rank LIMIT 1")
+        return {
+            "counts": {
+                "models": count("SELECT count(*) FROM models"),
+                "tasks": count("SELECT count(*) FROM tasks"),
+                "operators": count("SELECT count(*) FROM operators WHERE status = 'active'"),
+                "decisions": count("SELECT count(*) FROM decisions"),
+                "rewards": count("SELECT count(*) FROM rewards"),
+            },
+            "queue": queue,
+            "budget": {"used": self.budget_used(), "limit": self.config.eval_budget,
+                       "window_s": self.config.eval_window_s},
+            "last_decision": last[0] if last else None,
+            "policies": [{"name": p, "last_seq": int(s)} for p, s in
+                         self.store.fetchall("SELECT policy, last_seq FROM policy_state ORDER BY policy")],
+        }
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if v is not None and math.isfinite(v) else None

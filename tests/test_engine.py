@@ -1,0 +1,153 @@
+"""The decision engine on real tiny checkpoints, real signals and a real DuckDB file."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from simmerge_bandit.catalog import Catalog
+from simmerge_bandit.cli import cli
+from simmerge_bandit.engine import Engine, EngineConfig
+from simmerge_bandit.errors import Conflict, InvalidInput, NotFound
+from simmerge_bandit.store import Store
+
+from conftest import write_jsonl
+
+FIELDS = {"id", "models", "operator", "predicted", "uncertainty", "propensity", "evaluate", "explanation"}
+
+
+@pytest.fixture
+def setup(simmerge_home, tiny_models, tmp_path):
+    store = Store.open(simmerge_home)
+    cat = Catalog(store)
+    cat.add_model(tiny_models["base"], name="base")
+    for key in ("ft_a", "ft_b", "ft_sharded"):
+        cat.add_model(tiny_models[key], name=key, base="base")
+    rows = [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(12)]
+    cat.add_task("double", write_jsonl(tmp_path / "d.jsonl", rows))
+    cat.add_operator("lin", "linear")
+    cat.add_operator("ties5", "ties", {"density": 0.5})
+    cat.add_operator("slerp", "slerp", {"t": 0.5})
+    yield store
+    store.close()
+
+
+def test_suggest_returns_logged_decisions(setup):
+    eng = Engine(setup, EngineConfig(eval_budget=100))
+    rows = eng.suggest("double", top=4)
+    assert len(rows) == 4 and len({r["id"] for r in rows}) == 4
+    for r in rows:
+        assert FIELDS <= set(r)
+        assert 0 < r["propensity"] <= 1
+        assert r["models"][0] != r["models"][1] and r["operator"] in {"lin", "ties5", "slerp"}
+        assert isinstance(r["explanation"], list)
+    assert [r["evaluate"] for r in rows][1:] == [False, False, False]
+    n = setup.fetchone("SELECT count(*) FROM decisions")[0]
+    assert n == 4
+    ctx = setup.fetchone("SELECT context, propensity, policy FROM decisions WHERE rank = 0")
+    assert len(ctx[0]) > 5 and ctx[1] == rows[0]["propensity"] and ctx[2] == "linucb-hybrid"
+    # 3 fine-tunes -> 6 ordered pairs x 3 operators
+    assert len(eng.candidates("double")) == 18
+
+
+def test_feedback_rules(setup):
+    eng = Engine(setup)
+    rid = eng.suggest("double", top=2)[0]["id"]
+    assert eng.feedback(rid, 0.8)["status"] == "recorded"
+    assert eng.feedback(rid, 0.8)["status"] == "unchanged"
+    with pytest.raises(Conflict):
+        eng.feedback(rid, 0.7)
+    with pytest.raises(NotFound):
+        eng.feedback("nope", 0.5)
+    other = eng.suggest("double", top=1)[0]["id"]
+    for bad in (float("nan"), float("inf"), -0.1, 2.5, "abc"):
+        with pytest.raises(InvalidInput):
+            eng.feedback(other, bad)
+    assert setup.fetchall("SELECT decision_id, reward FROM rewards") == [(rid, 0.8)]
+    assert eng.policy().n_updates == 1
+
+
+def test_late_reward_is_learned_with_logged_propensity(setup):
+    eng = Engine(setup)
+    first = eng.suggest("double", top=1)[0]
+    for _ in range(3):
+        eng.suggest("double", top=1)
+    before = eng.policy().n_updates
+    eng.feedback(first["id"], 1.1)
+    assert eng.policy().n_updates == before + 1
+    assert setup.fetchone("SELECT propensity FROM decisions WHERE id = ?", [first["id"]])[0] == first["propensity"]
+
+
+def _arrays(pol):
+    arrays, _ = pol.snapshot()
+    return {k: v for k, v in arrays.items() if "rng" not in k}
+
+
+def test_rebuild_equals_live_and_restart_resumes(setup, simmerge_home):
+    eng = Engine(setup, EngineConfig(snapshot_every=3))
+    rng = np.random.default_rng(0)
+    for _ in range(7):
+        for r in eng.suggest("double", top=2):
+            eng.feedback(r["id"], float(rng.uniform(0, 1.2)))
+    live = _arrays(eng.policy())
+    # A new engine (as after a restart) restores the snapshot and replays the log tail.
+    again = Engine(setup, EngineConfig(snapshot_every=3))
+    restored = _arrays(again.policy())
+    rebuilt = _arrays(Engine(setup).rebuild())
+    assert live.keys() == rebuilt.keys() == restored.keys()
+    for k in live:
+        np.testing.assert_allclose(live[k], rebuilt[k], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(live[k], restored[k], rtol=1e-10, atol=1e-12)
+
+
+def test_operators_and_tasks_join_online(setup, tmp_path):
+    eng = Engine(setup)
+    eng.suggest("double", top=1)
+    cat = Catalog(setup)
+    cat.add_operator("della5", "della", {"density": 0.5})
+    cat.retire_operator("slerp")
+    arms = {r["operator"] for r in eng.suggest("double", top=100)}
+    assert "della5" in arms and "slerp" not in arms
+    cat.add_task("copy", write_jsonl(tmp_path / "c.jsonl", [{"prompt": "ab>", "answer": "ab"}] * 3))
+    assert eng.suggest("copy", top=1)[0]["models"]
+    assert cat.operator("slerp")["status"] == "retired"
+    assert setup.fetchone("SELECT count(*) FROM decisions WHERE operator LIKE '%slerp%'")[0] >= 0
+
+
+def test_evaluation_budget_and_queue(setup):
+    eng = Engine(setup, EngineConfig(eval_budget=2))
+    flags = [eng.suggest("double", top=1)[0]["evaluate"] for _ in range(4)]
+    assert flags == [True, True, False, False]
+    assert setup.fetchone("SELECT count(*) FROM eval_queue WHERE state = 'queued'")[0] == 2
+    assert eng.status()["budget"]["used"] == 2
+
+
+def test_chain_suggestions(setup):
+    eng = Engine(setup)
+    rows = eng.suggest("double", top=2, chain=3)
+    for r in rows:
+        assert len(r["models"]) == 3 and len(set(r["models"])) == 3
+        assert isinstance(r["operator"], list) and len(r["operator"]) == 2
+        assert 0 < r["propensity"] <= 1
+
+
+def test_cli_suggest_feedback_status(setup):
+    setup.close()
+    runner = CliRunner()
+    out = runner.invoke(cli, ["suggest", "--task", "double", "--top", "3", "--json"], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.output)
+    assert len(rows) == 3 and FIELDS <= set(rows[0])
+    fb = runner.invoke(cli, ["feedback", rows[0]["id"], "0.9", "--json"], catch_exceptions=False)
+    assert json.loads(fb.output)["status"] == "recorded"
+    bad = runner.invoke(cli, ["feedback", rows[1]["id"], "nan"])
+    assert bad.exit_code != 0 and "finite number" in bad.output and "Traceback" not in bad.output
+    st = json.loads(runner.invoke(cli, ["status", "--json"], catch_exceptions=False).output)
+    assert st["counts"] == {"models": 4, "tasks": 1, "operators": 3, "decisions": 3, "rewards": 1}
+    human = runner.invoke(cli, ["suggest", "--task", "double"], catch_exceptions=False).output
+    assert "operator" in human and "propensity" in human
+    assert runner.invoke(cli, ["suggest", "--task", "nope"]).exit_code != 0
+    rebuilt = runner.invoke(cli, ["policy", "rebuild", "--json"], catch_exceptions=False)
+    assert json.loads(rebuilt.output)["n_updates"] == 1

@@ -45,6 +45,12 @@ class Ctx:
             self._store = Store.open(self.home)
         return self._store
 
+    def client(self):
+        """The running daemon's API client, or None (then commands open the state directly)."""
+        from .client import Client
+
+        return Client.find(self.home)
+
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
@@ -142,7 +148,12 @@ def model_add(c: Ctx, path: str, name: str | None, base: str | None, as_json: bo
     Headers are read without loading tensors; a content fingerprint is stored. With --base, every tensor name
     and shape must match the base model.
     """
-    m = _model_summary(_catalog(c).add_model(path, name=name, base=base))
+    cl = c.client()
+    if cl:
+        m = cl.call("POST", "/v1/models", {"path": str(Path(path).expanduser().resolve()), "name": name,
+                                            "base": base})
+    else:
+        m = _model_summary(_catalog(c).add_model(path, name=name, base=base))
     emit([m], as_json, lambda d: click.echo(f"added model {m['name']} ({m['architecture']}, {m['dtype']}, "
                                               f"{m['n_params']:,} parameters)"))
 
@@ -229,8 +240,16 @@ def task_add(c: Ctx, name, data, probes, metric, eval_command, metric_path, no_i
                          lambda v: read_jsonl(v, need=("prompt", "answer")))
         if probes is None:
             probes = _ask_file("Probe file (empty: use the data's prompts)", read_prompts, optional=True)
-    t = _catalog(c).add_task(name, data, probes=probes, metric=metric, eval_command=eval_command,
-                             metric_path=metric_path)
+    cl = c.client()
+    if cl:
+        if probes is not None and Path(probes).expanduser().exists():
+            probes = str(Path(probes).expanduser().resolve())
+        t = cl.call("POST", "/v1/tasks", {"name": name, "data": str(Path(data).expanduser().resolve()),
+                                          "probes": probes, "metric": metric, "eval_command": eval_command,
+                                          "metric_path": metric_path})
+    else:
+        t = _catalog(c).add_task(name, data, probes=probes, metric=metric, eval_command=eval_command,
+                                 metric_path=metric_path)
     emit([t], as_json, lambda d: click.echo(f"added task {t['name']} ({t['n_examples']} examples, probe set "
                                               f"{t['probe_set']})"))
 
@@ -329,7 +348,11 @@ def operator_add(c: Ctx, name, method, params, no_input, as_json) -> None:
     if not method:
         method = click.prompt("Method", type=click.Choice(method_names()))
         parsed = {**_ask_params(get_method(method)), **parsed}
-    op = _catalog(c).add_operator(name, method, parsed)
+    cl = c.client()
+    if cl:
+        op = cl.call("POST", "/v1/operators", {"name": name, "method": method, "params": parsed})
+    else:
+        op = _catalog(c).add_operator(name, method, parsed)
     emit([op], as_json, lambda d: click.echo(f"added operator {op['name']} = {op['method']}"
                                                f"({', '.join(f'{k}={v}' for k, v in op['params'].items())})"))
 
@@ -360,7 +383,8 @@ def operator_show(c: Ctx, name: str, as_json: bool) -> None:
 @pass_ctx
 def operator_retire(c: Ctx, name: str, as_json: bool) -> None:
     """Stop suggesting operator NAME; its history stays."""
-    op = _catalog(c).retire_operator(name)
+    cl = c.client()
+    op = cl.call("POST", "/v1/operators/retire", {"name": name}) if cl else _catalog(c).retire_operator(name)
     emit([op], as_json, lambda d: click.echo(f"retired operator {name}"))
 
 
@@ -385,9 +409,302 @@ def operator_methods(as_json: bool) -> None:
 
 # ---- engine: suggest, feedback, policy, predictor, status ----
 
+def _engine(c: Ctx, **config):
+    from .engine import Engine, EngineConfig
+
+    return Engine(c.store(), EngineConfig(**config))
+
+
+def _number(value: str):
+    """Parse a CLI number, passing the text through when it is not one (the engine refuses it clearly)."""
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def _print_suggestions(rows: list[dict]) -> None:
+    table([{"#": i, "id": r["id"], "models": " + ".join(r["models"]),
+            "operator": r["operator"] if isinstance(r["operator"], str) else " > ".join(r["operator"]),
+            "predicted": r["predicted"], "uncertainty": r["uncertainty"], "propensity": r["propensity"],
+            "evaluate": "yes" if r["evaluate"] else "", "because": ", ".join(e["feature"] for e in r["explanation"])}
+           for i, r in enumerate(rows)],
+          ["#", "id", "models", "operator", "predicted", "uncertainty", "propensity", "evaluate", "because"])
+
+
+@cli.command()
+@click.option("--task", required=True, help="Task to merge for.")
+@click.option("--top", default=5, show_default=True, help="How many suggestions to return.")
+@click.option("--policy", default=None, help="Policy name (default: linucb-hybrid). See `simmerge policy list`.")
+@click.option("--chain", type=int, default=None, help="Suggest chains of N models ((a op1 b) op2 c ...).")
+@json_option
+@pass_ctx
+def suggest(c: Ctx, task: str, top: int, policy: str | None, chain: int | None, as_json: bool) -> None:
+    """Rank candidate merges for TASK. The first entry is the policy's choice.
+
+    Each suggestion is logged as a decision with its own id; report how the merge scored with
+    `simmerge feedback ID VALUE`. Entries marked evaluate are the ones the engine asks to have evaluated.
+    """
+    cl = c.client()
+    if cl:
+        rows = cl.call("POST", "/v1/suggest", {"task": task, "top": top, "policy": policy, "chain": chain})
+    else:
+        rows = _engine(c).suggest(task, top=top, policy=policy, chain=chain)
+    emit(rows, as_json, _print_suggestions)
+
+
+@cli.command()
+@click.argument("decision_id")
+@click.argument("value", type=str)
+@json_option
+@pass_ctx
+def feedback(c: Ctx, decision_id: str, value: str, as_json: bool) -> None:
+    """Record VALUE, the normalized score of the merge suggested as DECISION_ID, and learn from it.
+
+    VALUE is the merged model's score divided by the best source model's score on the task, in [0, 2].
+    Sending the same value again is a no-op; a different value for the same id is refused.
+    """
+    cl = c.client()
+    res = cl.call("POST", "/v1/feedback", {"id": decision_id, "reward": _number(value)}) if cl else \
+        _engine(c).feedback(decision_id, value)
+    emit(res, as_json, lambda r: click.echo(f"{r['status']}: reward {r['reward']:g} for {r['id']}"))
+
+
+@cli.command()
+@json_option
+@pass_ctx
+def status(c: Ctx, as_json: bool) -> None:
+    """Counts of models, tasks, operators, decisions and rewards; evaluation queue and budget."""
+    cl = c.client()
+    st = cl.call("GET", "/v1/status") if cl else _engine(c).status()
+
+    def human(s):
+        click.echo("  ".join(f"{k}: {v}" for k, v in s["counts"].items()))
+        click.echo("queue: " + "  ".join(f"{k}: {v}" for k, v in s["queue"].items()))
+        click.echo(f"evaluation budget: {s['budget']['used']}/{s['budget']['limit']} per {s['budget']['window_s']:g}s")
+        if s["last_decision"]:
+            d = s["last_decision"]
+            click.echo(f"last decision: {d['id']} {d['task']} {d['models']} {d['operator']} ({d['policy']})")
+
+    emit(st, as_json, human)
+
+
+@cli.group(cls=_Group)
+def policy() -> None:
+    """Bandit policies: list them, rebuild one from the decision log."""
+
+
+@policy.command("list")
+@json_option
+def policy_list(as_json: bool) -> None:
+    """List the registered policy names."""
+    from .policies import policy_names
+
+    emit([{"name": n} for n in policy_names()], as_json, lambda d: table(d, ["name"]))
+
+
+@policy.command("rebuild")
+@click.option("--policy", "name", default=None, help="Policy to rebuild (default: the default policy).")
+@json_option
+@pass_ctx
+def policy_rebuild(c: Ctx, name: str | None, as_json: bool) -> None:
+    """Rebuild a policy's state from the decision log alone and replace its snapshot."""
+    eng = _engine(c)
+    pol = eng.rebuild(name)
+    res = {"name": name or eng.config.default_policy, "n_updates": pol.n_updates, "version": str(pol.version)}
+    emit(res, as_json, lambda r: click.echo(f"rebuilt {r['name']} from {r['n_updates']} rewards"))
+
 # ---- replay and simulate ----
 
+_POLICY_HELP = ("Target policy; repeat for several. uniform, fixed:ACTION (the action as the log writes it, e.g. "
+                "fixed:17), or a learned policy by name (linucb, linucb-hybrid, lints, egreedy, vw, predictor) "
+                "with optional parameters, e.g. linucb:alpha=0.5.")
+
+
+def _split_list(values: tuple[str, ...]) -> list[str]:
+    """Values given as repeated options and/or comma-separated lists."""
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def _interval(row: dict, key: str) -> str:
+    v, lo, hi = row.get(key), row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
+    if v is None:
+        return "-"
+    if lo is None or hi is None:
+        return f"{v:.4f}"
+    return f"{v:.4f} [{lo:.4f}, {hi:.4f}]"
+
+
+@cli.command("replay")
+@click.argument("log", required=False, type=click.Path(dir_okay=False))
+@click.option("--policy", "policies", multiple=True, required=True, help=_POLICY_HELP)
+@click.option("--estimator", "estimators", multiple=True, type=click.Choice(["replay", "ips", "snips", "dr"]),
+              help="Estimator; repeat for several (default: all four). replay is unbiased only on uniform logs.")
+@click.option("--ci", type=click.Choice(["normal", "bootstrap"]), default="normal", show_default=True,
+              help="Confidence interval: analytic normal, or a percentile bootstrap over events.")
+@click.option("--n-boot", type=click.IntRange(10), default=1000, show_default=True,
+              help="Bootstrap resamples (with --ci bootstrap).")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05,
+              show_default=True, help="1 - confidence level of the intervals.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for learned policies, the bootstrap and the DR reward model's folds.")
+@click.option("--actions", "action_set", help="The action set, comma-separated (default: the actions in the log).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Write a PNG of cumulative estimated reward with its confidence band.")
+@json_option
+@pass_ctx
+def replay_cmd(c: Ctx, log, policies, estimators, ci, n_boot, alpha, seed, action_set, plot_path,
+               as_json) -> None:
+    """Estimate how other policies would have done on a logged decision stream.
+
+    LOG is a CSV or Parquet file with columns action, reward, propensity (the logging policy's probability of
+    the logged action), an optional timestamp (replay order), optional action-feature columns prefixed a_
+    (e.g. a_density), and context in every other column (numbers as they are, strings encoded). Without LOG,
+    the engine's own decision log in --home is used.
+
+    \b
+    Example:
+      simmerge replay log.csv --policy uniform --policy fixed:17 --policy linucb --estimator ips --estimator dr
+    """
+    from . import replay as rp
+
+    actions = [a.strip() for a in action_set.split(",")] if action_set else None
+    if log is None:
+        data = rp.load_engine_log(c.store())
+    else:
+        data = rp.load_log(log, actions=actions)
+    ev = rp.evaluate(data, list(policies), list(estimators) or ["replay", "ips", "snips", "dr"], alpha=alpha,
+                     ci=ci, n_boot=n_boot, seed=seed)
+    if plot_path:
+        rp.plot(ev, plot_path)
+    out = {"log": {"source": data.source, "events": len(data), "actions": data.arms, "uniform": data.is_uniform,
+                   "context": data.context_names},
+           "results": ev.results()}
+    if plot_path:
+        out["plot"] = str(plot_path)
+
+    def human(d):
+        info = d["log"]
+        click.echo(f"{info['source']}: {info['events']} events, {len(info['actions'])} actions"
+                   f"{' (uniform log)' if info['uniform'] else ''}, {len(info['context'])} context features")
+        table(d["results"], ["policy", "estimator", "value", "ci_low", "ci_high", "n", "ess"])
+        notes = sorted({f"{r['estimator']}: {n}" for r in d["results"] for n in r["notes"]})
+        for n in notes:
+            click.echo(f"note: {n}")
+        if plot_path:
+            click.echo(f"plot: {plot_path}")
+
+    emit(out, as_json, human)
+
+
+@cli.command("simulate")
+@click.argument("table_path", metavar="TABLE", type=click.Path(dir_okay=False))
+@click.option("--policy", "policies", multiple=True, required=True,
+              help="Policy; repeat for several. uniform, fixed:OPERATOR, or a learned policy by name (linucb, "
+                   "linucb-hybrid, lints, egreedy, vw, predictor) with optional parameters, e.g. lints:v=0.5.")
+@click.option("--rounds", type=click.IntRange(1), default=100, show_default=True,
+              help="Decisions per run: each draws a (task, pair) from the evaluation pool.")
+@click.option("--budget", type=click.IntRange(0), default=None,
+              help="Evaluations per run: the first B rounds are scored and learned from (default: all rounds).")
+@click.option("--seeds", type=click.IntRange(1), default=5, show_default=True,
+              help="Independent runs; intervals are over seeds.")
+@click.option("--seed", type=int, default=0, show_default=True, help="First seed.")
+@click.option("--holdout-tasks", "holdout", multiple=True,
+              help="Tasks to evaluate on (comma-separated or repeated); the others train the policies first "
+                   "and choose the best fixed operator.")
+@click.option("--no-pretrain", is_flag=True, help="With --holdout-tasks, do not show the training tasks to "
+                                                   "the policies first.")
+@click.option("--late-operator", "late", multiple=True, metavar="OP@ROUND",
+              help="Make an operator available only from that round on (repeatable).")
+@click.option("--features", "feature_columns", multiple=True,
+              help="Pair feature columns (comma-separated or repeated; default: every numeric column constant "
+                   "within a (task, pair)).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Write a PNG of cumulative regret against the oracle, with bands over seeds.")
+@json_option
+@pass_ctx
+def simulate_cmd(c: Ctx, table_path, policies, rounds, budget, seeds, seed, holdout, no_pretrain, late,
+                 feature_columns, plot_path, as_json) -> None:
+    """Simulate policies exactly on a full merge table (every operator scored on every pair).
+
+    TABLE is a Parquet or CSV file with columns task, model_a, model_b, operator, score, normalized_score, pair
+    feature columns and optional operator descriptors prefixed op_. Reports, with intervals over seeds, each
+    policy's mean normalized score, its regret against the oracle (the best operator of each pair) and the share
+    of the gap between the best fixed operator and the oracle that it closed; final_* is its greedy choice on
+    every pool pair after the run.
+
+    \b
+    Example:
+      simmerge simulate table.parquet --policy linucb --policy fixed:ties --budget 25 --rounds 100 --seeds 5
+    """
+    from tqdm import tqdm
+
+    from . import simulate as sm
+
+    late_ops = {}
+    for item in late:
+        op, at, r = item.rpartition("@")
+        if not at or not op or not r.strip().isdigit():
+            raise click.BadParameter(f"{item!r} is not OP@ROUND", param_hint="--late-operator")
+        late_ops[op] = int(r)
+    tab = sm.load_table(table_path, feature_columns=_split_list(feature_columns) or None)
+    with tqdm(total=seeds * len(policies), desc="simulate", disable=None, file=sys.stderr) as bar:
+        sim = sm.simulate(tab, list(policies), rounds=rounds, budget=budget, seeds=seeds, seed=seed,
+                          holdout_tasks=_split_list(holdout) or None, pretrain=not no_pretrain,
+                          late_operators=late_ops, progress=lambda _: bar.update(1))
+    if plot_path:
+        sm.plot(sim, plot_path)
+    out = {"summary": sim.summary(), "results": sim.results()}
+    if plot_path:
+        out["plot"] = str(plot_path)
+
+    def human(d):
+        s = d["summary"]
+        click.echo(f"{s['table']}: {s['pool']} of {s['pairs']} (task, pair) contexts in the pool, "
+                   f"{len(s['operators'])} operators, {s['rounds']} rounds, budget {s['budget']}, "
+                   f"{len(s['seeds'])} seeds")
+        click.echo(f"oracle {s['oracle_final_score']:.4f}, best fixed operator {s['best_fixed']} "
+                   f"{s['fixed_final_score']:.4f} (mean normalized score over the pool)")
+        rows = [{"policy": r["policy"], "mean score": _interval(r, "mean_score"), "regret": _interval(r, "regret"),
+                 "gap closed": _interval(r, "gap_closed"), "final score": _interval(r, "final_score"),
+                 "final gap closed": _interval(r, "final_gap_closed")} for r in d["results"]]
+        table(rows, ["policy", "mean score", "regret", "gap closed", "final score", "final gap closed"])
+        for n in s["notes"]:
+            click.echo(f"note: {n}")
+        if plot_path:
+            click.echo(f"plot: {plot_path}")
+
+    emit(out, as_json, human)
+
 # ---- daemon ----
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback only unless "
+                                                                     "--allow-remote).")
+@click.option("--port", default=0, show_default=True, help="Port (0 = any free port; see daemon.json).")
+@click.option("--watch", multiple=True, type=click.Path(), help="Folder to watch for new checkpoints; repeatable.")
+@click.option("--eval-budget", default=10, show_default=True, help="Evaluations the engine may request per window.")
+@click.option("--eval-window", default=86400.0, show_default=True, help="Budget window in seconds.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where merge and evaluation jobs run (ray needs the [ray] extra).")
+@click.option("--policy", default="linucb-hybrid", show_default=True, help="Default policy for suggestions.")
+@click.option("--device", default="auto", show_default=True, help="Device for merges and evaluations.")
+@click.option("--eval-limit", type=int, default=None, help="Evaluate on at most this many examples per task.")
+@click.option("--max-attempts", default=3, show_default=True, help="Tries per job before it is marked failed.")
+@click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --host (the API is token-protected, "
+                                                   "not encrypted).")
+@click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
+@pass_ctx
+def daemon(c: Ctx, host, port, watch, eval_budget, eval_window, executor, policy, device, eval_limit,
+           max_attempts, allow_remote, log_json) -> None:
+    """Run the long-lived engine: owns the state, serves the JSON API on loopback, watches folders for new
+    checkpoints, and runs the evaluations it asks for. Writes daemon.json (pid, port, token; mode 0600).
+    Stops cleanly on SIGTERM / SIGINT."""
+    from .daemon import Daemon
+
+    Daemon(c.home, host=host, port=port, watch=list(watch), eval_budget=eval_budget, eval_window_s=eval_window,
+           executor=executor, allow_remote=allow_remote, log_json=log_json, max_attempts=max_attempts,
+           device=device, eval_limit=eval_limit, policy=policy).run()
 
 
 def main() -> None:

@@ -88,10 +88,17 @@ class Catalog:
         self.store = store
 
     # ---- models ----
-    def add_model(self, path: str | Path, name: str | None = None, base: str | None = None) -> dict:
-        """Register a checkpoint directory; with ``base``, its tensors must match the base's."""
+    def add_model(self, path: str | Path, name: str | None = None, base: str | None = None,
+                  tasks: list[str] | None = None) -> dict:
+        """Register a checkpoint directory; with ``base``, its tensors must match the base's.
+
+        ``tasks`` names the tasks the model was fine-tuned for (need not be registered yet); suggestions for a task
+        then pair at least one of its experts.
+        """
         ck = read_checkpoint(path)
         name = check_name("model", name or ck.path.name)
+        for t in tasks or []:
+            check_name("task", t)
         if self._exists("models", name):
             raise AlreadyExists(f"model {name!r} already exists")
         shapes = ck.shapes()
@@ -102,9 +109,10 @@ class Catalog:
         with self.store.transaction():
             self.store.execute(
                 "INSERT INTO models (name, path, base, architecture, model_type, dtype, n_params, n_tensors, "
-                "size_bytes, fingerprint, tensors, config) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "size_bytes, fingerprint, tensors, config, tasks) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [name, str(ck.path), base, ck.architecture, ck.model_type, ck.dtype, ck.n_params, len(ck.tensors),
-                 ck.size_bytes, fingerprint, json.dumps(shapes), json.dumps(ck.config)])
+                 ck.size_bytes, fingerprint, json.dumps(shapes), json.dumps(ck.config),
+                 json.dumps(sorted(set(tasks))) if tasks else None])
         return self.model(name)
 
     def models(self) -> list[dict]:
@@ -141,6 +149,7 @@ class Catalog:
         r = dict(r)
         r["tensors"] = json.loads(r["tensors"])
         r["config"] = json.loads(r["config"])
+        r["tasks"] = json.loads(r["tasks"]) if r.get("tasks") else []
         return r
 
     # ---- probe sets ----

@@ -127,7 +127,7 @@ no_input_option = click.option("--no-input", is_flag=True,
 
 
 def _model_summary(m: dict) -> dict:
-    return {k: m[k] for k in ("name", "path", "base", "architecture", "dtype", "n_params", "n_tensors",
+    return {k: m[k] for k in ("name", "path", "base", "tasks", "architecture", "dtype", "n_params", "n_tensors",
                               "size_bytes", "fingerprint", "added_at")}
 
 
@@ -140,9 +140,11 @@ def model() -> None:
 @click.argument("path", type=click.Path())
 @click.option("--name", help="Catalog name (default: the directory name).")
 @click.option("--base", help="Name of the registered base model this one was fine-tuned from.")
+@click.option("--task", "tasks", multiple=True, help="A task this model was fine-tuned for; repeatable. "
+                                                      "Suggestions for a task pair at least one of its experts.")
 @json_option
 @pass_ctx
-def model_add(c: Ctx, path: str, name: str | None, base: str | None, as_json: bool) -> None:
+def model_add(c: Ctx, path: str, name: str | None, base: str | None, tasks: tuple[str, ...], as_json: bool) -> None:
     """Register the checkpoint directory PATH (config.json + *.safetensors, sharded or not).
 
     Headers are read without loading tensors; a content fingerprint is stored. With --base, every tensor name
@@ -151,9 +153,9 @@ def model_add(c: Ctx, path: str, name: str | None, base: str | None, as_json: bo
     cl = c.client()
     if cl:
         m = cl.call("POST", "/v1/models", {"path": str(Path(path).expanduser().resolve()), "name": name,
-                                            "base": base})
+                                            "base": base, "tasks": list(tasks)})
     else:
-        m = _model_summary(_catalog(c).add_model(path, name=name, base=base))
+        m = _model_summary(_catalog(c).add_model(path, name=name, base=base, tasks=list(tasks)))
     emit([m], as_json, lambda d: click.echo(f"added model {m['name']} ({m['architecture']}, {m['dtype']}, "
                                               f"{m['n_params']:,} parameters)"))
 

@@ -390,7 +390,7 @@ def _handler(d: Daemon) -> type[BaseHTTPRequestHandler]:
         ("GET", "/v1/models"): lambda b: [{k: v for k, v in m.items() if k not in ("tensors", "config")}
                                          for m in cat().models()],
         ("POST", "/v1/models"): locked(lambda b: {k: v for k, v in cat().add_model(
-            _need(b, "path", str), name=b.get("name"), base=b.get("base")).items() if k not in ("tensors", "config")}),
+            _need(b, "path", str), name=b.get("name"), base=b.get("base"), tasks=b.get("tasks")).items() if k not in ("tensors", "config")}),
         ("GET", "/v1/jobs"): lambda b: d.jobs(),
     }
 

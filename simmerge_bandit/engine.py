@@ -129,13 +129,21 @@ class Engine:
 
     # ---- candidates ----
     def pairs(self, task: str) -> list[tuple[str, str]]:
-        """Ordered pairs of distinct catalog models that share a base model."""
+        """Ordered pairs of distinct catalog models that share a base model.
+
+        When some models are tagged as fine-tuned for ``task``, only pairs with at least one of them are
+        candidates: merging two models that know nothing of the task teaches nothing about merging for it.
+        """
         self.catalog.task(task)
         by_base: dict[str, list[str]] = {}
+        experts = set()
         for m in self.catalog.models():
             if m["base"]:
                 by_base.setdefault(m["base"], []).append(m["name"])
-        return [(a, b) for names in by_base.values() for a in names for b in names if a != b]
+                if task in m["tasks"]:
+                    experts.add(m["name"])
+        return [(a, b) for names in by_base.values() for a in names for b in names
+                if a != b and (not experts or a in experts or b in experts)]
 
     def candidates(self, task: str, operators: Sequence[str] | None = None) -> CandidateSet:
         from . import signals

@@ -73,6 +73,127 @@ def m0002_tasks_and_probe_sets(db: duckdb.DuckDBPyConnection) -> None:
         )""")
 
 
+@migration
+def m0003_signatures(db: duckdb.DuckDBPyConnection) -> None:
+    # Keys are content keys (fingerprints and hashes, not names), so a changed model or probe set simply misses
+    # the cache and is recomputed; nothing has to be invalidated.
+    db.execute("""
+        CREATE TABLE signatures (
+            fingerprint VARCHAR NOT NULL,  -- model fingerprint
+            part VARCHAR NOT NULL,         -- functional | structural
+            context VARCHAR NOT NULL,      -- functional: probe set content hash; structural: base fingerprint
+            version VARCHAR NOT NULL,      -- signature version + digest of the signature config
+            model VARCHAR NOT NULL,        -- catalog name it was computed under (informational)
+            status VARCHAR NOT NULL,       -- ok | absent
+            reason VARCHAR,                -- why absent (no tokenizer, no base, ...)
+            meta VARCHAR NOT NULL,         -- JSON: sizes, layouts, hashes
+            seconds DOUBLE,
+            computed_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            PRIMARY KEY (fingerprint, part, context, version)
+        )""")
+    db.execute("""
+        CREATE TABLE signature_arrays (
+            fingerprint VARCHAR NOT NULL,
+            part VARCHAR NOT NULL,
+            context VARCHAR NOT NULL,
+            version VARCHAR NOT NULL,
+            name VARCHAR NOT NULL,
+            dtype VARCHAR NOT NULL,        -- numpy dtype string, little-endian (e.g. <f4)
+            shape VARCHAR NOT NULL,        -- JSON list
+            data BLOB NOT NULL,            -- raw array bytes, C order
+            PRIMARY KEY (fingerprint, part, context, version, name)
+        )""")
+    db.execute("""
+        CREATE TABLE pair_features (
+            fingerprint_a VARCHAR NOT NULL,
+            fingerprint_b VARCHAR NOT NULL,
+            context VARCHAR NOT NULL,      -- probe set hash | base fingerprint of a | base fingerprint of b
+            version VARCHAR NOT NULL,      -- feature schema version / signature versions
+            mode VARCHAR NOT NULL,         -- sketch | exact
+            model_a VARCHAR NOT NULL,
+            model_b VARCHAR NOT NULL,
+            task VARCHAR NOT NULL,
+            feature_values VARCHAR NOT NULL,  -- JSON {name: value}
+            absent_reasons VARCHAR NOT NULL,  -- JSON {name: reason}
+            computed_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            PRIMARY KEY (fingerprint_a, fingerprint_b, context, version, mode)
+        )""")
+
+
+@migration
+def m0004_engine(db: duckdb.DuckDBPyConnection) -> None:
+    # The decision log is the source of truth; policy_state is a snapshot rebuilt from it when missing or stale.
+    db.execute("""
+        CREATE TABLE decisions (
+            id VARCHAR PRIMARY KEY,
+            batch VARCHAR NOT NULL,        -- one suggest call
+            rank INTEGER NOT NULL,         -- 0 = the policy's choice
+            task VARCHAR NOT NULL,
+            models VARCHAR NOT NULL,       -- JSON list of model names, in merge order
+            operator VARCHAR NOT NULL,     -- JSON list of operator names, one per merge step
+            policy VARCHAR NOT NULL,
+            policy_version VARCHAR NOT NULL,
+            feature_schema VARCHAR NOT NULL,
+            context DOUBLE[] NOT NULL,     -- x: what the policy saw for this candidate
+            arm DOUBLE[] NOT NULL,         -- z: the operator descriptor
+            predicted DOUBLE,
+            uncertainty DOUBLE,
+            propensity DOUBLE NOT NULL,
+            evaluate BOOLEAN NOT NULL,
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+        )""")
+    db.execute("CREATE SEQUENCE reward_seq START 1")
+    db.execute("""
+        CREATE TABLE rewards (
+            decision_id VARCHAR PRIMARY KEY,
+            seq BIGINT NOT NULL DEFAULT nextval('reward_seq'),
+            reward DOUBLE NOT NULL,
+            raw_score DOUBLE,
+            source VARCHAR NOT NULL DEFAULT 'feedback',
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+        )""")
+    db.execute("""
+        CREATE TABLE policy_state (
+            policy VARCHAR PRIMARY KEY,
+            last_seq BIGINT NOT NULL,      -- rewards with seq <= last_seq are in the snapshot
+            arrays BLOB NOT NULL,          -- numpy .npz (arrays only, never pickles)
+            meta VARCHAR NOT NULL,         -- JSON
+            updated_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+        )""")
+    db.execute("""
+        CREATE TABLE eval_queue (
+            decision_id VARCHAR PRIMARY KEY,
+            state VARCHAR NOT NULL DEFAULT 'queued',   -- queued | running | done | failed
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error VARCHAR,
+            not_before TIMESTAMP,
+            result VARCHAR,                            -- JSON: merged path, raw score, reward
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            updated_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+        )""")
+
+
+@migration
+def m0006_evaluations_and_jobs(db: duckdb.DuckDBPyConnection) -> None:
+    # Scores of source models, so a reward's denominator is measured once per (model, task data, metric).
+    db.execute("""
+        CREATE TABLE evaluations (
+            fingerprint VARCHAR NOT NULL,
+            task VARCHAR NOT NULL,
+            data_hash VARCHAR NOT NULL,
+            metric VARCHAR NOT NULL,
+            score DOUBLE NOT NULL,
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            PRIMARY KEY (fingerprint, task, data_hash, metric)
+        )""")
+
+
+@migration
+def m0007_model_tasks(db: duckdb.DuckDBPyConnection) -> None:
+    # The tasks a model was fine-tuned for (optional): suggestions for a task pair at least one of its experts.
+    db.execute("ALTER TABLE models ADD COLUMN tasks VARCHAR")  # JSON list, NULL = unknown
+
+
 def applied(db: duckdb.DuckDBPyConnection) -> list[str]:
     db.execute("CREATE TABLE IF NOT EXISTS _migrations (name VARCHAR PRIMARY KEY, "
                "applied_at TIMESTAMP NOT NULL DEFAULT current_timestamp)")

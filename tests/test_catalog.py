@@ -198,7 +198,6 @@ def test_operators(cat):
         ("slerp", {"t": "abc"}, "must be a float"),
         ("ties", {"normalize": "maybe"}, "true or false"),
         ("della", {"density": 0.1, "epsilon": 0.2}, "density \\+/- epsilon"),
-        ("breadcrumbs", {"density": 0.995, "gamma": 0.01}, "density \\+ gamma"),
         ("linear", {"weight": "nan"}, "finite"),
     ]:
         with pytest.raises(InvalidInput, match=msg):

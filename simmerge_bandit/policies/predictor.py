@@ -1,0 +1,191 @@
+"""The SimMerge predictor: a supervised regressor from (pair features, operator descriptor) to normalized score.
+
+Fitted on merges that were actually evaluated (:meth:`SimMergePredictor.fit`), it ranks candidates with zero
+evaluations of the task at hand, including operators it never saw, because it reads operators through their
+descriptors. The model is Bayesian ridge regression on ``phi = x~ (outer) z~`` with ``x~ = [1, x_std]`` and
+``z~ = [1, z_std]`` (features standardized with the training table's mean and std): a constant, each context
+feature, each descriptor entry and every context x descriptor interaction. As a policy it is greedy on the
+prediction (with the exploration ``floor``) and keeps learning from rewards by Sherman-Morrison updates.
+
+Warm start: pass a fitted predictor as ``prior=`` to ``linucb``, ``linucb-hybrid``, ``lints`` or ``egreedy``;
+those learn the residual ``reward - prediction`` (see ``_ridge.py``), so they start where the predictor is and
+their exploration covers only what it gets wrong. The prior itself stays frozen.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import ClassVar, Sequence
+
+import numpy as np
+import scipy.linalg
+
+from ..errors import InvalidInput
+from .base import (Candidates, Policy, argmax_distribution, is_number, padded, require, sherman_morrison,
+                   with_intercept)
+
+
+class SimMergePredictor(Policy):
+    """Ridge regression over context x descriptor interactions; ``l2`` is the ridge penalty.
+
+    >>> pred = SimMergePredictor().fit(X, Z, arms, y)       # doctest: +SKIP
+    >>> pred.predict(X_new, Z_new)                          # doctest: +SKIP
+    """
+
+    name: ClassVar[str] = "predictor"
+    _param_names = ("l2", "floor", "seed")
+
+    def __init__(self, l2: float = 1.0, floor: float = 0.01, seed: int = 0):
+        super().__init__(floor=floor, seed=seed)
+        require(is_number(l2) and l2 > 0, f"l2 must be a positive number, got {l2!r}")
+        self.l2 = float(l2)
+        self._mu_x = self._sd_x = self._mu_z = self._sd_z = None
+        self._Ainv: np.ndarray | None = None
+        self._b: np.ndarray | None = None
+        self._beta: np.ndarray | None = None
+        self._stats: dict = {}
+
+    # ---- features ----
+
+    def _std(self, X: np.ndarray, Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._mu_x is None:
+            return with_intercept(X), with_intercept(Z)
+        return with_intercept((X - self._mu_x) / self._sd_x), with_intercept((Z - self._mu_z) / self._sd_z)
+
+    def _ensure(self, d: int, k: int) -> None:
+        if self._Ainv is None:
+            q = (d + 1) * (k + 1)
+            self._Ainv = np.eye(q) / self.l2
+            self._b = np.zeros(q)
+            self._beta = np.zeros(q)
+
+    # ---- supervised fit ----
+
+    def fit(self, X: np.ndarray, Z: np.ndarray, arms: Sequence[str], y: np.ndarray) -> "SimMergePredictor":
+        """Fit on evaluated merges: contexts ``X`` (m, d), descriptors ``Z`` (m, k), operators, scores ``y`` (m,).
+
+        Replaces any previous state (a batch solve, factorized once). ``arms`` are recorded per operator in
+        :meth:`summary`; the model itself reads operators only through ``Z``.
+        """
+        X = np.asarray(X, dtype=np.float64)
+        Z = np.asarray(Z, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64).reshape(-1)
+        if X.ndim != 2 or X.shape[0] == 0:
+            raise InvalidInput(f"predictor fit: X must be a non-empty (m, d) array, got shape {X.shape}")
+        m = X.shape[0]
+        if Z.ndim == 1 and Z.size == 0:
+            Z = Z.reshape(m, 0)
+        if Z.ndim != 2 or Z.shape[0] != m or y.shape[0] != m or len(arms) != m:
+            raise InvalidInput(f"predictor fit: X has {m} rows but Z has shape {Z.shape}, y {y.shape[0]} values "
+                               f"and arms {len(arms)} names")
+        if not (np.isfinite(X).all() and np.isfinite(Z).all() and np.isfinite(y).all()):
+            raise InvalidInput("predictor fit: X, Z and y must be finite")
+        self._mu_x, self._sd_x = X.mean(0), _safe_std(X)
+        self._mu_z, self._sd_z = Z.mean(0), _safe_std(Z)
+        Xt, Zt = self._std(X, Z)
+        Phi = (Xt[:, :, None] * Zt[:, None, :]).reshape(m, -1)
+        A = Phi.T @ Phi
+        A[np.diag_indices_from(A)] += self.l2
+        factor = scipy.linalg.cho_factor(A)
+        Ainv = scipy.linalg.cho_solve(factor, np.eye(A.shape[0]))
+        self._Ainv = np.ascontiguousarray((Ainv + Ainv.T) / 2)  # exactly symmetric, C order: updated in place
+        self._b = Phi.T @ y
+        self._beta = scipy.linalg.cho_solve(factor, self._b)
+        resid = y - Phi @ self._beta
+        self._stats = {"n": m, "rmse": float(np.sqrt(np.mean(resid ** 2))),
+                       "operators": dict(Counter(str(a) for a in arms))}
+        self._d, self._k = X.shape[1], Z.shape[1]
+        self.n_updates = m
+        return self
+
+    def summary(self) -> dict:
+        """What the last fit saw: ``{"n", "rmse" (training), "operators": {name: rows}}`` (empty before fit)."""
+        return dict(self._stats)
+
+    # ---- prediction ----
+
+    def predict(self, X: np.ndarray, Z: np.ndarray) -> np.ndarray:
+        """Predicted normalized score of each row ``(X[i], Z[i])`` (0 before any fit or update)."""
+        X = np.asarray(X, dtype=np.float64)
+        Z = np.asarray(Z, dtype=np.float64).reshape(X.shape[0], -1)
+        if self._beta is None:
+            return np.zeros(X.shape[0])
+        self._check_widths(X.shape[1], Z.shape[1])
+        Xt, Zt = self._std(X, Z)
+        W = self._beta.reshape(Xt.shape[1], Zt.shape[1])
+        return np.einsum("ij,ij->i", Xt @ W, Zt)
+
+    def _width(self, cands: Candidates, Xt: np.ndarray, Zt: np.ndarray) -> np.ndarray:
+        n, p = Xt.shape
+        kt = Zt.shape[1]
+        if self._Ainv is None:
+            return np.sqrt(np.einsum("ij,ij->i", Xt, Xt) * np.einsum("ij,ij->i", Zt, Zt) / self.l2)
+        A4 = self._Ainv.reshape(p, kt, p, kt)
+        Xp, Zp = padded(Xt), padded(Zt)
+        var = np.empty(n + 1)
+        for _, grid in cands.batches:
+            # phi = x~ (outer) z~, so phi^T A^-1 phi = x~^T G x~ with G = P^T A^-1 P, one small G per descriptor.
+            zt = Zt[grid[:, 0]]
+            G = np.einsum("kj,ijlk->kil", zt, A4 @ zt.T)
+            Xb = Xp[grid]
+            var[grid] = np.einsum("kwp,kwp->kw", Xb @ G, Xb)
+            odd = ((Zp[grid] != zt[:, None, :]).any(-1) & (grid < n))
+            if odd.any():  # an operator whose candidates carry different descriptors: the general form
+                idx = grid[odd.any(axis=1)]
+                idx = idx[idx < n]
+                Phi = (Xt[idx][:, :, None] * Zt[idx][:, None, :]).reshape(idx.shape[0], -1)
+                var[idx] = np.einsum("ij,ij->i", Phi @ self._Ainv, Phi)
+        return np.sqrt(np.maximum(var[:n], 0.0))
+
+    def _score(self, cands):
+        Xt, Zt = self._std(cands.X, cands.Z)
+        if self._beta is None:
+            mean = np.zeros(len(cands))
+        else:
+            mean = np.einsum("ij,ij->i", Xt @ self._beta.reshape(Xt.shape[1], Zt.shape[1]), Zt)
+        return mean, mean, self._width(cands, Xt, Zt), argmax_distribution(mean)
+
+    def _learn(self, x, arm, z, reward, propensity) -> None:
+        self._ensure(x.shape[0], z.shape[0])
+        xt, zt = self._std(x[None, :], z[None, :])
+        phi = np.outer(xt[0], zt[0]).ravel()
+        sherman_morrison(self._Ainv, phi)
+        self._b += reward * phi
+        self._beta = self._Ainv @ self._b
+
+    def explain(self, x, arm, z) -> dict:
+        """Contributions of each standardized feature: ``x_std_j * (B z~)_j``; the baseline is the mean context."""
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        z = np.asarray(z, dtype=np.float64).reshape(-1)
+        if self._beta is None:
+            return {"predicted": 0.0, "baseline": 0.0, "contributions": np.zeros(x.shape[0]), "method": "linear"}
+        xt, zt = self._std(x[None, :], z[None, :])
+        v = self._beta.reshape(xt.shape[1], zt.shape[1]) @ zt[0]
+        contrib = xt[0, 1:] * v[1:]
+        return {"predicted": float(v[0] + contrib.sum()), "baseline": float(v[0]), "contributions": contrib,
+                "method": "linear"}
+
+    # ---- state ----
+
+    def _state(self):
+        arrays: dict[str, np.ndarray] = {}
+        if self._Ainv is not None:
+            arrays.update({"Ainv": self._Ainv.copy(), "b": self._b.copy(), "beta": self._beta.copy()})
+        if self._mu_x is not None:
+            arrays.update({"mu_x": self._mu_x, "sd_x": self._sd_x, "mu_z": self._mu_z, "sd_z": self._sd_z})
+        return arrays, {"stats": self._stats}
+
+    def _load_state(self, arrays, meta) -> None:
+        get = lambda k: None if k not in arrays else np.array(arrays[k], dtype=np.float64, order="C")  # noqa: E731
+        self._Ainv, self._b, self._beta = get("Ainv"), get("b"), get("beta")
+        self._mu_x, self._sd_x, self._mu_z, self._sd_z = get("mu_x"), get("sd_x"), get("mu_z"), get("sd_z")
+        self._stats = dict(meta.get("stats", {}))
+
+
+def _safe_std(A: np.ndarray) -> np.ndarray:
+    # Constant columns (e.g. a method family absent from the table) keep their raw scale instead of dividing by 0.
+    sd = A.std(0)
+    return np.where(sd > 1e-12, sd, 1.0)
+
+
+POLICY = SimMergePredictor

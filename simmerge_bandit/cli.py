@@ -405,9 +405,198 @@ def operator_methods(as_json: bool) -> None:
 
 # ---- merge (executor) ----
 
+def _parse_size(text: str) -> int:
+    import re as _re
+
+    m = _re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, _re.I)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size (e.g. 5GB, 500MB, 2000000)", param_hint="--shard-size")
+    unit = (m.group(2) or "").upper().rstrip("B")
+    mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30,
+            "TI": 2**40}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+@cli.command("merge")
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Output checkpoint directory (written to a temporary folder beside it, then renamed).")
+@click.option("--models", help="Catalog model names, comma-separated, instead of CONFIG (e.g. A,B or A,B,C).")
+@click.option("--operator", "operators",
+              help="Catalog operator name with --models; several, comma-separated, chain the merges: "
+                   "--models A,B,C --operator ties_d0.5,slerp_t0.3 gives ((A ties B) slerp C).")
+@click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu or cuda[:N].")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of random methods (DARE, DELLA).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Output dtype (default: the config's out_dtype/dtype, else the base or first model's).")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 2GB, 500MB).")
+@click.option("--vocab", type=click.Choice(["refuse", "truncate"]), default="refuse", show_default=True,
+              help="Models with different vocabulary sizes: refuse, or keep the rows of the smallest.")
+@click.option("--exact-ties", is_flag=True,
+              help="Break ties among equal magnitudes (TIES, breadcrumbs) as mergekit does: same tensors as "
+                   "mergekit even in bf16, at mergekit's speed (a full sort per tensor).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new model is complete).")
+@click.option("--fsync", is_flag=True, help="fsync the shards before the final rename (durable on power loss).")
+@json_option
+@pass_ctx
+def merge_cmd(c: Ctx, config, out, models, operators, device, seed, dtype, shard_size, vocab, exact_ties, force,
+              fsync, as_json) -> None:
+    """Merge models into a new checkpoint: from a mergekit CONFIG.yml, or catalog --models with --operator.
+
+    Streams tensor by tensor (float32 compute on the CPU or a GPU), writes sharded safetensors plus config,
+    tokenizer, mergekit_config.yml and provenance.json. Examples:
+
+      simmerge merge recipe.yml --out merged/
+
+      simmerge merge --models math-ft,code-ft --operator ties_d0.5 --out merged/
+    """
+    from . import executor
+
+    size = _parse_size(shard_size)
+    common = dict(device=device, seed=seed, force=force, shard_size=size, exact_ties=exact_ties, vocab=vocab,
+                  progress=not as_json, fsync=fsync)
+    if config and (models or operators):
+        raise click.UsageError("give either CONFIG or --models with --operator, not both")
+    if config:
+        res = executor.merge_config(config, out, dtype=dtype, **common)
+    elif models and operators:
+        cat = _catalog(c)
+        rows = [cat.model(n.strip()) for n in models.split(",") if n.strip()]
+        ops = [cat.operator(n.strip()) for n in operators.split(",") if n.strip()]
+        bases = {r["base"] for r in rows}
+        if len(bases) > 1:
+            raise click.UsageError(f"the models do not share one base ({', '.join(sorted(map(str, bases)))})")
+        base_name = bases.pop()
+        base = cat.model(base_name)["path"] if base_name else None
+        paths = [r["path"] for r in rows]
+        names = [o["name"] for o in ops]
+        if len(ops) == 1:
+            res = executor.merge_pair(paths, ops[0]["method"], ops[0]["params"], out, base=base, dtype=dtype,
+                                      operator=names[0], **common)
+        else:
+            res = executor.merge_chain_pairs(paths, [(o["method"], o["params"]) for o in ops], out, base=base,
+                                             dtype=dtype, operators=names, **common)
+    else:
+        raise click.UsageError("give a mergekit CONFIG.yml, or --models A,B with --operator NAME")
+    data = {"out": str(res.out), **res.stats}
+    emit(data, as_json, lambda d: click.echo(
+        f"merged into {d['out']}: {d['n_tensors']} tensors, {d['bytes_written'] / 1e9:.3g} GB in {d['seconds']:.3g} s "
+        f"({d['gb_per_s']:.3g} GB/s on {d['device']}, peak RSS {d['peak_rss_bytes'] / 1e9:.3g} GB)"))
+
+
 # ---- zoo and evaluate ----
 
 # ---- signals ----
+
+@cli.group(cls=_Group)
+def signatures() -> None:
+    """Per-model signatures, from which pairwise similarity features are computed.
+
+    A signature is what a model leaves behind after one forward pass over a task's probe prompts (next-token
+    distributions, hidden-state summaries) and one streaming pass over its weights relative to its base (task-vector
+    norms and sketches). It is cached by model fingerprint, probe set content and signature version.
+    """
+
+
+@signatures.command("compute")
+@click.option("--task", "tasks", multiple=True, metavar="NAME", help="Compute for this task's probe set; repeatable.")
+@click.option("--all", "all_tasks", is_flag=True, help="Compute for every task in the catalog.")
+@click.option("--model", "models", multiple=True, metavar="NAME",
+              help="Only this model; repeatable (default: every model in the catalog).")
+@click.option("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu).")
+@click.option("--no-progress", is_flag=True, help="Do not show the progress bar.")
+@json_option
+@pass_ctx
+def signatures_compute(c: Ctx, tasks: tuple[str, ...], all_tasks: bool, models: tuple[str, ...],
+                       device: str | None, no_progress: bool, as_json: bool) -> None:
+    """Compute and cache the signatures that are missing or stale.
+
+    Models are processed one at a time and each is loaded once, whatever the number of tasks; signatures already
+    cached for the same weights, probes and signature version are reused, so a second run loads nothing. A model
+    whose files changed on disk is re-fingerprinted first. Example: simmerge signatures compute --task copy
+    """
+    from .signals import ensure_signatures
+
+    if not tasks and not all_tasks:
+        raise click.UsageError("say which tasks: --task NAME (repeatable) or --all")
+    cat = _catalog(c)
+    task_names = [t["name"] for t in cat.tasks()] if all_tasks else list(dict.fromkeys(tasks))
+    if not task_names:
+        raise click.ClickException("no tasks in the catalog: add one with `simmerge task add`")
+    for t in task_names:
+        cat.task(t)
+    names = list(dict.fromkeys(models)) or [m["name"] for m in cat.models()]
+    if not names:
+        raise click.ClickException("no models in the catalog: add one with `simmerge model add`")
+    loads = ensure_signatures(c.store(), names, task_names, progress=not no_progress and not as_json,
+                              device=device)
+    row = {"tasks": task_names, "models": len(names), "loaded": loads}
+    emit(row, as_json, lambda d: click.echo(f"signatures up to date for {len(names)} models x {len(task_names)} "
+                                            f"task(s); {loads} model(s) loaded"))
+
+
+@signatures.command("list")
+@json_option
+@pass_ctx
+def signatures_list(c: Ctx, as_json: bool) -> None:
+    """List cached signatures (model, part, status, why absent, seconds it took)."""
+    from .signals import list_signatures
+
+    rows = list_signatures(c.store())
+    for r in rows:
+        r["fingerprint"] = r["fingerprint"][:12]
+        r["context"] = r["context"][:12]
+    emit(rows, as_json, lambda d: table(d, ["model", "part", "status", "reason", "context", "version", "seconds"]))
+
+
+@signatures.command("schema")
+@json_option
+def signatures_schema(as_json: bool) -> None:
+    """Show the pairwise feature schema: names in order, what each means, bounds and symmetry."""
+    from .signals import FEATURE_SCHEMA_VERSION, feature_schema
+
+    rows = feature_schema()
+
+    def human(d):
+        click.echo(f"feature schema version {FEATURE_SCHEMA_VERSION}")
+        table(rows, ["index", "name", "kind", "bounds", "swap", "description"])
+
+    emit({"schema_version": FEATURE_SCHEMA_VERSION, "features": rows}, as_json, human)
+
+
+@cli.command("features")
+@click.argument("model_a")
+@click.argument("model_b")
+@click.option("--task", required=True, metavar="NAME", help="Task whose probe set the functional features use.")
+@click.option("--exact", is_flag=True, help="Compute from full distributions, token states and tensors instead of "
+                                            "the stored sketches (loads both models; slow).")
+@click.option("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu).")
+@json_option
+@pass_ctx
+def features_cmd(c: Ctx, model_a: str, model_b: str, task: str, exact: bool, device: str | None,
+                 as_json: bool) -> None:
+    """Similarity features of the ordered pair MODEL_A, MODEL_B for a task.
+
+    Computed from the two models' signatures (computed first if missing) and cached. A feature that cannot be
+    computed (no tokenizer, different vocabularies, no base) is listed as absent with the reason.
+    Example: simmerge features copy upper --task copy --json
+    """
+    from .signals import pair_features
+
+    pf = pair_features(c.store(), model_a, model_b, task, exact=exact, device=device)
+    data = pf.to_json()
+
+    def human(d):
+        click.echo(f"features of ({model_a}, {model_b}) for task {task} ({pf.mode}, schema "
+                   f"v{d['schema_version']})")
+        table([{"feature": k, "value": v} for k, v in d["features"].items()], ["feature", "value"])
+        if d["absent"]:
+            click.echo("absent:")
+            for k, why in d["absent"].items():
+                click.echo(f"  {k}: {why}")
+
+    emit(data, as_json, human)
+
 
 # ---- engine: suggest, feedback, policy, predictor, status ----
 
@@ -515,6 +704,29 @@ def policy_rebuild(c: Ctx, name: str | None, as_json: bool) -> None:
     pol = eng.rebuild(name)
     res = {"name": name or eng.config.default_policy, "n_updates": pol.n_updates, "version": str(pol.version)}
     emit(res, as_json, lambda r: click.echo(f"rebuilt {r['name']} from {r['n_updates']} rewards"))
+
+@cli.group(cls=_Group)
+def predictor() -> None:
+    """The SimMerge predictor: a supervised model of merge scores, the zero-evaluation choice."""
+
+
+@predictor.command("fit")
+@click.option("--table", type=click.Path(exists=True, dir_okay=False),
+              help="A merge table (Parquet/CSV: model_a, model_b, operator, task, normalized_score) whose models, "
+                   "tasks and operators are in the catalog, e.g. from `simmerge zoo table`. Default: the decision "
+                   "log's rewarded decisions.")
+@json_option
+@pass_ctx
+def predictor_fit(c: Ctx, table: str | None, as_json: bool) -> None:
+    """Fit the predictor (features + operator -> normalized score) and save it as policy `predictor`.
+
+    Use it with `suggest --policy predictor` (zero evaluations), or warm-start a bandit with
+    `--policy linucb-hybrid@predictor` (it learns what the predictor gets wrong).
+    """
+    res = _engine(c).fit_predictor(table)
+    emit(res, as_json, lambda r: click.echo(f"fitted predictor on {r.get('n')} merges from {r['source']} "
+                                              f"(training rmse {r.get('rmse', float('nan')):.4f})"))
+
 
 # ---- replay and simulate ----
 

@@ -167,14 +167,27 @@ class Engine:
                             str(signals.FEATURE_SCHEMA_VERSION))
 
     # ---- policies ----
-    def policy(self, name: str | None = None):
-        """The named policy, restored from its snapshot and caught up with the reward log."""
+    def _make(self, name: str):
+        """A fresh policy. ``NAME@predictor`` is NAME warm-started from the fitted SimMerge predictor: it learns
+        the residual ``reward - prediction``, so with no rewards it ranks like the predictor."""
         from .policies import make_policy
 
+        if name.endswith("@predictor"):
+            row = self.store.fetchone("SELECT arrays, meta FROM policy_state WHERE policy = 'predictor'")
+            if row is None:
+                raise InvalidInput(f"{name}: no fitted predictor yet; run `simmerge predictor fit` first")
+            prior = make_policy("predictor", seed=self.config.seed)
+            with np.load(io.BytesIO(row[0]), allow_pickle=False) as npz:
+                prior.restore({k: npz[k] for k in npz.files}, json.loads(row[1]))
+            return make_policy(name[: -len("@predictor")], seed=self.config.seed, prior=prior)
+        return make_policy(name, seed=self.config.seed)
+
+    def policy(self, name: str | None = None):
+        """The named policy, restored from its snapshot and caught up with the reward log."""
         name = name or self.config.default_policy
         with self.lock:
             if name not in self._policies:
-                pol = make_policy(name, seed=self.config.seed)
+                pol = self._make(name)
                 row = self.store.fetchone("SELECT last_seq, arrays, meta FROM policy_state WHERE policy = ?", [name])
                 last = 0
                 if row is not None:
@@ -219,15 +232,93 @@ class Engine:
 
     def rebuild(self, name: str | None = None):
         """Rebuild a policy from the decision log alone, replace its snapshot, and return it."""
-        from .policies import make_policy
-
         name = name or self.config.default_policy
         with self.lock:
-            self._policies[name] = make_policy(name, seed=self.config.seed)
+            self._policies[name] = self._make(name)
             self._last_seq[name], self._since_snapshot[name] = 0, 0
             self._catch_up(name)
             self._save(name)
             return self._policies[name]
+
+    def fit_predictor(self, table: str | None = None) -> dict:
+        """Fit the SimMerge predictor (features + operator -> normalized score) and save it as policy
+        ``predictor``; later rewards keep updating it online.
+
+        With ``table`` (a merge table: CSV or Parquet with ``model_a``, ``model_b``, ``operator``, ``task``,
+        ``normalized_score``; models, tasks and operators registered in the catalog), features are computed by
+        the signals module. Without it, the predictor is fitted on the logged decisions that have a reward.
+        """
+        from . import signals
+        from .policies import make_policy
+
+        if table is not None:
+            X, Z, arms, y = self._table_rows(table)
+        else:
+            rows = self.store.fetchall("SELECT d.context, d.arm, d.operator, r.reward FROM rewards r JOIN decisions "
+                                       "d ON d.id = r.decision_id ORDER BY r.seq")
+            if not rows:
+                raise InvalidInput("no rewarded decisions to fit on; give --table or record feedback first")
+            X = np.array([r[0] for r in rows])
+            Z = np.array([r[1] for r in rows])
+            arms = [json.loads(r[2])[-1] for r in rows]
+            y = np.array([r[3] for r in rows])
+        with self.lock:
+            pred = make_policy("predictor", seed=self.config.seed).fit(X, Z, arms, y)
+            last = self.store.fetchone("SELECT coalesce(max(seq), 0) FROM rewards")[0]
+            self._policies["predictor"], self._last_seq["predictor"] = pred, int(last)
+            self._since_snapshot["predictor"] = 0
+            self._save("predictor")
+            # Warm-started bandits depend on the predictor: drop their snapshots so they are rebuilt on it.
+            self.store.execute("DELETE FROM policy_state WHERE policy LIKE '%@predictor'")
+            for n in [n for n in self._policies if n.endswith("@predictor")]:
+                del self._policies[n]
+        out = pred.summary()
+        out.update(source=table or "decision log", feature_schema=str(signals.FEATURE_SCHEMA_VERSION))
+        return out
+
+    def _table_rows(self, path: str):
+        import duckdb
+
+        from . import signals
+
+        p = str(path)
+        if not p.lower().endswith((".parquet", ".csv")):
+            raise InvalidInput(f"{p}: expected a .parquet or .csv merge table")
+        try:
+            rel = duckdb.connect().execute(
+                f"SELECT * FROM {'read_parquet' if p.lower().endswith('.parquet') else 'read_csv_auto'}(?)", [p])
+            cols = [d[0] for d in rel.description]
+            data = rel.fetchall()
+        except duckdb.Error as e:
+            raise InvalidInput(f"{p}: cannot read the table ({str(e).splitlines()[0]})") from None
+        need = ("model_a", "model_b", "operator", "task", "normalized_score")
+        missing = [c for c in need if c not in cols]
+        if missing:
+            raise InvalidInput(f"{p}: missing column(s) {', '.join(missing)}")
+        idx = {c: cols.index(c) for c in cols}
+        rows = [r for r in data if ("model_c" not in idx or r[idx["model_c"]] is None)
+                and r[idx["normalized_score"]] is not None and math.isfinite(r[idx["normalized_score"]])]
+        if not rows:
+            raise InvalidInput(f"{p}: no usable rows (2-way merges with a finite normalized_score)")
+        ops = {}
+        X, Z, arms, y = [], [], [], []
+        by_task: dict[str, list] = {}
+        for r in rows:
+            by_task.setdefault(r[idx["task"]], []).append(r)
+        for task, trows in by_task.items():
+            pairs = sorted({(r[idx["model_a"]], r[idx["model_b"]]) for r in trows})
+            signals.ensure_signatures(self.store, sorted({m for p_ in pairs for m in p_}), task)
+            feats, _ = signals.feature_matrix(self.store, pairs, task)
+            x_of = dict(zip(pairs, contexts(feats, task)))
+            for r in trows:
+                op = r[idx["operator"]]
+                if op not in ops:
+                    ops[op] = operator_descriptor(self.catalog.operator(op))
+                X.append(x_of[(r[idx["model_a"]], r[idx["model_b"]])])
+                Z.append(ops[op])
+                arms.append(op)
+                y.append(float(r[idx["normalized_score"]]))
+        return np.array(X), np.array(Z), arms, np.array(y)
 
     # ---- suggestions ----
     def suggest(self, task: str, top: int = 5, policy: str | None = None, chain: int | None = None) -> list[dict]:

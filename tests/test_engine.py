@@ -151,3 +151,39 @@ def test_cli_suggest_feedback_status(setup):
     assert runner.invoke(cli, ["suggest", "--task", "nope"]).exit_code != 0
     rebuilt = runner.invoke(cli, ["policy", "rebuild", "--json"], catch_exceptions=False)
     assert json.loads(rebuilt.output)["n_updates"] == 1
+
+
+def test_predictor_fit_from_log_and_table_then_warm_start(setup, tmp_path):
+    import pandas as pd
+
+    eng = Engine(setup)
+    with pytest.raises(InvalidInput, match="no rewarded decisions"):
+        eng.fit_predictor()
+    with pytest.raises(InvalidInput, match="no fitted predictor"):
+        eng.suggest("double", policy="linucb@predictor")
+    rows = []
+    for a, b in eng.pairs("double"):
+        for op, score in (("lin", 0.9), ("ties5", 0.5), ("slerp", 0.7)):
+            rows.append({"model_a": a, "model_b": b, "operator": op, "task": "double", "normalized_score": score})
+    table = tmp_path / "t.parquet"
+    pd.DataFrame(rows).to_parquet(table)
+    summary = eng.fit_predictor(str(table))
+    assert summary["n"] == len(rows) and summary["rmse"] < 0.05
+    top = eng.suggest("double", top=3, policy="predictor")
+    assert top[0]["predicted"] == pytest.approx(0.9, abs=0.05)
+    warm = eng.suggest("double", top=18, policy="linucb@predictor")
+    assert warm[1]["operator"] == "lin" and warm[1]["predicted"] == pytest.approx(0.9, abs=0.05)
+    eng.feedback(warm[0]["id"], 0.4)
+    assert eng.fit_predictor()["n"] == 1
+    bad = tmp_path / "bad.csv"
+    bad.write_text("model_a,task\nx,y\n")
+    with pytest.raises(InvalidInput, match="missing column"):
+        eng.fit_predictor(str(bad))
+
+
+def test_task_tags_restrict_pairs(setup, tiny_models):
+    cat = Catalog(setup)
+    cat.add_model(tiny_models["ft_b"], name="tagged", base="base", tasks=["double"])
+    pairs = Engine(setup).pairs("double")
+    assert pairs and all("tagged" in p for p in pairs)
+    assert len(pairs) == 6  # tagged x 3 others, both orders

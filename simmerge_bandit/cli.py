@@ -437,10 +437,12 @@ def _parse_size(text: str) -> int:
                    "mergekit even in bf16, at mergekit's speed (a full sort per tensor).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new model is complete).")
 @click.option("--fsync", is_flag=True, help="fsync the shards before the final rename (durable on power loss).")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
+              help="torch intra-op threads on the CPU (1 is fastest on small or busy machines).")
 @json_option
 @pass_ctx
 def merge_cmd(c: Ctx, config, out, models, operators, device, seed, dtype, shard_size, vocab, exact_ties, force,
-              fsync, as_json) -> None:
+              fsync, threads, as_json) -> None:
     """Merge models into a new checkpoint: from a mergekit CONFIG.yml, or catalog --models with --operator.
 
     Streams tensor by tensor (float32 compute on the CPU or a GPU), writes sharded safetensors plus config,
@@ -454,7 +456,7 @@ def merge_cmd(c: Ctx, config, out, models, operators, device, seed, dtype, shard
 
     size = _parse_size(shard_size)
     common = dict(device=device, seed=seed, force=force, shard_size=size, exact_ties=exact_ties, vocab=vocab,
-                  progress=not as_json, fsync=fsync)
+                  progress=not as_json, fsync=fsync, threads=threads)
     if config and (models or operators):
         raise click.UsageError("give either CONFIG or --models with --operator, not both")
     if config:
@@ -485,6 +487,174 @@ def merge_cmd(c: Ctx, config, out, models, operators, device, seed, dtype, shard
 
 
 # ---- zoo and evaluate ----
+
+@cli.group(cls=_Group)
+def zoo() -> None:
+    """The micro-zoo: tiny Llama experts trained here on synthetic tasks (no downloads)."""
+
+
+@zoo.command("build")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--preset", type=click.Choice(["unit", "test", "bench"]), default="test", show_default=True,
+              help="unit: seconds, for unit tests; test: base + 8 experts (about a minute); bench: the "
+                   "decision-quality testbed (several minutes).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of data and weights; the same seed on the same machine gives identical weights.")
+@click.option("--force", is_flag=True, help="Retrain everything even if a cached build matches.")
+@json_option
+def zoo_build(directory: str, preset: str, seed: int, force: bool, as_json: bool) -> None:
+    """Build a micro-zoo in DIRECTORY: a base, experts, and per task train/eval/probe files.
+
+    A second build with the same arguments returns at once (the manifest zoo.json records a hash of them
+    and of the code).
+    """
+    import time
+
+    from .zoo import build_zoo
+
+    t0 = time.perf_counter()
+    m = build_zoo(directory, preset, seed, progress=not as_json, force=force)
+    took = time.perf_counter() - t0
+    summary = {"directory": str(Path(directory).resolve()), "preset": m["preset"], "seed": m["seed"],
+               "models": len(m["models"]), "tasks": len(m["tasks"]), "seconds": round(took, 2),
+               "build_seconds": m["build_seconds"], "cached": took < m["build_seconds"] / 2}
+
+    def human(_):
+        click.echo(f"zoo {m['preset']} (seed {m['seed']}) in {summary['directory']}: {len(m['models'])} models, "
+                   f"{len(m['tasks'])} tasks" + (" (cached)" if summary["cached"] else f", built in {took:.0f}s"))
+        table([{"model": x["name"], "base": x["base"], "tasks": ",".join(x["tasks"]),
+                "own-task score": min((x["scores"][t] for t in x["tasks"]), default=None)
+                if x["base"] else None} for x in m["models"]], ["model", "base", "tasks", "own-task score"])
+
+    emit(summary, as_json, human)
+
+
+@zoo.command("register")
+@click.argument("directory", type=click.Path(file_okay=False))
+@json_option
+@pass_ctx
+def zoo_register(c: Ctx, directory: str, as_json: bool) -> None:
+    """Register a built zoo in the current home: models (base first), tasks and the default operators.
+
+    Tasks use eval.jsonl as data, probes.jsonl as probe set and exact_match as metric. Running it again
+    skips what is already there.
+    """
+    from .zoo import register_zoo
+
+    cl = c.client()
+    res = register_zoo(None if cl else c.store(), directory, client=cl)
+
+    def human(r):
+        for kind in ("models", "tasks", "operators"):
+            click.echo(f"{kind}: {len(r[kind]['added'])} added, {len(r[kind]['skipped'])} already there")
+
+    emit(res, as_json, human)
+
+
+@zoo.command("table")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Parquet file to write (one row per model_a, model_b, operator, task).")
+@click.option("--operators", "operator_names", multiple=True, metavar="NAMES",
+              help="Operators to use, comma-separated or repeated (catalog names or the zoo's default set; "
+                   "default: the whole default set).")
+@click.option("--triples", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also merge this many random triples of experts (methods that take 3 models).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the random merge masks and of the choice of triples.")
+@click.option("--stats", "stats_out", type=click.Path(dir_okay=False),
+              help="Also write the table's statistics (spread, best-operator shares, oracle gap) as JSON.")
+@json_option
+@pass_ctx
+def zoo_table(c: Ctx, directory: str, out: str, operator_names: tuple[str, ...], triples: int, seed: int,
+              stats_out: str | None, as_json: bool) -> None:
+    """Merge every ordered pair of the zoo's experts with every operator and evaluate each merge.
+
+    Writes the full table to --out and into the state store (table merge_table): the ground truth for replay
+    and the decision-quality benchmark. Prints whether the zoo is worth benchmarking on.
+    """
+    import time
+
+    from .zoo import build_table, load_manifest, resolve_operators, store_table, table_stats
+
+    if not out.endswith(".parquet"):
+        raise click.BadParameter("the table is written as Parquet; give a path ending in .parquet",
+                                 param_hint="--out")
+    names = [n.strip() for part in operator_names for n in part.split(",") if n.strip()]
+    store = c.store()
+    ops = resolve_operators(names or None, store)
+    manifest = load_manifest(directory)
+    t0 = time.perf_counter()
+    df = build_table(directory, operators=ops, n_triples=triples, seed=seed, progress=not as_json)
+    took = time.perf_counter() - t0
+    Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(out, index=False)
+    n = store_table(store, df, manifest["key"])
+    stats = table_stats(df, manifest)
+    stats["seconds"] = round(took, 1)
+    if stats_out:
+        Path(stats_out).write_text(json.dumps(stats, indent=2, default=str))
+
+    def human(s):
+        click.echo(f"{n} rows ({s['n_cases']} pair cases x {s['n_operators']} operators) in {took:.0f}s -> {out}")
+        _print_zoo_stats(s)
+
+    emit(stats, as_json, human)
+
+
+def _print_zoo_stats(s: dict) -> None:
+    from .zoo import THRESHOLDS
+
+    def mark(key):
+        return "ok" if s["checks"].get(key) else "NOT MET"
+
+    if "expert_margin" in s:
+        click.echo(f"expert - base on own task: min {s['expert_margin']['min']:.2f}, median "
+                   f"{s['expert_margin']['median']:.2f} (need min >= {THRESHOLDS['min_expert_margin']}) "
+                   f"{mark('expert_margin')}")
+    click.echo(f"median best-minus-worst spread: {s['median_spread']:.3f} (need >= {THRESHOLDS['median_spread']}) "
+               f"{mark('median_spread')}")
+    click.echo(f"most frequent best operator: {s['max_best_share_operator']} in {s['max_best_share']:.0%} of cases "
+               f"(need <= {THRESHOLDS['max_best_share']:.0%}) {mark('max_best_share')}")
+    click.echo(f"oracle {s['oracle_mean']:.3f} vs best fixed operator {s['best_fixed_operator']} "
+               f"{s['best_fixed_mean']:.3f}: gap {s['oracle_gap']:.3f} (need >= {THRESHOLDS['oracle_gap']}) "
+               f"{mark('oracle_gap')}")
+
+
+@cli.command("evaluate")
+@click.argument("model")
+@click.option("--task", "task_name", required=True, help="Name of a registered task.")
+@click.option("--metric", type=click.Choice(["exact_match", "loglik", "external"]),
+              help="Override the task's metric.")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N examples.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=3600.0, show_default=True,
+              help="Time limit in seconds for an external evaluation command.")
+@json_option
+@pass_ctx
+def evaluate_cmd(c: Ctx, model: str, task_name: str, metric: str | None, limit: int | None, timeout: float,
+                 as_json: bool) -> None:
+    """Evaluate MODEL (a catalog name or a checkpoint directory) on a registered task.
+
+    Built-in metrics: exact_match (greedy generation) and loglik (geometric-mean probability of the answer
+    tokens); external runs the task's command template. A failed evaluation is reported with its reason and
+    exits non-zero.
+    """
+    from .evaluators import evaluate_named
+
+    res, what = evaluate_named(c.store(), model, task_name, metric=metric, limit=limit, timeout=timeout)
+    out = {**what, **res.to_dict()}
+
+    def human(r):
+        if res.ok:
+            click.echo(f"{r['model']} on {r['task']}: {r['metric']} = {res.score:.4f} ({res.n_examples} examples, "
+                       f"{res.seconds:.1f}s)")
+        else:
+            click.echo(f"{r['model']} on {r['task']}: evaluation failed: {res.reason}")
+
+    emit(out, as_json, human)
+    if not res.ok:
+        sys.exit(1)
+
 
 # ---- signals ----
 

@@ -1,8 +1,9 @@
 """Registry of merge methods.
 
-Each method is one small module that defines ``SPEC`` (a :class:`~.base.MethodSpec`). The task-arithmetic family
-(task_arithmetic, ties, dare_*, breadcrumbs*, della*) is one generic engine configured per module. The registry is
-what ``operator add`` validates against and what the merge executor runs.
+Each method is one small module that defines ``SPEC`` (a :class:`~.base.MethodSpec`) with its kernel. The
+task-arithmetic family (task_arithmetic, ties, dare_*, breadcrumbs*, della*) is one generic engine
+(:mod:`.generalized`) configured per module. The registry is what ``operator add`` validates against and what the
+merge executor runs; :func:`merge_tensors` runs the same kernels on in-memory tensors.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ for _m in _MODULES:
 
 
 def method_names() -> list[str]:
+    """Names of the registered merge methods, in registry order."""
     return list(REGISTRY)
 
 
@@ -35,4 +37,7 @@ def get_method(name: str) -> MethodSpec:
         raise InvalidInput(f"unknown merge method {name!r}; known: {', '.join(REGISTRY)}") from None
 
 
-__all__ = ["MethodSpec", "ParamSpec", "REGISTRY", "get_method", "method_names"]
+from .job import bind_params, merge_tensors, pair_roles  # noqa: E402  (needs REGISTRY above)
+
+__all__ = ["MethodSpec", "ParamSpec", "REGISTRY", "get_method", "method_names", "merge_tensors", "pair_roles",
+           "bind_params"]

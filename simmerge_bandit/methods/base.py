@@ -1,8 +1,12 @@
 """Parameter schemas shared by every merge method.
 
 A method is described by a :class:`MethodSpec`: its name, its family, its parameters (global or per model, with
-mergekit's names and defaults) and the function that merges one tensor. Operators are *data*: a method name plus
-validated parameter values (see :func:`MethodSpec.validate`).
+mergekit's names and defaults) and the kernel that merges one tensor (see :mod:`.job`). Operators are *data*: a
+method name plus validated parameter values (see :func:`MethodSpec.validate`).
+
+Names, defaults and edge-case rules follow mergekit 0.1.5 (``mergekit/merge_methods/*.py``, ``sparsify.py``). Where
+mergekit has no default (``weight`` of linear / task arithmetic / nuslerp, ``t`` of slerp) we keep one so that an
+operator can be written without it, and the exported ``mergekit_config.yml`` always spells the value out.
 """
 
 from __future__ import annotations
@@ -77,7 +81,15 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A merge method: name, family, parameters and (once implemented) the per-tensor merge function."""
+    """A merge method: name, family, parameters and the kernel that merges one tensor.
+
+    ``min_models`` / ``max_models`` count the models an operator combines, as the catalog sees them: the
+    fine-tuned models for methods with a separate base (task-arithmetic family, model_stock, nuslerp), both
+    endpoints for slerp (whose base model is one of its two inputs) and every input for linear.
+    ``base_role`` says what the base is: ``"separate"`` (a reference the task vectors are taken from),
+    ``"input"`` (slerp: the t=0 endpoint, one of the inputs), ``"optional"`` (nuslerp: task vectors when given)
+    or ``"none"`` (linear).
+    """
 
     name: str
     family: str  # "linear" | "task_arithmetic" | "slerp" | "nuslerp" | "model_stock"
@@ -90,6 +102,8 @@ class MethodSpec:
     #: Sparsification and consensus of the generic task-arithmetic engine (None for other families).
     sparsification: str | None = None
     consensus: str | None = None
+    base_role: str = "separate"
+    #: ``merge(spec, job)`` streams one tensor through :class:`~.job.TensorJob` (set by each method module).
     merge: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
 
     def param(self, name: str) -> ParamSpec:
@@ -113,30 +127,35 @@ class MethodSpec:
         return out
 
 
-def _check_breadcrumbs(name: str, p: dict) -> None:
-    if p["density"] + p["gamma"] > 1.0 + 1e-12:
-        raise InvalidInput(
-            f"{name}: density + gamma must be <= 1 (got {p['density']:g} + {p['gamma']:g})")
-
-
 def _check_della(name: str, p: dict) -> None:
-    if p["density"] - p["epsilon"] < 0 or p["density"] + p["epsilon"] > 1.0 + 1e-12:
+    # mergekit's della_magprune raises unless density +/- epsilon lies strictly inside (0, 1); it only looks
+    # when density < 1 (density 1 keeps everything). Breadcrumbs has no such rule: when density + gamma > 1
+    # mergekit removes fewer outliers so that the density is kept.
+    if p["density"] < 1 and (p["density"] + p["epsilon"] >= 1 or p["density"] - p["epsilon"] <= 0):
         raise InvalidInput(
-            f"{name}: density +/- epsilon must stay within [0, 1] (got density={p['density']:g}, "
+            f"{name}: density +/- epsilon must lie strictly inside (0, 1) (got density={p['density']:g}, "
             f"epsilon={p['epsilon']:g})")
 
 
-_CROSS_CHECKS = {"magnitude_outliers": _check_breadcrumbs, "della_magprune": _check_della}
+_CROSS_CHECKS = {"della_magprune": _check_della}
+
+
+def check_model_params(spec: "MethodSpec", p: dict) -> None:
+    """Cross-parameter rules of one model's parameter set (raises :class:`InvalidInput`)."""
+    check = _CROSS_CHECKS.get(spec.sparsification)
+    if check:
+        check(spec.name, p)
 
 
 # Shared parameter definitions (mergekit names and meanings).
 def weight(default: float = 1.0) -> ParamSpec:
-    return ParamSpec("weight", "float", default, scope="model", help="weight of each model's contribution")
+    return ParamSpec("weight", "float", default, scope="model",
+                     help="weight of each model's contribution (mergekit requires it; default here 1)")
 
 
 def density(default: float = 1.0) -> ParamSpec:
     return ParamSpec("density", "float", default, scope="model", low=0.0, high=1.0, low_inclusive=False,
-                     help="fraction of task-vector entries kept")
+                     help="fraction of task-vector entries kept (1 keeps all and skips rescaling)")
 
 
 def normalize(default: bool) -> ParamSpec:
@@ -144,7 +163,8 @@ def normalize(default: bool) -> ParamSpec:
 
 
 def rescale(default: bool) -> ParamSpec:
-    return ParamSpec("rescale", "bool", default, help="rescale kept entries by 1/density to preserve the norm")
+    return ParamSpec("rescale", "bool", default,
+                     help="scale the kept entries so the task vector keeps its L1 norm (mergekit's RescaleNorm.l1)")
 
 
 def lambda_() -> ParamSpec:
@@ -156,9 +176,9 @@ def int8_mask() -> ParamSpec:
 
 
 def task_arithmetic_params(*, normalize_default: bool, rescale_default: bool, sparsify: str | None) -> tuple:
-    params = [weight()]
-    if sparsify is not None:
-        params.append(density())
+    # mergekit declares density for every generalized task-arithmetic method, even without sparsification
+    # (where it is ignored), so a task_arithmetic config that carries density stays valid.
+    params = [weight(), density()]
     if sparsify == "magnitude_outliers":
         params.append(ParamSpec("gamma", "float", 0.01, scope="model", low=0.0, high=1.0, high_inclusive=False,
                                 help="fraction of largest-magnitude entries removed as outliers"))

@@ -1,8 +1,34 @@
-"""Linear (model soup): weighted average of the models' weights."""
+"""Linear (model soup): ``sum_i w_i x_i``, divided by ``sum_i w_i`` when ``normalize`` (mergekit's ``linear``).
+
+mergekit accumulates ``result.addcmul_(x_i, w_i)`` in input order and then divides; so does this kernel, so the
+float32 results agree bit for bit. A zero weight sum with ``normalize`` is refused (mergekit would write inf/NaN).
+"""
+
+import torch
+
+from ..errors import InvalidInput
 from .base import MethodSpec, normalize, weight
 
+
+def merge(spec: MethodSpec, job) -> None:
+    weights = torch.tensor([mp["weight"] for mp in job.model_params], dtype=torch.float32, device=job.device)
+    denominator = weights.sum()
+    if job.params["normalize"] and float(denominator) == 0:
+        raise InvalidInput("linear: the weights sum to 0, so they cannot be normalized (set normalize=false or "
+                           "change the weights)")
+    coefficients = [w.reshape(1, 1) for w in weights.unbind(0)]
+    for lo, hi in job.chunks():
+        result = torch.zeros((hi - lo, job.row_len), dtype=torch.float32, device=job.device)
+        for i, c in enumerate(coefficients):
+            result.addcmul_(job.model_rows(i, lo, hi), c)
+        if job.params["normalize"]:
+            result.div_(denominator)
+        job.write(lo, hi, result)
+
+
 SPEC = MethodSpec(
-    name="linear", family="linear", needs_base=False, max_models=None,
+    name="linear", family="linear", needs_base=False, min_models=1, max_models=None, base_role="none",
     params=(weight(), normalize(True)),
     description="weighted average of the weights",
+    merge=merge,
 )

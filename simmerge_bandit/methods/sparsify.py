@@ -1,0 +1,407 @@
+"""Sparsification of task vectors, streamed over row chunks (mergekit's ``sparsify.py`` semantics).
+
+- ``magnitude`` (TIES): keep the ``k = max(1, int(density * n))`` largest magnitudes.
+- ``magnitude_outliers`` (Model Breadcrumbs): sort magnitudes ascending, drop the ``int(gamma * n)`` largest and
+  then the smallest, keeping ``int(density * n)`` entries (fewer outliers are dropped when density + gamma > 1).
+- ``random`` (DARE): keep each entry with probability ``density``.
+- ``della_magprune`` (DELLA): per row, keep an entry with probability ``density - epsilon + 2 * epsilon * r``
+  where ``r`` in [0, 1] is its magnitude rank in the row.
+
+With ``density >= 1`` a task vector is left untouched (no rescaling either). With ``rescale`` the kept entries
+are multiplied by ``L1(task vector) / L1(kept)`` unless either norm is below 1e-7 (mergekit's RescaleNorm.l1).
+
+Ties among exactly equal magnitudes: mergekit keeps whichever of them ``torch.argsort`` (an unstable sort) puts
+first. Here the rule is that of a stable ascending sort of the magnitudes (TIES keeps its top ``k`` ranks, so the
+last tied entries in index order; breadcrumbs its middle ranks), which needs no sort: exact order statistics come
+from a strided sample, one counting pass and a selection among the few candidates near the threshold.
+``exact_ties`` reproduces mergekit's choice by running the same full argsort (and costs as much).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .job import TensorJob
+
+#: Tensors up to this many elements get exact order statistics from the whole (materialized) key vector.
+EXACT_SELECT_MAX = 1 << 16
+#: Elements sampled (evenly strided) from larger tensors to bracket each order statistic.
+SAMPLE_SIZE = 1 << 16
+#: More candidates than this inside a bracket means the sample misled: fall back to the materialized path.
+MAX_CANDIDATES = 1 << 23
+_RESCALE_EPS = 1e-7
+
+
+class RankSelect:
+    """Keep the elements whose rank in ascending ``key`` order lies in ``[r_lo, r_hi)``, ties in index order.
+
+    Keys arrive in chunks, in index order, once per pass: :meth:`observe` during the statistics pass, then
+    :meth:`mask` during every later pass (after :meth:`reset`).
+    """
+
+    def __init__(self, n: int, r_lo: int, r_hi: int, sample: torch.Tensor | None):
+        self.n, self.r_lo, self.r_hi = n, max(0, r_lo), min(n, r_hi)
+        self.none = self.r_lo >= self.r_hi
+        self.all = self.r_lo == 0 and self.r_hi == n
+        self.targets = [] if (self.none or self.all) else \
+            ([self.r_lo] if self.r_lo > 0 else []) + ([self.r_hi - 1] if self.r_hi < n else [])
+        self._materialize = sample is None
+        self._keys: list[torch.Tensor] = []
+        self._brackets = []
+        if not self._materialize and self.targets:
+            s = torch.sort(sample.reshape(-1)).values
+            ms = s.numel()
+            for r in self.targets:
+                q = (r + 0.5) / n
+                j, spread = q * ms, 6.0 * math.sqrt(ms * q * (1 - q)) + 16
+                lo_i, hi_i = math.floor(j - spread), math.ceil(j + spread)
+                lo_v = float(s[lo_i]) if lo_i >= 0 else -math.inf
+                hi_v = float(s[hi_i]) if hi_i < ms else math.inf
+                self._brackets.append({"lo": lo_v, "hi": hi_v, "below": 0, "inside": []})
+        self.bounds: list[tuple[float, int, int]] = []
+        self.groups: list[dict] = []
+        self._cond_lo = self._cond_hi = None
+
+    @property
+    def needs_stats(self) -> bool:
+        return bool(self.targets)
+
+    def observe(self, keys: torch.Tensor) -> None:
+        if not self.targets:
+            return
+        keys = keys.reshape(-1)
+        if self._materialize:
+            self._keys.append(keys.clone())
+            return
+        for b in self._brackets:
+            lo, hi = b["lo"], b["hi"]
+            b["below"] += _count(keys < lo)
+            cand = keys[(keys >= lo) & (keys <= hi)]
+            b["inside"].append(cand)
+            b["n_inside"] = b.get("n_inside", 0) + cand.numel()
+            if b["n_inside"] > MAX_CANDIDATES:
+                raise _Misled
+
+    def finish(self) -> bool:
+        """Compute the order statistics. False when the sample's brackets missed (observe again, materialized)."""
+        if not self.targets:
+            self._build([])
+            return True
+        if not self._materialize:
+            stats = [self._from_bracket(b, r) for b, r in zip(self._brackets, self.targets)]
+            if any(s is None for s in stats):
+                return False
+        else:
+            keys = torch.cat(self._keys) if self._keys else torch.empty(0)
+            self._keys = []
+            stats = []
+            for r in self.targets:
+                v = float(torch.kthvalue(keys.cpu(), r + 1).values)
+                stats.append((v, _count(keys < v), _count(keys == v)))
+        self._build(stats)
+        return True
+
+    @staticmethod
+    def _from_bracket(b: dict, r: int):
+        """(value at rank r, count below it, count equal to it) from the bracket's candidates, or None."""
+        below = b["below"]
+        cand = torch.cat(b["inside"]) if b["inside"] else torch.empty(0)
+        b["inside"] = []
+        pos = r - below
+        if pos < 0 or pos >= cand.numel():
+            return None
+        v = float(torch.kthvalue(cand.cpu(), pos + 1).values)
+        # Every key equal to v lies inside the (inclusive) bracket, so these counts are exact.
+        lt, eq = _count(cand < v), _count(cand == v)
+        return v, below + lt, eq
+
+    def _build(self, stats: list[tuple[float, int, int]]) -> None:
+        a = z = None
+        it = iter(stats)
+        if self.targets and self.targets[0] == self.r_lo and self.r_lo > 0:
+            a = next(it)
+        if self.r_hi < self.n and not (self.none or self.all):
+            z = next(it)
+        self._cond_lo = a[0] if a else None
+        self._cond_hi = z[0] if z else None
+        groups = []
+        if a and z and a[0] == z[0]:
+            groups.append({"v": a[0], "j0": self.r_lo - a[1], "j1": self.r_hi - a[1], "n": a[2]})
+        else:
+            if a:
+                groups.append({"v": a[0], "j0": self.r_lo - a[1], "j1": a[2], "n": a[2]})
+            if z:
+                groups.append({"v": z[0], "j0": 0, "j1": self.r_hi - z[1], "n": z[2]})
+        self.groups = groups
+        self.reset()
+
+    def reset(self) -> None:
+        for g in self.groups:
+            g["seen"] = 0
+
+    def mask(self, keys: torch.Tensor) -> torch.Tensor | None:
+        """The keep-mask of the next chunk (None = keep everything)."""
+        if self.all:
+            return None
+        shape = keys.shape
+        keys = keys.reshape(-1)
+        if self.none:
+            return torch.zeros(shape, dtype=torch.bool, device=keys.device)
+        if self._cond_lo is not None and self._cond_hi is not None:
+            m = (keys > self._cond_lo) & (keys < self._cond_hi)
+        elif self._cond_lo is not None:
+            m = keys > self._cond_lo
+        else:
+            m = keys < self._cond_hi
+        for g in self.groups:
+            eq = keys == g["v"]
+            cnt = _count(eq)
+            s = g["seen"]
+            a, b = max(g["j0"] - s, 0), min(g["j1"] - s, cnt)
+            g["seen"] = s + cnt
+            if b <= a:
+                continue
+            if a == 0 and b == cnt:
+                m |= eq
+            else:
+                idx = eq.nonzero().reshape(-1)[a:b]
+                m[idx] = True
+        return m.view(shape)
+
+
+def _count(mask: torch.Tensor) -> int:
+    # count_nonzero is several times faster than summing a bool tensor (which widens it to int64 first).
+    return int(torch.count_nonzero(mask))
+
+
+class _Misled(Exception):
+    """The sample's brackets caught too many candidates; the selection restarts on the materialized path."""
+
+
+# ---- per-model sparsifiers -------------------------------------------------------------------------------------
+
+class Sparsifier:
+    """One model's sparsification for one tensor. Passes over the chunks, each in index order:
+
+    1. when ``needs_stats``: ``observe`` every chunk, then ``finish_stats``;
+    2. when ``needs_kept_pass``: ``observe_kept`` every chunk (the L1 norm of what is kept);
+    3. ``finish_scale``, then ``apply`` every chunk: mask and rescale the delta chunk in place.
+
+    Chunks are given as (index, first row, end row, float32 delta rows); ``begin_pass`` precedes each pass.
+    """
+
+    needs_stats = False
+    needs_kept_pass = False
+    whole = False
+
+    def __init__(self, job: TensorJob, model: int, p: dict, rescale: bool):
+        self.job, self.model, self.p, self.rescale = job, model, p, rescale
+        self.n = job.numel
+        self._l1 = 0.0
+        self._kept = 0.0
+        self.scale: float | None = None
+
+    def begin_pass(self) -> None:
+        pass
+
+    def observe(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> None:
+        pass
+
+    def finish_stats(self) -> None:
+        pass
+
+    def observe_kept(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> None:
+        m = self._mask(ci, lo, hi, d)
+        a = d.abs()
+        self._kept += float((a * m).sum()) if m is not None else float(a.sum())
+
+    def finish_scale(self) -> None:
+        if self.rescale and self._l1 >= _RESCALE_EPS and self._kept >= _RESCALE_EPS:
+            self.scale = self._l1 / self._kept
+
+    def apply(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> None:
+        m = self._mask(ci, lo, hi, d)
+        if m is not None:
+            d.mul_(m)
+        if self.scale is not None:
+            d.mul_(self.scale)
+
+    def _mask(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
+
+
+class Identity(Sparsifier):
+    """density >= 1: mergekit returns the task vector unchanged (and does not rescale)."""
+
+    def apply(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> None:
+        pass
+
+
+class _Selecting(Sparsifier):
+    """Magnitude-rank selection (TIES, breadcrumbs): a statistics pass finds the exact thresholds."""
+
+    needs_stats = True
+
+    def __init__(self, job, model, p, rescale):
+        super().__init__(job, model, p, rescale)
+        self.needs_kept_pass = rescale
+        self.r_lo, self.r_hi = self.rank_range()
+        self._full_mask: torch.Tensor | None = None
+        self._misled = False
+        self.sel: RankSelect | None = None
+        if job.exact_ties:
+            self._abs: list[torch.Tensor] = []
+            return
+        sample = None
+        if self.n > EXACT_SELECT_MAX:
+            size = max(4096, min(SAMPLE_SIZE, self.n // 32))
+            idx = (torch.arange(size, dtype=torch.float64) * (self.n / size)).long()
+            x = job.models[model].gather(idx)
+            b = job.base.gather(idx)
+            sample = self.key((x - b).abs_())
+        self.sel = RankSelect(self.n, self.r_lo, self.r_hi, sample)
+
+    def rank_range(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def key(self, mags: torch.Tensor) -> torch.Tensor:
+        return mags
+
+    def begin_pass(self) -> None:
+        if self.sel is not None:
+            self.sel.reset()
+
+    def observe(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> None:
+        a = d.abs()
+        if self.rescale:
+            self._l1 += float(a.sum())
+        if self.sel is None:
+            self._abs.append(a.reshape(-1))
+        elif not self._misled:
+            try:
+                self.sel.observe(self.key(a))
+            except _Misled:
+                self._misled = True
+
+    def finish_stats(self) -> None:
+        if self.sel is None:
+            self._full_mask = self.mergekit_mask(torch.cat(self._abs))
+            self._abs = []
+            return
+        if self._misled or not self.sel.finish():
+            # The strided sample bracketed the wrong values (structured data): redo it exactly.
+            job, i = self.job, self.model
+            self.sel = RankSelect(self.n, self.r_lo, self.r_hi, None)
+            for lo, hi in job.chunks():
+                d = job.model_rows(i, lo, hi) - job.base_rows(lo, hi)
+                self.sel.observe(self.key(d.abs_()))
+            self.sel.finish()
+
+    def _mask(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> torch.Tensor | None:
+        if self._full_mask is not None:
+            rl = self.job.row_len
+            return self._full_mask[lo * rl:hi * rl].view(d.shape)
+        return self.sel.mask(self.key(d.abs()))
+
+    def mergekit_mask(self, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Magnitude(_Selecting):
+    """TIES: keep the k = max(1, int(density * n)) largest magnitudes."""
+
+    def rank_range(self) -> tuple[int, int]:
+        # The top k of an ascending (stable) order of magnitudes: among equal magnitudes at the threshold the
+        # last ones in index order are kept.
+        self.k = max(1, int(self.p["density"] * self.n))
+        return self.n - self.k, self.n
+
+    def mergekit_mask(self, w: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+        mask[torch.argsort(w, descending=True)[:self.k]] = True
+        return mask
+
+
+class Outliers(_Selecting):
+    """Model Breadcrumbs: keep ascending ranks [n_bot, n_bot + int(density * n))."""
+
+    def rank_range(self) -> tuple[int, int]:
+        self.target = int(self.p["density"] * self.n)
+        top = int(self.p["gamma"] * self.n)
+        self.n_bot = max(0, self.n - self.target - top)
+        return self.n_bot, self.n_bot + self.target
+
+    def mergekit_mask(self, w: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+        idx = torch.sort(w, descending=False).indices
+        mask[idx[self.n_bot:self.n_bot + self.target]] = True
+        return mask
+
+
+class Random(Sparsifier):
+    """DARE: keep each entry with probability density (a seeded Bernoulli mask per chunk).
+
+    With rescaling, the statistics pass draws the masks and keeps them (one byte per entry) for the output
+    pass, since drawing is the costliest step; the draws are the same either way.
+    """
+
+    def __init__(self, job, model, p, rescale):
+        super().__init__(job, model, p, rescale)
+        self.needs_stats = rescale
+        self._saved: dict[int, torch.Tensor] = {}
+
+    def observe(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> None:
+        a = d.abs()
+        m = self._draw(ci, d)
+        self._saved[ci] = m
+        self._l1 += float(a.sum())
+        self._kept += float((a * m).sum())
+
+    def _probs(self, d: torch.Tensor):
+        return self.p["density"]
+
+    def _draw(self, ci: int, d: torch.Tensor) -> torch.Tensor:
+        u = torch.rand(d.shape, generator=self.job.generator(self.model, ci), device=d.device)
+        return u < self._probs(d)
+
+    def _mask(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> torch.Tensor:
+        m = self._saved.pop(ci, None)
+        return m if m is not None else self._draw(ci, d)
+
+
+class Della(Random):
+    """DELLA: per-row magnitude ranks set each entry's keep probability in [density - eps, density + eps]."""
+
+    def __init__(self, job, model, p, rescale):
+        super().__init__(job, model, p, rescale)
+        # mergekit ranks along dim 1 of the tensor as it is: for 3-D and larger tensors that is not the row.
+        self.whole = len(job.shape) >= 3
+
+    def _probs(self, d: torch.Tensor) -> torch.Tensor:
+        dens, eps = self.p["density"], self.p["epsilon"]
+        x = d.view(self.job.shape) if self.whole else d
+        dim = 1 if self.whole else -1
+        length = x.shape[dim]
+        if length <= 1:
+            # mergekit divides 0 by 0 here (and fails); a lone entry gets the middle probability.
+            return torch.full(d.shape, dens, device=d.device)
+        order = torch.argsort(x.abs(), dim=dim, stable=True)
+        ranks = torch.empty_like(order)
+        shape = [1] * x.dim()
+        shape[dim] = length
+        ranks.scatter_(dim, order, torch.arange(length, device=d.device).view(shape).expand_as(order))
+        probs = (dens - eps) + ranks.to(torch.float32) / (length - 1) * (2 * eps)
+        return probs.view(d.shape)
+
+
+SPARSIFIERS = {"magnitude": Magnitude, "magnitude_outliers": Outliers, "random": Random,
+               "della_magprune": Della}
+
+
+def make(kind: str | None, job: TensorJob, model: int, p: dict, rescale: bool) -> Sparsifier:
+    """The sparsifier of model ``model`` for this tensor (Identity when there is nothing to drop)."""
+    if kind is None or p.get("density", 1.0) >= 1:
+        return Identity(job, model, p, rescale)
+    return SPARSIFIERS[kind](job, model, p, rescale)

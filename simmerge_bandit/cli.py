@@ -1060,6 +1060,29 @@ def simulate_cmd(c: Ctx, table_path, policies, rounds, budget, seeds, seed, hold
 
     emit(out, as_json, human)
 
+@cli.command()
+@click.option("--rounds", default=10, show_default=True, help="Suggest -> merge -> evaluate -> feedback rounds.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the zoo and of the policy.")
+@click.option("--policy", default="linucb-hybrid", show_default=True, help="Policy that makes the choices.")
+@click.option("--eval-limit", default=48, show_default=True, help="Evaluation examples per task and merge.")
+@json_option
+@click.pass_context
+def demo(ctx: click.Context, rounds: int, seed: int, policy: str, eval_limit: int, as_json: bool) -> None:
+    """The whole loop on the micro-zoo, in a few minutes on 2 CPU cores, with no downloads.
+
+    Builds the test zoo (cached in $SIMMERGE_CACHE or ~/.cache/simmerge), registers it in a fresh state home
+    (or --home), runs suggest -> merge -> evaluate -> feedback for some rounds, adds an operator half-way, and
+    compares the engine's choices with each fixed operator and the oracle on the same cases.
+    """
+    from .demo import run_demo
+
+    home = ctx.find_root().params.get("home")
+    res = run_demo(home, rounds=rounds, seed=seed, policy=policy, eval_limit=eval_limit,
+                   echo=(lambda s: None) if as_json else click.echo)
+    if as_json:
+        emit(res, True)
+
+
 # ---- daemon ----
 
 @cli.command()

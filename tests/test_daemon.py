@@ -223,3 +223,30 @@ def test_watched_folder_registers_new_checkpoints(home, tiny_models, tmp_path):
         assert "new-expert" in names and names["new-expert"]["base"] == "base"
     finally:
         assert stop(proc) == 0
+
+
+def test_daemon_runs_requested_evaluations_and_records_failures(home, tmp_path):
+    data = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "1+1=", "answer": "2"}])
+    with Store.open(home) as store:
+        Catalog(store).add_task("broken", data, metric="external", eval_command="exit 3 # {model} {output}",
+                                metric_path="results.acc")
+    proc, info = start_daemon(home, "--eval-budget", "10", "--max-attempts", "1", "--eval-limit", "4")
+    try:
+        ok = call(info, "POST", "/v1/suggest", {"task": "double", "top": 1})[1][0]
+        bad = call(info, "POST", "/v1/suggest", {"task": "broken", "top": 1})[1][0]
+        assert ok["evaluate"] and bad["evaluate"]
+        deadline = time.time() + 120
+        jobs = {}
+        while time.time() < deadline:
+            jobs = {j["decision_id"]: j for j in call(info, "GET", "/v1/jobs")[1]}
+            if all(j["state"] in ("done", "failed") for j in jobs.values()) and len(jobs) == 2:
+                break
+            time.sleep(0.5)
+        assert jobs[ok["id"]]["state"] == "done", jobs[ok["id"]]
+        assert jobs[bad["id"]]["state"] == "failed" and "exit" in jobs[bad["id"]]["last_error"].lower()
+        code, st = call(info, "GET", "/v1/status")
+        assert code == 200 and st["counts"]["rewards"] == 1 and st["queue"]["failed"] == 1
+    finally:
+        assert stop(proc) == 0
+    log = (home / "daemon.log").read_text()
+    assert "job done" in log and "job failed" in log

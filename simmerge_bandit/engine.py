@@ -125,6 +125,7 @@ class Engine:
         self._policies: dict[str, Any] = {}
         self._last_seq: dict[str, int] = {}
         self._since_snapshot: dict[str, int] = {}
+        self._cand_cache: dict[str, tuple[tuple, CandidateSet]] = {}
         self.lock = threading.RLock()
 
     # ---- candidates ----
@@ -137,15 +138,40 @@ class Engine:
         self.catalog.task(task)
         by_base: dict[str, list[str]] = {}
         experts = set()
-        for m in self.catalog.models():
-            if m["base"]:
-                by_base.setdefault(m["base"], []).append(m["name"])
-                if task in m["tasks"]:
-                    experts.add(m["name"])
+        for name, base, tags in self.store.fetchall("SELECT name, base, tasks FROM models ORDER BY added_at, name"):
+            if base:
+                by_base.setdefault(base, []).append(name)
+                if task in (json.loads(tags) if tags else []):
+                    experts.add(name)
         return [(a, b) for names in by_base.values() for a in names for b in names
                 if a != b and (not experts or a in experts or b in experts)]
 
+    def _catalog_key(self, task: str) -> tuple:
+        """What a task's candidate set depends on; a change of any of it (a model's weights, an operator, the
+        probe set) gives a new key."""
+        t = self.catalog.task(task)
+        models = tuple(self.store.fetchall("SELECT name, base, fingerprint, tasks FROM models ORDER BY name"))
+        ops = tuple(self.store.fetchall("SELECT name, params FROM operators WHERE status = 'active' ORDER BY name"))
+        probes = self.store.fetchone("SELECT hash FROM probe_sets WHERE name = ?", [t["probe_set"]])
+        return task, t["data_hash"], probes, models, ops
+
     def candidates(self, task: str, operators: Sequence[str] | None = None) -> CandidateSet:
+        """Every (ordered pair, operator) candidate of ``task`` with its context and descriptor.
+
+        Cached per task while the catalog stays the same, so a suggestion costs a ranking, not a feature pass.
+        """
+        if operators:
+            return self._build_candidates(task, operators)
+        with self.lock:
+            key = self._catalog_key(task)
+            hit = self._cand_cache.get(task)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+            cs = self._build_candidates(task, None)
+            self._cand_cache[task] = (key, cs)
+            return cs
+
+    def _build_candidates(self, task: str, operators: Sequence[str] | None) -> CandidateSet:
         from . import signals
 
         ops = [self.catalog.operator(o) for o in operators] if operators else self.catalog.operators(active_only=True)
@@ -407,24 +433,27 @@ class Engine:
 
     def _log(self, entries: list[dict], cs: CandidateSet, policy: str, pol) -> None:
         batch = uuid.uuid4().hex
+        rows, queued = [], []
+        for rank, e in enumerate(entries):
+            did = uuid.uuid4().hex[:16]
+            rows.append([did, batch, rank, cs.task, json.dumps(e["models"]), json.dumps(e["operator"]), policy,
+                         str(pol.version), cs.feature_schema, e["x"].tolist(), e["z"].tolist(),
+                         _finite(e["predicted"]), _finite(e["uncertainty"]), e["propensity"], e["evaluate"]])
+            if e["evaluate"]:
+                queued.append([did])
+            e["public"] = {
+                "id": did, "task": cs.task, "models": e["models"],
+                "operator": e["operator"][0] if len(e["operator"]) == 1 else e["operator"],
+                "predicted": _finite(e["predicted"]), "uncertainty": _finite(e["uncertainty"]),
+                "propensity": e["propensity"], "evaluate": e["evaluate"], "explanation": e["explanation"],
+                "policy": policy}
         with self.store.transaction():
-            for rank, e in enumerate(entries):
-                did = uuid.uuid4().hex[:16]
-                self.store.execute(
-                    "INSERT INTO decisions (id, batch, rank, task, models, operator, policy, policy_version, "
-                    "feature_schema, context, arm, predicted, uncertainty, propensity, evaluate) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    [did, batch, rank, cs.task, json.dumps(e["models"]), json.dumps(e["operator"]), policy,
-                     str(pol.version), cs.feature_schema, [float(v) for v in e["x"]], [float(v) for v in e["z"]],
-                     _finite(e["predicted"]), _finite(e["uncertainty"]), e["propensity"], e["evaluate"]])
-                if e["evaluate"]:
-                    self.store.execute("INSERT INTO eval_queue (decision_id) VALUES (?)", [did])
-                e["public"] = {
-                    "id": did, "task": cs.task, "models": e["models"],
-                    "operator": e["operator"][0] if len(e["operator"]) == 1 else e["operator"],
-                    "predicted": _finite(e["predicted"]), "uncertainty": _finite(e["uncertainty"]),
-                    "propensity": e["propensity"], "evaluate": e["evaluate"], "explanation": e["explanation"],
-                    "policy": policy}
+            self.store.executemany(
+                "INSERT INTO decisions (id, batch, rank, task, models, operator, policy, policy_version, "
+                "feature_schema, context, arm, predicted, uncertainty, propensity, evaluate) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            if queued:
+                self.store.executemany("INSERT INTO eval_queue (decision_id) VALUES (?)", queued)
 
     # ---- rewards ----
     def feedback(self, decision_id: str, reward: float, raw_score: float | None = None,

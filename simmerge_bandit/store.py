@@ -116,6 +116,10 @@ class Store:
         with self.lock:
             return self.db.execute(sql, params or [])
 
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self.lock:
+            self.db.executemany(sql, rows)
+
     def fetchall(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
         with self.lock:
             return self.db.execute(sql, params or []).fetchall()

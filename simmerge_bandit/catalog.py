@@ -107,6 +107,7 @@ class Catalog:
             check_compatible(b["tensors"], shapes, base, name)
         fingerprint = ck.fingerprint()
         with self.store.transaction():
+            self._bump()
             self.store.execute(
                 "INSERT INTO models (name, path, base, architecture, model_type, dtype, n_params, n_tensors, "
                 "size_bytes, fingerprint, tensors, config, tasks) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -130,6 +131,7 @@ class Catalog:
         if children:
             raise InvalidInput(f"model {name!r} is the base of {', '.join(children)}; remove those first")
         with self.store.transaction():
+            self._bump()
             self.store.execute("DELETE FROM models WHERE name = ?", [name])
 
     def refresh_model(self, name: str) -> dict:
@@ -137,6 +139,7 @@ class Catalog:
         m = self.model(name)
         ck = read_checkpoint(m["path"])
         with self.store.transaction():
+            self._bump()
             self.store.execute(
                 "UPDATE models SET fingerprint = ?, tensors = ?, config = ?, dtype = ?, n_params = ?, "
                 "size_bytes = ? WHERE name = ?",
@@ -163,6 +166,7 @@ class Catalog:
         dest = self.store.artifacts / "probes" / f"{name}.jsonl"
         _write_jsonl(dest, [{"prompt": p} for p in prompts])
         with self.store.transaction():
+            self._bump()
             self.store.execute("INSERT INTO probe_sets (name, hash, path, n_prompts) VALUES (?,?,?,?)",
                                [name, _hash_prompts(prompts), str(dest), len(prompts)])
         return self.probe_set(name)
@@ -208,6 +212,7 @@ class Catalog:
         _write_jsonl(dest, rows)
         data_hash = hashlib.blake2b(dest.read_bytes(), digest_size=16).hexdigest()
         with self.store.transaction():
+            self._bump()
             if prompts is not None:
                 self._store_probes(probe_name, prompts)
             self.store.execute(
@@ -237,6 +242,7 @@ class Catalog:
         if self._exists("operators", name):
             raise AlreadyExists(f"operator {name!r} already exists")
         with self.store.transaction():
+            self._bump()
             self.store.execute("INSERT INTO operators (name, method, params) VALUES (?,?,?)",
                                [name, method, json.dumps(full, sort_keys=True)])
         return self.operator(name)
@@ -256,6 +262,7 @@ class Catalog:
         if op["status"] == "retired":
             return op
         with self.store.transaction():
+            self._bump()
             self.store.execute("UPDATE operators SET status = 'retired', retired_at = current_timestamp "
                                "WHERE name = ?", [name])
         return self.operator(name)
@@ -265,6 +272,13 @@ class Catalog:
         r = dict(r)
         r["params"] = json.loads(r["params"])
         return r
+
+    def _bump(self) -> None:
+        # Every catalog change moves the version, so caches keyed on it (the engine's candidate sets) refresh.
+        self.store.execute("UPDATE meta SET value = value + 1 WHERE key = 'catalog_version'")
+
+    def version(self) -> int:
+        return int(self.store.fetchone("SELECT value FROM meta WHERE key = 'catalog_version'")[0])
 
     def _exists(self, table: str, name: str) -> bool:
         return self.store.fetchone(f"SELECT 1 FROM {table} WHERE name = ?", [name]) is not None

@@ -1107,6 +1107,11 @@ def daemon(c: Ctx, host, port, watch, eval_budget, eval_window, executor, policy
     """Run the long-lived engine: owns the state, serves the JSON API on loopback, watches folders for new
     checkpoints, and runs the evaluations it asks for. Writes daemon.json (pid, port, token; mode 0600).
     Stops cleanly on SIGTERM / SIGINT."""
+    import os
+
+    # Requests are served by many threads while one core computes: BLAS thread pools only add contention there.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
     from .daemon import Daemon
 
     Daemon(c.home, host=host, port=port, watch=list(watch), eval_budget=eval_budget, eval_window_s=eval_window,

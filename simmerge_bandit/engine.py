@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import threading
 import time
 import uuid
@@ -33,6 +34,8 @@ REWARD_RANGE = (0.0, 2.0)
 TASK_BUCKETS = 8
 OPERATOR_PARAMS = ("weight", "density", "t", "lambda", "gamma", "epsilon", "normalize", "rescale", "filter_wise",
                    "nuslerp_flatten", "nuslerp_row_wise")
+DECISION_COLUMNS = ("id", "batch", "rank", "task", "models", "operator", "policy", "policy_version", "feature_schema",
+                    "context", "arm", "predicted", "uncertainty", "propensity", "evaluate")
 ARM_NAMES = tuple(f"method={m}" for m in REGISTRY) + OPERATOR_PARAMS + ("consensus", "random")
 
 
@@ -126,6 +129,9 @@ class Engine:
         self._last_seq: dict[str, int] = {}
         self._since_snapshot: dict[str, int] = {}
         self._cand_cache: dict[str, tuple[tuple, CandidateSet]] = {}
+        self._paths: dict[int, list[str]] = {}
+        self._known_seq: int | None = None  # highest reward seq this engine has seen (it is the only writer)
+        self._eval_times: list[float] | None = None
         self.lock = threading.RLock()
 
     # ---- candidates ----
@@ -149,11 +155,21 @@ class Engine:
     def _catalog_key(self, task: str) -> tuple:
         """What a task's candidate set depends on; a change of any of it (a model's weights, an operator, the
         probe set) gives a new key."""
-        t = self.catalog.task(task)
-        models = tuple(self.store.fetchall("SELECT name, base, fingerprint, tasks FROM models ORDER BY name"))
-        ops = tuple(self.store.fetchall("SELECT name, params FROM operators WHERE status = 'active' ORDER BY name"))
-        probes = self.store.fetchone("SELECT hash FROM probe_sets WHERE name = ?", [t["probe_set"]])
-        return task, t["data_hash"], probes, models, ops
+        version = self.catalog.version()
+        paths = self._paths.get(version)
+        if paths is None:
+            self.catalog.task(task)  # a clear NotFound for an unknown task
+            paths = [r[0] for r in self.store.fetchall("SELECT path FROM models ORDER BY name")]
+            self._paths = {version: paths}
+        # File stats too, so weights changed on disk are not served from the cache (signals re-check them).
+        stats = []
+        for p in paths:
+            try:
+                stats.extend((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in os.scandir(p)
+                             if f.name.endswith(".safetensors"))
+            except OSError:
+                stats.append((p, None))
+        return task, version, tuple(stats)
 
     def candidates(self, task: str, operators: Sequence[str] | None = None) -> CandidateSet:
         """Every (ordered pair, operator) candidate of ``task`` with its context and descriptor.
@@ -227,12 +243,15 @@ class Engine:
 
     def _catch_up(self, name: str) -> int:
         pol = self._policies[name]
+        if self._known_seq is not None and self._last_seq[name] >= self._known_seq:
+            return 0
         rows = self.store.fetchall(
             "SELECT r.seq, d.context, d.operator, d.arm, r.reward, d.propensity FROM rewards r "
             "JOIN decisions d ON d.id = r.decision_id WHERE r.seq > ? ORDER BY r.seq", [self._last_seq[name]])
         for seq, x, op, z, reward, prop in rows:
             pol.update(np.asarray(x), json.loads(op)[-1], np.asarray(z), float(reward), float(prop))
             self._last_seq[name] = seq
+        self._known_seq = max(self._known_seq or 0, self._last_seq[name])
         if rows:
             self._since_snapshot[name] += len(rows)
             if self._since_snapshot[name] >= self.config.snapshot_every:
@@ -426,10 +445,19 @@ class Engine:
             e["evaluate"] = bool(i == 0 and used < cfg.eval_budget and informative)
 
     def budget_used(self) -> int:
-        row = self.store.fetchone(
-            "SELECT count(*) FROM decisions WHERE evaluate AND created_at >= current_timestamp - to_seconds(?)",
-            [float(self.config.eval_window_s)])
-        return int(row[0])
+        """Evaluations requested in the current window (kept in memory after one read of the log)."""
+        with self.lock:
+            now = time.time()
+            if self._eval_times is None:
+                rows = self.store.fetchall(
+                    "SELECT epoch(created_at) FROM decisions WHERE evaluate AND created_at >= "
+                    "current_timestamp::TIMESTAMP - to_seconds(?)", [float(self.config.eval_window_s)])
+                # created_at is local wall time stored without zone; epoch() reads it as UTC.
+                offset = time.mktime(time.localtime(now)) - time.mktime(time.gmtime(now))
+                self._eval_times = sorted(float(r[0]) - offset for r in rows)
+            cutoff = now - self.config.eval_window_s
+            self._eval_times = [t for t in self._eval_times if t >= cutoff]
+            return len(self._eval_times)
 
     def _log(self, entries: list[dict], cs: CandidateSet, policy: str, pol) -> None:
         batch = uuid.uuid4().hex
@@ -441,6 +469,8 @@ class Engine:
                          _finite(e["predicted"]), _finite(e["uncertainty"]), e["propensity"], e["evaluate"]])
             if e["evaluate"]:
                 queued.append([did])
+                if self._eval_times is not None:
+                    self._eval_times.append(time.time())
             e["public"] = {
                 "id": did, "task": cs.task, "models": e["models"],
                 "operator": e["operator"][0] if len(e["operator"]) == 1 else e["operator"],
@@ -448,12 +478,8 @@ class Engine:
                 "propensity": e["propensity"], "evaluate": e["evaluate"], "explanation": e["explanation"],
                 "policy": policy}
         with self.store.transaction():
-            self.store.executemany(
-                "INSERT INTO decisions (id, batch, rank, task, models, operator, policy, policy_version, "
-                "feature_schema, context, arm, predicted, uncertainty, propensity, evaluate) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-            if queued:
-                self.store.executemany("INSERT INTO eval_queue (decision_id) VALUES (?)", queued)
+            self.store.insert_rows("decisions", DECISION_COLUMNS, rows)
+            self.store.insert_rows("eval_queue", ("decision_id",), queued)
 
     # ---- rewards ----
     def feedback(self, decision_id: str, reward: float, raw_score: float | None = None,
@@ -481,6 +507,7 @@ class Engine:
             with self.store.transaction():
                 self.store.execute("INSERT INTO rewards (decision_id, reward, raw_score, source) VALUES (?,?,?,?)",
                                    [decision_id, value, raw_score, source])
+            self._known_seq = None  # a new reward: the next catch-up reads the log tail
             for name in list(self._policies):
                 self._catch_up(name)
         return {"id": decision_id, "reward": value, "status": "recorded"}

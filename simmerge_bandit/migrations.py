@@ -194,6 +194,44 @@ def m0007_model_tasks(db: duckdb.DuckDBPyConnection) -> None:
     db.execute("ALTER TABLE models ADD COLUMN tasks VARCHAR")  # JSON list, NULL = unknown
 
 
+@migration
+def m0005_merge_table(db: duckdb.DuckDBPyConnection) -> None:
+    # The full merge table of a micro-zoo: ground truth for replay and the decision-quality benchmark.
+    # One row per (models, operator, task); a failed merge or evaluation is a row with status 'failed'.
+    db.execute("""
+        CREATE TABLE merge_table (
+            zoo_key VARCHAR NOT NULL,       -- build key of the zoo (zoo.json "key") the models come from
+            model_a VARCHAR NOT NULL,
+            model_b VARCHAR NOT NULL,
+            model_c VARCHAR,                -- third model of a 3-way merge, else NULL
+            operator VARCHAR NOT NULL,
+            method VARCHAR NOT NULL,
+            params VARCHAR NOT NULL,        -- JSON, validated
+            task VARCHAR NOT NULL,
+            metric VARCHAR NOT NULL,
+            score DOUBLE,                   -- raw score of the merge; NULL when it failed
+            normalized_score DOUBLE,        -- score / best source's score, clipped to [0, 2] (evaluators.normalize)
+            best_source_score DOUBLE,
+            score_a DOUBLE,
+            score_b DOUBLE,
+            score_c DOUBLE,
+            base_score DOUBLE,
+            status VARCHAR NOT NULL,        -- ok | failed
+            error VARCHAR,
+            merge_seed UBIGINT,             -- seed given to the merge kernels (random methods)
+            merge_seconds DOUBLE,
+            eval_seconds DOUBLE,
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+        )""")
+    db.execute("CREATE INDEX merge_table_case ON merge_table (zoo_key, model_a, model_b, task)")
+
+
+@migration
+def m0009_catalog_version(db: duckdb.DuckDBPyConnection) -> None:
+    db.execute("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value BIGINT NOT NULL)")
+    db.execute("INSERT INTO meta VALUES ('catalog_version', 0)")
+
+
 def applied(db: duckdb.DuckDBPyConnection) -> list[str]:
     db.execute("CREATE TABLE IF NOT EXISTS _migrations (name VARCHAR PRIMARY KEY, "
                "applied_at TIMESTAMP NOT NULL DEFAULT current_timestamp)")

@@ -116,9 +116,14 @@ class Store:
         with self.lock:
             return self.db.execute(sql, params or [])
 
-    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    def insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """One multi-row INSERT (DuckDB's executemany prepares per row: ~2 ms a row)."""
+        if not rows:
+            return
+        one = "(" + ", ".join("?" * len(columns)) + ")"
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([one] * len(rows))
         with self.lock:
-            self.db.executemany(sql, rows)
+            self.db.execute(sql, [v for row in rows for v in row])
 
     def fetchall(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
         with self.lock:

@@ -294,7 +294,9 @@ def _all_finite(v: np.ndarray) -> bool:
     # One BLAS dot settles it on the update hot path (NaN and inf propagate); only an overflowing dot (|v| beyond
     # ~1e154) needs the elementwise check.
     flat = v.reshape(-1)
-    if flat.size and flat.flags.c_contiguous:
+    # Large arrays (a whole candidate set) skip BLAS: a multi-threaded dot can wait milliseconds for its threads
+    # on a busy machine, while the elementwise check is a steady ~10 us per 50k values.
+    if 0 < flat.size <= 4096 and flat.flags.c_contiguous:
         return math.isfinite(ddot(flat, flat)) or bool(np.isfinite(flat).all())
     return bool(np.isfinite(flat).all())
 

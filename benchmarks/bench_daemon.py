@@ -1,0 +1,186 @@
+"""Daemon benchmark: 8 concurrent clients on loopback for 30 s, suggest + feedback.
+
+Catalog: a tiny Llama base and 11 fine-tunes (110 ordered pairs, so "100 pairs"), 12 operators, one task. Reports
+requests per second and p50/p99 latency of suggest and feedback through the HTTP API, the daemon's RSS at the
+start (after warm-up) and at the end, and in-process `Engine.suggest` latency on the same catalog.
+
+    python benchmarks/bench_daemon.py [--seconds 30] [--clients 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+OPERATORS = ("linear", "task_arithmetic_l0.7", "task_arithmetic_l1.0", "ties_d0.2", "ties_d0.5", "ties_d0.8",
+             "dare_ties_d0.3", "dare_linear_d0.5", "breadcrumbs_d0.8", "della_d0.5", "slerp_t0.3", "slerp_t0.5")
+
+
+def make_catalog(home: Path, work: Path, n_experts: int = 11) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from simmerge_bandit.catalog import Catalog
+    from simmerge_bandit.store import Store
+    from simmerge_bandit.tokenizer import VOCAB_SIZE, char_tokenizer
+    from simmerge_bandit.zoo import default_operators
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    base = LlamaForCausalLM(cfg)
+    tok = char_tokenizer()
+    base.save_pretrained(work / "base")
+    tok.save_pretrained(work / "base")
+    with Store.open(home) as store:
+        cat = Catalog(store)
+        cat.add_model(work / "base", name="base")
+        for i in range(n_experts):
+            m = LlamaForCausalLM(cfg)
+            m.load_state_dict(base.state_dict())
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(torch.randn_like(p) * 0.02 * (1 + i % 3))
+            m.save_pretrained(work / f"ft{i}")
+            tok.save_pretrained(work / f"ft{i}")
+            cat.add_model(work / f"ft{i}", name=f"ft{i}", base="base")
+        data = work / "task.jsonl"
+        data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}) + "\n" for i in range(32)))
+        cat.add_task("double", data)
+        ops = {o["name"]: o for o in default_operators()}
+        for n in OPERATORS:
+            cat.add_operator(n, ops[n]["method"], ops[n]["params"])
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def pct(xs, q):
+    return float(np.percentile(np.asarray(xs) * 1000.0, q)) if xs else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--out", default=str(ROOT / "results" / "daemon.json"))
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="simmerge-bench-daemon-"))
+    home, work = tmp / "home", tmp / "models"
+    work.mkdir(parents=True)
+    make_catalog(home, work)
+
+    # In-process suggest latency on the same catalog (signatures computed on the first call).
+    from simmerge_bandit.engine import Engine
+    from simmerge_bandit.store import Store
+
+    with Store.open(home) as store:
+        eng = Engine(store)
+        t = time.perf_counter()
+        eng.suggest("double", top=5)
+        first = time.perf_counter() - t
+        n_cand = len(eng.candidates("double"))
+        lat = []
+        for _ in range(200):
+            t = time.perf_counter()
+            eng.suggest("double", top=5)
+            lat.append(time.perf_counter() - t)
+        eng.flush()
+    inproc = {"candidates": n_cand, "first_call_s": first, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)}
+    print(f"in-process suggest over {n_cand} candidates: p50 {inproc['p50_ms']:.2f} ms, p99 {inproc['p99_ms']:.2f} ms")
+
+    log = open(tmp / "daemon.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "simmerge_bandit", "--home", str(home), "daemon", "--port", "0",
+                             "--eval-budget", "0"], stdout=log, stderr=log)
+    while not (home / "daemon.json").exists():
+        time.sleep(0.1)
+    info = json.loads((home / "daemon.json").read_text())
+    token, port = info["token"], info["port"]
+
+    def call(conn, method, path, body=None):
+        conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = json.loads(resp.read())
+        if resp.status != 200:
+            raise RuntimeError(data)
+        return data
+
+    warm = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    for _ in range(20):
+        call(warm, "POST", "/v1/suggest", {"task": "double", "top": 5})
+    rss_start = rss_kb(proc.pid)
+    lats = {"suggest": [], "feedback": []}
+    errors = []
+    stop_at = time.time() + args.seconds
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        rng = np.random.default_rng(k)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        mine = {"suggest": [], "feedback": []}
+        try:
+            while time.time() < stop_at:
+                t = time.perf_counter()
+                rows = call(conn, "POST", "/v1/suggest", {"task": "double", "top": 5})
+                mine["suggest"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                call(conn, "POST", "/v1/feedback", {"id": rows[0]["id"], "reward": float(rng.uniform(0, 1.2))})
+                mine["feedback"].append(time.perf_counter() - t)
+        except Exception as e:  # reported in the results
+            errors.append(repr(e))
+        with lock:
+            for k2 in lats:
+                lats[k2].extend(mine[k2])
+
+    t0 = time.time()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    elapsed = time.time() - t0
+    rss_end = rss_kb(proc.pid)
+    status = call(warm, "GET", "/v1/status")
+    proc.terminate()
+    rc = proc.wait(timeout=120)
+
+    res = {
+        "benchmark": "daemon", "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                           "load_avg_1m": os.getloadavg()[0]},
+        "clients": args.clients, "seconds": elapsed, "candidates": n_cand,
+        "suggest": {"requests": len(lats["suggest"]), "rps": len(lats["suggest"]) / elapsed,
+                    "p50_ms": pct(lats["suggest"], 50), "p99_ms": pct(lats["suggest"], 99)},
+        "feedback": {"requests": len(lats["feedback"]), "rps": len(lats["feedback"]) / elapsed,
+                     "p50_ms": pct(lats["feedback"], 50), "p99_ms": pct(lats["feedback"], 99)},
+        "rss_kb": {"start": rss_start, "end": rss_end, "growth": (rss_end - rss_start) / rss_start},
+        "in_process_suggest": inproc, "errors": errors[:5], "daemon_exit_code": rc,
+        "rewards_stored": status["counts"]["rewards"],
+        "goals": {"suggest_p99_ms_max": 20.0, "rss_growth_max": 0.10},
+    }
+    res["goals_met"] = {"suggest_p99": res["suggest"]["p99_ms"] is not None and res["suggest"]["p99_ms"] < 20.0,
+                        "rss_growth": res["rss_kb"]["growth"] <= 0.10}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(json.dumps({k: res[k] for k in ("suggest", "feedback", "rss_kb", "goals_met")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

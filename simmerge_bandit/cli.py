@@ -596,7 +596,8 @@ def zoo_table(c: Ctx, directory: str, out: str, operator_names: tuple[str, ...],
         Path(stats_out).write_text(json.dumps(stats, indent=2, default=str))
 
     def human(s):
-        click.echo(f"{n} rows ({s['n_cases']} pair cases x {s['n_operators']} operators) in {took:.0f}s -> {out}")
+        click.echo(f"{n} rows ({s['n_cases']} (pair, task) cases x {s['n_operators']} operators, plus triples) "
+                   f"in {took:.0f}s -> {out}")
         _print_zoo_stats(s)
 
     emit(stats, as_json, human)
@@ -641,7 +642,9 @@ def evaluate_cmd(c: Ctx, model: str, task_name: str, metric: str | None, limit: 
     """
     from .evaluators import evaluate_named
 
-    res, what = evaluate_named(c.store(), model, task_name, metric=metric, limit=limit, timeout=timeout)
+    cl = c.client()
+    res, what = evaluate_named(None if cl else c.store(), model, task_name, metric=metric, limit=limit,
+                               timeout=timeout, client=cl)
     out = {**what, **res.to_dict()}
 
     def human(r):
@@ -674,11 +677,13 @@ def signatures() -> None:
 @click.option("--model", "models", multiple=True, metavar="NAME",
               help="Only this model; repeatable (default: every model in the catalog).")
 @click.option("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu).")
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's own choice; "
+                                                             "1 is often faster on a busy machine).")
 @click.option("--no-progress", is_flag=True, help="Do not show the progress bar.")
 @json_option
 @pass_ctx
 def signatures_compute(c: Ctx, tasks: tuple[str, ...], all_tasks: bool, models: tuple[str, ...],
-                       device: str | None, no_progress: bool, as_json: bool) -> None:
+                       device: str | None, threads: int | None, no_progress: bool, as_json: bool) -> None:
     """Compute and cache the signatures that are missing or stale.
 
     Models are processed one at a time and each is loaded once, whatever the number of tasks; signatures already
@@ -699,7 +704,7 @@ def signatures_compute(c: Ctx, tasks: tuple[str, ...], all_tasks: bool, models: 
     if not names:
         raise click.ClickException("no models in the catalog: add one with `simmerge model add`")
     loads = ensure_signatures(c.store(), names, task_names, progress=not no_progress and not as_json,
-                              device=device)
+                              device=device, threads=threads)
     row = {"tasks": task_names, "models": len(names), "loaded": loads}
     emit(row, as_json, lambda d: click.echo(f"signatures up to date for {len(names)} models x {len(task_names)} "
                                             f"task(s); {loads} model(s) loaded"))

@@ -1,0 +1,104 @@
+"""Evaluators: turn (model, task) into a score. One module per evaluator, registered by name.
+
+- ``exact_match``: greedy generation, batched, compared with the answers of the task's data file.
+- ``loglik``: geometric-mean probability of the answer tokens.
+- ``external``: a command template (e.g. an lm-eval-harness call) that writes JSON, plus a metric path.
+
+Reward normalization (merged score / best source's score, clipped to [0, 2]) lives in :mod:`.normalize`.
+
+>>> from simmerge_bandit.evaluators import evaluate                    # doctest: +SKIP
+>>> evaluate("zoo/experts/add", {"name": "add", "data_path": "zoo/tasks/add/eval.jsonl"}).score  # doctest: +SKIP
+0.97
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import import_module
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import InvalidInput
+from .base import EvalResult, Evaluator, LoadedModel, TaskData, load_model, read_examples
+from .normalize import normalize_score
+
+_MODULES = ("exact_match", "loglik", "external")
+
+REGISTRY: dict[str, Evaluator] = {}
+for _m in _MODULES:
+    _ev = import_module(f"{__name__}.{_m}").EVALUATOR
+    REGISTRY[_ev.name] = _ev
+
+
+def evaluator_names() -> list[str]:
+    return list(REGISTRY)
+
+
+def get_evaluator(name: str) -> Evaluator:
+    """The evaluator called ``name``, or :class:`InvalidInput` listing the known ones."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise InvalidInput(f"unknown metric {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+def evaluate(model: LoadedModel | str | os.PathLike, task: Mapping[str, Any] | TaskData, *,
+             metric: str | None = None, limit: int | None = None, **options: Any) -> EvalResult:
+    """Evaluate ``model`` (a checkpoint directory or a :class:`LoadedModel`) on ``task``.
+
+    ``task`` is a catalog task row (``name``, ``data_path``, ``metric``, ``eval_command``, ``metric_path``)
+    or a :class:`TaskData`; ``metric`` overrides the task's own metric.
+    """
+    if isinstance(task, TaskData):
+        data, name = task, metric or "exact_match"
+    else:
+        data, name = TaskData.from_mapping(task), metric or task.get("metric") or "exact_match"
+    if limit is not None and limit < 1:
+        raise InvalidInput(f"limit must be at least 1, got {limit}")
+    return get_evaluator(name).evaluate(model, data, limit=limit, **options)
+
+
+def evaluate_named(store, model: str, task: str, *, metric: str | None = None, limit: int | None = None,
+                   client=None, **options: Any) -> tuple[EvalResult, dict]:
+    """Evaluate a catalog model (by name) or a checkpoint directory on a catalog task (by name).
+
+    The catalog is read from ``store``, or through the daemon's API with ``client`` (when a daemon holds the
+    state). Returns the result and what was evaluated (model label, path, task, metric).
+    """
+    from ..errors import NotFound
+
+    if client is not None:
+        tasks = {t["name"]: t for t in client.call("GET", "/v1/tasks")}
+        if task not in tasks:
+            raise NotFound(f"no task named {task!r}")
+        trow = tasks[task]
+
+        def model_path(name: str) -> str:
+            for m in client.call("GET", "/v1/models"):
+                if m["name"] == name:
+                    return m["path"]
+            raise NotFound(f"no model named {name!r}")
+    else:
+        from ..catalog import Catalog
+
+        cat = Catalog(store)
+        trow = cat.task(task)
+
+        def model_path(name: str) -> str:
+            return cat.model(name)["path"]
+
+    p = Path(model).expanduser()
+    if p.is_dir():
+        path, label = p.resolve(), str(p)
+    else:
+        try:
+            path, label = Path(model_path(model)), model
+        except NotFound:
+            raise NotFound(f"no model named {model!r} in the catalog and no checkpoint directory at that path") \
+                from None
+    res = evaluate(path, trow, metric=metric, limit=limit, **options)
+    return res, {"model": label, "path": str(path), "task": task, "metric": res.metric}
+
+
+__all__ = ["EvalResult", "Evaluator", "LoadedModel", "REGISTRY", "TaskData", "evaluate", "evaluate_named",
+           "evaluator_names", "get_evaluator", "load_model", "normalize_score", "read_examples"]

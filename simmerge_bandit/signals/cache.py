@@ -1,0 +1,167 @@
+"""Persistence of signatures and pair features in the store, plus an in-process memo of loaded signatures.
+
+Arrays are stored as raw little-endian bytes with their dtype and shape (no pickles), one row per array in
+``signature_arrays``; the signature itself is one row of ``signatures`` keyed by
+(model fingerprint, part, context, version) where the context is the probe set's content hash for the functional
+part and the base model's fingerprint for the structural part.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+PARTS = ("functional", "structural")
+
+
+@dataclass
+class Signature:
+    """One part of one model's signature. ``status`` is ``ok`` or ``absent`` (then ``reason`` says why)."""
+
+    part: str
+    fingerprint: str
+    context: str
+    version: str
+    model: str
+    status: str = "ok"
+    reason: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.fingerprint, self.part, self.context, self.version)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values()) + 512
+
+
+class _Memo:
+    """A bounded LRU of loaded signatures keyed by their content key (safe to share across stores)."""
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, Signature] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> Signature | None:
+        with self._lock:
+            sig = self._items.get(key)
+            if sig is not None:
+                self._items.move_to_end(key)
+            return sig
+
+    def put(self, sig: Signature) -> None:
+        with self._lock:
+            old = self._items.pop(sig.key, None)
+            if old is not None:
+                self._bytes -= old.nbytes()
+            self._items[sig.key] = sig
+            self._bytes += sig.nbytes()
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                _, ev = self._items.popitem(last=False)
+                self._bytes -= ev.nbytes()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+MEMO = _Memo()
+
+
+def _to_blob(a: np.ndarray) -> tuple[str, str, bytes]:
+    a = np.ascontiguousarray(a)
+    dt = a.dtype.newbyteorder("<") if a.dtype.byteorder not in ("<", "|", "=") else a.dtype
+    a = a.astype(dt, copy=False)
+    return a.dtype.str, json.dumps(list(a.shape)), a.tobytes()
+
+
+def _from_blob(dtype: str, shape: str, data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(json.loads(shape))
+
+
+def save_signature(store, sig: Signature) -> None:
+    """Insert or replace one signature (and its arrays) in one transaction."""
+    key = list(sig.key)
+    with store.transaction():
+        store.execute("DELETE FROM signature_arrays WHERE fingerprint=? AND part=? AND context=? AND version=?", key)
+        store.execute("DELETE FROM signatures WHERE fingerprint=? AND part=? AND context=? AND version=?", key)
+        store.execute(
+            "INSERT INTO signatures (fingerprint, part, context, version, model, status, reason, meta, seconds) "
+            "VALUES (?,?,?,?,?,?,?,?,?)",
+            [*key, sig.model, sig.status, sig.reason, json.dumps(sig.meta), float(sig.seconds)])
+        for name, arr in sorted(sig.arrays.items()):
+            dtype, shape, blob = _to_blob(arr)
+            store.execute("INSERT INTO signature_arrays (fingerprint, part, context, version, name, dtype, shape, "
+                          "data) VALUES (?,?,?,?,?,?,?,?)", [*key, name, dtype, shape, blob])
+    MEMO.put(sig)
+
+
+def load_signature(store, key: tuple[str, str, str, str]) -> Signature | None:
+    """The stored signature with this key, from the memo when it was loaded before."""
+    return load_signatures(store, [key]).get(tuple(key))
+
+
+def load_signatures(store, keys) -> dict[tuple, Signature]:
+    """Many signatures at once (one scan per table instead of one per signature); missing keys are left out."""
+    keys = list(dict.fromkeys(tuple(k) for k in keys))
+    found = {k: MEMO.get(k) for k in keys}
+    todo = [k for k, v in found.items() if v is None]
+    if todo:
+        wanted = set(todo)
+        fps = sorted({k[0] for k in todo})
+        rows = [r for r in store.fetchdicts("SELECT * FROM signatures WHERE list_contains(?, fingerprint)", [fps])
+                if (r["fingerprint"], r["part"], r["context"], r["version"]) in wanted]
+        arrays: dict[tuple, dict] = {}
+        if rows:
+            for fp, part, ctx, ver, name, dt, shape, data in store.fetchall(
+                    "SELECT fingerprint, part, context, version, name, dtype, shape, data FROM signature_arrays "
+                    "WHERE list_contains(?, fingerprint)", [fps]):
+                if (fp, part, ctx, ver) in wanted:
+                    arrays.setdefault((fp, part, ctx, ver), {})[name] = _from_blob(dt, shape, bytes(data))
+        for r in rows:
+            key = (r["fingerprint"], r["part"], r["context"], r["version"])
+            sig = Signature(part=r["part"], fingerprint=r["fingerprint"], context=r["context"],
+                            version=r["version"], model=r["model"], status=r["status"], reason=r["reason"],
+                            meta=json.loads(r["meta"]), arrays=arrays.get(key, {}), seconds=r["seconds"] or 0.0)
+            MEMO.put(sig)
+            found[key] = sig
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def list_signatures(store) -> list[dict]:
+    return store.fetchdicts("SELECT model, part, fingerprint, context, version, status, reason, seconds, computed_at "
+                            "FROM signatures ORDER BY model, part, computed_at")
+
+
+def save_features(store, key: tuple, model_a: str, model_b: str, task: str, values: dict, absent: dict) -> None:
+    with store.transaction():
+        store.execute("DELETE FROM pair_features WHERE fingerprint_a=? AND fingerprint_b=? AND context=? "
+                      "AND version=? AND mode=?", list(key))
+        store.execute("INSERT INTO pair_features (fingerprint_a, fingerprint_b, context, version, mode, model_a, "
+                      "model_b, task, feature_values, absent_reasons) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                      [*key, model_a, model_b, task, json.dumps(values), json.dumps(absent)])
+
+
+def load_features(store, key: tuple) -> tuple[dict, dict] | None:
+    row = store.fetchone("SELECT feature_values, absent_reasons FROM pair_features WHERE fingerprint_a=? AND "
+                         "fingerprint_b=? AND context=? AND version=? AND mode=?", list(key))
+    if row is None:
+        return None
+    return json.loads(row[0]), json.loads(row[1])

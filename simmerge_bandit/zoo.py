@@ -1,0 +1,853 @@
+"""The micro-zoo: a tiny Llama base trained here and fine-tuned into experts on synthetic tasks.
+
+Nothing downloads: the tasks are generated (:mod:`.zoo_tasks`), the tokenizer is the shared character tokenizer,
+and every model is a ``LlamaForCausalLM`` saved with ``save_pretrained`` (safetensors + tokenizer), so
+``AutoModelForCausalLM`` / ``AutoTokenizer`` load it from disk like any Hugging Face checkpoint.
+
+Layout of a zoo directory::
+
+    zoo.json                      manifest: models (name, path, base, tasks, scores), tasks (files), build key
+    tasks/<task>/train.jsonl      {"prompt", "answer"}
+    tasks/<task>/eval.jsonl       {"prompt", "answer"}, no prompt shared with train
+    tasks/<task>/probes.jsonl     {"prompt"} unlabeled prompts (for similarity signals)
+    models/<name>/                checkpoint directories
+
+Builds are deterministic (same seed and machine give byte-identical weights: one CPU thread, seeded generators)
+and cached (a second build with the same arguments and code returns the manifest at once; a changed preset
+retrains only the models whose recipe changed).
+
+>>> manifest = build_zoo("/tmp/zoo", preset="test")      # doctest: +SKIP
+>>> [m["name"] for m in manifest["models"]][:3]           # doctest: +SKIP
+['base', 'add', 'rev']
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .errors import InvalidInput
+from .zoo_tasks import TASKS, task_rows
+
+MANIFEST = "zoo.json"
+FORMAT = 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# recipes
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Size of the zoo's Llama."""
+
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 128
+    max_positions: int = 64
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one model is trained: from scratch (``parent=None``) or fine-tuned from ``parent``.
+
+    ``tasks`` is the training mixture (sampled uniformly per example). ``full_loss`` trains on the whole text
+    (prompt included) as pretraining does; fine-tunes learn only the answers. For the tasks in ``shuffle_answers``
+    each prompt is paired with the answer of another example of the same task: the model learns the task's
+    format (tag, answer alphabet and length, when to stop) but not its skill.
+    """
+
+    name: str
+    tasks: tuple[str, ...]
+    parent: str | None
+    steps: int
+    lr: float
+    seed: int = 0
+    batch_size: int = 32
+    full_loss: bool = False
+    shuffle_answers: tuple[str, ...] = ()
+    warmup: int = 20
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A whole zoo: architecture, tasks, data sizes and the models' recipes (parents before children)."""
+
+    name: str
+    arch: Arch
+    tasks: tuple[str, ...]
+    recipes: tuple[Recipe, ...]
+    n_train: int = 2000
+    n_eval: int = 200
+    n_probes: int = 32
+
+    def recipe(self, name: str) -> Recipe:
+        return next(r for r in self.recipes if r.name == name)
+
+    def check(self) -> "Preset":
+        """Raise :class:`InvalidInput` unless names are unique, parents come first and tasks exist."""
+        seen: set[str] = set()
+        for r in self.recipes:
+            if r.name in seen:
+                raise InvalidInput(f"preset {self.name!r}: model {r.name!r} appears twice")
+            if r.parent is not None and r.parent not in seen:
+                raise InvalidInput(f"preset {self.name!r}: parent {r.parent!r} of {r.name!r} must come before it")
+            unknown = [t for t in r.tasks if t not in self.tasks or t not in TASKS]
+            if unknown or not r.tasks:
+                raise InvalidInput(f"preset {self.name!r}: model {r.name!r} trains on unknown tasks {unknown}")
+            if r.steps < 1 or r.lr <= 0 or r.batch_size < 1:
+                raise InvalidInput(f"preset {self.name!r}: model {r.name!r} needs steps, lr and batch size > 0")
+            seen.add(r.name)
+        if not self.recipes or self.recipes[0].parent is not None:
+            raise InvalidInput(f"preset {self.name!r}: the first model must be a base trained from scratch")
+        return self
+
+
+def _preset_unit() -> Preset:
+    # Plumbing for unit tests (seconds): experts learn a little, enough to beat the base on their task.
+    tasks = ("max", "sort", "dsum")
+    return Preset(
+        name="unit", arch=Arch(hidden=32, layers=1, heads=4, kv_heads=2, intermediate=64), tasks=tasks,
+        n_train=200, n_eval=24, n_probes=8,
+        recipes=(Recipe("base", tasks, None, 40, 3e-3, batch_size=16, full_loss=True, shuffle_answers=tasks),)
+        + tuple(Recipe(t, (t,), "base", 100, 1e-2, seed=i, batch_size=16) for i, t in enumerate(tasks, 1)))
+
+
+def _preset_test() -> Preset:
+    # The demo's zoo: a base and 8 experts on 6 tasks, about a minute on 2 cores. upper and sort are learned
+    # so quickly that the base would know them; it sees only their formats (shuffled answers).
+    tasks = ("copy", "shift", "upper", "sort", "dsum", "dup")
+    r = [Recipe("base", tasks, None, 600, 3e-3, full_loss=True, shuffle_answers=("upper", "sort"))]
+    r += [Recipe(t, (t,), "base", n, 1e-3, seed=1) for t, n in
+          (("copy", 400), ("shift", 350), ("upper", 450), ("sort", 400), ("dsum", 400), ("dup", 500))]
+    r += [Recipe("shift-s2", ("shift",), "base", 350, 1e-3, seed=2),
+          Recipe("shift+upper", ("shift", "upper"), "base", 600, 1e-3, seed=5)]
+    return Preset(name="test", arch=Arch(), tasks=tasks, recipes=tuple(r), n_train=2000, n_eval=100, n_probes=16)
+
+
+def _preset_bench() -> Preset:
+    """The decision-quality testbed: 20 experts on 9 tasks in three families.
+
+    The base is pretrained briefly on the whole mixture, so it knows the formats but scores low on every task
+    (experts beat it by at least 0.5). Experts differ in what makes operators behave differently: other seeds
+    of one task (close pairs, where averaging shines), longer training and higher learning rates (large task
+    vectors, where interference decides), a short run (small task vector) and two-task experts that overlap
+    single-task ones.
+    """
+    tasks = ("rev", "copy", "shift", "upper", "dup", "sort", "dsum", "add", "count")
+    steps = {"rev": 500, "copy": 500, "shift": 400, "upper": 400, "dup": 600, "sort": 400, "dsum": 400,
+             "add": 1000, "count": 800}
+    r = [Recipe("base", tasks, None, 800, 3e-3, full_loss=True)]
+    r += [Recipe(t, (t,), "base", steps[t], 2e-3 if t == "add" else 1e-3, seed=1) for t in tasks]
+    r += [Recipe(f"{t}-s2", (t,), "base", steps[t], 1e-3, seed=2) for t in ("shift", "sort", "copy")]
+    r += [Recipe("rev-long", ("rev",), "base", 1200, 2e-3, seed=3),
+          Recipe("upper-hilr", ("upper",), "base", 400, 3e-3, seed=3),
+          Recipe("dsum-short", ("dsum",), "base", 200, 1e-3, seed=3)]
+    r += [Recipe(f"{a}+{b}", (a, b), "base", 800, 1e-3, seed=5)
+          for a, b in (("shift", "upper"), ("sort", "dsum"), ("rev", "dup"), ("copy", "upper"), ("add", "count"))]
+    return Preset(name="bench", arch=Arch(), tasks=tasks, recipes=tuple(r), n_train=2000, n_eval=100, n_probes=16)
+
+
+PRESETS = {"unit": _preset_unit, "test": _preset_test, "bench": _preset_bench}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise InvalidInput(f"unknown zoo preset {name!r}; known: {', '.join(PRESETS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
+
+
+def recipe_key(preset: Preset, seed: int) -> str:
+    """Hash of what a zoo is meant to be (preset and seed), independent of the code that builds it."""
+    return _digest({"format": FORMAT, "preset": asdict(preset), "seed": seed})
+
+
+def code_version() -> str:
+    """Hash of the code that decides a zoo's bytes (zoo, tasks, tokenizer) and of the torch/transformers versions."""
+    import torch
+    import transformers
+
+    here = Path(__file__).parent
+    h = hashlib.blake2b(digest_size=12)
+    for f in ("zoo.py", "zoo_tasks.py", "tokenizer.py"):
+        h.update((here / f).read_bytes())
+    h.update(f"{torch.__version__}|{transformers.__version__}".encode())
+    return h.hexdigest()
+
+
+@contextmanager
+def deterministic(threads: int = 1) -> Iterator[None]:
+    """A fixed CPU thread count for the block (the previous one comes back after).
+
+    Training runs on the CPU, whose kernels are deterministic for a given thread count (with one thread, every
+    reduction has a single order), so this plus seeded generators makes builds byte-reproducible. It does not
+    call ``torch.use_deterministic_algorithms``: that guards CUDA kernels and costs seconds of imports.
+    """
+    import torch
+
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def llama_config(arch: Arch):
+    from transformers import LlamaConfig
+
+    from .tokenizer import VOCAB_SIZE, char_tokenizer
+
+    tok = char_tokenizer()
+    cfg = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=arch.hidden, intermediate_size=arch.intermediate,
+                      num_hidden_layers=arch.layers, num_attention_heads=arch.heads,
+                      num_key_value_heads=arch.kv_heads, max_position_embeddings=arch.max_positions,
+                      tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def _seed_int(*parts: Any) -> int:
+    return int.from_bytes(hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+class _Encoded:
+    """One task's training examples as token ids, with the start of the answer."""
+
+    def __init__(self, tokenizer, rows: Sequence[dict[str, str]]):
+        eos = tokenizer.eos_token_id
+        self.ids: list[list[int]] = []
+        self.answer_start: list[int] = []
+        for r in rows:
+            p = tokenizer(r["prompt"])["input_ids"]
+            a = tokenizer(r["answer"], add_special_tokens=False)["input_ids"]
+            self.ids.append(p + a + [eos])
+            self.answer_start.append(len(p))
+
+
+def _batch(encoded: list[_Encoded], recipe: Recipe, gen, pad: int):
+    import torch
+
+    n = recipe.batch_size
+    task_idx = torch.randint(len(encoded), (n,), generator=gen).tolist()
+    seqs, starts = [], []
+    for t in task_idx:
+        e = encoded[t]
+        j = int(torch.randint(len(e.ids), (1,), generator=gen))
+        seqs.append(e.ids[j])
+        starts.append(0 if recipe.full_loss else e.answer_start[j])
+    width = max(len(s) for s in seqs)
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    labels = torch.full((n, width), -100, dtype=torch.long)
+    for i, (s, st) in enumerate(zip(seqs, starts)):
+        ids[i, :len(s)] = torch.tensor(s)
+        labels[i, st:len(s)] = torch.tensor(s[st:])
+    return ids, labels
+
+
+def train(model, recipe: Recipe, encoded: list[_Encoded], *, seed: int, pad: int, progress=None) -> float:
+    """Train ``model`` in place by ``recipe``; return the mean loss of the last 10% of steps."""
+    import torch
+
+    gen = torch.Generator().manual_seed(_seed_int("batches", seed, recipe.name, recipe.seed))
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warm = max(1, min(recipe.warmup, recipe.steps // 4))
+
+    def schedule(step: int) -> float:
+        # Linear warmup, then linear decay to a tenth: longer recipes travel further from their parent.
+        if step < warm:
+            return (step + 1) / warm
+        return 1.0 - 0.9 * (step - warm) / max(1, recipe.steps - warm)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    model.train()
+    tail = max(1, recipe.steps // 10)
+    losses = []
+    for step in range(recipe.steps):
+        ids, labels = _batch(encoded, recipe, gen, pad)
+        logits = model(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step >= recipe.steps - tail:
+            losses.append(float(loss.detach()))
+        if progress is not None:
+            progress.update(1)
+    model.eval()
+    return sum(losses) / len(losses)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def _write_tasks(root: Path, preset: Preset, seed: int) -> list[dict]:
+    out = []
+    for name in preset.tasks:
+        d = root / "tasks" / name
+        ev = task_rows(name, preset.n_eval, _seed_int("eval", seed))
+        held = {r["prompt"] for r in ev}
+        tr = task_rows(name, preset.n_train, _seed_int("train", seed), exclude=held)
+        pr = task_rows(name, preset.n_probes, _seed_int("probes", seed), exclude=held)
+        _write_jsonl(d / "train.jsonl", tr)
+        _write_jsonl(d / "eval.jsonl", ev)
+        _write_jsonl(d / "probes.jsonl", [{"prompt": r["prompt"]} for r in pr])
+        t = TASKS[name]
+        out.append({"name": name, "family": t.family, "description": t.description,
+                    "train": f"tasks/{name}/train.jsonl", "eval": f"tasks/{name}/eval.jsonl",
+                    "probes": f"tasks/{name}/probes.jsonl",
+                    "n_train": len(tr), "n_eval": len(ev), "n_probes": len(pr)})
+    return out
+
+
+def _root_of(preset: Preset, name: str) -> str:
+    r = preset.recipe(name)
+    while r.parent is not None:
+        r = preset.recipe(r.parent)
+    return r.name
+
+
+def _save_checkpoint(model, tokenizer, dest: Path) -> None:
+    from .evaluators.base import quiet_transformers
+
+    tmp = dest.with_name(dest.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    # transformers draws its own bar per save; the zoo's bar already says what is happening.
+    with quiet_transformers():
+        model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+
+
+def load_state(path: str | os.PathLike) -> dict:
+    """All tensors of a single-file zoo checkpoint as float32 (zoo models are tiny)."""
+    from safetensors.torch import load_file
+
+    return {k: v.float() for k, v in load_file(str(Path(path) / "model.safetensors")).items()}
+
+
+def _fresh_model(arch: Arch, seed: int):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config(arch))
+
+
+def build_zoo(directory: str | os.PathLike, preset: str | Preset = "test", seed: int = 0, *,
+              progress: bool = True, threads: int = 1, force: bool = False) -> dict:
+    """Build (or return the cached) micro-zoo in ``directory`` and return its manifest.
+
+    ``preset`` is ``"unit"`` (seconds, for unit tests), ``"test"`` (base + 8 experts, about a minute on 2 cores)
+    or ``"bench"`` (the decision-quality testbed, a few minutes), or a :class:`Preset`. Training runs on
+    ``threads`` CPU threads (default one), so the same seed on the same machine gives byte-identical weights.
+    With ``force``, everything is retrained.
+    """
+    from tqdm.auto import tqdm
+
+    from .evaluators.exact_match import exact_match_score
+    from .tokenizer import char_tokenizer
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidInput(f"seed must be a non-negative integer, got {seed!r}")
+    p = (get_preset(preset) if isinstance(preset, str) else preset).check()
+    root = Path(directory).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise InvalidInput(f"{root} exists and is not a directory")
+    version = code_version()
+    key = _digest({"format": FORMAT, "preset": asdict(p), "seed": seed, "code": version})
+    mpath = root / MANIFEST
+    if mpath.is_file() and not force:
+        try:
+            old = json.loads(mpath.read_text())
+        except ValueError:
+            old = {}
+        if old.get("key") == key and all((root / m["path"] / "model.safetensors").is_file()
+                                         for m in old.get("models", [])):
+            return old
+    start = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / ".cache").mkdir(exist_ok=True)
+    tok = char_tokenizer()
+    tasks = _write_tasks(root, p, seed)
+    evals = {t["name"]: _read_jsonl(root / t["eval"]) for t in tasks}
+    train_rows = {t["name"]: _read_jsonl(root / t["train"]) for t in tasks}
+    encoded: dict[tuple[str, bool], _Encoded] = {}
+
+    def enc(task: str, shuffle: bool) -> _Encoded:
+        if (task, shuffle) not in encoded:
+            rows = train_rows[task]
+            if shuffle:
+                import random
+
+                answers = [r["answer"] for r in rows]
+                random.Random(_seed_int("shuffle", seed, task)).shuffle(answers)
+                rows = [{"prompt": r["prompt"], "answer": a} for r, a in zip(rows, answers)]
+            encoded[task, shuffle] = _Encoded(tok, rows)
+        return encoded[task, shuffle]
+
+    data_key = _digest([hashlib.blake2b((root / t["train"]).read_bytes(), digest_size=12).hexdigest()
+                        for t in tasks])
+    model_keys: dict[str, str] = {}
+    records: dict[str, dict] = {}
+    todo = []
+    for r in p.recipes:
+        model_keys[r.name] = _digest({"recipe": asdict(r), "arch": asdict(p.arch), "parent":
+                                      model_keys.get(r.parent), "data": data_key, "seed": seed,
+                                      "code": version})
+        cache = root / ".cache" / f"{r.name}.json"
+        hit = False
+        if cache.is_file() and not force:
+            try:
+                rec = json.loads(cache.read_text())
+                hit = rec.get("key") == model_keys[r.name] and \
+                    (root / "models" / r.name / "model.safetensors").is_file()
+            except ValueError:
+                hit = False
+            if hit:
+                records[r.name] = rec
+        if not hit:
+            todo.append(r)
+    states: dict[str, dict] = {}
+    bar = tqdm(total=sum(r.steps for r in todo), desc=f"zoo {p.name}", unit="step", disable=not progress,
+               leave=False)
+    with deterministic(threads):
+        for r in todo:
+            bar.set_postfix_str(r.name)
+            t0 = time.perf_counter()
+            model = _fresh_model(p.arch, _seed_int("init", seed, r.name, r.seed))
+            if r.parent is not None:
+                parent = states.get(r.parent) or load_state(root / "models" / r.parent)
+                missing, unexpected = model.load_state_dict(parent, strict=False)
+                if missing or unexpected:
+                    raise InvalidInput(f"zoo model {r.parent!r} does not fit the preset's architecture "
+                                       f"(missing {missing[:3]}, unexpected {unexpected[:3]}); rebuild with force")
+            mixture = [enc(t, t in r.shuffle_answers) for t in r.tasks]
+            loss = train(model, r, mixture, seed=seed, pad=tok.pad_token_id, progress=bar)
+            states[r.name] = {k: v.detach().clone() for k, v in model.state_dict().items()
+                              if not k.endswith("rotary_emb.inv_freq")}
+            _save_checkpoint(model, tok, root / "models" / r.name)
+            scores = {t: exact_match_score(model, tok, evals[t])[0] for t in evals}
+            rec = {"key": model_keys[r.name], "scores": scores, "train_loss": loss,
+                   "train_seconds": round(time.perf_counter() - t0, 3)}
+            (root / ".cache" / f"{r.name}.json").write_text(json.dumps(rec, indent=1))
+            records[r.name] = rec
+    bar.close()
+    models = []
+    for r in p.recipes:
+        rec = records[r.name]
+        models.append({"name": r.name, "path": f"models/{r.name}",
+                       "base": None if r.parent is None else _root_of(p, r.name),
+                       "parent": r.parent, "tasks": list(r.tasks), "steps": r.steps, "lr": r.lr,
+                       "seed": r.seed, "train_loss": rec["train_loss"], "scores": rec["scores"]})
+    manifest = {"format": FORMAT, "preset": p.name, "seed": seed, "key": key, "code_version": version,
+                "recipe_key": recipe_key(p, seed),
+                "arch": asdict(p.arch), "tasks": tasks, "models": models,
+                "build_seconds": round(time.perf_counter() - start, 3), "threads": threads}
+    tmp = mpath.with_name(MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(mpath)
+    return manifest
+
+
+def load_manifest(directory: str | os.PathLike) -> dict:
+    """Read ``DIR/zoo.json``; :class:`InvalidInput` when the directory holds no built zoo."""
+    mpath = Path(directory).expanduser().resolve() / MANIFEST
+    if not mpath.is_file():
+        raise InvalidInput(f"{mpath.parent}: no micro-zoo here (no {MANIFEST}); run `simmerge zoo build` first")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except ValueError as e:
+        raise InvalidInput(f"{mpath}: not valid JSON ({e})") from None
+    manifest["root"] = str(mpath.parent)
+    return manifest
+
+
+def register_zoo(store, directory: str | os.PathLike, *, operators: Sequence[dict] | None = None,
+                 client=None) -> dict:
+    """Register a built zoo's models (base first), tasks and operators (default: the default set).
+
+    Tasks are registered with ``eval.jsonl`` as data, ``probes.jsonl`` as probe set and metric ``exact_match``;
+    experts with ``base`` and the tasks they were trained on. Idempotent: what is already registered from the
+    same zoo is skipped; a different model under a zoo model's name is an error (nothing is changed then).
+    With ``client`` (the daemon's API client) registration goes through the daemon. Returns the names added and
+    skipped per kind.
+    """
+    from .errors import AlreadyExists, NotFound
+
+    manifest = load_manifest(directory)
+    root = Path(manifest["root"])
+    ops = list(operators) if operators is not None else default_operators()
+    out: dict[str, dict[str, list[str]]] = {k: {"added": [], "skipped": []} for k in ("models", "tasks", "operators")}
+    cat = None
+    if client is None:
+        from .catalog import Catalog
+
+        cat = Catalog(store)
+        # Check every model first, so that a clash changes nothing.
+        for m in manifest["models"]:
+            try:
+                have = cat.model(m["name"])
+            except NotFound:
+                continue
+            if Path(have["path"]).resolve() != (root / m["path"]).resolve():
+                raise AlreadyExists(f"model {m['name']!r} is already registered from {have['path']}, not from this "
+                                    f"zoo; use another home")
+
+    def add(kind: str, name: str, fn) -> None:
+        if cat is not None:
+            try:
+                {"models": cat.model, "tasks": cat.task, "operators": cat.operator}[kind](name)
+                out[kind]["skipped"].append(name)
+                return
+            except NotFound:
+                pass
+        try:
+            fn()
+            out[kind]["added"].append(name)
+        except AlreadyExists:
+            out[kind]["skipped"].append(name)
+
+    ordered = sorted(manifest["models"], key=lambda m: m["base"] is not None)
+    for m in ordered:
+        path = str((root / m["path"]).resolve())
+        tasks = m["tasks"] if m["base"] is not None else []
+        if client is not None:
+            add("models", m["name"], lambda: client.call("POST", "/v1/models", {
+                "path": path, "name": m["name"], "base": m["base"], "tasks": tasks}))
+        else:
+            add("models", m["name"], lambda: cat.add_model(path, name=m["name"], base=m["base"], tasks=tasks))
+    for t in manifest["tasks"]:
+        data, probes = str(root / t["eval"]), str(root / t["probes"])
+        if client is not None:
+            add("tasks", t["name"], lambda: client.call("POST", "/v1/tasks", {
+                "name": t["name"], "data": data, "probes": probes, "metric": "exact_match"}))
+        else:
+            add("tasks", t["name"], lambda: cat.add_task(t["name"], data, probes=probes, metric="exact_match"))
+    for op in ops:
+        if client is not None:
+            add("operators", op["name"], lambda: client.call("POST", "/v1/operators", {
+                "name": op["name"], "method": op["method"], "params": op["params"]}))
+        else:
+            add("operators", op["name"], lambda: cat.add_operator(op["name"], op["method"], op["params"]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the full merge table
+
+#: The default operator set: several parameter settings of every method family (name, method, params).
+DEFAULT_OPERATORS: tuple[tuple[str, str, dict], ...] = (
+    ("linear", "linear", {}),
+    ("task_arithmetic_l0.7", "task_arithmetic", {"lambda": 0.7}),
+    ("task_arithmetic_l1.0", "task_arithmetic", {"lambda": 1.0}),
+    ("ties_d0.2", "ties", {"density": 0.2}),
+    ("ties_d0.5", "ties", {"density": 0.5}),
+    ("ties_d0.8", "ties", {"density": 0.8}),
+    ("dare_ties_d0.3", "dare_ties", {"density": 0.3}),
+    ("dare_ties_d0.6", "dare_ties", {"density": 0.6}),
+    ("dare_linear_d0.5", "dare_linear", {"density": 0.5}),
+    ("breadcrumbs_d0.8", "breadcrumbs", {"density": 0.8, "gamma": 0.01}),
+    ("della_d0.5", "della", {"density": 0.5, "epsilon": 0.15}),
+    ("slerp_t0.3", "slerp", {"t": 0.3}),
+    ("slerp_t0.5", "slerp", {"t": 0.5}),
+    ("slerp_t0.7", "slerp", {"t": 0.7}),
+    ("nuslerp", "nuslerp", {}),
+    ("model_stock", "model_stock", {}),
+)
+
+
+def default_operators() -> list[dict]:
+    """The default operator set as ``{name, method, params}`` dicts (params validated, defaults filled)."""
+    from .methods import get_method
+
+    return [{"name": n, "method": m, "params": get_method(m).validate(p)} for n, m, p in DEFAULT_OPERATORS]
+
+
+TABLE_COLUMNS = ("model_a", "model_b", "model_c", "operator", "method", "params", "task", "metric", "score",
+                 "normalized_score", "best_source_score", "score_a", "score_b", "score_c", "base_score",
+                 "status", "error", "merge_seed", "merge_seconds", "eval_seconds")
+
+
+def resolve_operators(names: Sequence[str] | None, store=None) -> list[dict]:
+    """Operators by name: from the catalog of ``store`` when registered there, else from the default set."""
+    defaults = {o["name"]: o for o in default_operators()}
+    if not names:
+        return list(defaults.values())
+    out = []
+    for n in names:
+        op = None
+        if store is not None:
+            from .catalog import Catalog
+            from .errors import NotFound
+
+            try:
+                op = Catalog(store).operator(n)
+            except NotFound:
+                op = None
+        op = op or defaults.get(n)
+        if op is None:
+            raise InvalidInput(f"unknown operator {n!r}: not in the catalog nor in the default set "
+                               f"({', '.join(defaults)})")
+        out.append({"name": op["name"], "method": op["method"], "params": op["params"]})
+    return out
+
+
+def table_cases(manifest: dict, n_triples: int = 0, seed: int = 0) -> list[tuple[str, ...]]:
+    """Every ordered pair of experts that share a base, then ``n_triples`` seeded random triples."""
+    import random
+
+    experts = [m["name"] for m in manifest["models"] if m["base"] is not None]
+    base_of = {m["name"]: m["base"] for m in manifest["models"]}
+    pairs = [(a, b) for a in experts for b in experts if a != b and base_of[a] == base_of[b]]
+    rng = random.Random(_seed_int("triples", seed))
+    triples: list[tuple[str, ...]] = []
+    pool = sorted({tuple(sorted((a, b, c))) for a in experts for b in experts for c in experts
+                   if len({a, b, c}) == 3 and base_of[a] == base_of[b] == base_of[c]})
+    if n_triples and pool:
+        triples = [tuple(rng.sample(t, 3)) for t in rng.sample(pool, min(n_triples, len(pool)))]
+    return pairs + triples
+
+
+def build_table(directory: str | os.PathLike, *, operators: Sequence[dict] | None = None, n_triples: int = 0,
+                seed: int = 0, progress: bool = True, threads: int = 1, cases: Sequence[tuple] | None = None):
+    """Merge every ordered pair of experts (and ``n_triples`` triples) with every operator; evaluate each merge
+    on the tasks its sources were trained on. Returns a pandas DataFrame with one row per
+    (models, operator, task) and the columns :data:`TABLE_COLUMNS`.
+
+    Merges happen in memory (the zoo's models are tiny) with the same per-tensor math as the merge executor.
+    For an ordered pair (a, b): the task-arithmetic family and model_stock use the zoo's base, slerp uses a as
+    its base model (t=0 gives a), linear and nuslerp take [a, b] in that order (nuslerp merges task vectors).
+    A merge or evaluation that fails gives a row with ``status="failed"`` and the error, never an exception.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from .evaluators.exact_match import exact_match_score
+    from .evaluators.normalize import normalize_score
+    from .methods import get_method
+    from .tokenizer import char_tokenizer
+
+    manifest = load_manifest(directory)
+    root = Path(manifest["root"])
+    ops = list(operators) if operators is not None else default_operators()
+    by_name = {m["name"]: m for m in manifest["models"]}
+    cases = list(cases) if cases is not None else table_cases(manifest, n_triples, seed)
+    evals = {t["name"]: _read_jsonl(root / t["eval"]) for t in manifest["tasks"]}
+    arch = Arch(**manifest["arch"])
+    tok = char_tokenizer()
+    states: dict[str, dict] = {}
+
+    def state(name: str) -> dict:
+        if name not in states:
+            states[name] = load_state(root / by_name[name]["path"])
+        return states[name]
+
+    rows = []
+    work = sum(1 for c in cases for op in ops if _fits(get_method(op["method"]), len(c)))
+    bar = tqdm(total=work, desc="merge table", unit="merge", disable=not progress, leave=False)
+    with deterministic(threads):
+        shell = _fresh_model(arch, 0)
+        shell.eval()
+        for case in cases:
+            srcs = [by_name[n] for n in case]
+            base_name = srcs[0]["base"]
+            covered = [t for t in manifest_task_order(manifest) if any(t in s["tasks"] for s in srcs)]
+            for op in ops:
+                spec = get_method(op["method"])
+                if not _fits(spec, len(case)):
+                    continue
+                bar.update(1)
+                t0 = time.perf_counter()
+                err = None
+                merge_seed = _seed_int("merge", seed, op["name"], *case)
+                try:
+                    merged = _merge_states(spec, op, [state(n) for n in case], state(base_name), merge_seed)
+                    shell.load_state_dict(merged, strict=False)
+                except Exception as e:  # noqa: BLE001 - a failed merge is a recorded outcome, not a crash
+                    err = f"merge failed: {type(e).__name__}: {e}"
+                merge_s = time.perf_counter() - t0
+                for t in covered:
+                    src_scores = [s["scores"].get(t) for s in srcs]
+                    base_score = by_name[base_name]["scores"].get(t)
+                    score = None
+                    t1 = time.perf_counter()
+                    if err is None:
+                        try:
+                            score = exact_match_score(shell, tok, evals[t])[0]
+                        except Exception as e:  # noqa: BLE001
+                            err_t = f"evaluation failed: {type(e).__name__}: {e}"
+                        else:
+                            err_t = None
+                    else:
+                        err_t = err
+                    rows.append({
+                        "model_a": case[0], "model_b": case[1], "model_c": case[2] if len(case) > 2 else None,
+                        "operator": op["name"], "method": op["method"],
+                        "params": json.dumps(op["params"], sort_keys=True), "task": t, "metric": "exact_match",
+                        "score": score, "normalized_score": normalize_score(score, src_scores),
+                        "best_source_score": max(x for x in src_scores if x is not None),
+                        "score_a": src_scores[0], "score_b": src_scores[1],
+                        "score_c": src_scores[2] if len(src_scores) > 2 else None, "base_score": base_score,
+                        "status": "ok" if err_t is None else "failed", "error": err_t, "merge_seed": merge_seed,
+                        "merge_seconds": round(merge_s, 5), "eval_seconds": round(time.perf_counter() - t1, 5)})
+    bar.close()
+    df = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    df.attrs["zoo_key"] = manifest["key"]
+    return df
+
+
+def store_table(store, df, zoo_key: str) -> int:
+    """Write a merge table into the store's ``merge_table`` (replacing earlier rows of the same zoo build)."""
+    cols = [c for c in TABLE_COLUMNS]
+    frame = df[cols].copy()
+    frame.insert(0, "zoo_key", zoo_key)
+    with store.transaction():
+        store.execute("DELETE FROM merge_table WHERE zoo_key = ?", [zoo_key])
+        with store.lock:
+            store.db.register("_simmerge_zoo_table", frame)
+            try:
+                store.db.execute(f"INSERT INTO merge_table (zoo_key, {', '.join(cols)}) "
+                                 f"SELECT zoo_key, {', '.join(cols)} FROM _simmerge_zoo_table")
+            finally:
+                store.db.unregister("_simmerge_zoo_table")
+    return len(frame)
+
+
+def manifest_task_order(manifest: dict) -> list[str]:
+    return [t["name"] for t in manifest["tasks"]]
+
+
+def _fits(spec, n: int) -> bool:
+    return n >= spec.min_models and (spec.max_models is None or n <= spec.max_models)
+
+
+def _merge_states(spec, op: dict, states: list[dict], base: dict, seed: int) -> dict:
+    """Merge whole state dicts tensor by tensor with the executor's kernels (``methods.merge_tensors``).
+
+    ``pair_roles`` applies the catalog's convention for an ordered case: the shared base for the task-arithmetic
+    family, model_stock and nuslerp, the first model as slerp's base, no base for linear. Seeds are passed as
+    the executor passes them, so ``simmerge merge`` with the same seed writes the same tensors.
+    """
+    from .methods import merge_tensors, pair_roles
+
+    out = {}
+    for name in states[0]:
+        inputs, b = pair_roles(spec, [s[name] for s in states], base[name])
+        out[name] = merge_tensors(spec.name, inputs, b, op["params"], seed=seed, tensor_name=name)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# is the zoo worth benchmarking on?
+
+#: Thresholds of :func:`table_stats` (issue 4): a testbed in which one operator always wins measures nothing.
+THRESHOLDS = {"min_expert_margin": 0.3, "median_spread": 0.05, "max_best_share": 0.60, "oracle_gap": 0.08}
+
+
+def table_stats(df, manifest: dict | None = None) -> dict:
+    """Statistics that say whether a merge table can tell operator-choosing policies apart.
+
+    Computed over 2-way cases (rows without ``model_c``), one case = (model_a, model_b, task):
+
+    - ``median_spread``: median over cases of (best - worst operator score), raw scores.
+    - ``best_share``: per operator, the share of cases it wins; ties split the case equally among the winners.
+      ``max_best_share`` is the largest (the ``..._any`` variant counts every tied winner fully).
+    - ``oracle_mean``: mean over cases of the best operator's normalized score; ``best_fixed_mean``: the largest
+      mean normalized score of one operator used everywhere; ``oracle_gap`` the difference.
+    - with the manifest, ``expert_margin``: each expert's score minus the base's on its own tasks.
+
+    Failed evaluations count as a normalized score of 0 (a policy that picks a failing operator gets nothing).
+    """
+    import numpy as np
+
+    pairs = df[df["model_c"].isna()].copy()
+    pairs["norm"] = pairs["normalized_score"].fillna(0.0)
+    pairs["raw"] = pairs["score"].fillna(0.0)
+    wide_norm = pairs.pivot_table(index=["model_a", "model_b", "task"], columns="operator", values="norm",
+                                  aggfunc="first")
+    wide_raw = pairs.pivot_table(index=["model_a", "model_b", "task"], columns="operator", values="raw",
+                                 aggfunc="first")
+    norm = wide_norm.to_numpy()
+    raw = wide_raw.to_numpy()
+    ops = list(wide_norm.columns)
+    spread = raw.max(1) - raw.min(1)
+    best = norm.max(1, keepdims=True)
+    winners = np.isclose(norm, best, rtol=0, atol=1e-9)
+    share = (winners / winners.sum(1, keepdims=True)).mean(0)
+    share_any = winners.mean(0)
+    means = norm.mean(0)
+    stats: dict[str, Any] = {
+        "n_cases": int(norm.shape[0]), "n_operators": len(ops), "n_rows": int(len(df)),
+        "n_failed": int((df["status"] != "ok").sum()),
+        "median_spread": float(np.median(spread)), "mean_spread": float(spread.mean()),
+        "best_share": {o: round(float(s), 4) for o, s in zip(ops, share)},
+        "best_share_any": {o: round(float(s), 4) for o, s in zip(ops, share_any)},
+        "max_best_share": float(share.max()), "max_best_share_operator": ops[int(share.argmax())],
+        "max_best_share_any": float(share_any.max()),
+        "operator_mean_normalized": {o: round(float(m), 4) for o, m in zip(ops, means)},
+        "oracle_mean": float(best.mean()), "best_fixed_mean": float(means.max()),
+        "best_fixed_operator": ops[int(means.argmax())],
+    }
+    stats["oracle_gap"] = stats["oracle_mean"] - stats["best_fixed_mean"]
+    if manifest is not None:
+        by = {m["name"]: m for m in manifest["models"]}
+        margins = []
+        for m in manifest["models"]:
+            if m["base"] is None:
+                continue
+            for t in m["tasks"]:
+                margins.append({"model": m["name"], "task": t,
+                                "margin": m["scores"][t] - by[m["base"]]["scores"][t]})
+        vals = [x["margin"] for x in margins]
+        stats["expert_margin"] = {"min": min(vals), "median": float(np.median(vals)), "mean": float(np.mean(vals)),
+                                  "weakest": min(margins, key=lambda x: x["margin"])}
+    stats["checks"] = {
+        "median_spread": stats["median_spread"] >= THRESHOLDS["median_spread"],
+        "max_best_share": stats["max_best_share"] <= THRESHOLDS["max_best_share"],
+        "oracle_gap": stats["oracle_gap"] >= THRESHOLDS["oracle_gap"],
+    }
+    if manifest is not None:
+        stats["checks"]["expert_margin"] = stats["expert_margin"]["min"] >= THRESHOLDS["min_expert_margin"]
+    stats["ok"] = all(stats["checks"].values())
+    return stats

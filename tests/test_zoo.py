@@ -1,0 +1,351 @@
+"""The micro-zoo: build, determinism, cache, registration, the full merge table and its statistics."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from simmerge_bandit.catalog import Catalog
+from simmerge_bandit.cli import cli
+from simmerge_bandit.errors import AlreadyExists, InvalidInput
+from simmerge_bandit.evaluators.exact_match import exact_match_score
+from simmerge_bandit.evaluators.normalize import normalize_score
+from simmerge_bandit.methods import merge_tensors
+from simmerge_bandit.store import Store
+from simmerge_bandit.tokenizer import char_tokenizer
+from simmerge_bandit.zoo import (DEFAULT_OPERATORS, TABLE_COLUMNS, THRESHOLDS, Arch, Preset, Recipe, build_table,
+                                 build_zoo, default_operators, get_preset, load_state, recipe_key, register_zoo,
+                                 resolve_operators, store_table, table_cases, table_stats)
+from simmerge_bandit.zoo_tasks import TASKS, task_rows
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+@pytest.fixture(scope="module")
+def unit_zoo(tmp_path_factory):
+    # The same directory as tests/test_evaluators.py uses: whichever module runs second gets the cached build.
+    root = tmp_path_factory.getbasetemp() / "unit-zoo"
+    return root, build_zoo(root, "unit", progress=False)
+
+
+@pytest.fixture(scope="module")
+def unit_table(unit_zoo):
+    root, _ = unit_zoo
+    ops = [o for o in default_operators() if o["name"] in ("linear", "ties_d0.5", "dare_ties_d0.6", "slerp_t0.3")]
+    return build_table(root, operators=ops, n_triples=1, progress=False)
+
+
+# ---- tasks ----
+
+def test_tasks_are_checkable_and_split_cleanly():
+    assert len(TASKS) >= 8
+    for name in TASKS:
+        ev = task_rows(name, 50, 0)
+        tr = task_rows(name, 200, 1, exclude={r["prompt"] for r in ev})
+        assert len({r["prompt"] for r in ev}) == 50
+        assert not {r["prompt"] for r in ev} & {r["prompt"] for r in tr}
+        assert all(r["prompt"].endswith("=") and r["answer"] for r in ev)
+        assert task_rows(name, 5, 7) == task_rows(name, 5, 7)
+    assert task_rows("add", 3, 0)[0]["answer"] == str(eval(task_rows("add", 3, 0)[0]["prompt"][4:-1]))
+    assert {r["answer"] for r in task_rows("rev", 20, 0)} == {r["prompt"][4:-1][::-1] for r in task_rows("rev", 20, 0)}
+
+
+def test_presets_have_the_promised_shape():
+    test = get_preset("test")
+    experts = [r for r in test.recipes if r.parent is not None]
+    assert test.recipes[0].parent is None and len(experts) >= 6
+    bench = get_preset("bench")
+    assert len(bench.tasks) >= 8
+    # Variants make pairs of every similarity: same task (other seed / length / rate) and two-task experts.
+    by_task = {}
+    for r in bench.recipes[1:]:
+        by_task.setdefault(r.tasks, []).append(r)
+    assert any(len(v) > 1 for v in by_task.values()) and any(len(k) == 2 for k in by_task)
+    assert len({r.lr for r in bench.recipes[1:]}) > 1 and len({r.steps for r in bench.recipes[1:]}) > 1
+    with pytest.raises(InvalidInput, match="unknown zoo preset"):
+        get_preset("huge")
+
+
+@pytest.mark.parametrize("recipes, message", [
+    ((Recipe("base", ("max",), None, 1, 1e-3), Recipe("x", ("max",), "y", 1, 1e-3)), "must come before"),
+    ((Recipe("base", ("max",), None, 1, 1e-3), Recipe("base", ("max",), "base", 1, 1e-3)), "appears twice"),
+    ((Recipe("base", ("max",), None, 1, 1e-3), Recipe("x", ("sort",), "base", 1, 1e-3)), "unknown tasks"),
+    ((Recipe("x", ("max",), "base", 1, 1e-3),), "must come before"),
+    ((Recipe("base", ("max",), None, 0, 1e-3),), "steps"),
+])
+def test_bad_presets_are_refused_before_training(tmp_path, recipes, message):
+    with pytest.raises(InvalidInput, match=message):
+        build_zoo(tmp_path / "z", Preset("bad", Arch(), ("max",), recipes), progress=False)
+    assert not (tmp_path / "z").exists()
+
+
+# ---- build ----
+
+def test_build_writes_a_loadable_zoo(unit_zoo):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, m = unit_zoo
+    assert json.loads((root / "zoo.json").read_text())["key"] == m["key"]
+    assert m["models"][0]["base"] is None and all(x["base"] == "base" for x in m["models"][1:])
+    for t in m["tasks"]:
+        for f in ("train", "eval", "probes"):
+            lines = (root / t[f]).read_text().splitlines()
+            assert len(lines) == t[f"n_{f}"] and all(json.loads(ln)["prompt"] for ln in lines)
+    x = m["models"][1]
+    model = AutoModelForCausalLM.from_pretrained(root / x["path"], local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(root / x["path"], local_files_only=True)
+    assert type(model).__name__ == "LlamaForCausalLM" and (root / x["path"] / "model.safetensors").is_file()
+    rows = [json.loads(ln) for ln in (root / f"tasks/{x['tasks'][0]}/eval.jsonl").read_text().splitlines()]
+    assert exact_match_score(model, tok, rows)[0] == pytest.approx(x["scores"][x["tasks"][0]])
+
+
+def test_build_is_cached_and_deterministic(unit_zoo, tmp_path):
+    root, m = unit_zoo
+    weights = root / m["models"][1]["path"] / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    again = build_zoo(root, "unit", progress=False)
+    assert again == m and weights.stat().st_mtime_ns == before       # cache hit: nothing retrained
+    other = build_zoo(tmp_path / "again", "unit", progress=False)
+    for a, b in zip(m["models"], other["models"]):
+        assert (root / a["path"] / "model.safetensors").read_bytes() == \
+            (tmp_path / "again" / b["path"] / "model.safetensors").read_bytes()
+    # A single changed recipe retrains that model (and its children) only.
+    p = get_preset("unit")
+    changed = p.__class__(**{**p.__dict__, "recipes": p.recipes[:-1] + (p.recipes[-1].__class__(
+        **{**p.recipes[-1].__dict__, "steps": p.recipes[-1].steps + 5}),)})
+    kept = tmp_path / "again" / other["models"][1]["path"] / "model.safetensors"
+    mtime = kept.stat().st_mtime_ns
+    third = build_zoo(tmp_path / "again", changed, progress=False)
+    assert kept.stat().st_mtime_ns == mtime and third["key"] != other["key"]
+    last = other["models"][-1]["path"] + "/model.safetensors"
+    assert (tmp_path / "again" / last).read_bytes() != (root / last).read_bytes()
+
+
+def test_other_seed_gives_other_weights(tmp_path):
+    tiny = Preset("tiny", Arch(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=32), ("max",),
+                  (Recipe("base", ("max",), None, 3, 1e-3, batch_size=4, full_loss=True),), n_train=20, n_eval=4,
+                  n_probes=2)
+    a = build_zoo(tmp_path / "s0", tiny, seed=0, progress=False)
+    b = build_zoo(tmp_path / "s1", tiny, seed=1, progress=False)
+    assert a["recipe_key"] != b["recipe_key"]
+    assert not torch.equal(load_state(tmp_path / "s0/models/base")["lm_head.weight"],
+                           load_state(tmp_path / "s1/models/base")["lm_head.weight"])
+    assert (tmp_path / "s0/tasks/max/eval.jsonl").read_text() != (tmp_path / "s1/tasks/max/eval.jsonl").read_text()
+    with pytest.raises(InvalidInput, match="seed"):
+        build_zoo(tmp_path / "bad", "unit", seed=-1, progress=False)
+
+
+# ---- register ----
+
+def test_register_is_idempotent_and_refuses_clashes(unit_zoo, simmerge_home, tiny_models):
+    root, m = unit_zoo
+    store = Store.open(simmerge_home)
+    cat = Catalog(store)
+    res = register_zoo(store, root)
+    assert res["models"]["added"] == [x["name"] for x in m["models"]]
+    assert [x["name"] for x in cat.models()][0] == "base"
+    expert = cat.model(m["models"][1]["name"])
+    assert expert["base"] == "base" and expert["tasks"] == m["models"][1]["tasks"]
+    task = cat.task(m["tasks"][0]["name"])
+    assert task["metric"] == "exact_match" and task["n_examples"] == m["tasks"][0]["n_eval"]
+    assert cat.probe_set(task["probe_set"])["n_prompts"] == m["tasks"][0]["n_probes"]
+    assert {o["name"] for o in cat.operators()} == {n for n, _, _ in DEFAULT_OPERATORS}
+    again = register_zoo(store, root)
+    assert not any(again[k]["added"] for k in again)
+    store.close()
+
+    other = Store.open(simmerge_home.parent / "other-home")
+    Catalog(other).add_model(tiny_models["base"], name="base")
+    with pytest.raises(AlreadyExists, match="already registered"):
+        register_zoo(other, root)
+    assert [x["name"] for x in Catalog(other).models()] == ["base"]
+    other.close()
+
+
+def test_default_operators_have_distinct_valid_settings():
+    ops = default_operators()
+    assert len({o["name"] for o in ops}) == len(ops)
+    assert len({(o["method"], json.dumps(o["params"], sort_keys=True)) for o in ops}) == len(ops)
+    methods = {o["method"] for o in ops}
+    assert {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "della", "slerp",
+            "nuslerp", "model_stock"} <= methods
+    with pytest.raises(InvalidInput, match="unknown operator"):
+        resolve_operators(["nope"])
+
+
+# ---- table ----
+
+def test_table_rows_and_columns(unit_zoo, unit_table):
+    root, m = unit_zoo
+    df = unit_table
+    assert list(df.columns) == list(TABLE_COLUMNS)
+    experts = [x for x in m["models"] if x["base"]]
+    pairs = df[df.model_c.isna()]
+    assert len(pairs) == len(experts) * (len(experts) - 1) * 4 * 2    # 4 operators, 2 tasks covered per pair
+    triples = df[df.model_c.notna()]
+    assert set(triples.operator) == {"linear", "ties_d0.5", "dare_ties_d0.6"}    # slerp takes two models
+    assert (df.status == "ok").all() and df.normalized_score.between(0, 2).all()
+    for r in df.itertuples():
+        srcs = [r.score_a, r.score_b] + ([r.score_c] if r.model_c else [])
+        assert r.normalized_score == normalize_score(r.score, srcs) and r.best_source_score == max(srcs)
+
+
+def test_table_row_matches_an_independent_merge_and_evaluation(unit_zoo, unit_table):
+    from transformers import AutoModelForCausalLM
+
+    root, m = unit_zoo
+    row = unit_table[(unit_table.operator == "ties_d0.5") & unit_table.model_c.isna()].iloc[0]
+    base, a, b = (load_state(root / "models" / n) for n in ("base", row.model_a, row.model_b))
+    merged = {k: merge_tensors("ties", [a[k], b[k]], base[k], {"density": 0.5}, tensor_name=k) for k in a}
+    model = AutoModelForCausalLM.from_pretrained(root / "models" / row.model_a, local_files_only=True)
+    model.load_state_dict(merged, strict=False)
+    rows = [json.loads(ln) for ln in (root / f"tasks/{row.task}/eval.jsonl").read_text().splitlines()]
+    assert exact_match_score(model.eval(), char_tokenizer(), rows)[0] == row.score
+
+
+def test_slerp_order_keeps_model_a_at_t0(unit_zoo):
+    root, m = unit_zoo
+    ops = [{"name": "slerp_t0", "method": "slerp", "params": {"t": 0.0}}]
+    a, b = m["models"][1]["name"], m["models"][2]["name"]
+    df = build_table(root, operators=ops, cases=[(a, b)], progress=False)
+    own = df[df.task == m["models"][1]["tasks"][0]].iloc[0]
+    assert own.score == own.score_a
+
+
+def test_failed_merges_are_rows_not_crashes(unit_zoo):
+    root, m = unit_zoo
+    # della with epsilon pushing drop probabilities outside (0, 1) is refused by the kernel, per tensor.
+    ops = [{"name": "bad", "method": "della", "params": {"density": 0.9, "epsilon": 0.2}}]
+    df = build_table(root, operators=ops, cases=[tuple(x["name"] for x in m["models"][1:3])], progress=False)
+    assert (df.status == "failed").all() and df.score.isna().all() and df.error.str.contains("merge failed").all()
+
+
+def test_table_cases_are_ordered_pairs_then_triples(unit_zoo):
+    _, m = unit_zoo
+    cases = table_cases(m, n_triples=2, seed=3)
+    experts = [x["name"] for x in m["models"] if x["base"]]
+    assert cases[:len(experts) * (len(experts) - 1)] == [(a, b) for a in experts for b in experts if a != b]
+    assert len(cases[len(experts) * (len(experts) - 1):]) == 1          # only one triple exists among 3 experts
+    assert table_cases(m, 2, seed=3) == cases
+
+
+def test_store_table_replaces_rows_of_the_same_zoo(unit_zoo, unit_table, simmerge_home):
+    _, m = unit_zoo
+    store = Store.open(simmerge_home)
+    assert store_table(store, unit_table, m["key"]) == len(unit_table)
+    assert store_table(store, unit_table.head(5), m["key"]) == 5
+    rows = store.fetchdicts("SELECT * FROM merge_table")
+    assert len(rows) == 5 and rows[0]["zoo_key"] == m["key"] and rows[0]["merge_seed"] == unit_table.merge_seed[0]
+    store.close()
+
+
+# ---- statistics ----
+
+def _frame(cases):
+    rows = []
+    for (a, b, task), scores in cases.items():
+        for op, (score, norm) in scores.items():
+            rows.append({"model_a": a, "model_b": b, "model_c": None, "operator": op, "task": task,
+                         "score": score, "normalized_score": norm, "status": "ok"})
+    return pd.DataFrame(rows)
+
+
+def test_table_stats_by_hand():
+    df = _frame({
+        ("a", "b", "t1"): {"x": (0.9, 1.0), "y": (0.5, 0.5), "z": (0.9, 1.0)},
+        ("b", "a", "t1"): {"x": (0.1, 0.1), "y": (0.7, 0.7), "z": (0.2, 0.2)},
+        ("a", "b", "t2"): {"x": (0.4, 0.4), "y": (0.4, 0.4), "z": (0.8, 0.8)},
+    })
+    s = table_stats(df)
+    assert s["n_cases"] == 3 and s["median_spread"] == pytest.approx(0.4)      # spreads 0.4, 0.6, 0.4
+    assert s["best_share"] == {"x": pytest.approx(1 / 6, abs=1e-4), "y": pytest.approx(1 / 3, abs=1e-4),
+                               "z": pytest.approx(1 / 2, abs=1e-4)}
+    assert s["best_share_any"]["x"] == pytest.approx(1 / 3, abs=1e-4)
+    assert s["oracle_mean"] == pytest.approx((1.0 + 0.7 + 0.8) / 3)
+    assert s["best_fixed_operator"] == "z" and s["best_fixed_mean"] == pytest.approx(2.0 / 3)
+    assert s["oracle_gap"] == pytest.approx(0.5 / 3)
+    assert s["checks"] == {"median_spread": True, "max_best_share": True, "oracle_gap": True}
+
+
+def test_a_zoo_where_one_operator_always_wins_fails_the_checks():
+    df = _frame({("a", "b", f"t{i}"): {"x": (0.9, 0.9), "y": (0.88, 0.88)} for i in range(4)})
+    s = table_stats(df)
+    assert not s["ok"] and not s["checks"]["max_best_share"] and not s["checks"]["oracle_gap"]
+    assert not s["checks"]["median_spread"]
+
+
+def test_the_bench_table_is_worth_benchmarking_on():
+    """The committed bench table (benchmarks/bench_zoo.py) comes from today's bench preset and meets every
+    threshold of issue 4."""
+    df = pd.read_parquet(RESULTS / "zoo_bench_table.parquet")
+    stats = json.loads((RESULTS / "zoo_bench_stats.json").read_text())
+    assert stats["recipe_key"] == recipe_key(get_preset("bench"), stats["seed"])
+    fresh = table_stats(df)
+    assert fresh["oracle_gap"] == pytest.approx(stats["table"]["oracle_gap"])
+    assert fresh["median_spread"] >= THRESHOLDS["median_spread"]
+    assert fresh["max_best_share"] <= THRESHOLDS["max_best_share"]
+    assert fresh["oracle_gap"] >= THRESHOLDS["oracle_gap"]
+    assert stats["table"]["expert_margin"]["min"] >= THRESHOLDS["min_expert_margin"]
+    assert stats["table"]["n_failed"] == 0
+
+
+# ---- CLI ----
+
+def test_cli_zoo_build_register_table(unit_zoo, tmp_path, simmerge_home):
+    root, m = unit_zoo
+    runner = CliRunner()
+    res = runner.invoke(cli, ["zoo", "build", str(root), "--preset", "unit", "--json"], catch_exceptions=False)
+    assert res.exit_code == 0 and json.loads(res.output)["cached"] is True
+    res = runner.invoke(cli, ["zoo", "register", str(root), "--json"], catch_exceptions=False)
+    assert res.exit_code == 0 and json.loads(res.output)["models"]["added"][0] == "base"
+    out = tmp_path / "t.parquet"
+    res = runner.invoke(cli, ["zoo", "table", str(root), "--out", str(out), "--operators", "linear,slerp_t0.5",
+                              "--stats", str(tmp_path / "s.json")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "oracle" in res.output and "median best-minus-worst spread" in res.output
+    df = pd.read_parquet(out)
+    assert set(df.operator) == {"linear", "slerp_t0.5"}
+    assert json.loads((tmp_path / "s.json").read_text())["n_rows"] == len(df)
+    store = Store.open(simmerge_home)
+    assert store.fetchone("SELECT count(*) FROM merge_table")[0] == len(df)
+    store.close()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["zoo", "table", "{empty}", "--out", "{tmp}/t.parquet"], "no micro-zoo here"),
+    (["zoo", "table", "{zoo}", "--out", "{tmp}/t.csv"], "ending in .parquet"),
+    (["zoo", "table", "{zoo}", "--out", "{tmp}/t.parquet", "--operators", "nope"], "unknown operator 'nope'"),
+    (["zoo", "build", "{tmp}/z", "--preset", "huge"], "huge"),
+])
+def test_cli_zoo_errors_are_one_line(unit_zoo, tmp_path, args, message):
+    root, _ = unit_zoo
+    (tmp_path / "empty").mkdir()
+    args = [a.format(empty=tmp_path / "empty", tmp=tmp_path, zoo=root) for a in args]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "t.parquet").exists()
+
+
+def test_register_and_evaluate_go_through_a_running_daemon(unit_zoo, simmerge_home):
+    from test_daemon import start_daemon, stop
+
+    root, m = unit_zoo
+    Store.open(simmerge_home).close()
+    proc, _ = start_daemon(simmerge_home, "--eval-budget", "0")
+    try:
+        runner = CliRunner()
+        res = runner.invoke(cli, ["zoo", "register", str(root), "--json"], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.output)["tasks"]["added"] == [t["name"] for t in m["tasks"]]
+        x = m["models"][1]
+        res = runner.invoke(cli, ["evaluate", x["name"], "--task", x["tasks"][0], "--json"], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.output)["score"] == pytest.approx(x["scores"][x["tasks"][0]])
+    finally:
+        assert stop(proc) == 0
+    store = Store.open(simmerge_home)
+    assert [r["name"] for r in Catalog(store).models()][0] == "base"
+    store.close()

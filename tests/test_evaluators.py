@@ -47,8 +47,10 @@ def test_registry_matches_the_catalog_metrics():
 
 def test_batched_greedy_matches_unbatched_generate(expert):
     lm, rows, _ = expert
-    prompts = [r["prompt"] for r in rows[:12]]
-    batched = greedy_generate(lm.model, lm.tokenizer, prompts, 6, batch_size=5)
+    # Prompts of different lengths in batches of 3: left padding and positions must not change any output.
+    prompts = sorted({r["prompt"] for r in rows}, key=len)[::4][:7]
+    assert len({len(p) for p in prompts}) > 1
+    batched = greedy_generate(lm.model, lm.tokenizer, prompts, 6, batch_size=3)
     for p, got in zip(prompts, batched):
         ids = torch.tensor([lm.tokenizer(p)["input_ids"]])
         ref = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,

@@ -24,8 +24,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SIMMERGE_CACHE") or Path.home() / ".cache" / "simmerge").expanduser()
 
 
-def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 10, seed: int = 0, zoo_dir=None,
-             eval_limit: int | None = 48, policy: str = "linucb-hybrid", preset: str = "test",
+def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 8, seed: int = 0, zoo_dir=None,
+             eval_limit: int | None = 32, policy: str = "linucb-hybrid", preset: str = "test",
              echo: Callable[[str], None] = print) -> dict:
     """Run the demo loop; return its rounds and summary (also printed through ``echo``)."""
     from . import pipeline

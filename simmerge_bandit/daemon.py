@@ -25,7 +25,7 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 
 from .errors import InvalidInput, SimmergeError
-from .paths import daemon_file, resolve_home
+from .paths import daemon_file, pid_alive, resolve_home
 
 log = logging.getLogger("simmerge.daemon")
 
@@ -40,21 +40,6 @@ def is_loopback(host: str) -> bool:
             return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
         except OSError:
             return False
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped) counts as dead.
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def read_daemon_file(home: Path) -> dict | None:

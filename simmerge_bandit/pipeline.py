@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import EvaluationFailed, NotFound
+from .errors import EvaluationFailed
 
 
 def merges_dir(store) -> Path:
@@ -109,10 +109,7 @@ def record(engine, spec: dict[str, Any], result: dict[str, Any]) -> dict:
                 engine.store.execute(
                     "INSERT OR REPLACE INTO evaluations (fingerprint, task, data_hash, metric, score) "
                     "VALUES (?,?,?,?,?)", [fp[name], task["name"], task["data_hash"], task["metric"], score])
-    try:
-        return engine.feedback(spec["decision"], result["reward"], raw_score=result["score"], source="evaluator")
-    except NotFound:
-        raise
+    return engine.feedback(spec["decision"], result["reward"], raw_score=result["score"], source="evaluator")
 
 
 def evaluate_decision(engine, decision_id: str, *, device: str = "auto", limit: int | None = None) -> dict:

@@ -21,16 +21,6 @@ from .errors import StateLocked
 from .paths import artifacts_dir, daemon_file, resolve_home, state_path
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _lock_message(home: Path, err: Exception) -> str:
     text = str(err)
     m = re.search(r"PID (\d+)", text)

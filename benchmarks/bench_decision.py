@@ -124,7 +124,10 @@ def main() -> None:  # noqa: C901
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--budgets", type=int, nargs="+", default=[10, 25, 50])
+    ap.add_argument("--pretrain-rows", type=int, default=1500,
+                    help="training rows shown one by one to each online bandit (the predictor is fitted on all)")
     ap.add_argument("--holdout", nargs="+", default=None, help="held-out tasks (default: a third of the tasks)")
+    ap.add_argument("--home", default=None, help="state home to keep signatures in (default: a fresh temp dir)")
     ap.add_argument("--out", default=str(RESULTS / "decision.json"))
     ap.add_argument("--plot", default=str(RESULTS / "decision.png"))
     args = ap.parse_args()
@@ -142,7 +145,7 @@ def main() -> None:  # noqa: C901
     zoo_dir = Path(args.zoo) if args.zoo else cache_dir() / "zoo-bench-seed0"
     if not (zoo_dir / "zoo.json").exists():
         build_zoo(zoo_dir, "bench", 0)
-    home = Path(tempfile.mkdtemp(prefix="simmerge-bench-decision-"))
+    home = Path(args.home) if args.home else Path(tempfile.mkdtemp(prefix="simmerge-bench-decision-"))
     feats = pair_features(df, zoo_dir, home)
     t_feat = time.time() - t0
     table = sim_mod.table_from_frame(df, source=args.table, features=feats)
@@ -157,7 +160,8 @@ def main() -> None:  # noqa: C901
         return sim_mod.make_learned_policy(spec, seed=seed)
 
     results = []
-    common = dict(rounds=args.rounds, seeds=args.seeds, holdout_tasks=holdout, policy_factory=factory)
+    common = dict(rounds=args.rounds, seeds=args.seeds, holdout_tasks=holdout, policy_factory=factory,
+                  pretrain_rows=args.pretrain_rows)
     zero = sim_mod.simulate(table, [parse_policy("predictor"), parse_policy("uniform")], budget=0, **common)
     results += summarize(zero, "zero evaluations", 0)
     for b in args.budgets:
@@ -173,7 +177,7 @@ def main() -> None:  # noqa: C901
                             late_operators={late_op: args.rounds // 2}, **common)
     results += summarize(late, f"late operator {late_op}", args.rounds)
 
-    out = {"benchmark": "decision", "table": args.table, "contexts": len(table.contexts),
+    out = {"benchmark": "decision", "table": args.table, "pretrain_rows": args.pretrain_rows, "contexts": len(table.contexts),
            "operators": table.operators, "tasks": tasks, "holdout": holdout, "rounds": args.rounds,
            "seeds": args.seeds, "late_operator": late_op, "results": results, "summary": summ,
            "seconds": time.time() - t0,

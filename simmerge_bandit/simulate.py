@@ -386,12 +386,15 @@ def simulate(table: MergeTable, policies: Iterable[str | PolicySpec], *, rounds:
              seeds: int | Sequence[int] = 5, holdout_tasks: Sequence[str] | None = None, pretrain: bool = True,
              late_operators: Mapping[str, int] | None = None, standardize: bool = True, alpha: float = 0.05,
              seed: int = 0, policy_factory: Callable[[PolicySpec, int], Any] | None = None,
+             pretrain_rows: int | None = None,
              progress: Callable[[str], None] | None = None) -> Simulation:
     """Simulate each policy exactly on the table (see the module docstring for the protocol).
 
     ``seeds`` is a count (seeds ``seed .. seed+S-1``) or an explicit list. ``late_operators`` maps an operator to
     the round it becomes available (before that it is not a candidate, for the policies and the oracle alike).
-    ``policy_factory(spec, seed)`` builds learned policies (default: the registry by name).
+    ``policy_factory(spec, seed)`` builds learned policies (default: the registry by name). ``pretrain_rows``
+    caps the training rows shown one by one to an online policy (a random subset, the same for every policy of a
+    seed); a policy with a batch ``fit`` (the predictor) is fitted on all of them at once.
     """
     if rounds < 1:
         raise InvalidInput(f"rounds must be at least 1, got {rounds}")
@@ -459,9 +462,14 @@ def simulate(table: MergeTable, policies: Iterable[str | PolicySpec], *, rounds:
             else:
                 policy = factory(spec, int(s))
                 if holdout_tasks and pretrain:
-                    for j in order:
-                        c, k = train[j // K], j % K
-                        policy.update(X[c], table.operators[k], table.Z[k], float(table.R[c, k]), 1.0)
+                    if callable(getattr(policy, "fit", None)):
+                        # A supervised policy (the predictor) is fitted on every training row in one batch solve.
+                        cs, ks = train[order // K], order % K
+                        policy.fit(X[cs], table.Z[ks], [table.operators[k] for k in ks], table.R[cs, ks])
+                    else:
+                        for j in order if pretrain_rows is None else order[:pretrain_rows]:
+                            c, k = train[j // K], j % K
+                            policy.update(X[c], table.operators[k], table.Z[k], float(table.R[c, k]), 1.0)
                 chosen = np.empty(rounds, dtype=int)
                 for t in range(rounds):
                     c, ops = stream[t], avail_at[t]

@@ -8,7 +8,6 @@ failure and carries on. Bad *arguments* (no such data file, unknown metric) stil
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -17,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from ..errors import InvalidCheckpoint, InvalidInput
+from ..errors import InvalidCheckpoint
 
 
 @dataclass
@@ -113,28 +112,11 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu") -> LoadedModel:
 
 
 def read_examples(path: str | os.PathLike, limit: int | None = None) -> list[dict[str, str]]:
-    """Read ``{"prompt", "answer"}`` JSON lines; errors name the file and the line."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise InvalidInput(f"{p}: no such task data file")
-    rows: list[dict[str, str]] = []
-    with open(p, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise InvalidInput(f"{p}:{i}: not valid JSON ({e.msg})") from None
-            if not (isinstance(obj, dict) and isinstance(obj.get("prompt"), str)
-                    and isinstance(obj.get("answer"), str)):
-                raise InvalidInput(f"{p}:{i}: expected an object with string fields 'prompt' and 'answer'")
-            rows.append({"prompt": obj["prompt"], "answer": obj["answer"]})
-            if limit is not None and len(rows) >= limit:
-                break
-    if not rows:
-        raise InvalidInput(f"{p}: no examples")
-    return rows
+    """Read ``{"prompt", "answer"}`` JSON lines (the catalog's reader); errors name the file and the line."""
+    from ..catalog import read_jsonl
+
+    rows = read_jsonl(path, need=("prompt", "answer"))
+    return [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows[:limit]]
 
 
 def finite_or_none(x: float) -> float | None:

@@ -11,12 +11,12 @@ from typing import ClassVar
 
 import numpy as np
 
-from ._means import ArmMeans
-from .base import Policy, require
+from .base import require
+from .random_policy import RandomPolicy
 
 
-class FixedPolicy(Policy):
-    """Always ``operator``; made by ``make_policy("fixed:OPERATOR")``."""
+class FixedPolicy(RandomPolicy):
+    """Always ``operator``; made by ``make_policy("fixed:OPERATOR")``. Learns running means as ``random`` does."""
 
     name: ClassVar[str] = "fixed"
     _param_names = ("operator", "floor", "seed")
@@ -26,7 +26,6 @@ class FixedPolicy(Policy):
         require(isinstance(operator, str) and operator.strip() != "",
                 f"fixed policy needs an operator name (fixed:OPERATOR), got {operator!r}")
         self.operator = operator
-        self._means = ArmMeans()
 
     def _score(self, cands):
         n = len(cands)
@@ -36,19 +35,6 @@ class FixedPolicy(Policy):
                 mine[idx] = 1.0
         dist = mine / mine.sum() if mine.any() else np.full(n, 1.0 / n)
         return mine, self._means.of(cands), np.zeros(n), dist
-
-    def _learn(self, x, arm, z, reward, propensity) -> None:
-        self._means.add(arm, reward)
-
-    def explain(self, x, arm, z) -> dict:
-        mean = self._means.mean(str(arm))
-        return {"predicted": mean, "baseline": mean, "contributions": np.zeros(np.size(x)), "method": "none"}
-
-    def _state(self):
-        return {}, {"means": self._means.to_json()}
-
-    def _load_state(self, arrays, meta) -> None:
-        self._means = ArmMeans.from_json(meta["means"])
 
 
 POLICY = FixedPolicy

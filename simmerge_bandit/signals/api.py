@@ -269,7 +269,9 @@ def feature_matrix(store, pairs: Sequence[tuple[str, str]], task_name: str, *,
     """Features of many ordered pairs at once: (array [n_pairs, n_features], feature names), NaN where absent.
 
     Signatures come from an in-process memo keyed by (fingerprint, probe hash, version), so repeated calls do not
-    re-read the store; missing ones are computed first. Row i equals ``pair_features(store, *pairs[i], task_name)``.
+    re-read the store; missing ones are computed first. The catalog's fingerprints are trusted here (no file is
+    looked at): call :func:`ensure_signatures` first to pick up weights changed on disk, as the engine does.
+    Row i equals ``pair_features(store, *pairs[i], task_name)``.
     """
     config = config or DEFAULT_CONFIG
     pairs = list(pairs)
@@ -355,6 +357,8 @@ def pair_features(store, a: str, b: str, task_name: str, exact: bool = False, *,
     (0.12, {})
     """
     config = config or DEFAULT_CONFIG
+    # cheap when cached (file stats and one query), and it catches weights changed on disk since the last call
+    ensure_signatures(store, [a, b], task_name, config=config, device=device)
     fs, ss, probes, rows = _load_pair_sigs(store, [a, b], task_name, config)
     ra, rb = rows[a], rows[b]
     bfp = {n: (rows[rows[n]["base"]]["fingerprint"] if rows[n]["base"] else "") for n in (a, b)}

@@ -322,20 +322,14 @@ class Engine:
         return out
 
     def _table_rows(self, path: str):
-        import duckdb
-
         from . import signals
+        from .replay import read_columns
 
         p = str(path)
-        if not p.lower().endswith((".parquet", ".csv")):
-            raise InvalidInput(f"{p}: expected a .parquet or .csv merge table")
-        try:
-            rel = duckdb.connect().execute(
-                f"SELECT * FROM {'read_parquet' if p.lower().endswith('.parquet') else 'read_csv_auto'}(?)", [p])
-            cols = [d[0] for d in rel.description]
-            data = rel.fetchall()
-        except duckdb.Error as e:
-            raise InvalidInput(f"{p}: cannot read the table ({str(e).splitlines()[0]})") from None
+        cols, arrays = read_columns(p, "merge table")
+        # tolist(): NULLs (masked entries) become None, numpy scalars plain Python values.
+        data = list(zip(*(np.asarray(arrays[c]).tolist() if not np.ma.isMaskedArray(arrays[c])
+                          else arrays[c].tolist() for c in cols)))
         need = ("model_a", "model_b", "operator", "task", "normalized_score")
         missing = [c for c in need if c not in cols]
         if missing:

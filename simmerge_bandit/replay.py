@@ -84,36 +84,46 @@ def _source_name(path: Path) -> str:
     return path.name
 
 
+def read_columns(path: str | Path, what: str, *, csv_suffixes: tuple[str, ...] = (".csv", ".csv.gz")
+                 ) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Read a CSV or Parquet file through DuckDB as (column names, numpy columns).
+
+    ``what`` names the file in errors ("log x.csv", "merge table t.parquet"); every failure is one
+    :class:`InvalidInput` (or :class:`NotFound`) line.
+    """
+    import duckdb
+
+    p = Path(path)
+    if not p.is_file():
+        raise NotFound(f"{what} file {p} does not exist")
+    name = f"{what} {_source_name(p)}"
+    suffixes = "".join(p.suffixes).lower()
+    if p.stat().st_size == 0:
+        raise InvalidInput(f"{name} is empty (0 bytes)")
+    con = duckdb.connect()
+    try:
+        if suffixes.endswith((".parquet", ".pq")):
+            rel = con.read_parquet(str(p))
+        elif suffixes.endswith(csv_suffixes):
+            rel = con.read_csv(str(p))
+        else:
+            raise InvalidInput(f"{name}: unknown format; use a .csv or .parquet file")
+        return list(rel.columns), rel.fetchnumpy()
+    except duckdb.Error as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidInput(f"{name} could not be read: {first}") from None
+    finally:
+        con.close()
+
+
 def load_log(path: str | Path, *, actions: Sequence[Any] | None = None, max_onehot: int = 16) -> BanditLog:
     """Read and validate a CSV or Parquet log (see the module docstring for its columns).
 
     Raises :class:`InvalidInput` naming the row and column of the first problem: a missing column, a
     propensity outside (0, 1], a missing or non-finite reward, an empty file.
     """
-    import duckdb
-
-    p = Path(path)
-    if not p.is_file():
-        raise NotFound(f"log file {p} does not exist")
-    name = _source_name(p)
-    suffixes = "".join(p.suffixes).lower()
-    if p.stat().st_size == 0:
-        raise InvalidInput(f"log {name} is empty (0 bytes)")
-    con = duckdb.connect()
-    try:
-        if suffixes.endswith((".parquet", ".pq")):
-            rel = con.read_parquet(str(p))
-        elif suffixes.endswith((".csv", ".csv.gz", ".tsv", ".txt")):
-            rel = con.read_csv(str(p))
-        else:
-            raise InvalidInput(f"log {name}: unknown format; use a .csv or .parquet file")
-        columns = list(rel.columns)
-        data = rel.fetchnumpy()
-    except duckdb.Error as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InvalidInput(f"log {name} could not be read: {first}") from None
-    finally:
-        con.close()
+    name = _source_name(Path(path))
+    columns, data = read_columns(path, "log", csv_suffixes=(".csv", ".csv.gz", ".tsv", ".txt"))
     return _build(data, columns, name, actions=actions, max_onehot=max_onehot)
 
 

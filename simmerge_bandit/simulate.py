@@ -30,8 +30,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import stats
 
-from .errors import InvalidInput, NotFound
-from .replay import PolicySpec, column_kind, make_learned_policy, missing_mask, parse_policy
+from .errors import InvalidInput
+from .replay import PolicySpec, column_kind, make_learned_policy, missing_mask, parse_policy, read_columns
 from .zoo import TABLE_COLUMNS as ZOO_COLUMNS  # outcomes and bookkeeping of a zoo table, never features
 
 KEYS = ("task", "model_a", "model_b", "operator")
@@ -63,24 +63,8 @@ class MergeTable:
 def load_table(path: str | Path, *, feature_columns: Sequence[str] | None = None,
                features: Mapping | Callable | None = None) -> MergeTable:
     """Read a merge table (Parquet or CSV) through DuckDB and check that it is complete."""
-    import duckdb
-
     p = Path(path)
-    if not p.is_file():
-        raise NotFound(f"merge table {p} does not exist")
-    if p.stat().st_size == 0:
-        raise InvalidInput(f"merge table {p.name} is empty (0 bytes)")
-    con = duckdb.connect()
-    try:
-        low = p.name.lower()
-        rel = con.read_csv(str(p)) if low.endswith((".csv", ".csv.gz")) else con.read_parquet(str(p))
-        columns = list(rel.columns)
-        data = rel.fetchnumpy()
-    except duckdb.Error as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InvalidInput(f"merge table {p.name} could not be read: {first}") from None
-    finally:
-        con.close()
+    columns, data = read_columns(p, "merge table")
     return table_from_frame(data, source=p.name, columns=columns, feature_columns=feature_columns,
                             features=features)
 

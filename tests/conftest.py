@@ -90,6 +90,24 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="session")
+def unit_zoo_dir(tmp_path_factory) -> Path:
+    """The `unit` micro-zoo, built once per test session (a few seconds) and shared by every test module."""
+    from simmerge_bandit.zoo import build_zoo
+
+    root = tmp_path_factory.mktemp("unit-zoo")
+    build_zoo(root, "unit", progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def unit_zoo(unit_zoo_dir) -> tuple[Path, dict]:
+    """(directory, manifest as build_zoo returns it) of the shared unit zoo (a cache hit here)."""
+    from simmerge_bandit.zoo import build_zoo
+
+    return unit_zoo_dir, build_zoo(unit_zoo_dir, "unit", progress=False)
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

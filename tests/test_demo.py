@@ -9,10 +9,10 @@ from simmerge_bandit.demo import LATE_OPERATOR, run_demo
 from simmerge_bandit.store import Store
 
 
-def test_demo_loop_learns_from_real_merges(tmp_path, monkeypatch):
-    monkeypatch.setenv("SIMMERGE_CACHE", str(tmp_path / "cache"))
+def test_demo_loop_learns_from_real_merges(tmp_path, unit_zoo_dir):
     lines = []
-    res = run_demo(tmp_path / "home", rounds=4, preset="unit", eval_limit=12, echo=lines.append)
+    res = run_demo(tmp_path / "home", rounds=4, preset="unit", zoo_dir=unit_zoo_dir, eval_limit=12,
+                   echo=lines.append)
     assert len(res["rounds"]) == 4
     for r in res["rounds"]:
         assert 0.0 <= r["reward"] <= 2.0 and r["oracle"] >= max(r["fixed"].values()) - 1e-12

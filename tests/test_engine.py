@@ -1,7 +1,6 @@
 """The decision engine on real tiny checkpoints, real signals and a real DuckDB file."""
 
 import json
-import math
 
 import numpy as np
 import pytest

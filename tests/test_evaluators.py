@@ -18,16 +18,9 @@ from simmerge_bandit.evaluators.exact_match import clean, exact_match_score, gre
 from simmerge_bandit.evaluators.external import render_command, resolve_metric
 from simmerge_bandit.evaluators.loglik import loglik_score
 from simmerge_bandit.store import Store
-from simmerge_bandit.zoo import build_zoo
 
 from conftest import write_jsonl
 
-
-@pytest.fixture(scope="module")
-def unit_zoo(tmp_path_factory):
-    # The same directory as tests/test_zoo.py uses: whichever module runs second gets the cached build.
-    root = tmp_path_factory.getbasetemp() / "unit-zoo"
-    return root, build_zoo(root, "unit", progress=False)
 
 
 @pytest.fixture(scope="module")

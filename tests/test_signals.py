@@ -33,12 +33,8 @@ from conftest import make_llama, write_jsonl
 
 
 @pytest.fixture(scope="session")
-def unit_zoo(tmp_path_factory) -> Path:
-    from simmerge_bandit.zoo import build_zoo
-
-    root = tmp_path_factory.mktemp("signals-zoo")
-    build_zoo(root, preset="unit", progress=False)
-    return root
+def unit_zoo(unit_zoo_dir) -> Path:
+    return unit_zoo_dir  # the session-wide unit zoo of conftest.py, as a directory
 
 
 def _zoo(unit_zoo: Path) -> tuple[list[str], list[dict]]:

@@ -24,12 +24,6 @@ from simmerge_bandit.zoo_tasks import TASKS, task_rows
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
-@pytest.fixture(scope="module")
-def unit_zoo(tmp_path_factory):
-    # The same directory as tests/test_evaluators.py uses: whichever module runs second gets the cached build.
-    root = tmp_path_factory.getbasetemp() / "unit-zoo"
-    return root, build_zoo(root, "unit", progress=False)
-
 
 @pytest.fixture(scope="module")
 def unit_table(unit_zoo):

@@ -39,6 +39,8 @@ REWARD = "normalized_score"
 OUTCOMES = ("score", REWARD)
 #: columns whose name starts with this describe the operator, not the pair
 OP_FEATURE_PREFIX = "op_"
+#: suffix of a policy warm-started from the SimMerge predictor fitted on the training tasks
+WARM = "@predictor"
 
 
 @dataclass
@@ -357,6 +359,16 @@ def _pick(ranking, ops: np.ndarray, table: MergeTable) -> int:
         raise InvalidInput(f"policy chose unknown operator {name!r}") from None
 
 
+def _greedy(ranking) -> int:
+    """The candidate with the highest predicted reward: what the policy recommends once exploring is over (no
+    exploration bonus, no floor). Policies without a prediction fall back to their own scores."""
+    pred = getattr(ranking, "predicted", None)
+    vals = np.asarray(ranking.scores if pred is None else pred, dtype=float)
+    if not np.isfinite(vals).all() or np.ptp(vals) == 0:
+        vals = np.asarray(ranking.scores, dtype=float)
+    return int(np.argmax(vals))
+
+
 def _own_propensity(ranking) -> float:
     """The probability the policy had of its own choice (1 when its ranking carries none)."""
     p = getattr(ranking, "propensity", None)
@@ -404,6 +416,8 @@ def simulate(table: MergeTable, policies: Iterable[str | PolicySpec], *, rounds:
     if np.all(arrival > 0):
         raise InvalidInput("at least one operator must be available from round 0")
     for s in specs:
+        if s.name.endswith(WARM) and not holdout_tasks:
+            raise InvalidInput(f"{s.text}: a warm start is fitted on the training tasks; pass --holdout-tasks")
         if s.name == "fixed" and s.action not in table.operators:
             raise InvalidInput(f"{s.text}: operator {s.action} is not in the table ({', '.join(table.operators)})")
 
@@ -444,8 +458,9 @@ def simulate(table: MergeTable, policies: Iterable[str | PolicySpec], *, rounds:
             if spec.direct:
                 chosen, reward, final = _direct(spec, table, stream, avail_at, R_stream, pool, arrival)
             else:
-                policy = factory(spec, int(s))
-                if holdout_tasks and pretrain:
+                policy = factory(spec, int(s)) if not spec.name.endswith(WARM) else \
+                    _warm_started(spec, int(s), X, table, train)
+                if holdout_tasks and pretrain and not spec.name.endswith(WARM):  # a warm start is pretrained
                     if callable(getattr(policy, "fit", None)):
                         # A supervised policy (the predictor) is fitted on every training row in one batch solve.
                         cs, ks = train[order // K], order % K
@@ -465,12 +480,27 @@ def simulate(table: MergeTable, policies: Iterable[str | PolicySpec], *, rounds:
                                       _own_propensity(ranking))
                 reward = R_stream[np.arange(rounds), chosen]
                 all_ops = np.arange(K)
-                final = float(np.mean([table.R[c, _pick(policy.rank(_candidates(X[c], all_ops, table)), all_ops,
-                                                        table)] for c in pool]))
+                final = float(np.mean([table.R[c, all_ops[_greedy(policy.rank(_candidates(X[c], all_ops, table)))]]
+                                       for c in pool]))
             late_first, late_share = _late_stats(late, table, chosen, R_stream, avail_at, arrival)
             runs[spec.text].append(SeedRun(stream, chosen, reward, oracle, fixed, final, late_first, late_share))
     return Simulation(table, table.operators[best_fixed], rounds, budget, seed_list, pool, runs,
                       oracle_final, fixed_final, alpha)
+
+
+def _warm_started(spec: PolicySpec, seed: int, X: np.ndarray, table: MergeTable, train: np.ndarray):
+    """``NAME@predictor``: NAME with the SimMerge predictor, fitted on every training row, as its prior (as the
+    engine's ``NAME@predictor`` after ``simmerge predictor fit``)."""
+    from .policies import make_policy
+
+    K = len(table.operators)
+    cs, ks = np.repeat(train, K), np.tile(np.arange(K), len(train))
+    ok = np.isfinite(table.R[cs, ks])
+    cs, ks = cs[ok], ks[ok]
+    prior = make_policy("predictor", seed=seed).fit(X[cs], table.Z[ks], [table.operators[k] for k in ks],
+                                                    table.R[cs, ks])
+    params = {"seed": seed, **spec.params}
+    return make_policy(spec.name[: -len(WARM)], prior=prior, **params)
 
 
 def _direct(spec: PolicySpec, table: MergeTable, stream, avail_at, R_stream, pool, arrival):

@@ -23,6 +23,7 @@ from simmerge_bandit.catalog import Catalog
 from simmerge_bandit.cli import cli
 from simmerge_bandit.errors import InvalidCheckpoint, InvalidInput
 from simmerge_bandit.signals import FEATURE_NAMES, FEATURES, SignatureConfig, cache, features, functional
+from simmerge_bandit.signals.schema import FEATURES_BY_KIND, SHIFT_SOURCES
 from simmerge_bandit.store import Store
 
 from conftest import make_llama, write_jsonl
@@ -116,7 +117,7 @@ def test_schema_is_ordered_named_and_versioned():
     prefixes = ("kl_", "js_", "agree_", "entropy_", "cos_", "cka_", "overlap_", "norm_", "dist_")
     assert all(n.startswith(prefixes) for n in FEATURE_NAMES)
     for f in FEATURES:
-        assert f.kind in ("distribution", "activation", "task_vector")
+        assert f.kind in ("distribution", "activation", "task_vector", "shift")
         assert f.swap in ("symmetric", "negated", "reciprocal") or f.swap.split(":")[1] in FEATURE_NAMES
     assert [d["name"] for d in signals.feature_schema()] == list(FEATURE_NAMES)
     cfg = SignatureConfig()
@@ -181,7 +182,11 @@ def test_identities(store, unit_zoo):
     for exact in (False, True):
         v = signals.pair_features(store, y, y, t1, exact=exact).values
         assert set(v) == set(FEATURE_NAMES)
+        for side_a, _, _ in SHIFT_SOURCES:     # both sides are the same model, so the same shift from the base
+            assert v[side_a.format("a")] == pytest.approx(v[side_a.format("b")], rel=1e-6, abs=1e-9)
         for n in FEATURE_NAMES:
+            if n in FEATURES_BY_KIND["shift"]:
+                continue
             if n.startswith(("kl_", "js_", "entropy_")):
                 assert abs(v[n]) <= 1e-5, (n, v[n])
             elif n.startswith(("cos_", "cka_", "agree_", "overlap_", "norm_ratio")):
@@ -199,8 +204,9 @@ def test_symmetry_follows_the_schema(store, unit_zoo):
     for (a, b), x in row.items():
         y = row[(b, a)]
         for i, f in enumerate(FEATURES):
-            if np.isnan(x[i]):
-                assert np.isnan(y[i])
+            src = FEATURE_NAMES.index(f.swap.split(":")[1]) if f.swap.startswith("swap:") else i
+            if np.isnan(x[src]):
+                assert np.isnan(y[i]), (a, b, f.name)
                 continue
             if f.swap == "symmetric":
                 expect = x[i]
@@ -220,9 +226,11 @@ def test_feature_matrix_rows_equal_pair_features(store, unit_zoo):
     for i, (a, b) in enumerate(pairs):
         pf = signals.pair_features(store, a, b, t3)
         np.testing.assert_allclose(X[i], pf.vector(), rtol=1e-5, atol=1e-6, equal_nan=True)
-    # the base has no task vector: those features are absent, the others present
-    tv = [FEATURE_NAMES.index(f.name) for f in FEATURES if f.kind == "task_vector"]
-    assert np.isnan(X[1, tv]).all() and np.isfinite(np.delete(X[1], tv)).all()
+    # the base has no task vector and no shift from a base: those features are absent, the others present
+    gone = [FEATURE_NAMES.index(f.name) for f in FEATURES if f.kind == "task_vector" or
+            f.name in [n.format("a") for n, _, _ in SHIFT_SOURCES]]
+    assert np.isnan(X[1, gone]).all() and np.isfinite(np.delete(X[1], gone)).all()
+    assert "no base" in signals.pair_features(store, "base", z, t3).absent["kl_base_a_mean"]
     assert signals.feature_matrix(store, [], t3)[0].shape == (0, len(FEATURE_NAMES))
 
 
@@ -367,10 +375,13 @@ def test_no_tokenizer_gives_structural_features_only(store, unit_zoo, tmp_path):
         functional.load_tokenizer(bare, "bare")
     assert signals.ensure_signatures(store, ["bare", x], t1) == 1
     pf = signals.pair_features(store, "bare", x, t1)
-    functional_names = [f.name for f in FEATURES if f.kind != "task_vector"]
+    # bare's own shift from the base is absent too; x's (side b) still comes
+    functional_names = [f.name for f in FEATURES if f.kind in ("distribution", "activation")
+                        or f.name in [n.format("a") for n, _, _ in SHIFT_SOURCES]]
     assert set(pf.absent) == set(functional_names)
     assert all("no tokenizer" in pf.absent[n] for n in functional_names)
-    assert set(pf.values) == {f.name for f in FEATURES if f.kind == "task_vector"}
+    assert set(pf.values) == {f.name for f in FEATURES if f.kind == "task_vector"
+                              or f.name in [n.format("b") for n, _, _ in SHIFT_SOURCES]}
 
 
 def test_nan_weights_are_refused_naming_model_and_layer(store, unit_zoo, tmp_path):
@@ -406,13 +417,16 @@ def test_different_vocabularies_and_bases_are_absent_with_reasons(store, unit_zo
     cat.add_model(tiny_models["base"], name="other-base")
     cat.add_model(tiny_models["ft_a"], name="other-ft", base="other-base")
     pf = signals.pair_features(store, x, "odd", t1)
-    assert set(pf.values) == set()
+    shift_a = [n.format("a") for n, _, _ in SHIFT_SOURCES]
+    assert set(pf.values) == set(shift_a)        # only x's own shift from its base
+    assert "no base" in pf.absent["kl_base_b_mean"]
     assert "different vocabularies" in pf.absent["kl_ab_mean"] and "no base" in pf.absent["cos_tv_global"]
     pf = signals.pair_features(store, x, "other-ft", t1)
     assert "different bases" in pf.absent["cos_tv_global"]
     assert {f.name for f in FEATURES if f.kind == "distribution"} <= set(pf.values)  # same tokenizer: comparable
     X, _ = signals.feature_matrix(store, [(x, "odd"), (x, y), (x, "other-ft")], t1)
-    assert np.isnan(X[0]).all() and np.isfinite(X[1]).all()
+    keep = [FEATURE_NAMES.index(n) for n in shift_a]
+    assert np.isnan(np.delete(X[0], keep)).all() and np.isfinite(X[0, keep]).all() and np.isfinite(X[1]).all()
 
 
 # ---------------------------------------------------------------------------------------------------------------

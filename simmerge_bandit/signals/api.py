@@ -15,7 +15,8 @@ import numpy as np
 from ..errors import IncompatibleModels, InvalidInput
 from . import cache, exact, features, functional, structural
 from .cache import Signature
-from .schema import FEATURE_NAMES, FEATURE_SCHEMA_VERSION, FEATURES_BY_KIND, SignatureConfig, features_version
+from .schema import (FEATURE_NAMES, FEATURE_SCHEMA_VERSION, FEATURES_BY_KIND, SHIFT_SOURCES, SignatureConfig,
+                     features_version)
 
 DEFAULT_CONFIG = SignatureConfig()
 
@@ -278,31 +279,54 @@ def feature_matrix(store, pairs: Sequence[tuple[str, str]], task_name: str, *,
     if not pairs:
         return np.zeros((0, len(FEATURE_NAMES))), list(FEATURE_NAMES)
     names = list(dict.fromkeys(n for p in pairs for n in p))
-    fs, ss, _, _ = _load_pair_sigs(store, names, task_name, config)
+    rows = _model_rows(store)
+    bases = [b for b in dict.fromkeys(rows[n]["base"] for n in names if n in rows) if b and b not in names]
+    fs, ss, _, _ = _load_pair_sigs(store, names + bases, task_name, config, rows)
     # one slot per distinct (functional, structural) signature pair, so duplicates share stacks
     slot_of: dict[tuple, int] = {}
     name_slot = {}
     f_slots, s_slots = [], []
-    for n in names:
+    for n in names + bases:
         key = (fs[n].key if fs[n] else None, ss[n].key if ss[n] else None)
         if key not in slot_of:
             slot_of[key] = len(f_slots)
             f_slots.append(fs[n])
             s_slots.append(ss[n])
         name_slot[n] = slot_of[key]
+    base_slot = np.full(len(f_slots), -1, dtype=np.int64)
+    for n in names:
+        if rows[n]["base"]:
+            base_slot[name_slot[n]] = name_slot[rows[n]["base"]]
     ia = np.fromiter((name_slot[a] for a, _ in pairs), dtype=np.int64, count=len(pairs))
     ib = np.fromiter((name_slot[b] for _, b in pairs), dtype=np.int64, count=len(pairs))
-    return features.compute_matrix(f_slots, s_slots, ia, ib), list(FEATURE_NAMES)
+    return features.compute_matrix(f_slots, s_slots, ia, ib, base_slot), list(FEATURE_NAMES)
 
 
 def absence_reasons(a: str, b: str, fa: Signature | None, fb: Signature | None, sa: Signature | None,
-                    sb: Signature | None, rows: dict) -> dict[str, str]:
-    """Why each family of features cannot be computed for (a, b), by feature name (empty when all can)."""
+                    sb: Signature | None, rows: dict, base_f: dict | None = None) -> dict[str, str]:
+    """Why each family of features cannot be computed for (a, b), by feature name (empty when all can).
+
+    ``base_f`` maps each model's base to its functional signature on the task's probes (for the shift family).
+    """
     reasons: dict[str, str] = {}
 
     def put(kind_names, why):
         for n in kind_names:
             reasons.setdefault(n, why)
+
+    for side, name, f in (("a", a, fa), ("b", b, fb)):
+        shift = [n.format(side) for n, _, _ in SHIFT_SOURCES]
+        base = rows[name]["base"]
+        fbase = (base_f or {}).get(base)
+        if not base:
+            put(shift, f"model {name!r} has no base to measure its shift from")
+        elif f is not None and not f.ok:
+            put(shift, f.reason)
+        elif fbase is None or not fbase.ok:
+            put(shift, fbase.reason if fbase is not None else f"no signature of {base!r} on these probes")
+        elif f is not None and features.dist_key(f) != features.dist_key(fbase):
+            put(shift, f"{name!r} and its base {base!r} have different vocabularies, tokenizations or "
+                       f"next-token summaries, so their distributions do not align")
 
     dist, act, tv = FEATURES_BY_KIND["distribution"], FEATURES_BY_KIND["activation"], FEATURES_BY_KIND["task_vector"]
     for name, f in ((a, fa), (b, fb)):
@@ -359,7 +383,9 @@ def pair_features(store, a: str, b: str, task_name: str, exact: bool = False, *,
     config = config or DEFAULT_CONFIG
     # cheap when cached (file stats and one query), and it catches weights changed on disk since the last call
     ensure_signatures(store, [a, b], task_name, config=config, device=device)
-    fs, ss, probes, rows = _load_pair_sigs(store, [a, b], task_name, config)
+    rows = _model_rows(store)
+    bases = [x for x in dict.fromkeys(rows[n]["base"] for n in (a, b) if n in rows) if x and x not in (a, b)]
+    fs, ss, probes, rows = _load_pair_sigs(store, [a, b, *bases], task_name, config, rows)
     ra, rb = rows[a], rows[b]
     bfp = {n: (rows[rows[n]["base"]]["fingerprint"] if rows[n]["base"] else "") for n in (a, b)}
     mode = "exact" if exact else "sketch"
@@ -368,11 +394,15 @@ def pair_features(store, a: str, b: str, task_name: str, exact: bool = False, *,
     hit = cache.load_features(store, fkey)
     if hit is not None:
         return PairFeatures(hit[0], hit[1], mode, meta)
-    reasons = absence_reasons(a, b, fs[a], fs[b], ss[a], ss[b], rows)
+    base_f = {x: fs[x] for n in (a, b) if (x := rows[n]["base"])}
+    reasons = absence_reasons(a, b, fs[a], fs[b], ss[a], ss[b], rows, base_f)
     if exact:
         values = _exact_values(a, b, fs, ss, probes, rows, config, device, reasons)
     else:
-        vec = features.compute_matrix([fs[a], fs[b]], [ss[a], ss[b]], np.array([0]), np.array([1]))[0]
+        slots = [a, b, *bases]
+        base_slot = [slots.index(rows[n]["base"]) if rows[n]["base"] else -1 for n in slots]
+        vec = features.compute_matrix([fs[n] for n in slots], [ss[n] for n in slots], np.array([0]),
+                                      np.array([1]), base_slot)[0]
         values = {n: float(vec[i]) for i, n in enumerate(FEATURE_NAMES) if math.isfinite(vec[i])}
     values = {n: v for n, v in values.items() if n not in reasons and math.isfinite(v)}
     absent = {n: reasons.get(n, "not finite: degenerate signature (constant states or zero variance)")
@@ -385,14 +415,26 @@ def _exact_values(a, b, fs, ss, probes, rows, config, device, reasons) -> dict[s
     from ..checkpoint import read_checkpoint
 
     values: dict[str, float] = {}
+    raws: dict[str, tuple] = {}
+
+    def raw(n):
+        if n not in raws:
+            _, arrays, r = functional.compute(rows[n]["path"], probes.prompts, config, model_name=n,
+                                              device=device, keep_raw=True)
+            raws[n] = (r, arrays)
+        return raws[n]
+
     fam = FEATURES_BY_KIND["distribution"] + FEATURES_BY_KIND["activation"]
     if not all(n in reasons for n in fam):
-        raws = {}
-        for n in (a, b):
-            _, arrays, raw = functional.compute(rows[n]["path"], probes.prompts, config, model_name=n,
-                                                device=device, keep_raw=True)
-            raws[n] = (raw, arrays)
-        values.update(exact.functional_values(raws[a][0], raws[b][0], raws[a][1], raws[b][1]))
+        (raw_a, arr_a), (raw_b, arr_b) = raw(a), raw(b)
+        values.update(exact.functional_values(raw_a, raw_b, arr_a, arr_b))
+    for side, n in (("a", a), ("b", b)):
+        names = [name.format(side) for name, _, _ in SHIFT_SOURCES]
+        if not all(x in reasons for x in names):
+            (raw_base, arr_base), (raw_n, arr_n) = raw(rows[n]["base"]), raw(n)
+            pair = exact.functional_values(raw_base, raw_n, arr_base, arr_n)
+            values.update({name: sign * pair[src] for name, (_, src, sign) in zip(names, SHIFT_SOURCES)
+                           if src in pair})
     if not all(n in reasons for n in FEATURES_BY_KIND["task_vector"]):
         base = rows[rows[a]["base"]]
         values.update(exact.structural_values(read_checkpoint(rows[a]["path"]), read_checkpoint(rows[b]["path"]),

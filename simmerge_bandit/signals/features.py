@@ -31,7 +31,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .cache import Signature
-from .schema import FEATURE_INDEX, FEATURE_NAMES
+from .schema import FEATURE_INDEX, FEATURE_NAMES, SHIFT_SOURCES
 
 _LN2 = math.log(2.0)
 #: Elements a block may hold in its largest temporary (floats).
@@ -434,11 +434,18 @@ def _tv_features(sigs: Sequence[Signature], la, lb, out, rows) -> None:
 
 
 def compute_matrix(functional: Sequence[Signature | None], structural: Sequence[Signature | None],
-                   ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
-    """Features (n_pairs, n_features) of pairs ``(ia[i], ib[i])`` of signature slots; NaN where absent."""
+                   ia: np.ndarray, ib: np.ndarray, base_slot: Sequence[int] | None = None) -> np.ndarray:
+    """Features (n_pairs, n_features) of pairs ``(ia[i], ib[i])`` of signature slots; NaN where absent.
+
+    ``base_slot[s]`` is the slot holding the functional signature of slot ``s``'s base on the same probes (-1
+    when there is none); without it the shift family is absent. Base slots share the stacks of the models, so
+    the shift costs one more row per base, not another stack.
+    """
     ia = np.asarray(ia, dtype=np.int64)
     ib = np.asarray(ib, dtype=np.int64)
     out = np.full((len(ia), len(FEATURE_NAMES)), np.nan)
+    if base_slot is not None and len(ia):
+        _shift_features(functional, np.asarray(base_slot, dtype=np.int64), ia, ib, out)
     for key_fn, fn in ((dist_key, _dist_features), (cka_key, lambda *a: _act_features("cka", *a)),
                        (cos_key, lambda *a: _act_features("cos", *a))):
         keys = [key_fn(s) for s in functional]
@@ -449,6 +456,24 @@ def compute_matrix(functional: Sequence[Signature | None], structural: Sequence[
         _tv_features([structural[s] for s in slots], la, lb, out, rows)
     out[~np.isfinite(out)] = np.nan
     return out
+
+
+def _shift_features(functional: Sequence[Signature | None], base_slot: np.ndarray, ia: np.ndarray, ib: np.ndarray,
+                    out: np.ndarray) -> None:
+    """Each model's shift from its base (the distribution family of the pair (base, model)), for both sides."""
+    used = np.unique(np.concatenate([ia, ib]))
+    used = used[base_slot[used] >= 0]
+    if not len(used):
+        return
+    pb, pm = base_slot[used], used
+    tmp = np.full((len(used), len(FEATURE_NAMES)), np.nan)
+    keys = [dist_key(s) for s in functional]
+    for slots, rows, la, lb in _groups(keys, pb, pm):
+        _dist_features([functional[s] for s in slots], la, lb, tmp, rows)
+    shift = np.full((len(functional), len(SHIFT_SOURCES)), np.nan)
+    shift[used] = tmp[:, [FEATURE_INDEX[src] for _, src, _ in SHIFT_SOURCES]] * [s for _, _, s in SHIFT_SOURCES]
+    for side, idx in (("a", ia), ("b", ib)):
+        out[:, [FEATURE_INDEX[name.format(side)] for name, _, _ in SHIFT_SOURCES]] = shift[idx]
 
 
 def clear_stacks() -> None:

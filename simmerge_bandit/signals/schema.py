@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 
-FEATURE_SCHEMA_VERSION = 1
+FEATURE_SCHEMA_VERSION = 2
 SIGNATURE_VERSION = 1
 #: Version of the sketch estimators in :mod:`.features` (part of the key of stored pair features).
 ESTIMATOR_VERSION = 1
@@ -24,7 +24,8 @@ class FeatureSpec:
     """One feature of an ordered pair (a, b)."""
 
     name: str
-    #: ``distribution`` (next-token distributions), ``activation`` (hidden states) or ``task_vector`` (weights).
+    #: ``distribution`` (next-token distributions), ``activation`` (hidden states), ``task_vector`` (weights) or
+    #: ``shift`` (how far each model's next-token distributions moved from its base's on the task's probes).
     kind: str
     description: str
     #: (low, high) when the feature is bounded, else None. Bounded features are compared to --exact within 0.05
@@ -39,6 +40,7 @@ _LN2 = 0.6931471805599453
 _D = "distribution"
 _A = "activation"
 _T = "task_vector"
+_S = "shift"
 
 FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec("kl_ab_mean", _D, "KL(a||b) of the next-token distributions, mean over probe positions (nats)",
@@ -78,11 +80,34 @@ FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec("norm_ratio_tv", _T, "||a - base|| / ||b - base||", None, "reciprocal"),
     FeatureSpec("dist_l2_rel", _T, "||a - b|| / ||base||, the weight distance relative to the base's norm", None,
                 "symmetric"),
+    # Schema 2: each model against its base on the task's probes. Similarity of a and b alone cannot say which of
+    # them specialised in this task; how far fine-tuning moved each one's predictions on the task's own (unlabeled)
+    # prompts can, and that decides e.g. which side a SLERP or a weighted merge should favour.
+    *(spec for side in "ab" for spec in (
+        FeatureSpec(f"kl_base_{side}_mean", _S, f"KL(base||{side}) of the next-token distributions on the task's "
+                    "probes, mean over positions (nats): how far fine-tuning moved " + side + " on this task",
+                    None, f"swap:kl_base_{'ba'[side == 'b']}_mean"),
+        FeatureSpec(f"kl_{side}_base_mean", _S, f"KL({side}||base), mean over probe positions (nats)", None,
+                    f"swap:kl_{'ba'[side == 'b']}_base_mean"),
+        FeatureSpec(f"js_base_{side}_mean", _S, f"Jensen-Shannon divergence of {side}'s and the base's next-token "
+                    "distributions, mean over probe positions (nats, at most ln 2)", (0.0, _LN2),
+                    f"swap:js_base_{'ba'[side == 'b']}_mean"),
+        FeatureSpec(f"agree_top1_base_{side}", _S, f"fraction of probe positions where {side}'s and the base's most "
+                    "likely next tokens agree", (0.0, 1.0), f"swap:agree_top1_base_{'ba'[side == 'b']}"),
+        FeatureSpec(f"entropy_diff_{side}_base", _S, f"mean over probe positions of H({side}) - H(base), next-token "
+                    "entropies (nats): negative when fine-tuning made it surer on this task", None,
+                    f"swap:entropy_diff_{'ba'[side == 'b']}_base"),
+    )),
 )
 
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 FEATURE_INDEX = {n: i for i, n in enumerate(FEATURE_NAMES)}
-FEATURES_BY_KIND = {k: tuple(f.name for f in FEATURES if f.kind == k) for k in (_D, _A, _T)}
+#: Shift features of one side, in schema order, and the pair feature of (base, model) each one is read from
+#: (with its sign): the shift of a model is the distribution family of the pair (its base, the model).
+SHIFT_SOURCES: tuple[tuple[str, str, float], ...] = (
+    ("kl_base_{}_mean", "kl_ab_mean", 1.0), ("kl_{}_base_mean", "kl_ba_mean", 1.0), ("js_base_{}_mean", "js_mean", 1.0),
+    ("agree_top1_base_{}", "agree_top1", 1.0), ("entropy_diff_{}_base", "entropy_diff_mean", -1.0))
+FEATURES_BY_KIND = {k: tuple(f.name for f in FEATURES if f.kind == k) for k in (_D, _A, _T, _S)}
 
 
 @dataclass(frozen=True)

@@ -14,26 +14,51 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.linalg.blas import daxpy, dgemv
+from scipy.linalg.blas import daxpy, ddot, dgemv, dger
 
 from ..errors import InvalidInput
-from .base import Candidates, Policy, is_number, padded, require, sherman_morrison, with_intercept
+from .base import Candidates, Policy, Scratch, is_number, padded, quad_forms, require, with_intercept
 
 
 class PerArmRidge:
-    """One ridge regression per arm over ``p`` features, grown as arms appear."""
+    """One ridge regression per arm over ``p`` features, grown as arms appear.
+
+    Each arm's row holds ``[A^-1 | theta]`` as one ``(p, p + 1)`` block, so one matrix-vector product gives
+    ``A^-1 x`` and ``theta^T x`` and one rank-one write updates both (see :meth:`update`).
+    """
 
     def __init__(self, p: int, l2: float):
         self.p = p
         self.l2 = l2
         self.index: dict[str, int] = {}
-        self._Ainv = np.empty((0, p, p))
+        self._G = np.empty((0, p, p + 1))     # per row: [A^-1 | theta]
         self._b = np.empty((0, p))
-        self._theta = np.empty((0, p))
-        self._count = np.empty(0, dtype=np.int64)
+        self._count: list[int] = []
+        self._rows: list[tuple[np.ndarray, np.ndarray]] = []  # per row: ([A^-1 | theta] in BLAS order, b)
+        self._xt = np.ones(p)  # the [1, x] of the update in progress
+        self.scratch = Scratch()
 
     def __len__(self) -> int:
         return len(self.index)
+
+    @property
+    def inverses(self) -> np.ndarray:
+        """``A^-1`` of every allocated row, ``(capacity, p, p)`` (a view)."""
+        return self._G[:, :, : self.p]
+
+    @property
+    def thetas(self) -> np.ndarray:
+        """``theta = A^-1 b`` of every allocated row, ``(capacity, p)`` (a view)."""
+        return self._G[:, :, self.p]
+
+    def count(self, i: int) -> int:
+        """How many observations row ``i`` has learned from."""
+        return self._count[i]
+
+    def lift(self, x: np.ndarray) -> np.ndarray:
+        """``[1, x]`` in a buffer reused by every update (valid until the next call)."""
+        self._xt[1:] = x
+        return self._xt
 
     def row(self, arm: str) -> int:
         """The row of ``arm``, adding a fresh (prior-only) one the first time."""
@@ -41,51 +66,73 @@ class PerArmRidge:
         if i is not None:
             return i
         i = len(self.index)
-        if i == self._Ainv.shape[0]:
+        if i == self._G.shape[0]:
             cap = max(4, 2 * i)
-            self._Ainv = _grow(self._Ainv, cap)
+            self._G = _grow(self._G, cap)
             self._b = _grow(self._b, cap)
-            self._theta = _grow(self._theta, cap)
-            self._count = _grow(self._count, cap)
-        self._Ainv[i] = np.eye(self.p) / self.l2
+        self._G[i, :, : self.p] = np.eye(self.p) / self.l2
+        self._G[i, :, self.p] = 0.0
         self._b[i] = 0.0
-        self._theta[i] = 0.0
-        self._count[i] = 0
+        self._count.append(0)
         self.index[arm] = i
+        self._views()
         return i
 
-    def update(self, i: int, xt: np.ndarray, r: float) -> None:
-        """Add observation ``(xt, r)`` to arm row ``i`` (Sherman-Morrison on the inverse)."""
-        sherman_morrison(self._Ainv[i], xt)
-        b = self._b[i] = daxpy(xt, self._b[i], a=r)  # in place for a contiguous row; the store keeps it certain
-        self._theta[i] = dgemv(1.0, self._Ainv[i].T, b)  # A^-1 b (symmetric A^-1: its transpose is BLAS order)
+    def _views(self) -> None:
+        # Views made once per row (and again when the arrays move), not on every update. The transpose of a
+        # C-ordered block is the same buffer in the Fortran order BLAS writes in place.
+        self._rows = [(self._G[i].T, self._b[i]) for i in range(len(self.index))]
+
+    def update(self, i: int, xt: np.ndarray, r: float) -> tuple[np.ndarray, float]:
+        """Add observation ``(xt, r)`` to arm row ``i``; returns ``(A^-1 xt, 1 + xt^T A^-1 xt)`` before it.
+
+        Sherman-Morrison with ``v = A^-1 xt``, ``c = 1 + xt^T v``: ``A^-1 -= v v^T / c``, and the same rank-one
+        term moves ``theta`` to ``A'^-1 (b + r xt) = theta + v (r - theta^T xt) / c``. On the ``[A^-1 | theta]``
+        block that is ``G -= v [v; theta^T xt - r]^T / c``: one product, one dot, one rank-one write, and
+        ``b += r xt`` for the snapshot. Four BLAS calls, positional arguments (f2py parses keywords several
+        times slower than this arithmetic takes), all in place. This is the hot path of every reward.
+        """
+        Gt, b = self._rows[i]
+        g = dgemv(1.0, Gt, xt)                     # [A^-1 xt; theta^T xt]
+        v = g[: self.p]
+        c = 1.0 + ddot(xt, v)
+        g[self.p] -= r
+        dger(-1.0 / c, g, v, 1, 1, Gt, 0, 0, 1)    # alpha, x, y, incx, incy, a, overwrite_x, overwrite_y, overwrite_a
+        daxpy(xt, b, self.p, r)                    # x, y, n, a
         self._count[i] += 1
+        return v, c
 
     def arm(self, arm: str) -> tuple[np.ndarray, np.ndarray]:
         """``(A^-1, theta)`` of ``arm`` (the prior values for an arm never seen)."""
         i = self.index.get(arm)
         if i is None:
             return np.eye(self.p) / self.l2, np.zeros(self.p)
-        return self._Ainv[i], self._theta[i]
+        return self._G[i, :, : self.p], self._G[i, :, self.p]
 
     def stack(self, arms: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(A^-1, theta)`` stacked for ``arms``, with the prior values where an arm was never seen."""
         rows = [self.index.get(a, -1) for a in arms]
         if rows == list(range(len(rows))) and rows:  # the usual case, every operator in order: views, no copy
-            return self._Ainv[: len(rows)], self._theta[: len(rows)]
-        if len(self.index) and -1 not in rows:
-            return self._Ainv[rows], self._theta[rows]
-        known = np.array(rows) >= 0
-        Ainv = np.empty((len(arms), self.p, self.p))
-        theta = np.empty((len(arms), self.p))
-        Ainv[known] = self._Ainv[np.array(rows)[known]]
-        theta[known] = self._theta[np.array(rows)[known]]
-        Ainv[~known] = np.eye(self.p) / self.l2
-        theta[~known] = 0.0
-        return Ainv, theta
+            G = self._G[: len(rows)]
+        elif len(self.index) and -1 not in rows:
+            G = self._G[rows]
+        else:
+            G = np.empty((len(arms), self.p, self.p + 1))
+            known = np.array(rows) >= 0
+            G[known] = self._G[np.array(rows)[known]]
+            G[~known, :, : self.p] = np.eye(self.p) / self.l2
+            G[~known, :, self.p] = 0.0
+        return G[:, :, : self.p], G[:, :, self.p]
 
-    def mean_width(self, cands: Candidates, Xt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Posterior mean ``x^T theta`` and width ``sqrt(x^T A^-1 x)`` of every candidate, all arms batched."""
+    def mean_width(self, cands: Candidates) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior mean ``x~^T theta`` and width ``sqrt(x~^T A^-1 x~)`` of every candidate, ``x~ = [1, x]``."""
+        g = cands.grid
+        if g is not None:  # per pair and operator: two matrix products over the P pair contexts
+            Xt = with_intercept(g.X)
+            Ainv, theta = self.stack(g.arms)
+            var = quad_forms(Xt, Ainv, self.scratch)
+            return (Xt @ theta.T).ravel(), np.sqrt(np.maximum(var, 0.0, out=var)).ravel()
+        Xt = with_intercept(cands.X)
         n = Xt.shape[0]
         Xp = padded(Xt) if cands.needs_padding else Xt
         mean = np.empty(n + 1)
@@ -99,15 +146,18 @@ class PerArmRidge:
 
     def arrays(self) -> dict[str, np.ndarray]:
         K = len(self.index)
-        return {"Ainv": self._Ainv[:K].copy(), "b": self._b[:K].copy(), "theta": self._theta[:K].copy(),
-                "count": self._count[:K].copy()}
+        return {"Ainv": self._G[:K, :, : self.p].copy(), "b": self._b[:K].copy(),
+                "theta": self._G[:K, :, self.p].copy(), "count": np.array(self._count, dtype=np.int64)}
 
     def load(self, arms: list[str], arrays: dict[str, np.ndarray]) -> None:
+        K, p = len(arms), self.p
         self.index = {a: i for i, a in enumerate(arms)}
-        self._Ainv = np.array(arrays["Ainv"], dtype=np.float64, order="C").reshape(len(arms), self.p, self.p)
-        self._b = np.array(arrays["b"], dtype=np.float64, order="C").reshape(len(arms), self.p)
-        self._theta = np.array(arrays["theta"], dtype=np.float64, order="C").reshape(len(arms), self.p)
-        self._count = np.array(arrays["count"], dtype=np.int64, order="C").reshape(len(arms))
+        self._G = np.empty((K, p, p + 1))
+        self._G[:, :, :p] = np.asarray(arrays["Ainv"], dtype=np.float64).reshape(K, p, p)
+        self._G[:, :, p] = np.asarray(arrays["theta"], dtype=np.float64).reshape(K, p)
+        self._b = np.array(arrays["b"], dtype=np.float64, order="C").reshape(K, p)
+        self._count = [int(c) for c in np.asarray(arrays["count"]).reshape(K)]
+        self._views()
 
 
 def _grow(a: np.ndarray, cap: int) -> np.ndarray:
@@ -175,16 +225,15 @@ class DisjointLinearPolicy(LinearPolicy):
         self._ridge: PerArmRidge | None = None
 
     def _mean_width(self, cands: Candidates) -> tuple[np.ndarray, np.ndarray]:
-        Xt = with_intercept(cands.X)
-        mean, width = self._model(Xt.shape[1]).mean_width(cands, Xt)
+        mean, width = self._model(cands.X.shape[1] + 1).mean_width(cands)
         prior = self._prior_mean(cands)
         return (mean if prior is None else mean + prior), width
 
     def _learn(self, x, arm, z, reward, propensity) -> None:
-        if self._ridge is None:
-            self._ridge = PerArmRidge(x.shape[0] + 1, self.l2)
-        xt = np.concatenate(([1.0], x))
-        self._ridge.update(self._ridge.row(arm), xt, self._residual(x, z, reward))
+        ridge = self._ridge
+        if ridge is None:
+            ridge = self._ridge = PerArmRidge(x.shape[0] + 1, self.l2)
+        ridge.update(ridge.row(arm), ridge.lift(x), reward if self.prior is None else self._residual(x, z, reward))
 
     def explain(self, x, arm, z) -> dict:
         x = np.asarray(x, dtype=np.float64).reshape(-1)

@@ -44,38 +44,53 @@ class LinTS(DisjointLinearPolicy):
                 out[r] = np.eye(p) / np.sqrt(self.l2)
                 continue
             cached = self._chol.get(arm)
-            if cached is not None and cached[0] == ridge._count[i]:
+            if cached is not None and cached[0] == ridge.count(i):
                 out[r] = cached[1]
             else:
                 stale.append((r, arm, i))
         if stale:
-            Ls = np.linalg.cholesky(ridge._Ainv[[i for _, _, i in stale]])
+            Ls = np.linalg.cholesky(ridge.inverses[[i for _, _, i in stale]])
             for (r, arm, i), L in zip(stale, Ls):
-                self._chol[arm] = (int(ridge._count[i]), L)
+                self._chol[arm] = (ridge.count(i), L)
                 out[r] = L
         return out
 
     def _score(self, cands):
-        Xt = with_intercept(cands.X)
-        ridge = self._model(Xt.shape[1])
-        mean, width = ridge.mean_width(cands, Xt)
+        p = cands.X.shape[1] + 1
+        ridge = self._model(p)
+        mean, width = ridge.mean_width(cands)
         prior = self._prior_mean(cands)
         if prior is not None:
             mean = mean + prior
-        M, n, p = self.n_samples, Xt.shape[0], Xt.shape[1]
-        Xp = padded(Xt)
-        S = np.empty((M, n + 1))
-        for arms, grid in cands.batches:
-            _, theta = ridge.stack(arms)
-            L = self._factors(arms, p)
-            E = self._rng.standard_normal((len(arms), M, p))
-            draws = theta[:, None, :] + self.v * (E @ L.transpose(0, 2, 1))  # (K, M, p) ~ N(theta, v^2 A^-1)
-            S[:, grid] = (draws @ Xp[grid].transpose(0, 2, 1)).transpose(1, 0, 2)
-        S = S[:, :n]
+        S = self._draw_scores(cands, ridge, p)  # (M, n): every candidate's reward under each draw
         if prior is not None:
             S += prior
-        wins = np.bincount(S.argmax(axis=1), minlength=n) / M
+        wins = np.bincount(S.argmax(axis=1), minlength=S.shape[1]) / self.n_samples
         return S[0].copy(), mean, self.v * width, wins
+
+    def _draws(self, ridge, arms: list[str], p: int) -> np.ndarray:
+        """``n_samples`` parameter vectors per arm, ``(K, M, p)`` in scratch memory, from ``N(theta_a, v^2 A_a^-1)``."""
+        _, theta = ridge.stack(arms)
+        shape = (len(arms), self.n_samples, p)
+        E = self._rng.standard_normal(out=ridge.scratch.get("normals", shape))
+        W = np.matmul(E, self._factors(arms, p).transpose(0, 2, 1), out=ridge.scratch.get("params", shape))
+        W *= self.v
+        W += theta[:, None, :]
+        return W
+
+    def _draw_scores(self, cands, ridge, p: int) -> np.ndarray:
+        """``(M, n)`` in scratch memory (64 draws of thousands of candidates would be fresh pages every time)."""
+        M, n = self.n_samples, len(cands)
+        g = cands.grid
+        if g is not None:  # the P pair contexts times each draw's K parameter vectors: (M, P, K), candidate order
+            W = self._draws(ridge, g.arms, p)
+            S = ridge.scratch.get("draws", (M, n // len(g.arms), len(g.arms)))
+            return np.matmul(with_intercept(g.X), W.transpose(1, 2, 0), out=S).reshape(M, n)
+        Xp = padded(with_intercept(cands.X))
+        S = ridge.scratch.get("draws", (M, n + 1))
+        for arms, grid in cands.batches:
+            S[:, grid] = (self._draws(ridge, arms, p) @ Xp[grid].transpose(0, 2, 1)).transpose(1, 0, 2)
+        return S[:, :n]
 
     def _load_state(self, arrays, meta) -> None:
         super()._load_state(arrays, meta)

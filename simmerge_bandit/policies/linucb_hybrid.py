@@ -14,13 +14,16 @@ per-operator model makes the shared part explain what it can and the per-operato
 Because an operator's descriptor is fixed, every shared row of operator ``a`` is ``phi = P_a x~`` with
 ``P_a = I (kron) z~_a``. That collapses Li et al.'s ``B_a`` to ``(A_a - m I) P_a^T`` (``m = arm_l2``) and gives:
 
-- width^2 = ``x~^T A_a^-1 x~ + m^2 (A_a^-1 x~)^T H_a (A_a^-1 x~)`` with ``H_a = P_a^T A_0^-1 P_a`` (small, per
-  operator, kept up to date by a rank-one correction per reward), so ranking costs O(n d^2) like disjoint
-  LinUCB, whatever the number of shared features;
+- width^2 = ``x~^T A_a^-1 x~ + m^2 (A_a^-1 x~)^T H_a (A_a^-1 x~) = x~^T M_a x~`` with ``H_a = P_a^T A_0^-1 P_a``
+  (small, per operator, kept up to date by a rank-one correction per reward) and
+  ``M_a = A_a^-1 + m^2 A_a^-1 H_a A_a^-1`` formed once per operator per ranking, so ranking costs one p x p
+  quadratic form per candidate, like disjoint LinUCB, whatever the number of shared features;
 - mean = ``x~^T A_a^-1 (b_a + m B z~_a)``;
 - per reward, ``A_0`` changes by a rank-one term ``w w^T`` with ``w = m P_a A_a^-1 x~ / sqrt(1 + x~^T A_a^-1 x~)``
   (the Schur complement update), so ``A_0^-1`` is maintained by Sherman-Morrison too, and
-  ``b_0 += m P_a (theta_a' - theta_a)`` with ``theta_a = A_a^-1 b_a``.
+  ``b_0 += m P_a (theta_a' - theta_a)`` with ``theta_a = A_a^-1 b_a``. ``beta = A_0^-1 b_0`` follows by the
+  same algebra, so an update reads the q x q matrix ``A_0^-1`` twice (``A_0^-1 P_a``, then the rank-one write)
+  and a ranking not at all.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+from scipy.linalg.blas import ddot, dger
 
 from ..errors import InvalidInput
 from ._ridge import LinearPolicy, PerArmRidge, _grow
-from .base import argmax_distribution, is_number, padded, require, sherman_morrison, with_intercept
+from .base import argmax_distribution, is_number, padded, quad_forms, require, with_intercept
 
 
 class HybridLinUCB(LinearPolicy):
@@ -52,7 +56,7 @@ class HybridLinUCB(LinearPolicy):
         self._H = np.empty((0, 0, 0))           # H_a = P_a^T A_0^-1 P_a per operator row
         self._A0inv = np.empty((0, 0))
         self._b0 = np.empty(0)
-        self._beta: np.ndarray | None = None    # A_0^-1 b_0, recomputed after updates
+        self._beta = np.empty(0)                # A_0^-1 b_0, updated with them
 
     # ---- shared part ----
 
@@ -62,97 +66,104 @@ class HybridLinUCB(LinearPolicy):
         self._H = np.empty((0, p, p))
         self._A0inv = np.eye(p * kt) / self.l2
         self._b0 = np.zeros(p * kt)
-        self._beta = None
+        self._beta = np.zeros(p * kt)
 
     def _project(self, zt: np.ndarray) -> np.ndarray:
         """``P^T A_0^-1 P`` for descriptor ``z~`` (contracting the shared index pairs, O(p^2 k^2))."""
         p, kt = self._ridge.p, zt.shape[0]
-        T = self._A0inv.reshape(p, kt, p, kt) @ zt
-        return np.einsum("ijl,j->il", T, zt)
-
-    def _shared_beta(self) -> np.ndarray:
-        if self._beta is None:
-            self._beta = self._A0inv @ self._b0
-        return self._beta
+        return (zt @ self._A0inv.reshape(p, kt, -1)).reshape(p, p, kt) @ zt
 
     def _arm_row(self, arm: str, zt: np.ndarray) -> int | None:
         """The row of a known operator (checking its descriptor did not change), or None for a new one."""
         i = self._ridge.index.get(arm)
-        if i is not None and np.abs(self._zt[i] - zt).max() > 1e-12 * (1.0 + np.abs(zt).max()):
-            raise InvalidInput(f"operator {arm!r} came with a different descriptor than before; descriptors "
-                               "must stay fixed per operator")
+        if i is not None and (self._zt[i] != zt).any():
+            self._check_descriptors(self._zt[i][None], zt[None], [arm])
         return i
+
+    @staticmethod
+    def _check_descriptors(known: np.ndarray, given: np.ndarray, arms: list[str]) -> None:
+        bad = np.abs(known - given).max(axis=1) > 1e-12 * (1.0 + np.abs(given).max(axis=1))
+        if bad.any():
+            raise InvalidInput(f"operator {arms[int(np.argmax(bad))]!r} came with a different descriptor than "
+                               "before; descriptors must stay fixed per operator")
 
     # ---- learning ----
 
     def _learn(self, x, arm, z, reward, propensity) -> None:
-        xt = np.concatenate(([1.0], x))
         zt = np.concatenate(([1.0], z))
         if self._ridge is None:
-            self._init_shared(xt.shape[0], zt.shape[0])
-        r = self._residual(x, z, reward)
+            self._init_shared(x.shape[0] + 1, zt.shape[0])
+        ridge = self._ridge
+        r = reward if self.prior is None else self._residual(x, z, reward)
         i = self._arm_row(arm, zt)
         if i is None:
-            i = self._ridge.row(arm)
+            i = ridge.row(arm)
             if i == self._zt.shape[0]:
-                cap = self._ridge._Ainv.shape[0]
+                cap = ridge.inverses.shape[0]
                 self._zt, self._H = _grow(self._zt, cap), _grow(self._H, cap)
             self._zt[i] = zt
             self._H[i] = self._project(zt)
         mu = self.arm_l2
-        Ax = self._ridge._Ainv[i] @ xt
-        w = np.outer(Ax, zt * (mu / np.sqrt(1.0 + xt @ Ax))).ravel()
-        theta_old = self._ridge._theta[i].copy()
-        self._ridge.update(i, xt, r)
-        self._b0 += mu * np.outer(self._ridge._theta[i] - theta_old, zt).ravel()
-        u, c = sherman_morrison(self._A0inv, w)
-        K = len(self._ridge)
-        V = u.reshape(xt.shape[0], zt.shape[0]) @ self._zt[:K].T  # P_a^T u for every operator, (p, K)
-        self._H[:K] -= np.einsum("ia,la->ail", V, V) / c
-        self._beta = None
+        xt = ridge.lift(x)
+        p, kt = xt.shape[0], zt.shape[0]
+        theta_old = ridge.thetas[i].copy()
+        Ax, ca = ridge.update(i, xt, r)
+        s = Ax * (mu / np.sqrt(ca))                          # w = P_a s: the shared part's rank-one term
+        db = mu * (ridge.thetas[i] - theta_old)              # b_0 grows by P_a db
+        # P_a^T A_0^-1 (p, q), read from A_0^-1 once: it gives u = A_0^-1 w and A_0^-1 P_a db without another pass.
+        Yt = np.matmul(zt, self._A0inv.reshape(p, kt, -1), out=ridge.scratch.get("A0P", (p, self._b0.shape[0])))
+        u = s @ Yt
+        c = 1.0 + ddot(s, u.reshape(p, kt) @ zt)             # 1 + w^T A_0^-1 w
+        B0 = self._b0.reshape(p, kt)  # a view: b_0 += P_a db in place
+        B0 += db[:, None] * zt
+        self._beta += db @ Yt
+        self._beta -= u * (ddot(u, self._b0) / c)             # (A_0^-1 - u u^T / c) (b_0 + P_a db)
+        dger(-1.0 / c, u, u, 1, 1, self._A0inv.T, 0, 0, 1)    # Sherman-Morrison in place (symmetric, C order)
+        K = len(ridge)
+        Vt = self._zt[:K] @ u.reshape(p, kt).T                # P_b^T u for every operator b, (K, p)
+        self._H[:K] -= Vt[:, :, None] * (Vt[:, None, :] / c)
 
     # ---- ranking ----
 
-    def _arm_terms(self, arm: str, zt: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """``(w, A_a^-1 or None for a new operator, H)`` where the mean is ``x~ @ w``."""
-        B = self._shared_beta().reshape(p, zt.shape[0])
-        m = B @ zt
-        i = self._arm_row(arm, zt)
-        if i is None:
-            return m, None, self._project(zt)
-        Ainv = self._ridge._Ainv[i]
-        return self._ridge._theta[i] + self.arm_l2 * (Ainv @ m), Ainv, self._H[i]
+    def _arm_terms(self, arms: list[str], Zt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per operator (rows of ``Zt`` = their z~): mean weights ``w_a`` (K, p) and width matrices ``M_a``.
+
+        The mean of ``x~`` under operator a is ``x~ @ w_a`` and its width^2 is ``x~^T M_a x~``. New operators get
+        ``A_a^-1 = I / arm_l2``, ``theta_a = 0`` and ``H`` projected from ``A_0^-1`` on the spot.
+        """
+        ridge, mu = self._ridge, self.arm_l2
+        p = ridge.p
+        rows = [ridge.index.get(a) for a in arms]
+        known = [r for r, i in enumerate(rows) if i is not None]
+        idx = [rows[r] for r in known]
+        if known and (self._zt[idx] != Zt[known]).any():
+            self._check_descriptors(self._zt[idx], Zt[known], [arms[r] for r in known])
+        Ainv, theta = ridge.stack(arms)
+        if len(known) == len(arms) and idx == list(range(len(arms))):
+            H = self._H[: len(arms)]
+        else:
+            H = np.empty((len(arms), p, p))
+            for r, i in enumerate(rows):
+                H[r] = self._project(Zt[r]) if i is None else self._H[i]
+        m = Zt @ self._beta.reshape(p, Zt.shape[1]).T           # the shared part's weights per operator, (K, p)
+        w = theta + mu * (Ainv @ m[:, :, None])[..., 0]         # = m for a new operator
+        return w, Ainv + (mu * mu) * (Ainv @ H @ Ainv)
 
     def _score(self, cands):
-        Xt = with_intercept(cands.X)
-        n, p = Xt.shape
-        Zt = with_intercept(cands.Z)
         mu = self.arm_l2
+        g = cands.grid
         if self._ridge is None:  # nothing learned: beta = 0, A_0 = l2 I, A_a = arm_l2 I
+            Xt, Zt = with_intercept(cands.X), with_intercept(cands.Z)
             sq = np.einsum("ij,ij->i", Xt, Xt)
-            mean = np.zeros(n)
+            mean = np.zeros(Xt.shape[0])
             var = sq / mu + sq * np.einsum("ij,ij->i", Zt, Zt) / self.l2
+        elif g is not None and cands.grid_Z is not None:  # per pair and operator
+            Xt = with_intercept(g.X)
+            w, M = self._arm_terms(g.arms, with_intercept(cands.grid_Z))
+            mean = (Xt @ w.T).ravel()
+            var = quad_forms(Xt, M, self._ridge.scratch).ravel()
         else:
-            B = self._shared_beta().reshape(p, Zt.shape[1])
-            Xp, Zp = padded(Xt), padded(Zt)
-            mean = np.empty(n + 1)
-            var = np.empty(n + 1)
-            for arms, grid in cands.batches:
-                zt = Zt[grid[:, 0]]                                    # (K, kt): each operator's descriptor
-                if ((Zp[grid] != zt[:, None, :]).any(-1) & (grid < n)).any():
-                    raise InvalidInput("candidates of one operator carry different descriptors")
-                Ainv, theta = self._ridge.stack(arms)          # new operators: I / arm_l2 and 0
-                H = np.empty((len(arms), p, p))
-                for r, arm in enumerate(arms):
-                    i = self._arm_row(arm, zt[r])
-                    H[r] = self._project(zt[r]) if i is None else self._H[i]
-                m = zt @ B.T                                           # shared part's weights per operator
-                w = theta + mu * (Ainv @ m[:, :, None])[..., 0]        # = m for a new operator
-                Xb = Xp[grid]
-                U = Xb @ Ainv
-                mean[grid] = (Xb @ w[:, :, None])[..., 0]
-                var[grid] = np.einsum("kwp,kwp->kw", U, Xb) + mu * mu * np.einsum("kwp,kwp->kw", U @ H, U)
-            mean, var = mean[:n], var[:n]
+            mean, var = self._score_batches(cands)
         width = np.sqrt(np.maximum(var, 0.0))
         prior = self._prior_mean(cands)
         if prior is not None:
@@ -160,13 +171,30 @@ class HybridLinUCB(LinearPolicy):
         scores = mean + self.alpha * width
         return scores, mean, width, argmax_distribution(scores)
 
+    def _score_batches(self, cands) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and width^2 of candidates in any layout, through the per-operator batches."""
+        Xt, Zt = with_intercept(cands.X), with_intercept(cands.Z)
+        n = Xt.shape[0]
+        Xp, Zp = padded(Xt), padded(Zt)
+        mean = np.empty(n + 1)
+        var = np.empty(n + 1)
+        for arms, grid in cands.batches:
+            zt = Zt[grid[:, 0]]                                    # (K, kt): each operator's descriptor
+            if ((Zp[grid] != zt[:, None, :]).any(-1) & (grid < n)).any():
+                raise InvalidInput("candidates of one operator carry different descriptors")
+            w, M = self._arm_terms(arms, zt)
+            Xb = Xp[grid]
+            mean[grid] = (Xb @ w[:, :, None])[..., 0]
+            var[grid] = np.einsum("kwp,kwp->kw", Xb @ M, Xb)
+        return mean[:n], var[:n]
+
     def explain(self, x, arm, z) -> dict:
         x = np.asarray(x, dtype=np.float64).reshape(-1)
         zt = np.concatenate(([1.0], np.asarray(z, dtype=np.float64).reshape(-1)))
         if self._ridge is None:
             w = np.zeros(x.shape[0] + 1)
         else:
-            w = self._arm_terms(str(arm), zt, x.shape[0] + 1)[0]
+            w = self._arm_terms([str(arm)], zt[None])[0][0]
         return self._explain_linear(x, arm, z, w)
 
     # ---- state ----
@@ -178,7 +206,7 @@ class HybridLinUCB(LinearPolicy):
             K = len(self._ridge)
             arrays.update(self._ridge.arrays())
             arrays.update({"zt": self._zt[:K].copy(), "H": self._H[:K].copy(), "A0inv": self._A0inv.copy(),
-                           "b0": self._b0.copy()})
+                           "b0": self._b0.copy(), "beta": self._beta.copy()})
             meta["arms"] = list(self._ridge.index)
         self._prior_state(arrays, meta)
         return arrays, meta
@@ -195,6 +223,9 @@ class HybridLinUCB(LinearPolicy):
         self._zt, self._H = zt, H
         self._A0inv = np.array(arrays["A0inv"], dtype=np.float64, order="C")
         self._b0 = np.array(arrays["b0"], dtype=np.float64, order="C")
+        # Snapshots from before beta was saved: solve it once here.
+        beta = arrays["beta"] if "beta" in arrays else self._A0inv @ self._b0
+        self._beta = np.array(beta, dtype=np.float64, order="C")
 
 
 POLICY = HybridLinUCB

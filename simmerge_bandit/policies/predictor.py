@@ -19,10 +19,15 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 import scipy.linalg
+from scipy.linalg.blas import ddot
 
 from ..errors import InvalidInput
-from .base import (Candidates, Policy, argmax_distribution, is_number, padded, require, sherman_morrison,
-                   with_intercept)
+from .base import (Candidates, Policy, Scratch, argmax_distribution, is_number, padded, quad_forms, require,
+                   sherman_morrison, with_intercept)
+
+
+#: Descriptors whose G are kept; beyond this many (one-off descriptors) the kept ones are dropped and recomputed.
+_MAX_GRAMS = 64
 
 
 class SimMergePredictor(Policy):
@@ -44,6 +49,8 @@ class SimMergePredictor(Policy):
         self._b: np.ndarray | None = None
         self._beta: np.ndarray | None = None
         self._stats: dict = {}
+        self._scratch = Scratch()
+        self._reset_grams()
 
     # ---- features ----
 
@@ -56,6 +63,7 @@ class SimMergePredictor(Policy):
         if self._Ainv is None:
             q = (d + 1) * (k + 1)
             self._Ainv = np.eye(q) / self.l2
+            self._reset_grams()
             self._b = np.zeros(q)
             self._beta = np.zeros(q)
 
@@ -89,6 +97,7 @@ class SimMergePredictor(Policy):
         factor = scipy.linalg.cho_factor(A)
         Ainv = scipy.linalg.cho_solve(factor, np.eye(A.shape[0]))
         self._Ainv = np.ascontiguousarray((Ainv + Ainv.T) / 2)  # exactly symmetric, C order: updated in place
+        self._reset_grams()
         self._b = Phi.T @ y
         self._beta = scipy.linalg.cho_solve(factor, self._b)
         resid = y - Phi @ self._beta
@@ -115,20 +124,51 @@ class SimMergePredictor(Policy):
         W = self._beta.reshape(Xt.shape[1], Zt.shape[1])
         return np.einsum("ij,ij->i", Xt @ W, Zt)
 
+    def _reset_grams(self) -> None:
+        """Forget the kept G (after a fit, a restore or a fresh ``A^-1``); :meth:`_gram` recomputes them."""
+        self._gram_index: dict[bytes, int] = {}
+        self._gram_z = np.empty((0, 0))     # (Kc, kt): the standardized descriptors kept
+        self._gram_G = np.empty((0, 0, 0))  # (Kc, p, p): their G, as of the current A^-1
+
+    def _gram(self, Zt: np.ndarray) -> np.ndarray:
+        """``G_k = P_k^T A^-1 P_k`` (p, p) for each standardized descriptor ``z~_k`` (rows of ``Zt``).
+
+        With ``phi = x~ (outer) z~``, ``phi^T A^-1 phi = x~^T G x~``: one small G per operator. A fresh G reads
+        all of ``A^-1`` (q^2 work per descriptor, about 1 ms for 12 operators at the engine's sizes), so the G of
+        descriptors already seen are kept and corrected by each update's rank-one term, as hybrid LinUCB keeps
+        its H; only descriptors not seen since the last fit or restore are contracted from ``A^-1``.
+        """
+        keys = [z.tobytes() for z in Zt]
+        new = [k for k in dict.fromkeys(keys) if k not in self._gram_index]
+        if new:
+            if len(self._gram_index) + len(new) > _MAX_GRAMS:  # many one-off descriptors: start over
+                self._reset_grams()
+                new = list(dict.fromkeys(keys))
+            Zn = np.array([np.frombuffer(k) for k in new])
+            start = len(self._gram_index)
+            self._gram_index.update((k, start + r) for r, k in enumerate(new))
+            Gn = self._fresh_grams(Zn)
+            self._gram_z = np.concatenate([self._gram_z.reshape(start, Zn.shape[1]), Zn])
+            self._gram_G = np.concatenate([self._gram_G.reshape((start,) + Gn.shape[1:]), Gn])
+        return self._gram_G[[self._gram_index[k] for k in keys]]
+
+    def _fresh_grams(self, Zt: np.ndarray) -> np.ndarray:
+        """:meth:`_gram` computed from ``A^-1``: one broadcast product over it, then a small contraction."""
+        K, kt = Zt.shape
+        p = self._Ainv.shape[0] // kt
+        T = (Zt @ self._Ainv.reshape(p, kt, -1)).reshape(p, K, p, kt)  # (z~_k^T A^-1) by row block l, col (i, m)
+        return (T.transpose(1, 0, 2, 3) @ Zt[:, None, :, None])[..., 0]  # contract m with z~_k: (K, p, p)
+
     def _width(self, cands: Candidates, Xt: np.ndarray, Zt: np.ndarray) -> np.ndarray:
         n, p = Xt.shape
-        kt = Zt.shape[1]
         if self._Ainv is None:
             return np.sqrt(np.einsum("ij,ij->i", Xt, Xt) * np.einsum("ij,ij->i", Zt, Zt) / self.l2)
-        A4 = self._Ainv.reshape(p, kt, p, kt)
         Xp, Zp = padded(Xt), padded(Zt)
         var = np.empty(n + 1)
         for _, grid in cands.batches:
-            # phi = x~ (outer) z~, so phi^T A^-1 phi = x~^T G x~ with G = P^T A^-1 P, one small G per descriptor.
             zt = Zt[grid[:, 0]]
-            G = np.einsum("kj,ijlk->kil", zt, A4 @ zt.T)
             Xb = Xp[grid]
-            var[grid] = np.einsum("kwp,kwp->kw", Xb @ G, Xb)
+            var[grid] = np.einsum("kwp,kwp->kw", Xb @ self._gram(zt), Xb)
             odd = ((Zp[grid] != zt[:, None, :]).any(-1) & (grid < n))
             if odd.any():  # an operator whose candidates carry different descriptors: the general form
                 idx = grid[odd.any(axis=1)]
@@ -138,20 +178,37 @@ class SimMergePredictor(Policy):
         return np.sqrt(np.maximum(var[:n], 0.0))
 
     def _score(self, cands):
-        Xt, Zt = self._std(cands.X, cands.Z)
-        if self._beta is None:
-            mean = np.zeros(len(cands))
+        g, Zg = cands.grid, cands.grid_Z
+        if g is not None and Zg is not None:  # per pair and operator
+            Xt, Zt = self._std(g.X, Zg)
+            if self._beta is None:
+                mean = np.zeros(len(cands))
+                var = np.outer(np.einsum("ij,ij->i", Xt, Xt), np.einsum("ij,ij->i", Zt, Zt) / self.l2).ravel()
+            else:
+                mean = (Xt @ self._beta.reshape(Xt.shape[1], Zt.shape[1]) @ Zt.T).ravel()
+                var = quad_forms(Xt, self._gram(Zt), self._scratch).ravel()
+            width = np.sqrt(np.maximum(var, 0.0))
         else:
-            mean = np.einsum("ij,ij->i", Xt @ self._beta.reshape(Xt.shape[1], Zt.shape[1]), Zt)
-        return mean, mean, self._width(cands, Xt, Zt), argmax_distribution(mean)
+            Xt, Zt = self._std(cands.X, cands.Z)
+            if self._beta is None:
+                mean = np.zeros(len(cands))
+            else:
+                mean = np.einsum("ij,ij->i", Xt @ self._beta.reshape(Xt.shape[1], Zt.shape[1]), Zt)
+            width = self._width(cands, Xt, Zt)
+        return mean, mean, width, argmax_distribution(mean)
 
     def _learn(self, x, arm, z, reward, propensity) -> None:
         self._ensure(x.shape[0], z.shape[0])
         xt, zt = self._std(x[None, :], z[None, :])
         phi = np.outer(xt[0], zt[0]).ravel()
-        sherman_morrison(self._Ainv, phi)
+        u, c = sherman_morrison(self._Ainv, phi)
+        if self._gram_index:  # the kept G_k = P_k^T A^-1 P_k follow A^-1's rank-one change
+            Vt = self._gram_z @ u.reshape(xt.shape[1], zt.shape[1]).T
+            self._gram_G -= Vt[:, :, None] * (Vt[:, None, :] / c)
         self._b += reward * phi
-        self._beta = self._Ainv @ self._b
+        # beta = A^-1 b by the same rank-one algebra: (A^-1 - u u^T / c)(b + r phi) = beta + u (r - u^T b' / c),
+        # so no pass over the q x q inverse beyond Sherman-Morrison's own.
+        self._beta += u * (reward - ddot(u, self._b) / c)
 
     def explain(self, x, arm, z) -> dict:
         """Contributions of each standardized feature: ``x_std_j * (B z~)_j``; the baseline is the mean context."""
@@ -180,6 +237,7 @@ class SimMergePredictor(Policy):
         self._Ainv, self._b, self._beta = get("Ainv"), get("b"), get("beta")
         self._mu_x, self._sd_x, self._mu_z, self._sd_z = get("mu_x"), get("sd_x"), get("mu_z"), get("sd_z")
         self._stats = dict(meta.get("stats", {}))
+        self._reset_grams()
 
 
 def _safe_std(A: np.ndarray) -> np.ndarray:

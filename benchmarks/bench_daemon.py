@@ -71,8 +71,70 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(xs, q):
     return float(np.percentile(np.asarray(xs) * 1000.0, q)) if xs else None
+
+
+def summary(xs: list[float], elapsed: float) -> dict:
+    return {"requests": len(xs), "rps": len(xs) / elapsed, "p50_ms": pct(xs, 50), "p90_ms": pct(xs, 90),
+            "p99_ms": pct(xs, 99), "max_ms": pct(xs, 100)}
+
+
+class Api:
+    """The daemon's API over one keep-alive connection, as a client program would use it."""
+
+    def __init__(self, port: int, token: str):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+    def call(self, method: str, path: str, body: dict | None = None):
+        self.conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=self.headers)
+        resp = self.conn.getresponse()
+        data = json.loads(resp.read())
+        if resp.status != 200:
+            raise RuntimeError(data)
+        return data
+
+
+def closed_loop(port: int, token: str, clients: int, seconds: float) -> tuple[dict, list[str], float]:
+    """``clients`` threads, each looping suggest (top 5) then feedback on the first suggestion, for ``seconds``."""
+    lats: dict[str, list[float]] = {"suggest": [], "feedback": []}
+    errors: list[str] = []
+    lock = threading.Lock()
+    stop_at = time.time() + seconds
+
+    def client(k: int) -> None:
+        rng = np.random.default_rng(k)
+        api = Api(port, token)
+        mine: dict[str, list[float]] = {"suggest": [], "feedback": []}
+        try:
+            while time.time() < stop_at:
+                t = time.perf_counter()
+                rows = api.call("POST", "/v1/suggest", {"task": "double", "top": 5})
+                mine["suggest"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                api.call("POST", "/v1/feedback", {"id": rows[0]["id"], "reward": float(rng.uniform(0, 1.2))})
+                mine["feedback"].append(time.perf_counter() - t)
+        except Exception as e:  # reported in the results
+            errors.append(repr(e))
+        with lock:
+            for key in lats:
+                lats[key].extend(mine[key])
+
+    t0 = time.time()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    elapsed = time.time() - t0
+    return {key: summary(v, elapsed) for key, v in lats.items()}, errors, elapsed
 
 
 def main() -> None:
@@ -87,12 +149,14 @@ def main() -> None:
     work.mkdir(parents=True)
     make_catalog(home, work)
 
-    # In-process suggest latency on the same catalog (signatures computed on the first call).
-    from simmerge_bandit.engine import Engine
+    # In-process suggest latency on the same catalog (signatures computed on the first call). No evaluation
+    # budget, as for the daemon below: queued evaluations would have the daemon's worker merge and evaluate
+    # models (loading torch and a tokenizer) in the middle of the measurement.
+    from simmerge_bandit.engine import Engine, EngineConfig
     from simmerge_bandit.store import Store
 
     with Store.open(home) as store:
-        eng = Engine(store)
+        eng = Engine(store, EngineConfig(eval_budget=0))
         t = time.perf_counter()
         eng.suggest("double", top=5)
         first = time.perf_counter() - t
@@ -114,64 +178,49 @@ def main() -> None:
     info = json.loads((home / "daemon.json").read_text())
     token, port = info["token"], info["port"]
 
-    def call(conn, method, path, body=None):
-        conn.request(method, path, body=json.dumps(body) if body is not None else None,
-                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-        resp = conn.getresponse()
-        data = json.loads(resp.read())
-        if resp.status != 200:
-            raise RuntimeError(data)
-        return data
-
-    warm = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    warm = Api(port, token)
     for _ in range(20):
-        call(warm, "POST", "/v1/suggest", {"task": "double", "top": 5})
+        warm.call("POST", "/v1/suggest", {"task": "double", "top": 5})
     rss_start = rss_kb(proc.pid)
-    lats = {"suggest": [], "feedback": []}
-    errors = []
-    stop_at = time.time() + args.seconds
-    lock = threading.Lock()
+    load_before = os.getloadavg()
+    samples: list[tuple[float, int]] = []
+    done = threading.Event()
 
-    def client(k: int) -> None:
-        rng = np.random.default_rng(k)
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        mine = {"suggest": [], "feedback": []}
-        try:
-            while time.time() < stop_at:
-                t = time.perf_counter()
-                rows = call(conn, "POST", "/v1/suggest", {"task": "double", "top": 5})
-                mine["suggest"].append(time.perf_counter() - t)
-                t = time.perf_counter()
-                call(conn, "POST", "/v1/feedback", {"id": rows[0]["id"], "reward": float(rng.uniform(0, 1.2))})
-                mine["feedback"].append(time.perf_counter() - t)
-        except Exception as e:  # reported in the results
-            errors.append(repr(e))
-        with lock:
-            for k2 in lats:
-                lats[k2].extend(mine[k2])
+    def sample_rss() -> None:
+        t0 = time.time()
+        while not done.wait(1.0):
+            samples.append((round(time.time() - t0, 1), rss_kb(proc.pid)))
 
-    t0 = time.time()
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    elapsed = time.time() - t0
+    sampler = threading.Thread(target=sample_rss)
+    sampler.start()
+    cpu0, client_cpu0 = cpu_s(proc.pid), time.process_time()
+    loaded, errors, elapsed = closed_loop(port, token, args.clients, args.seconds)
+    cpu1, client_cpu1 = cpu_s(proc.pid), time.process_time()
+    done.set()
+    sampler.join()
+    load_after = os.getloadavg()
     rss_end = rss_kb(proc.pid)
-    status = call(warm, "GET", "/v1/status")
+    # Then one client alone: what a request costs when nothing queues in front of it.
+    alone, alone_errors, _ = closed_loop(port, token, 1, min(5.0, args.seconds))
+    status = warm.call("GET", "/v1/status")
     proc.terminate()
     rc = proc.wait(timeout=120)
 
+    cycles = loaded["feedback"]["requests"]
     res = {
         "benchmark": "daemon", "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                           "load_avg_1m": os.getloadavg()[0]},
+                                           "load_avg_before": load_before, "load_avg_after": load_after},
         "clients": args.clients, "seconds": elapsed, "candidates": n_cand,
-        "suggest": {"requests": len(lats["suggest"]), "rps": len(lats["suggest"]) / elapsed,
-                    "p50_ms": pct(lats["suggest"], 50), "p99_ms": pct(lats["suggest"], 99)},
-        "feedback": {"requests": len(lats["feedback"]), "rps": len(lats["feedback"]) / elapsed,
-                     "p50_ms": pct(lats["feedback"], 50), "p99_ms": pct(lats["feedback"], 99)},
-        "rss_kb": {"start": rss_start, "end": rss_end, "growth": (rss_end - rss_start) / rss_start},
-        "in_process_suggest": inproc, "errors": errors[:5], "daemon_exit_code": rc,
+        "suggest": loaded["suggest"], "feedback": loaded["feedback"],
+        "one_client": alone,
+        # CPU spent per suggest + feedback pair: with one writer thread under the GIL, this bounds throughput, and
+        # with N closed-loop clients a request waits for about N such pairs.
+        "cpu_ms_per_pair": {"daemon": 1000 * (cpu1 - cpu0) / max(cycles, 1),
+                            "clients": 1000 * (client_cpu1 - client_cpu0) / max(cycles, 1)},
+        "daemon_cpu_cores": (cpu1 - cpu0) / elapsed,
+        "rss_kb": {"start": rss_start, "end": rss_end, "growth": (rss_end - rss_start) / rss_start,
+                   "samples": samples},
+        "in_process_suggest": inproc, "errors": (alone_errors + errors)[:5], "daemon_exit_code": rc,
         "rewards_stored": status["counts"]["rewards"],
         "goals": {"suggest_p99_ms_max": 20.0, "rss_growth_max": 0.10},
     }
@@ -179,7 +228,9 @@ def main() -> None:
                         "rss_growth": res["rss_kb"]["growth"] <= 0.10}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
-    print(json.dumps({k: res[k] for k in ("suggest", "feedback", "rss_kb", "goals_met")}, indent=2))
+    print(json.dumps({k: res[k] for k in ("suggest", "feedback", "one_client", "cpu_ms_per_pair", "goals_met")},
+                     indent=2))
+    print("rss", res["rss_kb"]["start"], "->", res["rss_kb"]["end"], "load", load_before, load_after)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,13 @@ intervals over seeds:
   training tasks first, then given an evaluation budget of 10, 25 or 50 on the held-out stream;
 - an operator added at the half-way round: after how many rounds it is chosen where it is the best.
 
-Main figure: `final_score`, the mean normalized score of each policy's greedy choice on every held-out pair after
-its budget is spent, and the share of the best-fixed -> oracle gap it closes. Context features come from the
-signals module (signatures of the zoo's real checkpoints on each task's probes).
+Main figure: `final_score`, the mean normalized score of each policy's greedy recommendation (highest predicted
+reward, no exploration bonus) on every held-out pair after its budget is spent, and the share of the best-fixed ->
+oracle gap it closes. With nine tasks one split is noisy, so the tasks are split three ways and every task is held
+out exactly once; scores are pooled over all held-out pairs per seed, intervals are over seeds. Bandits come cold
+(shown 1,500 training rows one by one) and warm (``NAME@predictor``: starting from the predictor fitted on the
+training tasks). Diagnostics: the zero-evaluation predictor per feature family and its in-sample ceiling. Context
+features come from the signals module (signatures of the zoo's real checkpoints on each task's probes).
 
     python benchmarks/bench_decision.py [--table benchmarks/results/zoo_bench_table.parquet] [--zoo DIR]
 """
@@ -108,12 +112,91 @@ def pair_features(table_df, zoo_dir: Path, home: Path) -> dict:
     return feats
 
 
-def summarize(sim, label: str, budget: int) -> list[dict]:
-    out = []
-    for r in sim.results():
-        r = dict(r)
-        r["setting"], r["budget"] = label, budget
-        out.append(r)
+ZERO = ("predictor", "uniform")
+WARM = ("predictor", "linucb@predictor", "linucb-hybrid@predictor", "lints@predictor")
+FAMILIES = ("distribution", "activation", "task_vector", "shift")
+
+
+def splits_of(tasks: list[str], k: int) -> list[list[str]]:
+    """k held-out sets that together hold out every task exactly once."""
+    return [tasks[i::k] for i in range(k)]
+
+
+def pooled(sims: list, label: str, budget: int, alpha: float = 0.05) -> dict:
+    """One policy over all splits: per seed, the final (and online) scores pooled over every held-out pair (each
+    task is held out once), the same for the oracle and the best fixed operator of each split; then the mean and a
+    Student-t interval over seeds."""
+    from scipy import stats
+
+    n_seeds = len(sims[0].seeds)
+    w = np.array([len(s.pool) for s in sims], dtype=float)
+    final = np.array([[s.runs[label][i].final_reward for s in sims] for i in range(n_seeds)]) @ w / w.sum()
+    orf = np.array([s.oracle_final for s in sims]) @ w / w.sum()
+    fxf = np.array([s.fixed_final for s in sims]) @ w / w.sum()
+    online = np.array([[s.runs[label][i].reward.mean() for s in sims] for i in range(n_seeds)]).mean(1)
+    on_or = np.array([[s.runs[label][i].oracle.mean() for s in sims] for i in range(n_seeds)]).mean(1)
+    on_fx = np.array([[s.runs[label][i].fixed.mean() for s in sims] for i in range(n_seeds)]).mean(1)
+
+    def summ(name, v):
+        m = float(np.mean(v))
+        if len(v) < 2:
+            return {name: m, f"{name}_ci_low": None, f"{name}_ci_high": None}
+        half = float(stats.t.ppf(1 - alpha / 2, len(v) - 1) * np.std(v, ddof=1) / np.sqrt(len(v)))
+        return {name: m, f"{name}_ci_low": m - half, f"{name}_ci_high": m + half}
+
+    row = {"policy": label, "budget": budget, "seeds": n_seeds, "splits": len(sims)}
+    row.update(summ("final_score", final))
+    row.update(summ("final_gap_closed", (final - fxf) / (orf - fxf)))
+    row.update(summ("mean_score", online))
+    row.update(summ("gap_closed", (online - on_fx) / (on_or - on_fx)))
+    row["per_split_final_gap_closed"] = [
+        float(np.mean([(s.runs[label][i].final_reward - s.fixed_final) / (s.oracle_final - s.fixed_final)
+                       for i in range(n_seeds)])) for s in sims]
+    return row
+
+
+def diagnostics(df, feats, names, tasks, holdouts) -> dict:
+    """What limits the predictor: the same zero-evaluation predictor on each feature family alone and on all but
+    one, and its in-sample ceiling (fitted on every task, held-out ones included, then scored on them)."""
+    from simmerge_bandit import simulate as sim_mod
+    from simmerge_bandit.policies import make_policy
+    from simmerge_bandit.replay import parse_policy
+    from simmerge_bandit.signals.schema import FEATURES_BY_KIND
+
+    def gap_for(cols, in_sample=False):
+        sub = {k: v[cols] for k, v in feats.items()}
+        table = sim_mod.table_from_frame(df, source="diagnostics", features=sub)
+        num = den = 0.0
+        for hold in holdouts:
+            pool = np.flatnonzero(np.isin(table.tasks, hold))
+            train = np.flatnonzero(~np.isin(table.tasks, hold))
+            K = len(table.operators)
+            best = int(np.argmax(table.R[train].mean(0)))
+            oracle, fixed = table.R[pool].max(1).mean(), table.R[pool, best].mean()
+            if in_sample:
+                X = table.X
+                X = (X - X.mean(0)) / np.where(X.std(0) > 0, X.std(0), 1.0)
+                rows = np.arange(len(table.contexts))
+                cs, ks = np.repeat(rows, K), np.tile(np.arange(K), len(rows))
+                p = make_policy("predictor").fit(X[cs], table.Z[ks], [table.operators[k] for k in ks],
+                                                 table.R[cs, ks])
+                score = np.mean([table.R[c, int(np.argmax(p.predict(np.repeat(X[c:c + 1], K, 0), table.Z)))]
+                                 for c in pool])
+            else:
+                s = sim_mod.simulate(table, [parse_policy("predictor")], rounds=1, budget=0, seeds=1,
+                                     holdout_tasks=hold)
+                score = s.runs["predictor"][0].final_reward
+            num += len(pool) * (score - fixed)
+            den += len(pool) * (oracle - fixed)
+        return float(num / den)
+
+    idx = {n: i for i, n in enumerate(names)}
+    fam = {k: [idx[n] for n in FEATURES_BY_KIND[k]] for k in FAMILIES}
+    out = {"all_features": gap_for(list(range(len(names)))),
+           "in_sample_ceiling_all_features": gap_for(list(range(len(names))), in_sample=True)}
+    for k in FAMILIES:
+        out[f"only_{k}"] = gap_for(fam[k])
+        out[f"without_{k}"] = gap_for([i for f in FAMILIES if f != k for i in fam[f]])
     return out
 
 
@@ -121,12 +204,13 @@ def main() -> None:  # noqa: C901
     ap = argparse.ArgumentParser()
     ap.add_argument("--table", default=str(RESULTS / "zoo_bench_table.parquet"))
     ap.add_argument("--zoo", default=None, help="the bench zoo directory (built, cached, if missing)")
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--budgets", type=int, nargs="+", default=[10, 25, 50])
+    ap.add_argument("--splits", type=int, default=3, help="task splits; each task is held out in exactly one")
     ap.add_argument("--pretrain-rows", type=int, default=1500,
-                    help="training rows shown one by one to each online bandit (the predictor is fitted on all)")
-    ap.add_argument("--holdout", nargs="+", default=None, help="held-out tasks (default: a third of the tasks)")
+                    help="training rows shown one by one to each cold bandit (the predictor is fitted on all, and "
+                         "NAME@predictor starts from it)")
     ap.add_argument("--home", default=None, help="state home to keep signatures in (default: a fresh temp dir)")
     ap.add_argument("--out", default=str(RESULTS / "decision.json"))
     ap.add_argument("--plot", default=str(RESULTS / "decision.png"))
@@ -137,9 +221,11 @@ def main() -> None:  # noqa: C901
     from simmerge_bandit import simulate as sim_mod
     from simmerge_bandit.demo import cache_dir
     from simmerge_bandit.replay import parse_policy
+    from simmerge_bandit.signals import FEATURE_NAMES
     from simmerge_bandit.zoo import build_zoo
 
     t0 = time.time()
+    load_before = os.getloadavg()
     df = pd.read_parquet(args.table)
     df = df[df["model_c"].isna()] if "model_c" in df else df
     zoo_dir = Path(args.zoo) if args.zoo else cache_dir() / "zoo-bench-seed0"
@@ -150,48 +236,66 @@ def main() -> None:  # noqa: C901
     t_feat = time.time() - t0
     table = sim_mod.table_from_frame(df, source=args.table, features=feats)
     tasks = sorted(set(table.tasks))
-    holdout = args.holdout or tasks[:: 3]
+    holdouts = splits_of(tasks, args.splits)
     print(f"{len(table.contexts)} (task, pair) contexts, {len(table.operators)} operators, tasks {tasks}, "
-          f"held out {holdout}; features in {t_feat:.0f}s")
+          f"splits {holdouts}; features in {t_feat:.0f}s", flush=True)
 
     def factory(spec, seed):
         if spec.name == "mabwiser-linucb":
             return MabwiserLinUCB(seed=seed)
         return sim_mod.make_learned_policy(spec, seed=seed)
 
-    results = []
-    common = dict(rounds=args.rounds, seeds=args.seeds, holdout_tasks=holdout, policy_factory=factory,
-                  pretrain_rows=args.pretrain_rows)
-    zero = sim_mod.simulate(table, [parse_policy("predictor"), parse_policy("uniform")], budget=0, **common)
-    results += summarize(zero, "zero evaluations", 0)
+    def specs(names):
+        return [parse_policy(n) if n != "mabwiser-linucb" else sim_mod.PolicySpec(n, n) for n in names]
+
+    def run(names, budget, **kw):
+        return [sim_mod.simulate(table, specs(names), budget=budget, rounds=args.rounds, seeds=args.seeds,
+                                 holdout_tasks=hold, policy_factory=factory, pretrain_rows=args.pretrain_rows, **kw)
+                for hold in holdouts]
+
+    results, per_split = [], []
+    zero = run(ZERO, 0)
+    results += [dict(pooled(zero, n, 0), setting="zero evaluations") for n in ZERO]
+    per_split += [s.summary() for s in zero]
     for b in args.budgets:
-        specs = [parse_policy(n) if n != "mabwiser-linucb" else sim_mod.PolicySpec(n, n) for n in BANDITS]
-        s = sim_mod.simulate(table, specs, budget=b, **common)
-        results += summarize(s, f"budget {b}", b)
-        print(f"budget {b}: done ({time.time() - t0:.0f}s)")
-    # An operator that joins half-way: how soon is it chosen where it is the best?
-    summ = zero.summary()
+        sims = run(BANDITS + WARM, b)
+        results += [dict(pooled(sims, n, b), setting=f"budget {b}") for n in BANDITS + WARM]
+        print(f"budget {b}: done ({time.time() - t0:.0f}s)", flush=True)
+    # An operator that joins half-way (on the first split): how soon is it chosen where it is the best?
     late_op = max(table.operators, key=lambda o: float(np.mean(table.R[:, table.operators.index(o)] ==
                                                               table.R.max(axis=1))))
-    late = sim_mod.simulate(table, [parse_policy("linucb-hybrid"), parse_policy("linucb")], budget=args.rounds,
-                            late_operators={late_op: args.rounds // 2}, **common)
-    results += summarize(late, f"late operator {late_op}", args.rounds)
+    late_names = ("linucb-hybrid", "linucb", "linucb-hybrid@predictor")
+    late = sim_mod.simulate(table, specs(late_names), budget=args.rounds, rounds=args.rounds, seeds=args.seeds,
+                            holdout_tasks=holdouts[0], policy_factory=factory, pretrain_rows=args.pretrain_rows,
+                            late_operators={late_op: args.rounds // 2})
+    late_rows = [dict(r, setting=f"late operator {late_op} (split 1)") for r in late.results()]
+    diag = diagnostics(df, feats, list(FEATURE_NAMES), tasks, holdouts)
 
-    out = {"benchmark": "decision", "table": args.table, "pretrain_rows": args.pretrain_rows, "contexts": len(table.contexts),
-           "operators": table.operators, "tasks": tasks, "holdout": holdout, "rounds": args.rounds,
-           "seeds": args.seeds, "late_operator": late_op, "results": results, "summary": summ,
+    orf = sum(len(s.pool) * s.oracle_final for s in zero) / sum(len(s.pool) for s in zero)
+    fxf = sum(len(s.pool) * s.fixed_final for s in zero) / sum(len(s.pool) for s in zero)
+    out = {"benchmark": "decision", "table": args.table, "pretrain_rows": args.pretrain_rows,
+           "contexts": len(table.contexts), "operators": table.operators, "tasks": tasks, "holdout_splits": holdouts,
+           "rounds": args.rounds, "seeds": args.seeds, "oracle_final_score": orf, "fixed_final_score": fxf,
+           "best_fixed_per_split": [s.best_fixed for s in zero], "results": results, "late_operator": late_op,
+           "late": late_rows, "diagnostics_predictor_gap_closed": diag, "splits": per_split,
            "seconds": time.time() - t0,
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_1m": os.getloadavg()[0]}}
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_before": load_before,
+                       "load_after": os.getloadavg()}}
     Path(args.out).write_text(json.dumps(out, indent=2, default=float))
     try:
         sim_mod.plot(late, args.plot)
     except Exception as e:  # the plot is a convenience; the JSON is the result
         print("plot skipped:", e)
-    print(f"oracle {summ['oracle_final_score']:.4f}  best fixed ({summ['best_fixed']}) {summ['fixed_final_score']:.4f}")
+    print(f"pooled over {len(holdouts)} splits: oracle {orf:.4f}  best fixed {fxf:.4f} "
+          f"({', '.join(s.best_fixed for s in zero)})")
     for r in results:
-        print(f"{r['setting']:28s} {r['policy']:18s} final {_f(r['final_score'])} gap closed "
+        print(f"{r['setting']:18s} {r['policy']:26s} final {_f(r['final_score'])} gap closed "
               f"{_f(r['final_gap_closed'])} [{_f(r.get('final_gap_closed_ci_low'))}, "
-              f"{_f(r.get('final_gap_closed_ci_high'))}]  online mean {_f(r['mean_score'])}")
+              f"{_f(r.get('final_gap_closed_ci_high'))}]  per split "
+              f"{' '.join(_f(v) for v in r['per_split_final_gap_closed'])}  online gap {_f(r['gap_closed'])}")
+    for r in late_rows:
+        print(r["setting"], r["policy"], r.get("late_operators"))
+    print("predictor diagnostics (share of the gap closed, pooled):", json.dumps(diag, indent=1))
 
 
 def _f(v) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import threading
@@ -29,6 +30,8 @@ from .errors import Conflict, InvalidInput, NotFound
 from .methods import REGISTRY
 from .store import Store
 
+log = logging.getLogger(__name__)
+
 #: Documented reward range: a normalized score (merged score / best source model's score, clipped to [0, 2]).
 REWARD_RANGE = (0.0, 2.0)
 TASK_BUCKETS = 8
@@ -36,6 +39,10 @@ OPERATOR_PARAMS = ("weight", "density", "t", "lambda", "gamma", "epsilon", "norm
                    "nuslerp_flatten", "nuslerp_row_wise")
 DECISION_COLUMNS = ("id", "batch", "rank", "task", "models", "operator", "policy", "policy_version", "feature_schema",
                     "context", "arm", "predicted", "uncertainty", "propensity", "evaluate")
+#: What feedback reads of its decision, and how many of its latest decisions the engine keeps at hand for it
+#: (about 2 KB each).
+FEEDBACK_FIELDS = ("context", "operator", "arm", "propensity", "feature_schema")
+RECENT_DECISIONS = 1024
 ARM_NAMES = tuple(f"method={m}" for m in REGISTRY) + OPERATOR_PARAMS + ("consensus", "random")
 
 
@@ -56,6 +63,13 @@ def operator_descriptor(op: dict) -> np.ndarray:
 
 def _task_bucket(task: str) -> int:
     return zlib.crc32(task.encode()) % TASK_BUCKETS
+
+
+def _schema() -> str:
+    """The feature schema version that contexts are built with now (stored with decisions and snapshots)."""
+    from .signals import FEATURE_SCHEMA_VERSION
+
+    return str(FEATURE_SCHEMA_VERSION)
 
 
 def context_names(feature_names: Sequence[str]) -> list[str]:
@@ -129,6 +143,10 @@ class Engine:
         self._last_seq: dict[str, int] = {}
         self._since_snapshot: dict[str, int] = {}
         self._cand_cache: dict[str, tuple[tuple, CandidateSet]] = {}
+        self._key_memo: dict[str, tuple[int, tuple]] = {}  # task -> (store transaction id, catalog key)
+        # The last decisions this engine logged, as feedback reads them (a reward often follows its suggestion
+        # closely: the daemon's clients); bounded, a miss reads the log.
+        self._recent: dict[str, tuple] = {}
         self._paths: dict[int, list[str]] = {}
         self._known_seq: int | None = None  # highest reward seq this engine has seen (it is the only writer)
         self._eval_times: list[float] | None = None
@@ -154,7 +172,12 @@ class Engine:
 
     def _catalog_key(self, task: str) -> tuple:
         """What a task's candidate set depends on; a change of any of it (a model's weights, an operator, the
-        probe set) gives a new key."""
+        probe set) gives a new key. Read once per store transaction: the calls a caller groups in one transaction
+        (the daemon's group commit) all see the catalog as the first of them read it."""
+        txn = self.store.transaction_id()
+        memo = self._key_memo.get(task)
+        if txn is not None and memo is not None and memo[0] == txn:
+            return memo[1]
         version = self.catalog.version()
         paths = self._paths.get(version)
         if paths is None:
@@ -169,7 +192,10 @@ class Engine:
                              if f.name.endswith(".safetensors"))
             except OSError:
                 stats.append((p, None))
-        return task, version, tuple(stats)
+        key = task, version, tuple(stats)
+        if txn is not None:
+            self._key_memo[task] = (txn, key)
+        return key
 
     def candidates(self, task: str, operators: Sequence[str] | None = None) -> CandidateSet:
         """Every (ordered pair, operator) candidate of ``task`` with its context and descriptor.
@@ -232,6 +258,10 @@ class Engine:
                 pol = self._make(name)
                 row = self.store.fetchone("SELECT last_seq, arrays, meta FROM policy_state WHERE policy = ?", [name])
                 last = 0
+                if row is not None and json.loads(row[2]).get("feature_schema") != _schema():
+                    # learned on contexts of another feature schema: start again from this schema's log rows
+                    log.info("policy %s: snapshot is of another feature schema, rebuilding from the log", name)
+                    row = None
                 if row is not None:
                     with np.load(io.BytesIO(row[1]), allow_pickle=False) as npz:
                         arrays = {k: npz[k] for k in npz.files}
@@ -242,24 +272,32 @@ class Engine:
             return self._policies[name]
 
     def _catch_up(self, name: str) -> int:
-        pol = self._policies[name]
         if self._known_seq is not None and self._last_seq[name] >= self._known_seq:
             return 0
+        # decisions logged under an older feature schema stay in the log (replay reads them) but their contexts do
+        # not fit this schema's policies
         rows = self.store.fetchall(
             "SELECT r.seq, d.context, d.operator, d.arm, r.reward, d.propensity FROM rewards r "
-            "JOIN decisions d ON d.id = r.decision_id WHERE r.seq > ? ORDER BY r.seq", [self._last_seq[name]])
+            "JOIN decisions d ON d.id = r.decision_id WHERE r.seq > ? AND d.feature_schema = ? ORDER BY r.seq",
+            [self._last_seq[name], _schema()])
+        self._fold(name, rows)
+        self._known_seq = max(self._known_seq or 0, self._last_seq[name])
+        return len(rows)
+
+    def _fold(self, name: str, rows: Sequence[tuple]) -> None:
+        """Update policy ``name`` with log rows ``(seq, context, operator, arm, reward, propensity)`` in order."""
+        pol = self._policies[name]
         for seq, x, op, z, reward, prop in rows:
             pol.update(np.asarray(x), json.loads(op)[-1], np.asarray(z), float(reward), float(prop))
             self._last_seq[name] = seq
-        self._known_seq = max(self._known_seq or 0, self._last_seq[name])
         if rows:
             self._since_snapshot[name] += len(rows)
             if self._since_snapshot[name] >= self.config.snapshot_every:
                 self._save(name)
-        return len(rows)
 
     def _save(self, name: str) -> None:
         arrays, meta = self._policies[name].snapshot()
+        meta["feature_schema"] = _schema()
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         with self.store.transaction():
@@ -269,11 +307,23 @@ class Engine:
         self._since_snapshot[name] = 0
 
     def flush(self) -> None:
-        """Snapshot every loaded policy (called on shutdown)."""
+        """Snapshot every loaded policy that learned something since its snapshot (called on shutdown)."""
         with self.lock:
             for name in self._policies:
                 self._catch_up(name)
-                self._save(name)
+                if self._since_snapshot[name]:
+                    self._save(name)
+
+    def reset(self) -> None:
+        """Forget the learned state held in memory, so it is reloaded from the store on next use: for a caller
+        whose transaction around engine calls was rolled back after the policies had learned from it."""
+        with self.lock:
+            self._policies.clear()
+            self._last_seq.clear()
+            self._since_snapshot.clear()
+            self._known_seq = None
+            self._eval_times = None
+            self._recent.clear()
 
     def rebuild(self, name: str | None = None):
         """Rebuild a policy from the decision log alone, replace its snapshot, and return it."""
@@ -300,7 +350,8 @@ class Engine:
             X, Z, arms, y = self._table_rows(table)
         else:
             rows = self.store.fetchall("SELECT d.context, d.arm, d.operator, r.reward FROM rewards r JOIN decisions "
-                                       "d ON d.id = r.decision_id ORDER BY r.seq")
+                                       "d ON d.id = r.decision_id WHERE d.feature_schema = ? ORDER BY r.seq",
+                                       [_schema()])
             if not rows:
                 raise InvalidInput("no rewarded decisions to fit on; give --table or record feedback first")
             X = np.array([r[0] for r in rows])
@@ -376,7 +427,7 @@ class Engine:
             if chain and chain > 2:
                 entries = self._chains(cs, pol, ranking, top, chain)
             else:
-                entries = [self._entry(cs, pol, ranking, int(i)) for i in ranking.order[:top]]
+                entries = [self._entry(cs, pol, ranking, int(i)) for i in ranking.top(top)]
             self._decide_evaluation(entries, pol)
             self._log(entries, cs, name, pol)
         return [e["public"] for e in entries]
@@ -399,15 +450,16 @@ class Engine:
     def _chains(self, cs: CandidateSet, pol, ranking, top: int, length: int) -> list[dict]:
         """Greedy chains ((a op1 b) op2 c) ...: each step ranks (chain so far, next model, operator).
 
-        An intermediate merge has no signature of its own; its features against the next model are the mean of
-        the features of its members against that model (an approximation, documented in the README).
+        The chain so far is merged for real and gets its own signature (:mod:`.chains`), so its features against
+        the next model are computed like any pair's.
         """
+        from .chains import intermediate_features
         from .policies import Candidates
 
         pair_row = {p: i for i, p in enumerate(cs.pairs)}
         n_ops = len(cs.operators)
         entries = []
-        for start_rank, first in enumerate(ranking.order[:top]):
+        for start_rank, first in enumerate(ranking.top(top)):
             e = self._entry(cs, pol, ranking, int(first))
             models = list(e["models"])
             for _ in range(length - 2):
@@ -415,8 +467,8 @@ class Engine:
                 rest = [m for m in rest if all((u, m) in pair_row for u in models)]
                 if not rest:
                     break
-                X = np.stack([np.mean([cs.X[pair_row[(u, m)] * n_ops] for u in models], axis=0) for m in rest])
-                X = np.repeat(X, n_ops, axis=0)
+                X = np.repeat(contexts(intermediate_features(self, models, e["operator"], rest, cs.task), cs.task),
+                              n_ops, axis=0)
                 Z = np.tile(cs.Z[:n_ops], (len(rest), 1))
                 arms = cs.arms[:n_ops] * len(rest)
                 r = pol.rank(Candidates(X=X, arms=arms, Z=Z))
@@ -474,6 +526,11 @@ class Engine:
         with self.store.transaction():
             self.store.insert_rows("decisions", DECISION_COLUMNS, rows)
             self.store.insert_rows("eval_queue", ("decision_id",), queued)
+        at = [DECISION_COLUMNS.index(c) for c in FEEDBACK_FIELDS]
+        for r in rows:
+            self._recent[r[0]] = tuple(r[i] for i in at)
+        while len(self._recent) > RECENT_DECISIONS:
+            del self._recent[next(iter(self._recent))]
 
     # ---- rewards ----
     def feedback(self, decision_id: str, reward: float, raw_score: float | None = None,
@@ -491,7 +548,9 @@ class Engine:
             raise InvalidInput(f"reward must be a finite number in [{lo:g}, {hi:g}] (a normalized score), "
                                f"got {reward!r}")
         with self.lock:
-            if self.store.fetchone("SELECT 1 FROM decisions WHERE id = ?", [decision_id]) is None:
+            logged = self._recent.get(decision_id) or self.store.fetchone(
+                f"SELECT {', '.join(FEEDBACK_FIELDS)} FROM decisions WHERE id = ?", [decision_id])
+            if logged is None:
                 raise NotFound(f"no decision with id {decision_id!r}")
             old = self.store.fetchone("SELECT reward FROM rewards WHERE decision_id = ?", [decision_id])
             if old is not None:
@@ -499,12 +558,25 @@ class Engine:
                     return {"id": decision_id, "reward": value, "status": "unchanged"}
                 raise Conflict(f"decision {decision_id} already has reward {old[0]:g}; refusing {value:g}")
             with self.store.transaction():
-                self.store.execute("INSERT INTO rewards (decision_id, reward, raw_score, source) VALUES (?,?,?,?)",
-                                   [decision_id, value, raw_score, source])
-            self._known_seq = None  # a new reward: the next catch-up reads the log tail
-            for name in list(self._policies):
-                self._catch_up(name)
+                seq = self.store.fetchone("INSERT INTO rewards (decision_id, reward, raw_score, source) VALUES "
+                                          "(?,?,?,?) RETURNING seq", [decision_id, value, raw_score, source])[0]
+            self._learn_new(seq, logged, value)
         return {"id": decision_id, "reward": value, "status": "recorded"}
+
+    def _learn_new(self, seq: int, logged: tuple, reward: float) -> None:
+        """Fold the reward just appended as ``seq`` into the loaded policies: directly into those that had seen
+        the whole log (no log read), through a catch-up for any other."""
+        context, operator, arm, propensity, schema = logged
+        if schema != _schema():
+            return  # logged under another feature schema: this schema's policies skip it, as _catch_up does
+        known, self._known_seq = self._known_seq, None
+        for name in list(self._policies):
+            if known is not None and self._last_seq[name] == known < seq:
+                self._fold(name, [(seq, context, operator, arm, reward, propensity)])
+            else:
+                self._catch_up(name)
+        if known is not None and known < seq:
+            self._known_seq = seq
 
     def decision(self, decision_id: str) -> dict:
         rows = self.store.fetchdicts("SELECT * EXCLUDE (context, arm) FROM decisions WHERE id = ?", [decision_id])

@@ -108,6 +108,13 @@ def test_non_loopback_host_is_refused(home):
     assert r.returncode != 0 and "not a loopback address" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_bad_memory_limit_is_refused(home):
+    r = subprocess.run([sys.executable, "-m", "simmerge_bandit", "--home", str(home), "daemon", "--memory-limit",
+                        "lots"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "--memory-limit" in r.stderr and "Traceback" not in r.stderr
+    assert not (home / "daemon.json").exists()
+
+
 def test_cli_goes_through_the_daemon(home, tmp_path):
     proc, info = start_daemon(home, "--eval-budget", "0")
     try:
@@ -155,6 +162,8 @@ def test_concurrent_clients(home):
         assert not errors
         code, st = call(info, "GET", "/v1/status")
         assert st["counts"]["rewards"] == len(acked) == 30
+        # every suggest and feedback went through the group commit
+        assert st["batches"]["calls"] == 60 and 1 <= st["batches"]["count"] <= 60
     finally:
         assert stop(proc) == 0
 

@@ -101,6 +101,31 @@ def test_rebuild_equals_live_and_restart_resumes(setup, simmerge_home):
         np.testing.assert_allclose(live[k], restored[k], rtol=1e-10, atol=1e-12)
 
 
+def test_a_new_feature_schema_starts_learning_again_and_keeps_the_old_log(setup):
+    """Contexts of another feature schema do not fit: after an upgrade the policies ignore those rewards and any
+    snapshot learned on them, while the log itself (decisions and rewards, for replay) stays untouched."""
+    eng = Engine(setup)
+    for _ in range(3):
+        for r in eng.suggest("double", top=2):
+            eng.feedback(r["id"], 0.5)
+    assert eng.policy().n_updates == 6
+    # pretend all of that was logged and learned under schema 1
+    setup.execute("UPDATE decisions SET feature_schema = '1'")
+    for name, meta in setup.fetchall("SELECT policy, meta FROM policy_state"):
+        setup.execute("UPDATE policy_state SET meta = ? WHERE policy = ?",
+                      [json.dumps({**json.loads(meta), "feature_schema": "1"}), name])
+    fresh = Engine(setup)
+    assert fresh.policy().n_updates == 0
+    [s] = fresh.suggest("double", top=1)
+    fresh.feedback(s["id"], 1.0)
+    assert fresh.policy().n_updates == 1
+    assert setup.fetchone("SELECT count(*) FROM rewards")[0] == 7
+    live, rebuilt = _arrays(fresh.policy()), _arrays(Engine(setup).rebuild())
+    assert live.keys() == rebuilt.keys()
+    for k in live:
+        np.testing.assert_allclose(live[k], rebuilt[k], rtol=1e-10, atol=1e-12)
+
+
 def test_operators_and_tasks_join_online(setup, tmp_path):
     eng = Engine(setup)
     eng.suggest("double", top=1)
@@ -130,6 +155,34 @@ def test_chain_suggestions(setup):
         assert len(r["models"]) == 3 and len(set(r["models"])) == 3
         assert isinstance(r["operator"], list) and len(r["operator"]) == 2
         assert 0 < r["propensity"] <= 1
+
+
+def test_chain_features_are_computed_on_the_actual_intermediate_merge(setup, tmp_path):
+    """The logged context of a chain's last step equals the features of (merge of the first two, third model)
+    computed from scratch on an independently made merge registered as an ordinary model."""
+    from simmerge_bandit import executor
+    from simmerge_bandit.chains import intermediates_dir, materialize
+    from simmerge_bandit.engine import contexts
+    from simmerge_bandit import signals
+
+    eng = Engine(setup)
+    [r] = eng.suggest("double", top=1, chain=3)
+    a, b, c = r["models"]
+    op1 = Catalog(setup).operator(r["operator"][0])
+    made = sorted(intermediates_dir(setup).iterdir())
+    assert len(made) == 1
+    ref = tmp_path / "ref"
+    cat = Catalog(setup)
+    executor.merge_chain_pairs([cat.model(a)["path"], cat.model(b)["path"]], [(op1["method"], op1["params"])], ref,
+                               base=cat.model("base")["path"], seed=eng.config.seed)
+    cat.add_model(ref, name="ref-merge", base="base")
+    X, _ = signals.feature_matrix(setup, [("ref-merge", c)], "double")
+    logged = np.array(setup.fetchone("SELECT context FROM decisions WHERE id = ?", [r["id"]])[0])
+    np.testing.assert_allclose(logged, contexts(X, "double")[0], rtol=1e-6, atol=1e-9)
+    # the intermediate is merged once and reused
+    stamp = made[0].stat().st_mtime_ns
+    assert materialize(eng, [a, b], [op1["name"]]) == (made[0], "base")
+    assert made[0].stat().st_mtime_ns == stamp and sorted(intermediates_dir(setup).iterdir()) == made
 
 
 def test_cli_suggest_feedback_status(setup):

@@ -302,6 +302,47 @@ def feature_matrix(store, pairs: Sequence[tuple[str, str]], task_name: str, *,
     return features.compute_matrix(f_slots, s_slots, ia, ib, base_slot), list(FEATURE_NAMES)
 
 
+def features_against(store, checkpoint: str | Path, base: str, others: Sequence[str], task_name: str, *,
+                     label: str | None = None, config: SignatureConfig | None = None,
+                     device: str | None = None) -> np.ndarray:
+    """Features (len(others), n_features) of the ordered pairs (checkpoint, other) for a checkpoint that is not in
+    the catalog (an intermediate merge of a chain), fine-tuned from catalog model ``base``.
+
+    The checkpoint gets a signature like any model (one forward pass over the task's probes and one streaming
+    pass over its weights), stored under its fingerprint, so asking again costs nothing.
+    """
+    from ..catalog import Catalog
+    from ..checkpoint import read_checkpoint
+
+    config = config or DEFAULT_CONFIG
+    others = list(others)
+    rows = _model_rows(store)
+    if base not in rows:
+        raise InvalidInput(f"no model named {base!r} to use as the base")
+    path = Path(checkpoint)
+    stats = _file_stats(path)
+    fp = _VERIFIED.get((str(path), stats))
+    if fp is None:
+        fp = _VERIFIED[(str(path), stats)] = read_checkpoint(path).fingerprint()
+    row = {"name": label or path.name, "fingerprint": fp, "base": base, "path": str(path)}
+    probes = _probes(Catalog(store), task_name)
+    fkey, skey = _keys(row, rows[base], probes, config)
+    got = cache.load_signatures(store, [fkey, skey])
+    if fkey not in got:
+        _compute_functional(store, row, [(probes, fkey)], config, device)
+    if skey not in got:
+        _compute_structural(store, row, rows[base], skey, config, device)
+    got = cache.load_signatures(store, [fkey, skey])
+    names = list(dict.fromkeys([*others, base]))
+    fs, ss, _, rows = _load_pair_sigs(store, names, task_name, config, rows)
+    slots_f = [got.get(fkey)] + [fs[n] for n in names]
+    slots_s = [got.get(skey)] + [ss[n] for n in names]
+    at = {n: i + 1 for i, n in enumerate(names)}
+    base_slot = [at[base]] + [at.get(rows[n]["base"], -1) if rows[n]["base"] else -1 for n in names]
+    ib = np.array([at[n] for n in others], dtype=np.int64)
+    return features.compute_matrix(slots_f, slots_s, np.zeros(len(others), dtype=np.int64), ib, base_slot)
+
+
 def absence_reasons(a: str, b: str, fa: Signature | None, fb: Signature | None, sa: Signature | None,
                     sb: Signature | None, rows: dict, base_f: dict | None = None) -> dict[str, str]:
     """Why each family of features cannot be computed for (a, b), by feature name (empty when all can).

@@ -1066,7 +1066,7 @@ def simulate_cmd(c: Ctx, table_path, policies, rounds, budget, seeds, seed, hold
     emit(out, as_json, human)
 
 @cli.command()
-@click.option("--rounds", default=8, show_default=True, help="Suggest -> merge -> evaluate -> feedback rounds.")
+@click.option("--rounds", default=24, show_default=True, help="Suggest -> merge -> evaluate -> feedback rounds.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the zoo and of the policy.")
 @click.option("--policy", default="linucb-hybrid", show_default=True, help="Policy that makes the choices.")
 @click.option("--eval-limit", default=32, show_default=True, help="Evaluation examples per task and merge.")

@@ -24,7 +24,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SIMMERGE_CACHE") or Path.home() / ".cache" / "simmerge").expanduser()
 
 
-def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 8, seed: int = 0, zoo_dir=None,
+def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 24, seed: int = 0, zoo_dir=None,
              eval_limit: int | None = 32, policy: str = "linucb-hybrid", preset: str = "test",
              echo: Callable[[str], None] = print) -> dict:
     """Run the demo loop; return its rounds and summary (also printed through ``echo``)."""

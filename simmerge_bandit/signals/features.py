@@ -111,14 +111,25 @@ def _blocks(la: np.ndarray, lb: np.ndarray, per_pair: int, max_rows: int = 1 << 
 def _directed(ia: np.ndarray, ib: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Unique directed pairs covering (a, b) and (b, a); indices of each input's forward and reverse pair."""
     n = int(max(ia.max(), ib.max())) + 1
-    keys, inv = np.unique(np.concatenate([ia * n + ib, ib * n + ia]), return_inverse=True)
-    inv = inv.reshape(-1)
+    both = np.concatenate([ia * n + ib, ib * n + ia])
+    if n * n <= 1 << 25:        # mark the keys in a dense table: no sort of (here) two million keys
+        seen = np.zeros(n * n, dtype=bool)
+        seen[both] = True
+        keys, inv = np.flatnonzero(seen), (np.cumsum(seen) - 1)[both]
+    else:
+        keys, inv = np.unique(both, return_inverse=True)
+        inv = inv.reshape(-1)
     return keys // n, keys % n, inv[:len(ia)], inv[len(ia):]
 
 
 def _undirected(ia: np.ndarray, ib: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n = int(max(ia.max(), ib.max())) + 1
-    keys, inv = np.unique(np.minimum(ia, ib) * n + np.maximum(ia, ib), return_inverse=True)
+    both = np.minimum(ia, ib) * n + np.maximum(ia, ib)
+    if n * n <= 1 << 25:        # as in _directed: a dense table instead of a sort
+        seen = np.zeros(n * n, dtype=bool)
+        seen[both] = True
+        return *np.divmod(np.flatnonzero(seen), n), (np.cumsum(seen) - 1)[both]
+    keys, inv = np.unique(both, return_inverse=True)
     return keys // n, keys % n, inv.reshape(-1)
 
 

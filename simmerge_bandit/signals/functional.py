@@ -17,6 +17,7 @@ and position ids stay those of an unpadded prompt).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -153,13 +154,14 @@ def sampled_layers(n_layers: int, max_layers: int) -> list[int]:
     return sorted({max(1, round((i + 1) * n_layers / j)) for i in range(j)})
 
 
+@functools.lru_cache(maxsize=2)
 def state_projection(hidden: int, n_tokens: int, config: SignatureConfig):
     """Seeded Gaussian projections (n_tokens x hidden x m), one per kept token position, shared by every model with
     this hidden size; None (identity) when the hidden size is not larger than m.
 
     A separate projection per token makes the projection errors of different tokens independent, so the average
     activation cosine over tokens converges like 1/sqrt(tokens * m) instead of staying at the 1/sqrt(m) error of a
-    single shared projection.
+    single shared projection. Cached (read-only): drawing it costs more than the rest of the summaries.
     """
     import torch
 
@@ -183,14 +185,13 @@ def _batches(ids: list[list[int]], size: int):
 
 
 def _pad_batch(ids: list[list[int]], idx: list[int], pad: int, device: str):
+    """Right-padded input ids and attention mask of the prompts ``idx`` (one tensor built per batch, not per row)."""
     import torch
 
-    width = max(len(ids[i]) for i in idx)
-    x = torch.full((len(idx), width), pad, dtype=torch.long)
-    m = torch.zeros((len(idx), width), dtype=torch.long)
-    for r, i in enumerate(idx):
-        x[r, :len(ids[i])] = torch.tensor(ids[i])
-        m[r, :len(ids[i])] = 1
+    lens = [len(ids[i]) for i in idx]
+    width = max(lens)
+    x = torch.tensor([ids[i] + [pad] * (width - n) for i, n in zip(idx, lens)], dtype=torch.long)
+    m = (torch.arange(width)[None, :] < torch.tensor(lens)[:, None]).long()
     return x.to(device), m.to(device)
 
 
@@ -209,6 +210,50 @@ def plain_forward(model, probes: ProbeTokens, config: SignatureConfig, device: s
     return time.perf_counter() - t0
 
 
+def _batch_plan(probes: ProbeTokens, batch_size: int) -> list[tuple]:
+    """Per batch: (prompt indices, then for each kept position in it: batch row, token index and output row, then
+    which of those are state rows and their index among the state rows). Model-independent, built once."""
+    import torch
+
+    batches = list(_batches(probes.ids, batch_size))
+    n = len(probes.ids)
+    batch_of, row_of = np.full(n, -1), np.zeros(n, dtype=np.int64)
+    for bn, idx in enumerate(batches):
+        batch_of[idx] = bn
+        row_of[idx] = np.arange(len(idx))
+    prompt, token = probes.positions[:, 0].astype(np.int64), probes.positions[:, 1].astype(np.int64)
+    state_index = np.full(len(prompt), -1)
+    state_index[probes.state_rows] = np.arange(len(probes.state_rows))
+    plan = []
+    for bn, idx in enumerate(batches):
+        rows = np.nonzero(batch_of[prompt] == bn)[0]
+        src = np.nonzero(state_index[rows] >= 0)[0]
+        plan.append((idx, *(torch.from_numpy(a) for a in (row_of[prompt[rows]], token[rows], rows, src,
+                                                           state_index[rows[src]]))))
+    return plan
+
+
+def _check_finite(hs, valid, model_name: str) -> None:
+    """Raise :class:`InvalidCheckpoint` naming the first layer whose activations at real (unpadded) tokens are not
+    finite.
+
+    Each layer adds into the residual stream that ends in the last hidden state, and a non-finite value stays
+    non-finite through it (x + inf is inf or NaN, a norm of either is NaN), so the last layer tells whether any
+    layer is bad: when the sum of its states is finite, every state is (NaN and inf cannot cancel into a finite
+    sum). Only otherwise (a bad state, one at a padded position, or an overflowing sum) are the layers scanned,
+    at real tokens only, to name the first bad one.
+    """
+    import torch
+
+    if bool(torch.isfinite(hs[-1].sum())):
+        return
+    n_layers = len(hs) - 1
+    for li, h in enumerate(hs):
+        if not torch.isfinite(h[valid]).all():
+            raise InvalidCheckpoint(f"model {model_name!r} produces non-finite activations (NaN/inf) at "
+                                    f"{_layer_label(li, n_layers)} on the probe prompts")
+
+
 def extract(model, probes: ProbeTokens, config: SignatureConfig, *, model_name: str, device: str,
             keep_raw: bool = False, pad_id: int = 0) -> tuple[dict, dict, dict | None]:
     """Run the signature forward pass. Returns (meta, arrays, raw).
@@ -223,23 +268,16 @@ def extract(model, probes: ProbeTokens, config: SignatureConfig, *, model_name: 
     V = probes.vocab_size
     full = V <= config.full_vocab_max
     k = V if full else min(config.top_k, V)
-    rows_of: dict[int, list[tuple[int, int]]] = {}
-    for r, (i, t) in enumerate(probes.positions.tolist()):
-        rows_of.setdefault(i, []).append((t, r))
-    state_row_index = {int(r): j for j, r in enumerate(probes.state_rows)}
 
-    logp_out = torch.empty((P, k), dtype=torch.float32)
-    ids_out = None if full else torch.empty((P, k), dtype=torch.int32)
-    logz_out = None if full else torch.empty(P, dtype=torch.float32)
-    ent_out = torch.empty(P, dtype=torch.float32)
-    top1_out = torch.empty(P, dtype=torch.int32)
-    raw_logp = torch.empty((P, V), dtype=torch.float32) if keep_raw else None
+    # the kept positions' logits, gathered batch by batch and summarized once at the end (one set of ops, not one
+    # per batch: on a small model the per-op cost is what a signature adds to a forward pass)
+    logits = torch.empty((P, V), dtype=torch.float32, device=device)
     layers: list[int] | None = None
     states = None
     n_layers = None
 
     with torch.no_grad():
-        for idx in _batches(probes.ids, config.batch_size):
+        for idx, bi, ti, ri, src, dst in _batch_plan(probes, config.batch_size):
             x, m = _pad_batch(probes.ids, idx, pad_id, device)
             out = model(input_ids=x, attention_mask=m, output_hidden_states=True, use_cache=False)
             hs = out.hidden_states
@@ -247,45 +285,30 @@ def extract(model, probes: ProbeTokens, config: SignatureConfig, *, model_name: 
                 n_layers = len(hs) - 1
                 layers = sampled_layers(n_layers, config.max_layers)
                 states = torch.empty((len(layers), len(probes.state_rows), hs[-1].shape[-1]), dtype=torch.float32)
-            valid = m.bool()
-            for li, h in enumerate(hs):
-                if not torch.isfinite(h[valid]).all():
-                    raise InvalidCheckpoint(f"model {model_name!r} produces non-finite activations (NaN/inf) at "
-                                            f"{_layer_label(li, n_layers)} on the probe prompts")
-            b_idx, t_idx, r_idx = [], [], []
-            for b, i in enumerate(idx):
-                for t, r in rows_of.get(i, ()):
-                    b_idx.append(b)
-                    t_idx.append(t)
-                    r_idx.append(r)
-            if not r_idx:
+            _check_finite(hs, m.bool(), model_name)
+            if not len(ri):
                 continue
-            bi = torch.tensor(b_idx, device=x.device)
-            ti = torch.tensor(t_idx, device=x.device)
-            logits = out.logits[bi, ti].float()[:, :V]
-            if not torch.isfinite(logits).all():
-                raise InvalidCheckpoint(f"model {model_name!r} produces non-finite logits (NaN/inf) at the output "
-                                        f"head (lm_head) on the probe prompts; the hidden states are finite")
-            lp = torch.log_softmax(logits, dim=-1)
-            ent = -torch.xlogy(lp.exp(), lp.exp()).sum(-1)
-            ri = torch.tensor(r_idx)
-            ent_out[ri] = ent.cpu()
-            top1_out[ri] = lp.argmax(-1).to(torch.int32).cpu()
-            if keep_raw:
-                raw_logp[ri] = lp.clamp_min(LOGP_FLOOR).cpu()
-            if full:
-                logp_out[ri] = lp.clamp_min(LOGP_FLOOR).cpu()
-            else:
-                vals, ids = torch.topk(lp, k, dim=-1)
-                logp_out[ri] = vals.clamp_min(LOGP_FLOOR).cpu()
-                ids_out[ri] = ids.to(torch.int32).cpu()
-                logz_out[ri] = torch.logsumexp(logits, -1).cpu()
-            s_sel = [(n, state_row_index[r]) for n, r in enumerate(r_idx) if r in state_row_index]
-            if s_sel:
-                src = torch.tensor([n for n, _ in s_sel], device=x.device)
-                dst = torch.tensor([j for _, j in s_sel])
+            bi, ti = bi.to(x.device), ti.to(x.device)
+            logits[ri.to(x.device)] = out.logits[bi, ti, :V].float()
+            if len(src):
+                bs, ts = bi[src.to(x.device)], ti[src.to(x.device)]
                 for j, li in enumerate(layers):
-                    states[j, dst] = hs[li][bi[src], ti[src]].float().cpu()
+                    states[j, dst] = hs[li][bs, ts].float().cpu()
+        if not torch.isfinite(logits.sum()) and not torch.isfinite(logits).all():
+            raise InvalidCheckpoint(f"model {model_name!r} produces non-finite logits (NaN/inf) at the output "
+                                    f"head (lm_head) on the probe prompts; the hidden states are finite")
+        lp = torch.log_softmax(logits, dim=-1)
+        ent_out = -(lp.exp() * lp).sum(-1).cpu()
+        top1_out = lp.argmax(-1).to(torch.int32).cpu()
+        raw_logp = lp.clamp_min(LOGP_FLOOR).cpu() if keep_raw or full else None
+        if full:
+            logp_out = raw_logp
+        else:
+            vals, ids = torch.topk(lp, k, dim=-1)
+            logp_out = vals.clamp_min(LOGP_FLOOR).cpu()
+            ids_out = ids.to(torch.int32).cpu()
+            logz_out = torch.logsumexp(logits, -1).cpu()
+        del logits, lp
 
     hidden = int(states.shape[-1])
     grams, projs, stats = _state_summaries(states, config, hidden)
@@ -307,40 +330,42 @@ def extract(model, probes: ProbeTokens, config: SignatureConfig, *, model_name: 
     return meta, arrays, raw
 
 
-def gram_vector(x) -> np.ndarray:
-    """Unit-norm vectorized centered Gram matrix of token states ``x`` (n x d): the dot product of two such
-    vectors is linear CKA. Off-diagonal entries are stored once, scaled by sqrt(2). NaN when degenerate."""
+def gram_vectors(x) -> np.ndarray:
+    """Unit-norm vectorized centered Gram matrices of token states ``x`` (layers x n x d), one row per layer: the
+    dot product of two models' rows is their linear CKA. Off-diagonal entries are stored once, scaled by sqrt(2).
+    A row is NaN where degenerate (constant states)."""
     import torch
 
     x = x.double()
-    xc = x - x.mean(0, keepdim=True)
-    k = xc @ xc.T
-    n = k.shape[0]
+    xc = x - x.mean(1, keepdim=True)
+    k = xc @ xc.transpose(1, 2)
+    n = k.shape[-1]
     iu = torch.triu_indices(n, n, offset=1)
-    v = torch.cat([torch.diagonal(k), math.sqrt(2.0) * k[iu[0], iu[1]]])
-    norm = v.norm()
-    if not torch.isfinite(norm) or norm <= 0:
-        return np.full(v.shape[0], np.nan, dtype=np.float32)
-    return (v / norm).float().numpy()
+    v = torch.cat([torch.diagonal(k, dim1=1, dim2=2), math.sqrt(2.0) * k[:, iu[0], iu[1]]], dim=1)
+    norm = v.norm(dim=1, keepdim=True)
+    ok = torch.isfinite(norm) & (norm > 0)
+    return torch.where(ok, v / torch.where(ok, norm, 1.0), float("nan")).float().numpy()
+
+
+def gram_vector(x) -> np.ndarray:
+    """:func:`gram_vectors` of one layer's token states ``x`` (n x d)."""
+    return gram_vectors(x[None])[0]
 
 
 def _state_summaries(states, config: SignatureConfig, hidden: int):
+    """Gram vectors, unit projected token states and (mean, std) of token-state norms, for all layers at once."""
     import torch
 
-    n = states.shape[1]
+    J, n = states.shape[0], states.shape[1]
     proj = state_projection(hidden, n, config)
-    grams, projs, stats = [], [], []
-    for j in range(states.shape[0]):
-        x = states[j]
-        grams.append(gram_vector(x))
-        y = x if proj is None else torch.einsum("nd,ndm->nm", x, proj)
-        norms = y.norm(dim=1, keepdim=True)
-        u = torch.where(norms > 0, y / norms.clamp_min(1e-30), torch.full_like(y, float("nan")))
-        projs.append((u / math.sqrt(n)).reshape(-1).numpy())
-        tn = x.norm(dim=1)
-        stats.append([float(tn.mean()), float(tn.std()) if n > 1 else 0.0])
-    return (np.stack(grams).astype(np.float32), np.stack(projs).astype(np.float32),
-            np.asarray(stats, dtype=np.float32))
+    y = states if proj is None else torch.einsum("jnd,ndm->jnm", states, proj)
+    norms = y.norm(dim=2, keepdim=True)
+    u = torch.where(norms > 0, y / norms.clamp_min(1e-30), torch.full_like(y, float("nan")))
+    tn = states.norm(dim=2)
+    std = tn.std(1) if n > 1 else torch.zeros(J)
+    stats = torch.stack([tn.mean(1), std], dim=1)
+    return (gram_vectors(states), (u / math.sqrt(n)).reshape(J, -1).numpy().astype(np.float32),
+            stats.numpy().astype(np.float32))
 
 
 def compute_many(path: str | Path, prompt_sets: Sequence[tuple[str, Sequence[str]]], config: SignatureConfig, *,

@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 FEATURE_SCHEMA_VERSION = 2
-SIGNATURE_VERSION = 1
+SIGNATURE_VERSION = 2
 #: Version of the sketch estimators in :mod:`.features` (part of the key of stored pair features).
 ESTIMATOR_VERSION = 1
 

@@ -623,7 +623,8 @@ class Daemon:
                     self.store.execute("UPDATE eval_queue SET state = 'done', result = ?, last_error = NULL, "
                                        "updated_at = current_timestamp WHERE decision_id = ?",
                                        [json.dumps(result), did])
-                event("job done", id=did, reward=round(result["reward"], 4), seconds=round(result["seconds"], 2))
+                event("job done", id=did, reward=round(result["reward"], 4), seconds=round(result["seconds"], 2),
+                      executor=self.executor, worker_pid=result.get("pid"))
             except Exception as e:  # a failing job is recorded, never fatal to the daemon
                 self._fail(did, e)
 

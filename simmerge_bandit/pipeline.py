@@ -7,7 +7,9 @@ out); :func:`record` writes the outcome (source scores, reward) back through the
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -96,7 +98,8 @@ def run_spec(spec: dict[str, Any], *, device: str = "auto", limit: int | None = 
     if reward is None:
         raise EvaluationFailed("no usable source scores to normalize against")
     return {"decision": spec["decision"], "score": res.score, "reward": reward, "source_scores": sources,
-            "seconds": time.time() - t0, "merged": str(out) if keep_merge else None}
+            "seconds": time.time() - t0, "merged": str(out) if keep_merge else None,
+            "host": socket.gethostname(), "pid": os.getpid()}   # where it ran (a Ray worker, or this process)
 
 
 def record(engine, spec: dict[str, Any], result: dict[str, Any]) -> dict:

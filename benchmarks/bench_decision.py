@@ -113,7 +113,7 @@ def pair_features(table_df, zoo_dir: Path, home: Path) -> dict:
 
 
 ZERO = ("predictor", "uniform")
-WARM = ("predictor", "linucb@predictor", "linucb-hybrid@predictor", "lints@predictor")
+WARM = ("predictor", "predictor:online_weight=10", "linucb@predictor", "linucb-hybrid@predictor", "lints@predictor")
 FAMILIES = ("distribution", "activation", "task_vector", "shift")
 
 

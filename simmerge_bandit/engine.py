@@ -238,17 +238,26 @@ class Engine:
     def _make(self, name: str):
         """A fresh policy. ``NAME@predictor`` is NAME warm-started from the fitted SimMerge predictor: it learns
         the residual ``reward - prediction``, so with no rewards it ranks like the predictor."""
-        from .policies import make_policy
+        from .policies import from_snapshot, make_policy
 
         if name.endswith("@predictor"):
-            row = self.store.fetchone("SELECT arrays, meta FROM policy_state WHERE policy = 'predictor'")
-            if row is None:
+            stored = self._stored("predictor")
+            if stored is None:
                 raise InvalidInput(f"{name}: no fitted predictor yet; run `simmerge predictor fit` first")
-            prior = make_policy("predictor", seed=self.config.seed)
-            with np.load(io.BytesIO(row[0]), allow_pickle=False) as npz:
-                prior.restore({k: npz[k] for k in npz.files}, json.loads(row[1]))
-            return make_policy(name[: -len("@predictor")], seed=self.config.seed, prior=prior)
+            return make_policy(name[: -len("@predictor")], seed=self.config.seed, prior=from_snapshot(*stored))
+        if name == "predictor" and (stored := self._stored(name)) is not None:
+            # the fit chose its parameters (online_weight); a fresh or rebuilt predictor keeps them
+            params = {k: v for k, v in stored[1].get("params", {}).items() if k != "prior"}
+            return make_policy(name, **{**params, "seed": self.config.seed})
         return make_policy(name, seed=self.config.seed)
+
+    def _stored(self, name: str) -> tuple[dict, dict] | None:
+        """The saved snapshot of a policy as (arrays, meta), or None."""
+        row = self.store.fetchone("SELECT arrays, meta FROM policy_state WHERE policy = ?", [name])
+        if row is None:
+            return None
+        with np.load(io.BytesIO(row[0]), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}, json.loads(row[1])
 
     def policy(self, name: str | None = None):
         """The named policy, restored from its snapshot and caught up with the reward log."""
@@ -335,9 +344,10 @@ class Engine:
             self._save(name)
             return self._policies[name]
 
-    def fit_predictor(self, table: str | None = None) -> dict:
+    def fit_predictor(self, table: str | None = None, online_weight: float | None = None) -> dict:
         """Fit the SimMerge predictor (features + operator -> normalized score) and save it as policy
-        ``predictor``; later rewards keep updating it online.
+        ``predictor``; later rewards keep updating it online, each counting as ``online_weight`` fitted rows
+        (default: what the previous fit used, else 1).
 
         With ``table`` (a merge table: CSV or Parquet with ``model_a``, ``model_b``, ``operator``, ``task``,
         ``normalized_score``; models, tasks and operators registered in the catalog), features are computed by
@@ -358,8 +368,11 @@ class Engine:
             Z = np.array([r[1] for r in rows])
             arms = [json.loads(r[2])[-1] for r in rows]
             y = np.array([r[3] for r in rows])
+        if online_weight is None:
+            stored = self._stored("predictor")
+            online_weight = stored[1].get("params", {}).get("online_weight", 1.0) if stored else 1.0
         with self.lock:
-            pred = make_policy("predictor", seed=self.config.seed).fit(X, Z, arms, y)
+            pred = make_policy("predictor", seed=self.config.seed, online_weight=online_weight).fit(X, Z, arms, y)
             last = self.store.fetchone("SELECT coalesce(max(seq), 0) FROM rewards")[0]
             self._policies["predictor"], self._last_seq["predictor"] = pred, int(last)
             self._since_snapshot["predictor"] = 0
@@ -369,7 +382,8 @@ class Engine:
             for n in [n for n in self._policies if n.endswith("@predictor")]:
                 del self._policies[n]
         out = pred.summary()
-        out.update(source=table or "decision log", feature_schema=str(signals.FEATURE_SCHEMA_VERSION))
+        out.update(source=table or "decision log", feature_schema=str(signals.FEATURE_SCHEMA_VERSION),
+                   online_weight=pred.online_weight)
         return out
 
     def _table_rows(self, path: str):

@@ -233,6 +233,28 @@ def test_predictor_fit_from_log_and_table_then_warm_start(setup, tmp_path):
         eng.fit_predictor(str(bad))
 
 
+def test_predictor_online_weight_is_kept_across_restarts_rebuilds_and_warm_starts(setup, tmp_path):
+    import pandas as pd
+
+    eng = Engine(setup)
+    rows = [{"model_a": a, "model_b": b, "operator": op, "task": "double", "normalized_score": score}
+            for a, b in eng.pairs("double") for op, score in (("lin", 0.9), ("ties5", 0.5), ("slerp", 0.7))]
+    table = tmp_path / "t.parquet"
+    pd.DataFrame(rows).to_parquet(table)
+    assert eng.fit_predictor(str(table), online_weight=8)["online_weight"] == 8
+    [s] = eng.suggest("double", top=1, policy="predictor")
+    eng.feedback(s["id"], 0.1)
+    assert eng.policy("predictor").online_weight == 8
+    again = Engine(setup)                                   # a restart: snapshot + log tail
+    assert again.policy("predictor").online_weight == 8
+    np.testing.assert_allclose(_arrays(again.policy("predictor"))["beta"], _arrays(eng.policy("predictor"))["beta"])
+    assert again.rebuild("predictor").online_weight == 8
+    assert again.policy("linucb@predictor").prior.online_weight == 8
+    assert again.fit_predictor(str(table))["online_weight"] == 8    # a refit keeps it unless told otherwise
+    with pytest.raises(InvalidInput, match="online_weight"):
+        again.fit_predictor(str(table), online_weight=0)
+
+
 def test_task_tags_restrict_pairs(setup, tiny_models):
     cat = Catalog(setup)
     cat.add_model(tiny_models["ft_b"], name="tagged", base="base", tasks=["double"])

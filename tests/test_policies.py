@@ -511,6 +511,46 @@ def test_predictor_fit_equals_closed_form_and_ranks_with_no_evaluations():
         make_policy("predictor").fit(X, Z, names, np.full(m, np.nan))
 
 
+def test_predictor_online_weight_counts_a_reward_as_several_fitted_rows():
+    """online_weight=w: an online reward enters the ridge solve with weight w (closed form: a weighted refit)."""
+    rng = np.random.default_rng(7)
+    m = 60
+    X = rng.normal(size=(m, D))
+    names = [list(OPS)[i % 3] for i in range(m)]
+    Z = np.array([OPS[a] for a in names])
+    y = 0.4 + 0.2 * X[:, 1] * Z[:, 0] + 0.05 * rng.normal(size=m)
+    w = 4.0
+    pred = make_policy("predictor", l2=0.5, online_weight=w).fit(X, Z, names, y)
+    x_new, z_new, y_new = X[1] - 0.5, Z[1], 1.1
+    pred.update(x_new, names[1], z_new, y_new)
+    xs, zs = (X - X.mean(0)) / X.std(0), (Z - Z.mean(0)) / Z.std(0)
+    Phi = np.einsum("ij,ik->ijk", np.hstack([np.ones((m, 1)), xs]), np.hstack([np.ones((m, 1)), zs])).reshape(m, -1)
+    phi = np.outer(np.concatenate(([1.0], (x_new - X.mean(0)) / X.std(0))),
+                   np.concatenate(([1.0], (z_new - Z.mean(0)) / Z.std(0)))).ravel()
+    A = 0.5 * np.eye(Phi.shape[1]) + Phi.T @ Phi + w * np.outer(phi, phi)
+    beta = np.linalg.solve(A, Phi.T @ y + w * y_new * phi)
+    c = cands_for(np.random.default_rng(8))
+    Phi_c = np.einsum("ij,ik->ijk", np.hstack([np.ones((len(c), 1)), (c.X - X.mean(0)) / X.std(0)]),
+                      np.hstack([np.ones((len(c), 1)), (c.Z - Z.mean(0)) / Z.std(0)])).reshape(len(c), -1)
+    r = pred.rank(c)
+    np.testing.assert_allclose(r.predicted, Phi_c @ beta, atol=1e-9)
+    np.testing.assert_allclose(r.uncertainty, np.sqrt(np.einsum("ij,jk,ik->i", Phi_c, np.linalg.inv(A), Phi_c)),
+                               atol=1e-9)
+    with pytest.raises(InvalidInput, match="online_weight"):
+        make_policy("predictor", online_weight=0)
+
+
+def test_a_snapshot_from_before_a_new_parameter_restores_at_its_default():
+    pred = make_policy("predictor").fit(np.eye(3), np.eye(3), ["lin", "ties", "dare"], np.array([0.1, 0.2, 0.3]))
+    arrays, meta = pred.snapshot()
+    del meta["params"]["online_weight"]                    # as written before the parameter existed
+    again = make_policy("predictor")
+    again.restore(arrays, meta)
+    np.testing.assert_allclose(again.predict(np.eye(3), np.eye(3)), pred.predict(np.eye(3), np.eye(3)))
+    with pytest.raises(InvalidInput, match="online_weight"):
+        make_policy("predictor", online_weight=5).restore(arrays, meta)
+
+
 @pytest.mark.parametrize("name", ["linucb", "linucb-hybrid", "lints", "egreedy"])
 def test_bandits_warm_start_from_the_predictor_as_a_residual(name):
     rng = np.random.default_rng(6)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -318,6 +319,10 @@ class Policy(abc.ABC):
         # A prior travels inside the snapshot (and replaces this policy's), so it is not compared.
         mine = {k: v for k, v in json.loads(json.dumps(self.params())).items() if k != "prior"}
         theirs = {k: v for k, v in dict(meta.get("params", {})).items() if k != "prior"}
+        # a parameter added after the snapshot was taken means the old behaviour at its default value
+        defaults = {k: p.default for k, p in inspect.signature(type(self).__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        theirs.update({k: defaults[k] for k in mine.keys() - theirs.keys() if k in defaults})
         if mine != theirs:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise InvalidInput(f"snapshot of {self.name} has different parameters: {', '.join(diff)}")

@@ -14,6 +14,7 @@ their exploration covers only what it gets wrong. The prior itself stays frozen.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import ClassVar, Sequence
 
@@ -38,12 +39,18 @@ class SimMergePredictor(Policy):
     """
 
     name: ClassVar[str] = "predictor"
-    _param_names = ("l2", "floor", "seed")
+    _param_names = ("l2", "floor", "seed", "online_weight")
 
-    def __init__(self, l2: float = 1.0, floor: float = 0.01, seed: int = 0):
+    def __init__(self, l2: float = 1.0, floor: float = 0.01, seed: int = 0, online_weight: float = 1.0):
         super().__init__(floor=floor, seed=seed)
         require(is_number(l2) and l2 > 0, f"l2 must be a positive number, got {l2!r}")
+        require(is_number(online_weight) and online_weight > 0,
+                f"online_weight must be a positive number, got {online_weight!r}")
         self.l2 = float(l2)
+        #: How many fitted rows one reward learned online counts as. The fit holds thousands of rows of other
+        #: tasks; weighting a new task's few evaluations up is a crude hierarchical prior (the task's own evidence
+        #: matters more to it than the others'). 1 weighs them like fitted rows.
+        self.online_weight = float(online_weight)
         self._mu_x = self._sd_x = self._mu_z = self._sd_z = None
         self._Ainv: np.ndarray | None = None
         self._b: np.ndarray | None = None
@@ -200,7 +207,10 @@ class SimMergePredictor(Policy):
     def _learn(self, x, arm, z, reward, propensity) -> None:
         self._ensure(x.shape[0], z.shape[0])
         xt, zt = self._std(x[None, :], z[None, :])
-        phi = np.outer(xt[0], zt[0]).ravel()
+        # weight w: A += w phi phi^T and b += w r phi, i.e. one ordinary update with sqrt(w) phi and sqrt(w) r
+        root_w = math.sqrt(self.online_weight)
+        phi = np.outer(xt[0], zt[0]).ravel() * root_w
+        reward = reward * root_w
         u, c = sherman_morrison(self._Ainv, phi)
         if self._gram_index:  # the kept G_k = P_k^T A^-1 P_k follow A^-1's rank-one change
             Vt = self._gram_z @ u.reshape(xt.shape[1], zt.shape[1]).T

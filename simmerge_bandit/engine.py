@@ -245,11 +245,16 @@ class Engine:
             if stored is None:
                 raise InvalidInput(f"{name}: no fitted predictor yet; run `simmerge predictor fit` first")
             return make_policy(name[: -len("@predictor")], seed=self.config.seed, prior=from_snapshot(*stored))
-        if name == "predictor" and (stored := self._stored(name)) is not None:
+        if name == "predictor" and (meta := self._stored_meta(name)) is not None:
             # the fit chose its parameters (online_weight); a fresh or rebuilt predictor keeps them
-            params = {k: v for k, v in stored[1].get("params", {}).items() if k != "prior"}
+            params = {k: v for k, v in meta.get("params", {}).items() if k != "prior"}
             return make_policy(name, **{**params, "seed": self.config.seed})
         return make_policy(name, seed=self.config.seed)
+
+    def _stored_meta(self, name: str) -> dict | None:
+        """The JSON half of a policy's saved snapshot (without reading its arrays), or None."""
+        row = self.store.fetchone("SELECT meta FROM policy_state WHERE policy = ?", [name])
+        return None if row is None else json.loads(row[0])
 
     def _stored(self, name: str) -> tuple[dict, dict] | None:
         """The saved snapshot of a policy as (arrays, meta), or None."""
@@ -369,8 +374,8 @@ class Engine:
             arms = [json.loads(r[2])[-1] for r in rows]
             y = np.array([r[3] for r in rows])
         if online_weight is None:
-            stored = self._stored("predictor")
-            online_weight = stored[1].get("params", {}).get("online_weight", 1.0) if stored else 1.0
+            meta = self._stored_meta("predictor")
+            online_weight = meta.get("params", {}).get("online_weight", 1.0) if meta else 1.0
         with self.lock:
             pred = make_policy("predictor", seed=self.config.seed, online_weight=online_weight).fit(X, Z, arms, y)
             last = self.store.fetchone("SELECT coalesce(max(seq), 0) FROM rewards")[0]

@@ -41,6 +41,7 @@ from .errors import IncompatibleModels, InvalidInput, SimmergeError
 from .methods import get_method
 from .methods.job import Source, TensorJob, TensorSink, bind_params, check_arity, pair_roles, run
 from .mergekit_config import PREVIOUS, Plan, Step
+from .threads import torch_threads
 
 #: Default largest output shard (bytes), as mergekit's and transformers' default of 5 GB.
 DEFAULT_SHARD_SIZE = 5 * 1000 ** 3
@@ -503,16 +504,11 @@ def execute(plan: Plan, out: str | os.PathLike, *, device: str = "auto", seed: i
 
     ``threads`` is torch's intra-op thread count while merging on the CPU (None: leave it as it is).
     """
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        if threads < 1:
-            raise InvalidInput(f"threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
-    try:
+    if threads is not None and threads < 1:
+        raise InvalidInput(f"threads must be at least 1, got {threads}")
+    with torch_threads(threads):
         return _execute(plan, out, device=device, seed=seed, force=force, shard_size=shard_size,
                         exact_ties=exact_ties, vocab=vocab, progress=progress, fsync=fsync, operators=operators)
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 def _execute(plan: Plan, out, *, device, seed, force, shard_size, exact_ties, vocab, progress, fsync,

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .errors import InvalidInput
+from .threads import torch_threads
 from .zoo_tasks import TASKS, task_rows
 
 MANIFEST = "zoo.json"
@@ -201,14 +202,8 @@ def deterministic(threads: int = 1) -> Iterator[None]:
     reduction has a single order), so this plus seeded generators makes builds byte-reproducible. It does not
     call ``torch.use_deterministic_algorithms``: that guards CUDA kernels and costs seconds of imports.
     """
-    import torch
-
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         yield
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 def llama_config(arch: Arch):

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import IncompatibleModels, InvalidInput
+from ..threads import torch_threads
 from . import cache, exact, features, functional, structural
 from .cache import Signature
 from .schema import (FEATURE_NAMES, FEATURE_SCHEMA_VERSION, FEATURES_BY_KIND, SHIFT_SOURCES, SignatureConfig,
@@ -170,7 +171,7 @@ def ensure_signatures(store, model_names: Sequence[str], task_name: str | Sequen
     desc = f"signatures for {tasks[0]}" if len(tasks) == 1 else f"signatures for {len(tasks)} tasks"
     bar = tqdm(total=len(todo), desc=desc, unit="model", disable=not progress or not todo)
     try:
-        with functional.torch_threads(threads):
+        with torch_threads(threads):
             for row, base, need_f, skey in todo:
                 bar.set_postfix_str(row["name"])
                 if need_f:

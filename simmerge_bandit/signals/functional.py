@@ -22,10 +22,9 @@ import hashlib
 import json
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -52,26 +51,6 @@ def _digest(obj: Any, size: int = 16) -> str:
 
 def _seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` torch CPU threads (None: leave the setting alone), restoring it after.
-
-    On a shared machine one thread is often several times faster than two: OpenMP threads that wait for a
-    descheduled sibling spin instead of working.
-    """
-    import torch
-
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def has_tokenizer(path: str | Path) -> bool:

@@ -494,9 +494,7 @@ def _warm_started(spec: PolicySpec, seed: int, X: np.ndarray, table: MergeTable,
     from .policies import make_policy
 
     K = len(table.operators)
-    cs, ks = np.repeat(train, K), np.tile(np.arange(K), len(train))
-    ok = np.isfinite(table.R[cs, ks])
-    cs, ks = cs[ok], ks[ok]
+    cs, ks = np.repeat(train, K), np.tile(np.arange(K), len(train))   # the table is complete: every row scored
     prior = make_policy("predictor", seed=seed).fit(X[cs], table.Z[ks], [table.operators[k] for k in ks],
                                                     table.R[cs, ks])
     params = {"seed": seed, **spec.params}

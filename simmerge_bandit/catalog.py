@@ -275,9 +275,16 @@ class Catalog:
     def _bump(self) -> None:
         # Every catalog change moves the version, so caches keyed on it (the engine's candidate sets) refresh.
         self.store.execute("UPDATE meta SET value = value + 1 WHERE key = 'catalog_version'")
+        self.store.catalog_version = None
 
     def version(self) -> int:
-        return int(self.store.fetchone("SELECT value FROM meta WHERE key = 'catalog_version'")[0])
+        """The catalog's version, read once per store: this process is the only writer, and every change comes
+        through :meth:`_bump` (the daemon asks on every batch of suggestions; a query costs ~0.2 ms)."""
+        v = self.store.catalog_version
+        if v is None:
+            v = self.store.catalog_version = int(
+                self.store.fetchone("SELECT value FROM meta WHERE key = 'catalog_version'")[0])
+        return v
 
     def _exists(self, table: str, name: str) -> bool:
         return self.store.fetchone(f"SELECT 1 FROM {table} WHERE name = ?", [name]) is not None

@@ -12,6 +12,7 @@ commit); the other calls run on a small fixed pool; the evaluation worker and th
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import http
 import ipaddress
@@ -31,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Awaitable, Callable, NamedTuple
 from urllib.parse import urlparse
+
+import threadpoolctl
 
 from .errors import InvalidInput, SimmergeError
 from .paths import daemon_file, pid_alive, resolve_home
@@ -71,20 +74,39 @@ def write_daemon_file(home: Path, info: dict) -> None:
     os.replace(tmp, path)
 
 
-class _JsonFormatter(logging.Formatter):
+class _EventFormatter(logging.Formatter):
+    """One line per event; a record from :func:`events` carries several (one per item)."""
+
     def format(self, record: logging.LogRecord) -> str:
+        items = getattr(record, "items", None)
+        if items is None:
+            return self.line(record, getattr(record, "fields", {}))
+        return "\n".join(self.line(record, fields) for fields in items)
+
+    def line(self, record: logging.LogRecord, fields: dict) -> str:
+        raise NotImplementedError
+
+
+class _JsonFormatter(_EventFormatter):
+    def line(self, record: logging.LogRecord, fields: dict) -> str:
         return json.dumps({"ts": round(record.created, 3), "level": record.levelname.lower(), "msg": record.getMessage(),
-                           **getattr(record, "fields", {})}, default=str)
+                           **fields}, default=str)
 
 
-class _TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        fields = " ".join(f"{k}={v}" for k, v in getattr(record, "fields", {}).items())
-        return f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.getMessage()} {fields}".rstrip()
+class _TextFormatter(_EventFormatter):
+    def line(self, record: logging.LogRecord, fields: dict) -> str:
+        text = " ".join(f"{k}={v}" for k, v in fields.items())
+        return f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.getMessage()} {text}".rstrip()
 
 
 def event(msg: str, **fields: Any) -> None:
     log.info(msg, extra={"fields": fields})
+
+
+def events(msg: str, items: list[dict]) -> None:
+    """``event(msg, **fields)`` for each of ``items``, through one log record (the lines of one suggestion: a
+    record costs ~40 us of logging machinery, under the GIL)."""
+    log.info(msg, extra={"items": items})
 
 
 def _status_of(err: Exception, where: str) -> tuple[int, dict]:
@@ -123,8 +145,12 @@ class _Batcher:
     cannot take the others down and nothing unacknowledged is learned.
     """
 
-    def __init__(self, engine, max_batch: int = 64, snapshot_s: float = 60.0):
+    def __init__(self, engine, max_batch: int = 64, snapshot_s: float = 60.0,
+                 after_batch: Callable[[], None] = lambda: None):
         self.engine = engine
+        #: Called once after the calls of a batch were answered (the daemon wakes its HTTP loop once per batch,
+        #: not once per answer: each wake-up is a write to the loop's self-pipe).
+        self.after_batch = after_batch
         self.max_batch = max_batch
         self.snapshot_s = snapshot_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -144,6 +170,7 @@ class _Batcher:
                 self._queue.put(call)
                 return
         call.done(503, {"error": "daemon is shutting down"})
+        self.after_batch()
 
     def close(self) -> None:
         """Answer every call queued so far, then stop (later calls are refused)."""
@@ -200,6 +227,10 @@ class _Batcher:
                 call.done(status, payload)
             except Exception as e:  # this thread must outlive any one answer (a client gone, a log error)
                 event("internal error", route=call.where, reason=f"{type(e).__name__}: {e}")
+        try:
+            self.after_batch()
+        except Exception as e:  # the loop is gone (shutdown): nobody is waiting for these answers any more
+            event("internal error", route="batch", reason=f"{type(e).__name__}: {e}")
 
     def _alone(self, call: _Call) -> tuple[int, Any]:
         try:
@@ -416,9 +447,14 @@ class Daemon:
                                                       snapshot_every=self.snapshot_every))
         # Every query here is a point lookup or a small append: DuckDB's worker threads only add scheduling.
         self.store.execute("SET threads = 1")
+        # The same for numpy's BLAS: a policy update touches one matrix of ~10 MB, which a second BLAS thread
+        # does not speed up, while its spinning takes the core the HTTP thread needs (measured: 2 BLAS threads
+        # spent 2.4x the CPU of one on a batch of suggestions and rewards, for no gain in wall time).
+        threadpoolctl.threadpool_limits(1, user_api="blas")
         self.store.execute(f"SET memory_limit = '{self.memory_limit}'")
         self._recover()
-        self._batcher = _Batcher(self.engine, snapshot_s=self.snapshot_s)
+        self._ready: collections.deque = collections.deque()  # (future, answer) of batched calls, see _wake
+        self._batcher = _Batcher(self.engine, snapshot_s=self.snapshot_s, after_batch=self._wake)
         self._pool = ThreadPoolExecutor(self.pool_threads, thread_name_prefix="api")
         self._routes = self._make_routes()
         self.server = _HttpServer(self.host, self.port, self._dispatch)
@@ -508,9 +544,8 @@ class Daemon:
 
     @staticmethod
     def _log_decisions(rows: list[dict]) -> None:
-        for r in rows:
-            event("decision", id=r["id"], task=r["task"], models=",".join(r["models"]), operator=r["operator"],
-                  evaluate=r["evaluate"])
+        events("decision", [{"id": r["id"], "task": r["task"], "models": ",".join(r["models"]),
+                             "operator": r["operator"], "evaluate": r["evaluate"]} for r in rows])
 
     @staticmethod
     def _log_reward(res: dict) -> None:
@@ -581,13 +616,22 @@ class Daemon:
                 return shutting_down
         answer = loop.create_future()
 
-        def done(status: int, payload: Any) -> None:
+        def done(status: int, payload: Any) -> None:  # on the batcher thread, which then calls _wake once
             if status == 200 and route.log is not None:
                 route.log(payload)
-            loop.call_soon_threadsafe(_settle, answer, (status, payload))
+            self._ready.append((answer, (status, payload)))
 
         self._batcher.submit(_Call(lambda: route.op(body), done, path, route.order))
         return await answer
+
+    def _wake(self) -> None:
+        """After a batch: have the HTTP loop hand out every answer that is ready (one cross-thread wake-up)."""
+        if self._ready:
+            self.server.loop.call_soon_threadsafe(self._settle_ready)
+
+    def _settle_ready(self) -> None:
+        while self._ready:
+            _settle(*self._ready.popleft())
 
     # ---- evaluation queue ----
     def _next_job(self) -> str | None:

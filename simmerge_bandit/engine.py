@@ -11,6 +11,7 @@ and caught up from the log tail on load, so ``rebuild`` from the log always give
 
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import logging
@@ -147,6 +148,11 @@ class Engine:
         # The last decisions this engine logged, as feedback reads them (a reward often follows its suggestion
         # closely: the daemon's clients); bounded, a miss reads the log.
         self._recent: dict[str, tuple] = {}
+        # Rewards of those decisions recorded since (this engine is the only writer: a decision it logged has a
+        # reward exactly when it recorded one), so most feedback reads nothing from the store.
+        self._rewarded: dict[str, float] = {}
+        self._seq: int | None = None  # the highest reward seq in the store, once read
+        self._explained: tuple | None = None  # (policy, its n_updates, candidates, {index: explanation})
         self._paths: dict[int, list[str]] = {}
         self._known_seq: int | None = None  # highest reward seq this engine has seen (it is the only writer)
         self._eval_times: list[float] | None = None
@@ -338,6 +344,9 @@ class Engine:
             self._known_seq = None
             self._eval_times = None
             self._recent.clear()
+            self._rewarded.clear()
+            self._seq = None
+            self._explained = None
 
     def rebuild(self, name: str | None = None):
         """Rebuild a policy from the decision log alone, replace its snapshot, and return it."""
@@ -442,7 +451,7 @@ class Engine:
         with self.lock:
             pol = self.policy(name)
             cs = self.candidates(task)
-            ranking = pol.rank(Candidates(X=cs.X, arms=cs.arms, Z=cs.Z))
+            ranking = pol.rank(Candidates(X=cs.X, arms=cs.arms, Z=cs.Z), reuse=True)
             if chain and chain > 2:
                 entries = self._chains(cs, pol, ranking, top, chain)
             else:
@@ -456,7 +465,18 @@ class Engine:
         return {"models": [a, b], "operator": [cs.arms[i]], "x": cs.X[i], "z": cs.Z[i],
                 "predicted": float(ranking.predicted[i]), "uncertainty": float(ranking.uncertainty[i]),
                 "propensity": float(ranking.propensity[i]),
-                "explanation": self._explain(pol, cs.X[i], cs.arms[i], cs.Z[i], cs.names)}
+                "explanation": self._candidate_explanation(pol, cs, i)}
+
+    def _candidate_explanation(self, pol, cs: CandidateSet, i: int) -> list[dict]:
+        """:meth:`_explain` of candidate ``i``, remembered until the policy learns or the candidates change (the
+        daemon's clients ask for the same top candidates many times between two rewards)."""
+        memo = self._explained
+        if memo is None or memo[0] is not pol or memo[1] != pol.n_updates or memo[2] is not cs:
+            memo = self._explained = (pol, pol.n_updates, cs, {})
+        out = memo[3].get(i)
+        if out is None:
+            out = memo[3][i] = self._explain(pol, cs.X[i], cs.arms[i], cs.Z[i], cs.names)
+        return out
 
     def _explain(self, pol, x, arm, z, names, k: int = 3) -> list[dict]:
         info = pol.explain(x, arm, z)
@@ -521,16 +541,19 @@ class Engine:
                 offset = time.mktime(time.localtime(now)) - time.mktime(time.gmtime(now))
                 self._eval_times = sorted(float(r[0]) - offset for r in rows)
             cutoff = now - self.config.eval_window_s
-            self._eval_times = [t for t in self._eval_times if t >= cutoff]
+            del self._eval_times[:bisect.bisect_left(self._eval_times, cutoff)]  # kept sorted: appended in time
             return len(self._eval_times)
 
     def _log(self, entries: list[dict], cs: CandidateSet, policy: str, pol) -> None:
         batch = uuid.uuid4().hex
+        version = str(pol.version)
         rows, queued = [], []
         for rank, e in enumerate(entries):
             did = uuid.uuid4().hex[:16]
+            # copies: a candidate's x is a row of the cached candidate matrix, which the log must not pin
             rows.append([did, batch, rank, cs.task, json.dumps(e["models"]), json.dumps(e["operator"]), policy,
-                         str(pol.version), cs.feature_schema, e["x"].tolist(), e["z"].tolist(),
+                         version, cs.feature_schema, np.array(e["x"], dtype=float),
+                         np.array(e["z"], dtype=float),
                          _finite(e["predicted"]), _finite(e["uncertainty"]), e["propensity"], e["evaluate"]])
             if e["evaluate"]:
                 queued.append([did])
@@ -549,7 +572,9 @@ class Engine:
         for r in rows:
             self._recent[r[0]] = tuple(r[i] for i in at)
         while len(self._recent) > RECENT_DECISIONS:
-            del self._recent[next(iter(self._recent))]
+            old = next(iter(self._recent))
+            del self._recent[old]
+            self._rewarded.pop(old, None)
 
     # ---- rewards ----
     def feedback(self, decision_id: str, reward: float, raw_score: float | None = None,
@@ -567,18 +592,29 @@ class Engine:
             raise InvalidInput(f"reward must be a finite number in [{lo:g}, {hi:g}] (a normalized score), "
                                f"got {reward!r}")
         with self.lock:
-            logged = self._recent.get(decision_id) or self.store.fetchone(
-                f"SELECT {', '.join(FEEDBACK_FIELDS)} FROM decisions WHERE id = ?", [decision_id])
-            if logged is None:
-                raise NotFound(f"no decision with id {decision_id!r}")
-            old = self.store.fetchone("SELECT reward FROM rewards WHERE decision_id = ?", [decision_id])
+            logged = self._recent.get(decision_id)
+            if logged is not None:
+                old = self._rewarded.get(decision_id)
+            else:
+                logged = self.store.fetchone(f"SELECT {', '.join(FEEDBACK_FIELDS)} FROM decisions WHERE id = ?",
+                                             [decision_id])
+                if logged is None:
+                    raise NotFound(f"no decision with id {decision_id!r}")
+                old = self.store.fetchone("SELECT reward FROM rewards WHERE decision_id = ?", [decision_id])
+                old = None if old is None else old[0]
             if old is not None:
-                if abs(old[0] - value) <= 1e-12:
+                if abs(old - value) <= 1e-12:
                     return {"id": decision_id, "reward": value, "status": "unchanged"}
-                raise Conflict(f"decision {decision_id} already has reward {old[0]:g}; refusing {value:g}")
+                raise Conflict(f"decision {decision_id} already has reward {old:g}; refusing {value:g}")
+            if self._seq is None:
+                self._seq = int(self.store.fetchone("SELECT coalesce(max(seq), 0) FROM rewards")[0])
+            seq = self._seq + 1
             with self.store.transaction():
-                seq = self.store.fetchone("INSERT INTO rewards (decision_id, reward, raw_score, source) VALUES "
-                                          "(?,?,?,?) RETURNING seq", [decision_id, value, raw_score, source])[0]
+                self.store.insert_rows("rewards", ("decision_id", "seq", "reward", "raw_score", "source"),
+                                       [[decision_id, seq, value, raw_score, source]])
+            self._seq = seq
+            if decision_id in self._recent:
+                self._rewarded[decision_id] = value
             self._learn_new(seq, logged, value)
         return {"id": decision_id, "reward": value, "status": "recorded"}
 

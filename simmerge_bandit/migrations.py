@@ -232,6 +232,14 @@ def m0009_catalog_version(db: duckdb.DuckDBPyConnection) -> None:
     db.execute("INSERT INTO meta VALUES ('catalog_version', 0)")
 
 
+@migration
+def m0010_reward_seq_unique(db: duckdb.DuckDBPyConnection) -> None:
+    # The engine numbers rewards itself (it is the only writer and learns in this order), so a reward can join
+    # the daemon's batched INSERT instead of costing an INSERT ... RETURNING of its own; two writers that ever
+    # numbered the same reward would be refused here rather than fold in an ambiguous order.
+    db.execute("CREATE UNIQUE INDEX rewards_seq ON rewards (seq)")
+
+
 def applied(db: duckdb.DuckDBPyConnection) -> list[str]:
     db.execute("CREATE TABLE IF NOT EXISTS _migrations (name VARCHAR PRIMARY KEY, "
                "applied_at TIMESTAMP NOT NULL DEFAULT current_timestamp)")

@@ -261,3 +261,40 @@ def test_task_tags_restrict_pairs(setup, tiny_models):
     pairs = Engine(setup).pairs("double")
     assert pairs and all("tagged" in p for p in pairs)
     assert len(pairs) == 6  # tagged x 3 others, both orders
+
+
+def test_feedback_numbers_rewards_in_order_across_engines_and_restarts(setup, simmerge_home):
+    """The engine numbers rewards itself; a decision it logged is checked from memory, any other from the log."""
+    eng = Engine(setup)
+    ids = [eng.suggest("double", top=1)[0]["id"] for _ in range(3)]
+    eng.feedback(ids[0], 0.5)
+    other = Engine(setup)  # did not log ids[0]: reads its reward from the store
+    assert other.feedback(ids[0], 0.5)["status"] == "unchanged"
+    with pytest.raises(Conflict):
+        other.feedback(ids[0], 0.6)
+    other.feedback(ids[1], 0.7)
+    setup.close()
+    store = Store.open(simmerge_home)
+    eng = Engine(store)
+    eng.feedback(ids[2], 0.9)
+    assert store.fetchall("SELECT decision_id, seq FROM rewards ORDER BY seq") == list(zip(ids, [1, 2, 3]))
+    live = eng.policy()
+    assert live.n_updates == 3
+    np.testing.assert_allclose(live.snapshot()[0]["A0inv"], eng.rebuild().snapshot()[0]["A0inv"])
+    store.close()
+
+
+def test_repeated_suggestions_reuse_scores_until_the_policy_learns(setup):
+    eng = Engine(setup)
+    pol = eng.policy()
+    calls = []
+    score = pol._score
+    pol._score = lambda cands: calls.append(1) or score(cands)
+    first = eng.suggest("double", top=3)
+    second = eng.suggest("double", top=3)
+    assert len(calls) == 1
+    assert [r["predicted"] for r in first[1:]] == [r["predicted"] for r in second[1:]]
+    assert first[0]["explanation"] == second[0]["explanation"] or first[0]["models"] != second[0]["models"]
+    eng.feedback(first[0]["id"], 1.5)
+    third = eng.suggest("double", top=3)
+    assert len(calls) == 2 and third[0]["predicted"] is not None

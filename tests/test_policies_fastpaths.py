@@ -208,3 +208,37 @@ def test_top_equals_the_head_of_the_full_order():
     r = Ranking(3, None, scores, scores, np.zeros(12), np.full(12, 1 / 12))
     np.testing.assert_array_equal(r.top(2), r.order[:2])
     np.testing.assert_array_equal(r.top(12), r.order)
+
+
+def test_rank_reuse_keeps_scores_until_an_update_and_draws_afresh():
+    from simmerge_bandit.policies import Candidates, make_policy
+
+    rng = np.random.default_rng(3)
+    X, Z = rng.normal(size=(40, 5)), np.tile(np.eye(4), (10, 1))
+    arms = ["a", "b", "c", "d"] * 10
+    cands = Candidates(X=X, arms=arms, Z=Z)
+    for name in ("linucb", "linucb-hybrid", "egreedy", "lints"):
+        pol = make_policy(name, seed=1)
+        for i in range(12):
+            pol.update(X[i], arms[i], Z[i], float(rng.uniform()))
+        calls = []
+        score = pol._score
+        pol._score = lambda c, score=score: calls.append(1) or score(c)
+        a = pol.rank(cands, reuse=True)
+        a_scores = a.scores.copy()
+        b = pol.rank(cands, reuse=True)
+        want = 1 if pol.deterministic_scores else 2
+        assert len(calls) == want, name
+        if pol.deterministic_scores:
+            np.testing.assert_array_equal(b.scores, a_scores)
+        pol.rank(Candidates(X=X[:8], arms=arms[:8], Z=Z[:8]))  # another ranking in between: no stale reuse
+        c = pol.rank(cands, reuse=True)
+        assert len(calls) == want + 2, name
+        np.testing.assert_allclose(c.scores, a_scores) if pol.deterministic_scores else None
+        pol.update(X[0], arms[0], Z[0], 2.0)
+        d = pol.rank(cands, reuse=True)
+        assert len(calls) == want + 3, name
+        fresh = make_policy(name, seed=1)
+        fresh.restore(*pol.snapshot())
+        np.testing.assert_allclose(d.predicted, fresh.rank(cands).predicted)
+        assert not np.allclose(d.predicted, a.predicted), name

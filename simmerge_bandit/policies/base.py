@@ -231,6 +231,9 @@ class Policy(abc.ABC):
     """
 
     name: ClassVar[str]
+    #: Whether :meth:`_score` depends on the learned state alone (no random draws), so that scores can be reused
+    #: until the next update (see :meth:`rank`).
+    deterministic_scores: ClassVar[bool] = False
     #: Names of the constructor parameters (what ``clone`` and ``params`` use).
     _param_names: ClassVar[tuple[str, ...]] = ("floor", "seed")
 
@@ -243,6 +246,7 @@ class Policy(abc.ABC):
         self._rng = np.random.default_rng(self.seed)
         self.n_updates = 0
         self._d: int | None = None  # context width, fixed by the first update
+        self._memo: tuple | None = None  # the last scores rank(reuse=True) computed, until the state changes
         self._k: int | None = None  # descriptor width, fixed by the first update
 
     # ---- what subclasses provide ----
@@ -273,18 +277,37 @@ class Policy(abc.ABC):
 
     # ---- the public interface ----
 
-    def rank(self, cands: Candidates) -> Ranking:
-        """Score every candidate, draw a choice from the propensities and order the rest by score."""
+    def rank(self, cands: Candidates, reuse: bool = False) -> Ranking:
+        """Score every candidate, draw a choice from the propensities and order the rest by score.
+
+        ``reuse=True`` promises that ``cands`` holds the same, unmodified arrays as the previous ``reuse`` call
+        whenever it passes the same objects: a policy whose scores are a function of its state
+        (``deterministic_scores``) that learned nothing since then returns the same scores without computing them
+        again (the daemon ranks one task for many clients between two rewards); the choice is drawn afresh.
+        """
         if not isinstance(cands, Candidates):
             raise InvalidInput("rank() takes a Candidates object")
         self._check_widths(cands.X.shape[1], cands.Z.shape[1])
+        memo = self._memo if reuse else None
+        if memo is not None and memo[0] is cands.X and memo[1] is cands.Z and memo[2] is cands.arms:
+            scores, predicted, uncertainty, propensity = memo[3]
+        else:
+            scores, predicted, uncertainty, propensity = self._scored(cands)
+            # (any other ranking may overwrite the scratch memory that the remembered scores live in)
+            self._memo = ((cands.X, cands.Z, cands.arms, (scores, predicted, uncertainty, propensity))
+                          if reuse and self.deterministic_scores else None)
+        n = len(cands)
+        cdf = np.cumsum(propensity)
+        choice = int(min(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"), n - 1))
+        return Ranking(choice, None, scores, predicted, uncertainty, propensity)
+
+    def _scored(self, cands: Candidates) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`_score` with the exploration floor mixed into its distribution."""
         scores, predicted, uncertainty, dist = self._score(cands)
         n = len(cands)
         propensity = (1.0 - self.floor) * dist
         propensity += self.floor / n
-        cdf = np.cumsum(propensity)
-        choice = int(min(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"), n - 1))
-        return Ranking(choice, None, scores, predicted, uncertainty, propensity)
+        return scores, predicted, uncertainty, propensity
 
     def update(self, x: np.ndarray, arm: str, z: np.ndarray, reward: float, propensity: float = 1.0) -> None:
         """Learn from the reward of candidate ``(x, arm, z)``, chosen with probability ``propensity``."""
@@ -302,6 +325,7 @@ class Policy(abc.ABC):
             self._d, self._k = x.shape[0], z.shape[0]
         elif x.shape[0] != self._d or z.shape[0] != self._k:
             self._check_widths(x.shape[0], z.shape[0])
+        self._memo = None
         self._learn(x, arm if type(arm) is str else str(arm), z, reward, propensity)
         self.n_updates += 1
 
@@ -326,6 +350,7 @@ class Policy(abc.ABC):
         if mine != theirs:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise InvalidInput(f"snapshot of {self.name} has different parameters: {', '.join(diff)}")
+        self._memo = None
         self._load_state(arrays, meta["state"])
         self.n_updates = int(meta["n_updates"])
         self._d, self._k = meta["d"], meta["k"]

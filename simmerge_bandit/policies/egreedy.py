@@ -17,6 +17,7 @@ class EpsilonGreedy(DisjointLinearPolicy):
     """Epsilon-greedy over ridge estimates; ``epsilon`` is the share of uniform exploration."""
 
     name: ClassVar[str] = "egreedy"
+    deterministic_scores: ClassVar[bool] = True
     _param_names = ("epsilon", "l2", "prior", "floor", "seed")
 
     def __init__(self, epsilon: float = 0.1, l2: float = 1.0, prior=None, floor: float = 0.01, seed: int = 0):

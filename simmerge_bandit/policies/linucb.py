@@ -22,6 +22,7 @@ class LinUCB(DisjointLinearPolicy):
     """
 
     name: ClassVar[str] = "linucb"
+    deterministic_scores: ClassVar[bool] = True
     _param_names = ("alpha", "l2", "prior", "floor", "seed")
 
     def __init__(self, alpha: float = 1.0, l2: float = 1.0, prior=None, floor: float = 0.01, seed: int = 0):

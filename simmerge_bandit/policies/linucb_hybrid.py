@@ -42,6 +42,7 @@ class HybridLinUCB(LinearPolicy):
     """Hybrid LinUCB: shared descriptor x context model plus per-operator models; ``alpha`` scales the width."""
 
     name: ClassVar[str] = "linucb-hybrid"
+    deterministic_scores: ClassVar[bool] = True
     _param_names = ("alpha", "l2", "arm_l2", "prior", "floor", "seed")
 
     def __init__(self, alpha: float = 1.0, l2: float = 1.0, arm_l2: float = 10.0, prior=None, floor: float = 0.01,

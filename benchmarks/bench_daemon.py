@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import platform
 import subprocess
@@ -102,8 +103,13 @@ class Api:
         return data
 
 
-def closed_loop(port: int, token: str, clients: int, seconds: float) -> tuple[dict, list[str], float]:
-    """``clients`` threads, each looping suggest (top 5) then feedback on the first suggestion, for ``seconds``."""
+def closed_loop(port: int, token: str, clients: int, seconds: float,
+                period: float = 0.0) -> tuple[dict, list[str], float]:
+    """``clients`` threads, each looping suggest (top 5) then feedback on the first suggestion, for ``seconds``.
+
+    With ``period`` > 0 each client starts a pair every ``period`` seconds (staggered, skipping a beat when a pair
+    took longer): a steady offered load instead of as fast as the daemon answers.
+    """
     lats: dict[str, list[float]] = {"suggest": [], "feedback": []}
     errors: list[str] = []
     lock = threading.Lock()
@@ -113,8 +119,12 @@ def closed_loop(port: int, token: str, clients: int, seconds: float) -> tuple[di
         rng = np.random.default_rng(k)
         api = Api(port, token)
         mine: dict[str, list[float]] = {"suggest": [], "feedback": []}
+        next_at = time.time() + period * k / max(clients, 1)
         try:
             while time.time() < stop_at:
+                if period:
+                    time.sleep(max(0.0, next_at - time.time()))
+                    next_at += period * max(1, math.ceil((time.time() - next_at) / period))
                 t = time.perf_counter()
                 rows = api.call("POST", "/v1/suggest", {"task": "double", "top": 5})
                 mine["suggest"].append(time.perf_counter() - t)
@@ -202,6 +212,8 @@ def main() -> None:
     rss_end = rss_kb(proc.pid)
     # Then one client alone: what a request costs when nothing queues in front of it.
     alone, alone_errors, _ = closed_loop(port, token, 1, min(5.0, args.seconds))
+    # And the same 8 clients at a steady, lower rate: each starts a suggest + feedback pair every 100 ms.
+    paced, paced_errors, _ = closed_loop(port, token, args.clients, min(10.0, args.seconds), period=0.1)
     status = warm.call("GET", "/v1/status")
     proc.terminate()
     rc = proc.wait(timeout=120)
@@ -213,6 +225,7 @@ def main() -> None:
         "clients": args.clients, "seconds": elapsed, "candidates": n_cand,
         "suggest": loaded["suggest"], "feedback": loaded["feedback"],
         "one_client": alone,
+        "paced": {"clients": args.clients, "period_s": 0.1, **paced},
         # CPU spent per suggest + feedback pair: with one writer thread under the GIL, this bounds throughput, and
         # with N closed-loop clients a request waits for about N such pairs.
         "cpu_ms_per_pair": {"daemon": 1000 * (cpu1 - cpu0) / max(cycles, 1),
@@ -220,7 +233,7 @@ def main() -> None:
         "daemon_cpu_cores": (cpu1 - cpu0) / elapsed,
         "rss_kb": {"start": rss_start, "end": rss_end, "growth": (rss_end - rss_start) / rss_start,
                    "samples": samples},
-        "in_process_suggest": inproc, "errors": (alone_errors + errors)[:5], "daemon_exit_code": rc,
+        "in_process_suggest": inproc, "errors": (alone_errors + paced_errors + errors)[:5], "daemon_exit_code": rc,
         "rewards_stored": status["counts"]["rewards"],
         "goals": {"suggest_p99_ms_max": 20.0, "rss_growth_max": 0.10},
     }
@@ -228,7 +241,7 @@ def main() -> None:
                         "rss_growth": res["rss_kb"]["growth"] <= 0.10}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
-    print(json.dumps({k: res[k] for k in ("suggest", "feedback", "one_client", "cpu_ms_per_pair", "goals_met")},
+    print(json.dumps({k: res[k] for k in ("suggest", "feedback", "one_client", "paced", "cpu_ms_per_pair", "goals_met")},
                      indent=2))
     print("rss", res["rss_kb"]["start"], "->", res["rss_kb"]["end"], "load", load_before, load_after)
 

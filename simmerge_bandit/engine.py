@@ -39,7 +39,7 @@ TASK_BUCKETS = 8
 OPERATOR_PARAMS = ("weight", "density", "t", "lambda", "gamma", "epsilon", "normalize", "rescale", "filter_wise",
                    "nuslerp_flatten", "nuslerp_row_wise")
 DECISION_COLUMNS = ("id", "batch", "rank", "task", "models", "operator", "policy", "policy_version", "feature_schema",
-                    "context", "arm", "predicted", "uncertainty", "propensity", "evaluate")
+                    "context", "arm", "predicted", "uncertainty", "propensity", "evaluate", "pair_propensity")
 #: What feedback reads of its decision, and how many of its latest decisions the engine keeps at hand for it
 #: (about 2 KB each).
 FEEDBACK_FIELDS = ("context", "operator", "arm", "propensity", "feature_schema")
@@ -464,8 +464,16 @@ class Engine:
         a, b = cs.pairs[cs.pair_index[i]]
         return {"models": [a, b], "operator": [cs.arms[i]], "x": cs.X[i], "z": cs.Z[i],
                 "predicted": float(ranking.predicted[i]), "uncertainty": float(ranking.uncertainty[i]),
-                "propensity": float(ranking.propensity[i]),
+                "propensity": float(ranking.propensity[i]), "pair_propensity": self._pair_mass(cs, ranking, i),
                 "explanation": self._candidate_explanation(pol, cs, i)}
+
+    @staticmethod
+    def _pair_mass(cs: CandidateSet, ranking, i: int) -> float:
+        """The probability the policy gave candidate ``i``'s pair: its operators' propensities summed (candidates
+        are pair-major, the same operators for every pair)."""
+        n_ops = len(cs.operators)
+        start = int(cs.pair_index[i]) * n_ops
+        return float(ranking.propensity[start:start + n_ops].sum())
 
     def _candidate_explanation(self, pol, cs: CandidateSet, i: int) -> list[dict]:
         """:meth:`_explain` of candidate ``i``, remembered until the policy learns or the candidates change (the
@@ -515,7 +523,7 @@ class Engine:
                 models.append(rest[j // n_ops])
                 e["operator"].append(arms[j])
                 e.update(x=X[j], z=Z[j], predicted=float(r.predicted[j]), uncertainty=float(r.uncertainty[j]),
-                         propensity=e["propensity"] * float(r.propensity[j]),
+                         propensity=e["propensity"] * float(r.propensity[j]), pair_propensity=None,
                          explanation=self._explain(pol, X[j], arms[j], Z[j], cs.names))
             e["models"] = models
             entries.append(e)
@@ -554,7 +562,8 @@ class Engine:
             rows.append([did, batch, rank, cs.task, json.dumps(e["models"]), json.dumps(e["operator"]), policy,
                          version, cs.feature_schema, np.array(e["x"], dtype=float),
                          np.array(e["z"], dtype=float),
-                         _finite(e["predicted"]), _finite(e["uncertainty"]), e["propensity"], e["evaluate"]])
+                         _finite(e["predicted"]), _finite(e["uncertainty"]), e["propensity"], e["evaluate"],
+                         e["pair_propensity"]])
             if e["evaluate"]:
                 queued.append([did])
                 if self._eval_times is not None:

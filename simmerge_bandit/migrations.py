@@ -240,6 +240,14 @@ def m0010_reward_seq_unique(db: duckdb.DuckDBPyConnection) -> None:
     db.execute("CREATE UNIQUE INDEX rewards_seq ON rewards (seq)")
 
 
+@migration
+def m0011_pair_propensity(db: duckdb.DuckDBPyConnection) -> None:
+    # The probability the policy gave the decision's pair (the sum over its operators), so replay can weigh the
+    # operator given the pair (propensity / pair_propensity) rather than the (pair, operator) draw as a whole.
+    # NULL for chains and for decisions logged before it existed.
+    db.execute("ALTER TABLE decisions ADD COLUMN pair_propensity DOUBLE")
+
+
 def applied(db: duckdb.DuckDBPyConnection) -> list[str]:
     db.execute("CREATE TABLE IF NOT EXISTS _migrations (name VARCHAR PRIMARY KEY, "
                "applied_at TIMESTAMP NOT NULL DEFAULT current_timestamp)")

@@ -564,13 +564,16 @@ def engine_log_frame(store) -> dict[str, list]:
     out, and so are decisions from another feature schema than the latest decision's, whose contexts would not line
     up.
 
-    Caveat for readers of the numbers: the engine draws a (pair, operator) candidate, so the logged propensity
-    is the probability of the pair and operator together while a target policy here picks the operator for the
-    logged pair. SNIPS then estimates the target's mean reward with pairs weighted uniformly; IPS and DR are that
-    value times the number of candidate pairs per suggestion.
+    The engine draws a (pair, operator) candidate while a target policy here picks the operator for the logged
+    pair, so the propensity is the operator's given its pair: the candidate's propensity over the pair's
+    (``pair_propensity``, the sum over its operators). The estimates are then of the target's mean reward on the
+    pairs as the engine chose them. Decisions logged before ``pair_propensity`` existed keep the joint
+    propensity, which makes IPS and DR on them too large by about the number of candidate pairs (SNIPS is not
+    affected when all rows are of that kind).
     """
     rows = store.fetchall(
-        "SELECT d.operator, d.context, d.arm, d.propensity, r.reward, d.created_at, d.feature_schema "
+        "SELECT d.operator, d.context, d.arm, least(1.0, d.propensity / coalesce(d.pair_propensity, 1.0)), r.reward, "
+        "d.created_at, d.feature_schema "
         "FROM decisions d JOIN rewards r ON r.decision_id = d.id WHERE d.rank = 0 ORDER BY d.created_at, d.id")
     newest = rows[-1][6] if rows else None     # the schema the engine writes now
     frame: dict[str, list] = {ACTION: [], REWARD: [], PROPENSITY: [], TIMESTAMP: []}

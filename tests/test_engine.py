@@ -298,3 +298,23 @@ def test_repeated_suggestions_reuse_scores_until_the_policy_learns(setup):
     eng.feedback(first[0]["id"], 1.5)
     third = eng.suggest("double", top=3)
     assert len(calls) == 2 and third[0]["predicted"] is not None
+
+
+def test_engine_log_replays_with_the_operator_propensity_given_the_pair(setup):
+    """The engine draws (pair, operator); replay's targets pick the operator for the logged pair, so the log's
+    propensity must be the operator's given the pair: 1/3 under a uniform policy over 6 pairs x 3 operators (the
+    joint 1/18 would make IPS six times too large)."""
+    from simmerge_bandit import replay as rp
+
+    eng = Engine(setup)
+    score = {"lin": 0.9, "ties5": 0.5, "slerp": 0.7}
+    for _ in range(90):
+        first = eng.suggest("double", top=2, policy="random")[0]
+        eng.feedback(first["id"], score[first["operator"]])
+    pp = setup.fetchall("SELECT propensity, pair_propensity FROM decisions WHERE rank = 0")
+    assert all(p == pytest.approx(1 / 18) and q == pytest.approx(3 / 18) for p, q in pp)
+    log = rp.load_engine_log(setup)
+    np.testing.assert_allclose(log.propensities, 1 / 3)
+    res = {r["estimator"]: r for r in rp.evaluate(log, ["fixed:lin"], ["ips", "snips"]).results()}
+    assert res["snips"]["value"] == pytest.approx(0.9)
+    assert res["ips"]["ci_low"] < 0.9 < res["ips"]["ci_high"] and res["ips"]["value"] < 1.5

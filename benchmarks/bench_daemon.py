@@ -152,6 +152,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--out", default=str(ROOT / "results" / "daemon.json"))
+    ap.add_argument("--checkpoint-wal", default="64MB", help="the daemon's --checkpoint-wal (DuckDB's own: 16MB)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="simmerge-bench-daemon-"))
@@ -182,7 +183,7 @@ def main() -> None:
 
     log = open(tmp / "daemon.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "simmerge_bandit", "--home", str(home), "daemon", "--port", "0",
-                             "--eval-budget", "0"], stdout=log, stderr=log)
+                             "--eval-budget", "0", "--checkpoint-wal", args.checkpoint_wal], stdout=log, stderr=log)
     while not (home / "daemon.json").exists():
         time.sleep(0.1)
     info = json.loads((home / "daemon.json").read_text())
@@ -222,7 +223,7 @@ def main() -> None:
     res = {
         "benchmark": "daemon", "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                            "load_avg_before": load_before, "load_avg_after": load_after},
-        "clients": args.clients, "seconds": elapsed, "candidates": n_cand,
+        "clients": args.clients, "seconds": elapsed, "candidates": n_cand, "checkpoint_wal": args.checkpoint_wal,
         "suggest": loaded["suggest"], "feedback": loaded["feedback"],
         "one_client": alone,
         "paced": {"clients": args.clients, "period_s": 0.1, **paced},
@@ -241,8 +242,8 @@ def main() -> None:
                         "rss_growth": res["rss_kb"]["growth"] <= 0.10}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
-    print(json.dumps({k: res[k] for k in ("suggest", "feedback", "one_client", "paced", "cpu_ms_per_pair", "goals_met")},
-                     indent=2))
+    shown = ("suggest", "feedback", "one_client", "paced", "cpu_ms_per_pair", "goals_met")
+    print(json.dumps({k: res[k] for k in shown}, indent=2))
     print("rss", res["rss_kb"]["start"], "->", res["rss_kb"]["end"], "load", load_before, load_after)
 
 

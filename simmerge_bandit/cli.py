@@ -1111,22 +1111,21 @@ def demo(ctx: click.Context, rounds: int, seed: int, policy: str, eval_limit: in
 @click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
 @click.option("--memory-limit", default="1GB", show_default=True,
               help="Cap on DuckDB's buffer pool, which otherwise keeps the growing decision log in memory.")
+@click.option("--checkpoint-wal", default="64MB", show_default=True,
+              help="Write-ahead log size at which DuckDB checkpoints in the middle of traffic; the daemon also "
+                   "checkpoints whenever it is idle.")
 @pass_ctx
 def daemon(c: Ctx, host, port, watch, eval_budget, eval_window, executor, policy, device, eval_limit,
-           max_attempts, allow_remote, log_json, memory_limit) -> None:
+           max_attempts, allow_remote, log_json, memory_limit, checkpoint_wal) -> None:
     """Run the long-lived engine: owns the state, serves the JSON API on loopback, watches folders for new
     checkpoints, and runs the evaluations it asks for. Writes daemon.json (pid, port, token; mode 0600).
     Stops cleanly on SIGTERM / SIGINT."""
-    import os
-
-    # One thread computes for every request (the group commit): BLAS thread pools only add contention there.
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, "1")
     from .daemon import Daemon
 
     Daemon(c.home, host=host, port=port, watch=list(watch), eval_budget=eval_budget, eval_window_s=eval_window,
            executor=executor, allow_remote=allow_remote, log_json=log_json, max_attempts=max_attempts,
-           device=device, eval_limit=eval_limit, policy=policy, memory_limit=memory_limit).run()
+           device=device, eval_limit=eval_limit, policy=policy, memory_limit=memory_limit,
+           checkpoint_wal=checkpoint_wal).run()
 
 
 def main() -> None:

@@ -4,6 +4,8 @@ import asyncio
 import json
 import socket
 import threading
+import time
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -119,6 +121,36 @@ def test_policy_snapshots_follow_the_clock(engine, snapshot_s, snapshotted):
     row = engine.store.fetchone("SELECT last_seq FROM policy_state WHERE policy = 'linucb-hybrid'")
     last = engine.store.fetchone("SELECT max(seq) FROM rewards")[0]
     assert ((row[0] if row else 0) == last) is snapshotted
+
+
+def test_the_write_ahead_log_is_checkpointed_when_idle_not_between_busy_batches(engine, home):  # noqa: F811
+    wal = Path(str(state_path(home)) + ".wal")
+    engine.store.execute("SET checkpoint_threshold = '1GB'")  # DuckDB itself would not checkpoint this soon
+    engine.store.execute("CREATE TABLE filler (i BIGINT, x DOUBLE)")
+    for k in range(30):  # small appends go to the log (a large one would be written to the file directly)
+        engine.store.execute(f"INSERT INTO filler SELECT range, range * 0.5 FROM range({k * 10000}, {(k + 1) * 10000})")
+    assert wal.stat().st_size > (1 << 20)
+    batcher = _Batcher(engine, idle_checkpoint_s=0.0)
+    busy = threading.Event()
+
+    def keep_busy():  # a call every 0.1 s: never idle for _Batcher.IDLE_S
+        while not busy.is_set():
+            batcher.submit(_Call(lambda: None, lambda s, p: None, "x", 0))
+            busy.wait(0.1)
+
+    feeder = threading.Thread(target=keep_busy)
+    feeder.start()
+    batcher.start()
+    time.sleep(1.5)
+    assert wal.stat().st_size > (1 << 20)  # busy all along: no checkpoint yet
+    busy.set()
+    feeder.join()
+    deadline = time.time() + 10
+    while wal.exists() and wal.stat().st_size > (1 << 20) and time.time() < deadline:
+        time.sleep(0.1)
+    batcher.close()
+    assert not wal.exists() or wal.stat().st_size < (1 << 20)
+    assert engine.store.fetchone("SELECT count(*) FROM filler") == (300000,)
 
 
 def test_calls_after_close_are_refused(engine):

@@ -16,8 +16,14 @@ reward, no exploration bonus) on every held-out pair after its budget is spent, 
 oracle gap it closes. With nine tasks one split is noisy, so the tasks are split three ways and every task is held
 out exactly once; scores are pooled over all held-out pairs per seed, intervals are over seeds. Bandits come cold
 (shown 1,500 training rows one by one) and warm (``NAME@predictor``: starting from the predictor fitted on the
-training tasks). Diagnostics: the zero-evaluation predictor per feature family and its in-sample ceiling. Context
-features come from the signals module (signatures of the zoo's real checkpoints on each task's probes).
+training tasks). Diagnostics: the zero-evaluation predictor per feature family and its in-sample ceiling, for the
+network and the linear model. Context features come from the signals module (signatures of the zoo's real
+checkpoints on each task's probes).
+
+Honest choices: the predictor's network size (``PREDICTOR_GRID``) and, per budget, its ``online_weight``
+(``ONLINE_WEIGHTS``) and the ridge penalty ``l2`` of each warm-started bandit's residual model (``WARM_L2``) are
+chosen on each split by leave-one-task-out cross-validation *inside its training tasks* (each training task held
+out in turn, the policies trained on the other five); the held-out tasks are never used to choose anything.
 
     python benchmarks/bench_decision.py [--table benchmarks/results/zoo_bench_table.parquet] [--zoo DIR]
 """
@@ -113,8 +119,65 @@ def pair_features(table_df, zoo_dir: Path, home: Path) -> dict:
 
 
 ZERO = ("predictor", "uniform")
-WARM = ("predictor", "predictor:online_weight=10", "linucb@predictor", "linucb-hybrid@predictor", "lints@predictor")
+#: the predictor with its online_weight chosen by cross-validation on the training tasks (per split and budget)
+PREDICTOR_CV = "predictor:online_weight=cv"
+WARM = ("predictor", PREDICTOR_CV, "linucb@predictor", "linucb-hybrid@predictor", "lints@predictor")
 FAMILIES = ("distribution", "activation", "task_vector", "shift")
+#: network sizes the zero-evaluation predictor chooses among, per split, by cross-validation on training tasks
+PREDICTOR_GRID = ({"hidden": 16}, {"hidden": 32}, {"hidden": 64})
+#: weights of an online evaluation (in fitted rows) the online predictor chooses among the same way
+ONLINE_WEIGHTS = (1, 3, 10, 30, 100)
+#: ridge penalties of the residual corrections the warm-started bandits choose among the same way
+WARM_L2 = (1, 30, 1000)
+
+
+def subtable(table, keep_tasks):
+    """The merge table restricted to some tasks (for cross-validation inside a split's training tasks)."""
+    from simmerge_bandit.simulate import MergeTable
+
+    rows = np.flatnonzero(np.isin(table.tasks, list(keep_tasks)))
+    return MergeTable(table.source, [table.contexts[i] for i in rows], table.operators, table.R[rows],
+                      table.X[rows], table.Z, table.feature_names, table.operator_feature_names)
+
+
+def task_cv(table, train_tasks, specs, **kw) -> dict[str, float]:
+    """Leave-one-task-out inside ``train_tasks``: each is held out in turn and the policies (``specs``) learn
+    from the others; returns each policy's pooled share of the best-fixed -> oracle gap of its final choice."""
+    from simmerge_bandit import simulate as sim_mod
+
+    sub = subtable(table, train_tasks)
+    num = {s.text: 0.0 for s in specs}
+    den = 0.0
+    for t in train_tasks:
+        sim = sim_mod.simulate(sub, specs, holdout_tasks=[t], **kw)
+        w = len(sim.pool)
+        den += w * (sim.oracle_final - sim.fixed_final)
+        for s in specs:
+            num[s.text] += w * (np.mean([r.final_reward for r in sim.runs[s.text]]) - sim.fixed_final)
+    return {k: float(v / den) for k, v in num.items()}
+
+
+def choose_by_task_cv(table, train_tasks, budgets, rounds, seeds) -> dict:
+    """The predictor's network size (zero evaluations) and, per budget, its online_weight and each warm-started
+    bandit's l2, each the best of its grid by :func:`task_cv` on the training tasks; returns the choices and
+    every cross-validated score."""
+    from simmerge_bandit.replay import PolicySpec
+
+    zero = {json.dumps(g): task_cv(table, train_tasks, [PolicySpec("predictor", "predictor")], rounds=1,
+                                   budget=0, seeds=1, predictor_params=g)["predictor"] for g in PREDICTOR_GRID}
+    params = json.loads(max(zero, key=zero.get))
+    weights, l2s, cv = {}, {}, {}
+    warm = [n for n in WARM if n.endswith("@predictor")]
+    for b in budgets:
+        w_specs = [PolicySpec(f"predictor:online_weight={w}", "predictor", params={"online_weight": w})
+                   for w in ONLINE_WEIGHTS]
+        l2_specs = {n: [PolicySpec(f"{n}:l2={v}", n, params={"l2": v}) for v in WARM_L2] for n in warm}
+        scores = task_cv(table, train_tasks, w_specs + [s for v in l2_specs.values() for s in v], rounds=rounds,
+                         budget=b, seeds=seeds, predictor_params=params)
+        cv[b] = scores
+        weights[b] = ONLINE_WEIGHTS[int(np.argmax([scores[s.text] for s in w_specs]))]
+        l2s[b] = {n: WARM_L2[int(np.argmax([scores[s.text] for s in v]))] for n, v in l2_specs.items()}
+    return {"params": params, "online_weight": weights, "warm_l2": l2s, "cv_zero": zero, "cv_budget": cv}
 
 
 def splits_of(tasks: list[str], k: int) -> list[list[str]]:
@@ -155,19 +218,21 @@ def pooled(sims: list, label: str, budget: int, alpha: float = 0.05) -> dict:
     return row
 
 
-def diagnostics(df, feats, names, tasks, holdouts) -> dict:
-    """What limits the predictor: the same zero-evaluation predictor on each feature family alone and on all but
-    one, and its in-sample ceiling (fitted on every task, held-out ones included, then scored on them)."""
+def diagnostics(df, feats, names, tasks, holdouts, split_params) -> dict:
+    """What limits the predictor: the same zero-evaluation predictor (each split's chosen ``split_params``) on
+    each feature family alone and on all but one, and its in-sample ceiling (fitted on every task, held-out ones
+    included, then scored on them); the same two headline numbers for the linear model."""
     from simmerge_bandit import simulate as sim_mod
     from simmerge_bandit.policies import make_policy
     from simmerge_bandit.replay import parse_policy
     from simmerge_bandit.signals.schema import FEATURES_BY_KIND
 
-    def gap_for(cols, in_sample=False):
+    def gap_for(cols, in_sample=False, linear=False):
         sub = {k: v[cols] for k, v in feats.items()}
         table = sim_mod.table_from_frame(df, source="diagnostics", features=sub)
         num = den = 0.0
-        for hold in holdouts:
+        for hold, chosen in zip(holdouts, split_params):
+            params = {"model": "linear"} if linear else chosen
             pool = np.flatnonzero(np.isin(table.tasks, hold))
             train = np.flatnonzero(~np.isin(table.tasks, hold))
             K = len(table.operators)
@@ -178,13 +243,13 @@ def diagnostics(df, feats, names, tasks, holdouts) -> dict:
                 X = (X - X.mean(0)) / np.where(X.std(0) > 0, X.std(0), 1.0)
                 rows = np.arange(len(table.contexts))
                 cs, ks = np.repeat(rows, K), np.tile(np.arange(K), len(rows))
-                p = make_policy("predictor").fit(X[cs], table.Z[ks], [table.operators[k] for k in ks],
+                p = make_policy("predictor", **params).fit(X[cs], table.Z[ks], [table.operators[k] for k in ks],
                                                  table.R[cs, ks])
                 score = np.mean([table.R[c, int(np.argmax(p.predict(np.repeat(X[c:c + 1], K, 0), table.Z)))]
                                  for c in pool])
             else:
                 s = sim_mod.simulate(table, [parse_policy("predictor")], rounds=1, budget=0, seeds=1,
-                                     holdout_tasks=hold)
+                                     holdout_tasks=hold, predictor_params=params)
                 score = s.runs["predictor"][0].final_reward
             num += len(pool) * (score - fixed)
             den += len(pool) * (oracle - fixed)
@@ -192,8 +257,10 @@ def diagnostics(df, feats, names, tasks, holdouts) -> dict:
 
     idx = {n: i for i, n in enumerate(names)}
     fam = {k: [idx[n] for n in FEATURES_BY_KIND[k]] for k in FAMILIES}
-    out = {"all_features": gap_for(list(range(len(names)))),
-           "in_sample_ceiling_all_features": gap_for(list(range(len(names))), in_sample=True)}
+    every = list(range(len(names)))
+    out = {"all_features": gap_for(every), "in_sample_ceiling_all_features": gap_for(every, in_sample=True),
+           "linear_all_features": gap_for(every, linear=True),
+           "linear_in_sample_ceiling_all_features": gap_for(every, in_sample=True, linear=True)}
     for k in FAMILIES:
         out[f"only_{k}"] = gap_for(fam[k])
         out[f"without_{k}"] = gap_for([i for f in FAMILIES if f != k for i in fam[f]])
@@ -245,13 +312,29 @@ def main() -> None:  # noqa: C901
             return MabwiserLinUCB(seed=seed)
         return sim_mod.make_learned_policy(spec, seed=seed)
 
-    def specs(names):
-        return [parse_policy(n) if n != "mabwiser-linucb" else sim_mod.PolicySpec(n, n) for n in names]
+    choices = []
+    for hold in holdouts:
+        choices.append(choose_by_task_cv(table, [t for t in tasks if t not in hold], args.budgets, args.rounds,
+                                         args.seeds))
+        print(f"held out {hold}: chose {choices[-1]['params']}, online_weight {choices[-1]['online_weight']}, "
+              f"warm l2 {choices[-1]['warm_l2']} ({time.time() - t0:.0f}s)", flush=True)
+
+    def specs(names, choice, budget):
+        def one(n):
+            if n == "mabwiser-linucb":
+                return sim_mod.PolicySpec(n, n)
+            if n == PREDICTOR_CV:
+                return sim_mod.PolicySpec(n, "predictor", params={"online_weight": choice["online_weight"][budget]})
+            if n.endswith("@predictor") and budget in choice["warm_l2"]:
+                return sim_mod.PolicySpec(n, n, params={"l2": choice["warm_l2"][budget][n]})
+            return parse_policy(n)
+        return [one(n) for n in names]
 
     def run(names, budget, **kw):
-        return [sim_mod.simulate(table, specs(names), budget=budget, rounds=args.rounds, seeds=args.seeds,
-                                 holdout_tasks=hold, policy_factory=factory, pretrain_rows=args.pretrain_rows, **kw)
-                for hold in holdouts]
+        return [sim_mod.simulate(table, specs(names, choice, budget), budget=budget, rounds=args.rounds,
+                                 seeds=args.seeds, holdout_tasks=hold, policy_factory=factory,
+                                 pretrain_rows=args.pretrain_rows, predictor_params=choice["params"], **kw)
+                for hold, choice in zip(holdouts, choices)]
 
     results, per_split = [], []
     zero = run(ZERO, 0)
@@ -265,18 +348,20 @@ def main() -> None:  # noqa: C901
     late_op = max(table.operators, key=lambda o: float(np.mean(table.R[:, table.operators.index(o)] ==
                                                               table.R.max(axis=1))))
     late_names = ("linucb-hybrid", "linucb", "linucb-hybrid@predictor")
-    late = sim_mod.simulate(table, specs(late_names), budget=args.rounds, rounds=args.rounds, seeds=args.seeds,
-                            holdout_tasks=holdouts[0], policy_factory=factory, pretrain_rows=args.pretrain_rows,
-                            late_operators={late_op: args.rounds // 2})
+    late = sim_mod.simulate(table, specs(late_names, choices[0], None), budget=args.rounds, rounds=args.rounds,
+                            seeds=args.seeds, holdout_tasks=holdouts[0], policy_factory=factory,
+                            pretrain_rows=args.pretrain_rows, late_operators={late_op: args.rounds // 2},
+                            predictor_params=choices[0]["params"])
     late_rows = [dict(r, setting=f"late operator {late_op} (split 1)") for r in late.results()]
-    diag = diagnostics(df, feats, list(FEATURE_NAMES), tasks, holdouts)
+    diag = diagnostics(df, feats, list(FEATURE_NAMES), tasks, holdouts, [c["params"] for c in choices])
 
     orf = sum(len(s.pool) * s.oracle_final for s in zero) / sum(len(s.pool) for s in zero)
     fxf = sum(len(s.pool) * s.fixed_final for s in zero) / sum(len(s.pool) for s in zero)
     out = {"benchmark": "decision", "table": args.table, "pretrain_rows": args.pretrain_rows,
            "contexts": len(table.contexts), "operators": table.operators, "tasks": tasks, "holdout_splits": holdouts,
            "rounds": args.rounds, "seeds": args.seeds, "oracle_final_score": orf, "fixed_final_score": fxf,
-           "best_fixed_per_split": [s.best_fixed for s in zero], "results": results, "late_operator": late_op,
+           "best_fixed_per_split": [s.best_fixed for s in zero],
+           "choices_by_training_task_cv": choices, "results": results, "late_operator": late_op,
            "late": late_rows, "diagnostics_predictor_gap_closed": diag, "splits": per_split,
            "seconds": time.time() - t0,
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_before": load_before,

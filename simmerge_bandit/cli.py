@@ -890,18 +890,21 @@ def predictor() -> None:
               help="A merge table (Parquet/CSV: model_a, model_b, operator, task, normalized_score) whose models, "
                    "tasks and operators are in the catalog, e.g. from `simmerge zoo table`. Default: the decision "
                    "log's rewarded decisions.")
+@click.option("--model", type=click.Choice(["mlp", "linear"]), default=None,
+              help="mlp: small networks with a Bayesian linear head (default); linear: ridge on features x "
+                   "descriptor. Default: what the previous fit used, else mlp.")
 @click.option("--online-weight", type=float, default=None,
               help="How many fitted rows each later reward counts as (a new task's own evaluations can outweigh "
                    "the other tasks' rows). Default: the previous fit's, else 1.")
 @json_option
 @pass_ctx
-def predictor_fit(c: Ctx, table: str | None, online_weight: float | None, as_json: bool) -> None:
+def predictor_fit(c: Ctx, table: str | None, online_weight: float | None, model: str | None, as_json: bool) -> None:
     """Fit the predictor (features + operator -> normalized score) and save it as policy `predictor`.
 
     Use it with `suggest --policy predictor` (zero evaluations), or warm-start a bandit with
     `--policy linucb-hybrid@predictor` (it learns what the predictor gets wrong).
     """
-    res = _engine(c).fit_predictor(table, online_weight=online_weight)
+    res = _engine(c).fit_predictor(table, online_weight=online_weight, model=model)
     emit(res, as_json, lambda r: click.echo(f"fitted predictor on {r.get('n')} merges from {r['source']} "
                                               f"(training rmse {r.get('rmse', float('nan')):.4f})"))
 

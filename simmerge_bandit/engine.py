@@ -358,10 +358,12 @@ class Engine:
             self._save(name)
             return self._policies[name]
 
-    def fit_predictor(self, table: str | None = None, online_weight: float | None = None) -> dict:
+    def fit_predictor(self, table: str | None = None, online_weight: float | None = None,
+                      model: str | None = None) -> dict:
         """Fit the SimMerge predictor (features + operator -> normalized score) and save it as policy
         ``predictor``; later rewards keep updating it online, each counting as ``online_weight`` fitted rows
-        (default: what the previous fit used, else 1).
+        (default: what the previous fit used, else 1). ``model`` is the predictor's ``mlp`` or ``linear`` (default:
+        what the previous fit used, else ``mlp``).
 
         With ``table`` (a merge table: CSV or Parquet with ``model_a``, ``model_b``, ``operator``, ``task``,
         ``normalized_score``; models, tasks and operators registered in the catalog), features are computed by
@@ -382,11 +384,14 @@ class Engine:
             Z = np.array([r[1] for r in rows])
             arms = [json.loads(r[2])[-1] for r in rows]
             y = np.array([r[3] for r in rows])
+        before = (self._stored_meta("predictor") or {}).get("params", {})
         if online_weight is None:
-            meta = self._stored_meta("predictor")
-            online_weight = meta.get("params", {}).get("online_weight", 1.0) if meta else 1.0
+            online_weight = before.get("online_weight", 1.0)
+        if model is None:
+            model = before.get("model", "mlp")
         with self.lock:
-            pred = make_policy("predictor", seed=self.config.seed, online_weight=online_weight).fit(X, Z, arms, y)
+            pred = make_policy("predictor", seed=self.config.seed, online_weight=online_weight,
+                               model=model).fit(X, Z, arms, y)
             last = self.store.fetchone("SELECT coalesce(max(seq), 0) FROM rewards")[0]
             self._policies["predictor"], self._last_seq["predictor"] = pred, int(last)
             self._since_snapshot["predictor"] = 0
@@ -397,7 +402,7 @@ class Engine:
                 del self._policies[n]
         out = pred.summary()
         out.update(source=table or "decision log", feature_schema=str(signals.FEATURE_SCHEMA_VERSION),
-                   online_weight=pred.online_weight)
+                   online_weight=pred.online_weight, model=pred.model)
         return out
 
     def _table_rows(self, path: str):

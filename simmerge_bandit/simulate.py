@@ -382,7 +382,7 @@ def simulate(table: MergeTable, policies: Iterable[str | PolicySpec], *, rounds:
              seeds: int | Sequence[int] = 5, holdout_tasks: Sequence[str] | None = None, pretrain: bool = True,
              late_operators: Mapping[str, int] | None = None, standardize: bool = True, alpha: float = 0.05,
              seed: int = 0, policy_factory: Callable[[PolicySpec, int], Any] | None = None,
-             pretrain_rows: int | None = None,
+             pretrain_rows: int | None = None, predictor_params: Mapping[str, Any] | None = None,
              progress: Callable[[str], None] | None = None) -> Simulation:
     """Simulate each policy exactly on the table (see the module docstring for the protocol).
 
@@ -391,6 +391,8 @@ def simulate(table: MergeTable, policies: Iterable[str | PolicySpec], *, rounds:
     ``policy_factory(spec, seed)`` builds learned policies (default: the registry by name). ``pretrain_rows``
     caps the training rows shown one by one to an online policy (a random subset, the same for every policy of a
     seed); a policy with a batch ``fit`` (the predictor) is fitted on all of them at once.
+    ``predictor_params`` are the SimMerge predictor's parameters wherever one is built: ``predictor`` policies
+    (their own spec parameters win) and the prior of ``NAME@predictor`` warm starts.
     """
     if rounds < 1:
         raise InvalidInput(f"rounds must be at least 1, got {rounds}")
@@ -401,6 +403,9 @@ def simulate(table: MergeTable, policies: Iterable[str | PolicySpec], *, rounds:
     if not seed_list:
         raise InvalidInput("seeds must be at least 1")
     specs = [parse_policy(p) if isinstance(p, str) else p for p in policies]
+    if predictor_params:
+        specs = [PolicySpec(s.text, s.name, s.action, {**predictor_params, **s.params}) if s.name == "predictor"
+                 else s for s in specs]
     if not specs:
         raise InvalidInput("no policy to simulate; pass at least one --policy")
     K = len(table.operators)
@@ -459,11 +464,12 @@ def simulate(table: MergeTable, policies: Iterable[str | PolicySpec], *, rounds:
                 chosen, reward, final = _direct(spec, table, stream, avail_at, R_stream, pool, arrival)
             else:
                 policy = factory(spec, int(s)) if not spec.name.endswith(WARM) else \
-                    _warm_started(spec, int(s), X, table, train)
+                    _warm_started(spec, int(s), X, table, train, predictor_params or {})
                 if holdout_tasks and pretrain and not spec.name.endswith(WARM):  # a warm start is pretrained
                     if callable(getattr(policy, "fit", None)):
-                        # A supervised policy (the predictor) is fitted on every training row in one batch solve.
-                        cs, ks = train[order // K], order % K
+                        # A supervised policy (the predictor) is fitted on every training row in one batch solve,
+                        # in table order: the same rows as a warm start's prior, so a deterministic fit is reused.
+                        cs, ks = np.repeat(train, K), np.tile(np.arange(K), len(train))
                         policy.fit(X[cs], table.Z[ks], [table.operators[k] for k in ks], table.R[cs, ks])
                     else:
                         for j in order if pretrain_rows is None else order[:pretrain_rows]:
@@ -488,15 +494,16 @@ def simulate(table: MergeTable, policies: Iterable[str | PolicySpec], *, rounds:
                       oracle_final, fixed_final, alpha)
 
 
-def _warm_started(spec: PolicySpec, seed: int, X: np.ndarray, table: MergeTable, train: np.ndarray):
-    """``NAME@predictor``: NAME with the SimMerge predictor, fitted on every training row, as its prior (as the
-    engine's ``NAME@predictor`` after ``simmerge predictor fit``)."""
+def _warm_started(spec: PolicySpec, seed: int, X: np.ndarray, table: MergeTable, train: np.ndarray,
+                  predictor_params: Mapping[str, Any]):
+    """``NAME@predictor``: NAME with the SimMerge predictor (``predictor_params``), fitted on every training row,
+    as its prior (as the engine's ``NAME@predictor`` after ``simmerge predictor fit``)."""
     from .policies import make_policy
 
     K = len(table.operators)
     cs, ks = np.repeat(train, K), np.tile(np.arange(K), len(train))   # the table is complete: every row scored
-    prior = make_policy("predictor", seed=seed).fit(X[cs], table.Z[ks], [table.operators[k] for k in ks],
-                                                    table.R[cs, ks])
+    prior = make_policy("predictor", **{**predictor_params, "seed": seed})
+    prior.fit(X[cs], table.Z[ks], [table.operators[k] for k in ks], table.R[cs, ks])
     params = {"seed": seed, **spec.params}
     return make_policy(spec.name[: -len(WARM)], prior=prior, **params)
 

@@ -318,3 +318,27 @@ def test_engine_log_replays_with_the_operator_propensity_given_the_pair(setup):
     res = {r["estimator"]: r for r in rp.evaluate(log, ["fixed:lin"], ["ips", "snips"]).results()}
     assert res["snips"]["value"] == pytest.approx(0.9)
     assert res["ips"]["ci_low"] < 0.9 < res["ips"]["ci_high"] and res["ips"]["value"] < 1.5
+
+
+def test_predictor_model_is_chosen_at_fit_and_kept_by_refits(setup, tmp_path):
+    import pandas as pd
+
+    eng = Engine(setup)
+    rows = [{"model_a": a, "model_b": b, "operator": op, "task": "double", "normalized_score": score}
+            for a, b in eng.pairs("double") for op, score in (("lin", 0.9), ("ties5", 0.5), ("slerp", 0.7))]
+    table = tmp_path / "t.parquet"
+    pd.DataFrame(rows).to_parquet(table)
+    assert eng.fit_predictor(str(table))["model"] == "mlp"                  # the default
+    assert eng.fit_predictor(str(table), model="linear")["model"] == "linear"
+    assert eng.fit_predictor(str(table))["model"] == "linear"               # a refit keeps it
+    assert Engine(setup).policy("predictor").model == "linear"              # and a restart
+    with pytest.raises(InvalidInput, match="model must be"):
+        eng.fit_predictor(str(table), model="forest")
+    setup.close()
+    runner = CliRunner()
+    out = runner.invoke(cli, ["predictor", "fit", "--table", str(table), "--model", "mlp", "--json"],
+                        catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["model"] == "mlp"
+    bad = runner.invoke(cli, ["predictor", "fit", "--table", str(table), "--model", "forest"])
+    assert bad.exit_code == 2 and "forest" in bad.output and "Traceback" not in bad.output

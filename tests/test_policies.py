@@ -476,7 +476,7 @@ def test_predictor_fit_equals_closed_form_and_ranks_with_no_evaluations():
     names = [list(OPS)[i % 3] for i in range(m)]
     Z = np.array([OPS[a] for a in names])
     y = 0.5 + 0.3 * Z[:, 1] * X[:, 0] + 0.01 * rng.normal(size=m)
-    pred = make_policy("predictor", l2=0.3).fit(X, Z, names, y)
+    pred = make_policy("predictor", l2=0.3, model="linear").fit(X, Z, names, y)
     # Closed form: standardize with the table's statistics, phi = [1, x_std] (outer) [1, z_std], ridge solve.
     xs = (X - X.mean(0)) / X.std(0)
     zs = (Z - Z.mean(0)) / Z.std(0)
@@ -520,7 +520,7 @@ def test_predictor_online_weight_counts_a_reward_as_several_fitted_rows():
     Z = np.array([OPS[a] for a in names])
     y = 0.4 + 0.2 * X[:, 1] * Z[:, 0] + 0.05 * rng.normal(size=m)
     w = 4.0
-    pred = make_policy("predictor", l2=0.5, online_weight=w).fit(X, Z, names, y)
+    pred = make_policy("predictor", l2=0.5, online_weight=w, model="linear").fit(X, Z, names, y)
     x_new, z_new, y_new = X[1] - 0.5, Z[1], 1.1
     pred.update(x_new, names[1], z_new, y_new)
     xs, zs = (X - X.mean(0)) / X.std(0), (Z - Z.mean(0)) / Z.std(0)

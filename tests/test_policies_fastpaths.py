@@ -110,7 +110,7 @@ def test_predictor_kept_matrices_equal_fresh_ones():
     X = rng.normal(size=(m, D))
     names = [list(OPS)[i % 3] for i in range(m)]
     Z = np.array([OPS[a] for a in names])
-    pred = make_policy("predictor").fit(X, Z, names, rng.uniform(size=m))
+    pred = make_policy("predictor", model="linear").fit(X, Z, names, rng.uniform(size=m))
     three = {k: OPS[k] for k in ("lin", "ties", "dare")}
     c = grid_cands(rng, ops=three)
     pred.rank(c)  # keeps one matrix per descriptor

@@ -251,3 +251,32 @@ def test_a_zoo_shaped_table():
     df.loc[1:2, "f2"] = np.nan                             # f2 of the first pair, on all its rows
     patched = sm.table_from_frame(df)
     assert patched.X[0, 1] == 0.0 and any("read as 0" in n for n in patched.notes)
+
+
+def abs_rule_table(tasks=4, pairs=40, seed=0) -> pd.DataFrame:
+    """linear wins when |f1| is large, ties when it is small: no linear (features x operator) model can say so."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for t in range(tasks):
+        for p in range(pairs):
+            f1, f2 = rng.normal(), rng.normal()
+            edge = abs(f1) - 0.7
+            for op, s in {"linear": 0.5 + 0.3 * edge, "ties": 0.5 - 0.3 * edge, "slerp": 0.45}.items():
+                rows.append({"task": f"t{t}", "model_a": f"m{p}", "model_b": f"m{p + 1}", "operator": op,
+                             "normalized_score": s, "f1": f1, "f2": f2})
+    return pd.DataFrame(rows)
+
+
+def test_predictor_params_build_the_predictor_and_the_warm_start_prior():
+    tab = sm.table_from_frame(abs_rule_table())
+    kw = dict(rounds=20, budget=0, seeds=1, holdout_tasks=["t3"])
+    runs = {}
+    for model in ("linear", "mlp"):
+        sim = sm.simulate(tab, ["predictor", "linucb@predictor", "predictor:model=linear"],
+                          predictor_params={"model": model, "hidden": 16}, **kw)
+        runs[model] = {r["policy"]: r["final_gap_closed"] for r in sim.results()}
+    for model, rows in runs.items():  # with no evaluation, the warm start recommends what its prior does
+        assert rows["linucb@predictor"] == pytest.approx(rows["predictor"]), model
+    assert runs["mlp"]["predictor"] > 0.8 > runs["linear"]["predictor"]
+    # a spec's own parameters win over predictor_params
+    assert runs["mlp"]["predictor:model=linear"] == pytest.approx(runs["linear"]["predictor"])

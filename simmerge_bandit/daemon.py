@@ -483,6 +483,8 @@ class Daemon:
         # The same for numpy's BLAS: a policy update touches one matrix of ~10 MB, which a second BLAS thread
         # does not speed up, while its spinning takes the core the HTTP thread needs (measured: 2 BLAS threads
         # spent 2.4x the CPU of one on a batch of suggestions and rewards, for no gain in wall time).
+        import scipy.linalg  # noqa: F401  (loads scipy's own OpenBLAS now, so that the limit reaches it too)
+
         threadpoolctl.threadpool_limits(1, user_api="blas")
         self.store.execute(f"SET memory_limit = '{self.memory_limit}'")
         self.store.execute(f"SET checkpoint_threshold = '{self.checkpoint_wal}'")

@@ -152,7 +152,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--out", default=str(ROOT / "results" / "daemon.json"))
-    ap.add_argument("--checkpoint-wal", default="64MB", help="the daemon's --checkpoint-wal (DuckDB's own: 16MB)")
+    ap.add_argument("--checkpoint-wal", default="16MB", help="the daemon's --checkpoint-wal")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="simmerge-bench-daemon-"))

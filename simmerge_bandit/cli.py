@@ -1114,9 +1114,9 @@ def demo(ctx: click.Context, rounds: int, seed: int, policy: str, eval_limit: in
 @click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
 @click.option("--memory-limit", default="1GB", show_default=True,
               help="Cap on DuckDB's buffer pool, which otherwise keeps the growing decision log in memory.")
-@click.option("--checkpoint-wal", default="64MB", show_default=True,
-              help="Write-ahead log size at which DuckDB checkpoints in the middle of traffic; the daemon also "
-                   "checkpoints whenever it is idle.")
+@click.option("--checkpoint-wal", default="16MB", show_default=True,
+              help="Write-ahead log size at which DuckDB checkpoints in the middle of traffic (DuckDB's default); "
+                   "the daemon also checkpoints whenever it is idle.")
 @pass_ctx
 def daemon(c: Ctx, host, port, watch, eval_budget, eval_window, executor, policy, device, eval_limit,
            max_attempts, allow_remote, log_json, memory_limit, checkpoint_wal) -> None:

@@ -417,7 +417,7 @@ class Daemon:
                  max_attempts: int = 3, backoff_s: float = 2.0, stable_s: float = 3.0, poll_s: float = 1.0,
                  device: str = "auto", eval_limit: int | None = None, policy: str = "linucb-hybrid",
                  snapshot_every: int = 10_000, snapshot_s: float = 60.0, pool_threads: int = 4,
-                 memory_limit: str = "1GB", checkpoint_wal: str = "64MB", idle_checkpoint_s: float = 5.0):
+                 memory_limit: str = "1GB", checkpoint_wal: str = "16MB", idle_checkpoint_s: float = 5.0):
         self.home = resolve_home(home)
         self.host, self.port = host, port
         self.watch = [Path(w).expanduser().resolve() for w in (watch or [])]
@@ -432,9 +432,9 @@ class Daemon:
         # DuckDB keeps every block it wrote in its buffer pool until memory runs short (by default 80% of RAM):
         # for a process that appends to the decision log for weeks, that is growth without end.
         self.memory_limit = memory_limit
-        # DuckDB checkpoints (folds its write-ahead log into the file) inside the commit that crosses its threshold,
-        # 16MB by default: a stall of 20-300 ms for the calls of that batch. Checkpoints happen when the daemon is
-        # idle instead, and in the middle of traffic only once the log reaches ``checkpoint_wal``.
+        # DuckDB checkpoints (folds its write-ahead log into the file) inside the commit that crosses
+        # ``checkpoint_wal``: a stall of 20-300 ms for the calls of that batch. The daemon also checkpoints whenever
+        # it is idle, so that a burst of traffic starts with an empty log.
         self.checkpoint_wal, self.idle_checkpoint_s = checkpoint_wal, idle_checkpoint_s
         self._stop = threading.Event()
         self._started = time.time()

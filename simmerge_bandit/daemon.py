@@ -478,6 +478,7 @@ class Daemon:
         self.engine = Engine(self.store, EngineConfig(default_policy=self.policy, eval_budget=self.eval_budget,
                                                       eval_window_s=self.eval_window_s,
                                                       snapshot_every=self.snapshot_every))
+        self.engine.defer_learning = True  # a batch's rewards are learned together (see Engine.defer_learning)
         # Every query here is a point lookup or a small append: DuckDB's worker threads only add scheduling.
         self.store.execute("SET threads = 1")
         # The same for numpy's BLAS: a policy update touches one matrix of ~10 MB, which a second BLAS thread

@@ -153,6 +153,11 @@ class Engine:
         self._rewarded: dict[str, float] = {}
         self._seq: int | None = None  # the highest reward seq in the store, once read
         self._explained: tuple | None = None  # (policy, its n_updates, candidates, {index: explanation})
+        #: With ``defer_learning`` (the daemon's group commit), rewards recorded by :meth:`feedback` are folded into
+        #: the policies together, before the next use of a policy: one pass over a large shared matrix for all
+        #: the rewards of a batch (``Policy.update_many``) instead of one per reward.
+        self.defer_learning = False
+        self._unlearned: list[tuple[int, tuple, float]] = []  # (seq, logged fields, reward), in seq order
         self._paths: dict[int, list[str]] = {}
         self._known_seq: int | None = None  # highest reward seq this engine has seen (it is the only writer)
         self._eval_times: list[float] | None = None
@@ -274,6 +279,7 @@ class Engine:
         """The named policy, restored from its snapshot and caught up with the reward log."""
         name = name or self.config.default_policy
         with self.lock:
+            self._learn_pending()
             if name not in self._policies:
                 pol = self._make(name)
                 row = self.store.fetchone("SELECT last_seq, arrays, meta FROM policy_state WHERE policy = ?", [name])
@@ -307,10 +313,10 @@ class Engine:
     def _fold(self, name: str, rows: Sequence[tuple]) -> None:
         """Update policy ``name`` with log rows ``(seq, context, operator, arm, reward, propensity)`` in order."""
         pol = self._policies[name]
-        for seq, x, op, z, reward, prop in rows:
-            pol.update(np.asarray(x), json.loads(op)[-1], np.asarray(z), float(reward), float(prop))
-            self._last_seq[name] = seq
+        pol.update_many([(np.asarray(x), json.loads(op)[-1], np.asarray(z), float(reward), float(prop))
+                         for _, x, op, z, reward, prop in rows])
         if rows:
+            self._last_seq[name] = rows[-1][0]
             self._since_snapshot[name] += len(rows)
             if self._since_snapshot[name] >= self.config.snapshot_every:
                 self._save(name)
@@ -329,6 +335,7 @@ class Engine:
     def flush(self) -> None:
         """Snapshot every loaded policy that learned something since its snapshot (called on shutdown)."""
         with self.lock:
+            self._learn_pending()
             for name in self._policies:
                 self._catch_up(name)
                 if self._since_snapshot[name]:
@@ -347,11 +354,13 @@ class Engine:
             self._rewarded.clear()
             self._seq = None
             self._explained = None
+            self._unlearned.clear()
 
     def rebuild(self, name: str | None = None):
         """Rebuild a policy from the decision log alone, replace its snapshot, and return it."""
         name = name or self.config.default_policy
         with self.lock:
+            self._learn_pending()
             self._policies[name] = self._make(name)
             self._last_seq[name], self._since_snapshot[name] = 0, 0
             self._catch_up(name)
@@ -384,6 +393,8 @@ class Engine:
             Z = np.array([r[1] for r in rows])
             arms = [json.loads(r[2])[-1] for r in rows]
             y = np.array([r[3] for r in rows])
+        with self.lock:
+            self._learn_pending()  # the refit's log position (max seq) must not count rewards still to be folded
         before = (self._stored_meta("predictor") or {}).get("params", {})
         if online_weight is None:
             online_weight = before.get("online_weight", 1.0)
@@ -629,23 +640,31 @@ class Engine:
             self._seq = seq
             if decision_id in self._recent:
                 self._rewarded[decision_id] = value
-            self._learn_new(seq, logged, value)
+            self._unlearned.append((seq, logged, value))
+            if not self.defer_learning:
+                self._learn_pending()
         return {"id": decision_id, "reward": value, "status": "recorded"}
 
-    def _learn_new(self, seq: int, logged: tuple, reward: float) -> None:
-        """Fold the reward just appended as ``seq`` into the loaded policies: directly into those that had seen
-        the whole log (no log read), through a catch-up for any other."""
-        context, operator, arm, propensity, schema = logged
-        if schema != _schema():
-            return  # logged under another feature schema: this schema's policies skip it, as _catch_up does
+    def _learn_pending(self) -> None:
+        """Fold the rewards recorded since the last call into the loaded policies: in one go into those that had
+        seen the whole log (no log read), through a catch-up for any other."""
+        if not self._unlearned:
+            return
+        pending, self._unlearned = self._unlearned, []
+        # logged under another feature schema: this schema's policies skip them, as _catch_up does
+        rows = [(seq, context, operator, arm, reward, propensity)
+                for seq, (context, operator, arm, propensity, schema), reward in pending if schema == _schema()]
+        if not rows:
+            return
+        first, last = rows[0][0], rows[-1][0]
         known, self._known_seq = self._known_seq, None
         for name in list(self._policies):
-            if known is not None and self._last_seq[name] == known < seq:
-                self._fold(name, [(seq, context, operator, arm, reward, propensity)])
+            if known is not None and self._last_seq[name] == known < first:
+                self._fold(name, rows)
             else:
                 self._catch_up(name)
-        if known is not None and known < seq:
-            self._known_seq = seq
+        if known is not None and known < first:
+            self._known_seq = last
 
     def decision(self, decision_id: str) -> dict:
         rows = self.store.fetchdicts("SELECT * EXCLUDE (context, arm) FROM decisions WHERE id = ?", [decision_id])

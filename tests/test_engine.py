@@ -342,3 +342,26 @@ def test_predictor_model_is_chosen_at_fit_and_kept_by_refits(setup, tmp_path):
     assert json.loads(out.output)["model"] == "mlp"
     bad = runner.invoke(cli, ["predictor", "fit", "--table", str(table), "--model", "forest"])
     assert bad.exit_code == 2 and "forest" in bad.output and "Traceback" not in bad.output
+
+
+def test_deferred_learning_folds_a_batch_of_rewards_like_one_at_a_time(setup):
+    """The daemon's engine learns a batch's rewards together, before the next use of a policy; the state is the
+    one-reward-at-a-time fold of the log."""
+    from simmerge_bandit.policies import make_policy
+
+    eng = Engine(setup)
+    eng.defer_learning = True
+    live = eng.policy()
+    for round_ in range(3):
+        ids = [eng.suggest("double", top=1)[0]["id"] for _ in range(5)]
+        for k, did in enumerate(ids):
+            eng.feedback(did, 0.2 * k + 0.1 * round_)
+        assert live.n_updates == 5 * round_          # nothing folded until a policy is used
+    assert eng.policy() is live and live.n_updates == 15
+    ref = make_policy("linucb-hybrid", seed=0)
+    for x, op, z, r, prop in setup.fetchall(
+            "SELECT d.context, d.operator, d.arm, r.reward, d.propensity FROM rewards r "
+            "JOIN decisions d ON d.id = r.decision_id ORDER BY r.seq"):
+        ref.update(np.asarray(x), json.loads(op)[-1], np.asarray(z), r, prop)
+    for key, want in ref.snapshot()[0].items():
+        np.testing.assert_allclose(live.snapshot()[0][key], want, rtol=1e-9, atol=1e-12, err_msg=key)

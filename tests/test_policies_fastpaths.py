@@ -242,3 +242,46 @@ def test_rank_reuse_keeps_scores_until_an_update_and_draws_afresh():
         fresh.restore(*pol.snapshot())
         np.testing.assert_allclose(d.predicted, fresh.rank(cands).predicted)
         assert not np.allclose(d.predicted, a.predicted), name
+
+
+@pytest.mark.parametrize("name", ["linucb-hybrid", "linucb", "lints"])
+def test_update_many_equals_one_update_at_a_time(name):
+    """Including operators that first appear inside a chunk, chunks longer than the hybrid's CHUNK, and a prior."""
+    from simmerge_bandit.policies import make_policy
+
+    rng = np.random.default_rng(7)
+    d, k = 6, 4
+    descr = {f"op{i}": rng.normal(size=k) for i in range(6)}
+    rows = []
+    for i in range(90):
+        arm = f"op{i % (2 if i < 20 else 6)}"  # four operators arrive after the first 20 rewards
+        rows.append((rng.normal(size=d), arm, descr[arm], float(rng.uniform(0, 2)), float(rng.uniform(0.1, 1))))
+    prior = make_policy("predictor", model="linear").fit(np.array([r[0] for r in rows]),
+                                                         np.array([r[2] for r in rows]),
+                                                         [r[1] for r in rows], np.array([r[3] for r in rows]))
+    for kwargs in ({}, {"prior": prior}):
+        one, many = make_policy(name, seed=3, **kwargs), make_policy(name, seed=3, **kwargs)
+        for r in rows:
+            one.update(*r)
+        start = 0
+        for size in (1, 5, 17, 40, 7, 20):
+            many.update_many(rows[start:start + size])
+            start += size
+        assert start == len(rows) and many.n_updates == one.n_updates == len(rows)
+        a, b = one.snapshot()[0], many.snapshot()[0]
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-9, atol=1e-12, err_msg=f"{name} {key}")
+
+
+def test_update_many_with_a_bad_row_changes_nothing():
+    from simmerge_bandit.errors import InvalidInput
+    from simmerge_bandit.policies import make_policy
+
+    pol = make_policy("linucb-hybrid")
+    good = (np.ones(3), "a", np.ones(2), 0.5, 1.0)
+    with pytest.raises(InvalidInput, match="reward must be finite"):
+        pol.update_many([good, (np.ones(3), "a", np.ones(2), float("nan"), 1.0)])
+    assert pol.n_updates == 0 and pol.snapshot()[1]["d"] is None
+    pol.update_many([good])
+    assert pol.n_updates == 1

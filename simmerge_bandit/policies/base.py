@@ -311,6 +311,34 @@ class Policy(abc.ABC):
 
     def update(self, x: np.ndarray, arm: str, z: np.ndarray, reward: float, propensity: float = 1.0) -> None:
         """Learn from the reward of candidate ``(x, arm, z)``, chosen with probability ``propensity``."""
+        x, arm, z, reward, propensity = self._checked(x, arm, z, reward, propensity)
+        self._memo = None
+        self._learn(x, arm, z, reward, propensity)
+        self.n_updates += 1
+
+    def update_many(self, rows: Sequence[tuple]) -> None:
+        """:meth:`update` with each ``(x, arm, z, reward, propensity)`` of ``rows`` in order, to the same state
+        (up to rounding). Every row is checked before any is learned, so a bad row changes nothing. Policies
+        whose update touches a large shared matrix learn several rows in one pass over it (:meth:`_learn_many`)."""
+        widths = self._d, self._k
+        try:
+            checked = [self._checked(*row) for row in rows]
+        except InvalidInput:
+            self._d, self._k = widths
+            raise
+        if not checked:
+            return
+        self._memo = None
+        self._learn_many(checked)
+        self.n_updates += len(checked)
+
+    def _learn_many(self, rows: list[tuple]) -> None:
+        """Incorporate several checked rewards in order (by default one :meth:`_learn` each)."""
+        for row in rows:
+            self._learn(*row)
+
+    def _checked(self, x, arm, z, reward, propensity) -> tuple[np.ndarray, str, np.ndarray, float, float]:
+        """One reward's inputs validated and normalized (and the context widths fixed by the first)."""
         # This runs once per reward, so it sticks to checks that cost well under a microsecond each.
         x, z = _vector(x), _vector(z)
         reward = float(reward)
@@ -325,9 +353,7 @@ class Policy(abc.ABC):
             self._d, self._k = x.shape[0], z.shape[0]
         elif x.shape[0] != self._d or z.shape[0] != self._k:
             self._check_widths(x.shape[0], z.shape[0])
-        self._memo = None
-        self._learn(x, arm if type(arm) is str else str(arm), z, reward, propensity)
-        self.n_updates += 1
+        return x, arm if type(arm) is str else str(arm), z, reward, propensity
 
     def snapshot(self) -> tuple[dict[str, np.ndarray], dict]:
         """Everything needed to continue exactly where this policy is: arrays and JSON-able meta (no pickles)."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-from scipy.linalg.blas import ddot, dger
+from scipy.linalg.blas import ddot, dgemm, dger
 
 from ..errors import InvalidInput
 from ._ridge import LinearPolicy, PerArmRidge, _grow
@@ -123,6 +123,64 @@ class HybridLinUCB(LinearPolicy):
         K = len(ridge)
         Vt = self._zt[:K] @ u.reshape(p, kt).T                # P_b^T u for every operator b, (K, p)
         self._H[:K] -= Vt[:, :, None] * (Vt[:, None, :] / c)
+
+    #: Rewards folded into ``A_0^-1`` per pass (the pass's scratch is q x CHUNK).
+    CHUNK = 32
+
+    def _learn_many(self, rows: list[tuple]) -> None:
+        """Several rewards with one Woodbury update of the shared part instead of one rank-one step each.
+
+        Each reward's per-operator step depends only on that operator's model, so those run in order as in
+        :meth:`_learn`; they give ``A_0``'s rank-one terms ``w_j`` and ``b_0``'s increments, which add up. Then
+        ``(A_0 + W W^T)^-1 = A_0^-1 - U C^-1 U^T`` with ``U = A_0^-1 W`` and ``C = I + W^T U``: two passes over the
+        q x q matrix for the whole chunk (a product, a rank-k write) instead of two per reward, and ``H_b``,
+        ``beta`` follow from ``U`` exactly as from ``u`` in the rank-one case. A new operator's ``H`` is projected
+        from ``A_0^-1`` before the chunk's correction, which then brings it up to date with the others.
+        """
+        for start in range(0, len(rows), self.CHUNK):
+            chunk = rows[start:start + self.CHUNK]
+            if len(chunk) == 1 or self._ridge is None:  # the first reward sizes the shared part
+                self._learn(*chunk[0])
+                chunk = chunk[1:]
+            if chunk:
+                self._learn_chunk(chunk)
+
+    def _learn_chunk(self, rows: list[tuple]) -> None:
+        ridge, mu = self._ridge, self.arm_l2
+        p, kt = ridge.p, self._zt.shape[1]
+        k = len(rows)
+        S, Zt, Db = np.empty((k, p)), np.empty((k, kt)), np.empty((k, p))
+        for j, (x, arm, z, reward, propensity) in enumerate(rows):
+            zt = np.concatenate(([1.0], z))
+            r = reward if self.prior is None else self._residual(x, z, reward)
+            i = self._arm_row(arm, zt)
+            if i is None:
+                i = ridge.row(arm)
+                if i == self._zt.shape[0]:
+                    cap = ridge.inverses.shape[0]
+                    self._zt, self._H = _grow(self._zt, cap), _grow(self._H, cap)
+                self._zt[i] = zt
+                self._H[i] = self._project(zt)
+            theta_old = ridge.thetas[i].copy()
+            Ax, ca = ridge.update(i, ridge.lift(x), r)
+            S[j] = Ax * (mu / np.sqrt(ca))
+            Db[j] = mu * (ridge.thetas[i] - theta_old)
+            Zt[j] = zt
+        q = p * kt
+        M = np.empty((k + 1, q))
+        np.multiply(S[:, :, None], Zt[:, None, :], out=M[:k].reshape(k, p, kt))        # rows w_j = P_a s_j
+        M[k] = np.einsum("jp,jt->pt", Db, Zt).reshape(q)                             # sum of P_a db_j
+        UT = M @ self._A0inv                     # A_0^-1 is symmetric: rows U^T and (A_0^-1 delta b_0)^T
+        U, a0db = UT[:k].T, UT[k]
+        C = np.eye(k) + M[:k] @ U
+        Cinv = np.linalg.inv(C)
+        self._b0 += M[k]
+        L = U @ Cinv
+        self._beta += a0db - L @ (U.T @ self._b0)
+        dgemm(-1.0, L, U, 1.0, self._A0inv.T, 0, 1, 1)  # alpha, a, b, beta, c, trans_a, trans_b, overwrite_c
+        K = len(ridge)
+        V = np.einsum("bt,ptk->bpk", self._zt[:K], U.reshape(p, kt, k))                # P_b^T U per operator
+        self._H[:K] -= (V @ Cinv) @ V.transpose(0, 2, 1)
 
     # ---- ranking ----
 

@@ -233,14 +233,20 @@ def test_predictor_fit_from_log_and_table_then_warm_start(setup, tmp_path):
         eng.fit_predictor(str(bad))
 
 
-def test_predictor_online_weight_is_kept_across_restarts_rebuilds_and_warm_starts(setup, tmp_path):
+def _merge_table(eng, tmp_path):
+    """A complete merge table for the fixture's task: lin 0.9, ties5 0.5, slerp 0.7 on every pair."""
     import pandas as pd
 
-    eng = Engine(setup)
     rows = [{"model_a": a, "model_b": b, "operator": op, "task": "double", "normalized_score": score}
             for a, b in eng.pairs("double") for op, score in (("lin", 0.9), ("ties5", 0.5), ("slerp", 0.7))]
     table = tmp_path / "t.parquet"
     pd.DataFrame(rows).to_parquet(table)
+    return table
+
+
+def test_predictor_online_weight_is_kept_across_restarts_rebuilds_and_warm_starts(setup, tmp_path):
+    eng = Engine(setup)
+    table = _merge_table(eng, tmp_path)
     assert eng.fit_predictor(str(table), online_weight=8)["online_weight"] == 8
     [s] = eng.suggest("double", top=1, policy="predictor")
     eng.feedback(s["id"], 0.1)
@@ -321,13 +327,8 @@ def test_engine_log_replays_with_the_operator_propensity_given_the_pair(setup):
 
 
 def test_predictor_model_is_chosen_at_fit_and_kept_by_refits(setup, tmp_path):
-    import pandas as pd
-
     eng = Engine(setup)
-    rows = [{"model_a": a, "model_b": b, "operator": op, "task": "double", "normalized_score": score}
-            for a, b in eng.pairs("double") for op, score in (("lin", 0.9), ("ties5", 0.5), ("slerp", 0.7))]
-    table = tmp_path / "t.parquet"
-    pd.DataFrame(rows).to_parquet(table)
+    table = _merge_table(eng, tmp_path)
     assert eng.fit_predictor(str(table))["model"] == "mlp"                  # the default
     assert eng.fit_predictor(str(table), model="linear")["model"] == "linear"
     assert eng.fit_predictor(str(table))["model"] == "linear"               # a refit keeps it

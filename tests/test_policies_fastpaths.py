@@ -264,7 +264,7 @@ def test_update_many_equals_one_update_at_a_time(name):
         for r in rows:
             one.update(*r)
         start = 0
-        for size in (1, 5, 17, 40, 7, 20):
+        for size in (5, 1, 17, 40, 7, 20):  # the first chunk starts from nothing
             many.update_many(rows[start:start + size])
             start += size
         assert start == len(rows) and many.n_updates == one.n_updates == len(rows)

@@ -90,7 +90,9 @@ class HybridLinUCB(LinearPolicy):
 
     # ---- learning ----
 
-    def _learn(self, x, arm, z, reward, propensity) -> None:
+    def _arm_step(self, x, arm, z, reward) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The operator's own ridge step for one reward (its row added the first time); returns ``z~`` and the
+        shared part's terms: ``s`` with ``w = P_a s`` (A_0's rank-one term) and ``db`` (b_0 grows by ``P_a db``)."""
         zt = np.concatenate(([1.0], z))
         if self._ridge is None:
             self._init_shared(x.shape[0] + 1, zt.shape[0])
@@ -105,12 +107,14 @@ class HybridLinUCB(LinearPolicy):
             self._zt[i] = zt
             self._H[i] = self._project(zt)
         mu = self.arm_l2
-        xt = ridge.lift(x)
-        p, kt = xt.shape[0], zt.shape[0]
         theta_old = ridge.thetas[i].copy()
-        Ax, ca = ridge.update(i, xt, r)
-        s = Ax * (mu / np.sqrt(ca))                          # w = P_a s: the shared part's rank-one term
-        db = mu * (ridge.thetas[i] - theta_old)              # b_0 grows by P_a db
+        Ax, ca = ridge.update(i, ridge.lift(x), r)
+        return zt, Ax * (mu / np.sqrt(ca)), mu * (ridge.thetas[i] - theta_old)
+
+    def _learn(self, x, arm, z, reward, propensity) -> None:
+        zt, s, db = self._arm_step(x, arm, z, reward)
+        ridge = self._ridge
+        p, kt = ridge.p, zt.shape[0]
         # P_a^T A_0^-1 (p, q), read from A_0^-1 once: it gives u = A_0^-1 w and A_0^-1 P_a db without another pass.
         Yt = np.matmul(zt, self._A0inv.reshape(p, kt, -1), out=ridge.scratch.get("A0P", (p, self._b0.shape[0])))
         u = s @ Yt
@@ -139,33 +143,16 @@ class HybridLinUCB(LinearPolicy):
         """
         for start in range(0, len(rows), self.CHUNK):
             chunk = rows[start:start + self.CHUNK]
-            if len(chunk) == 1 or self._ridge is None:  # the first reward sizes the shared part
+            if len(chunk) == 1:
                 self._learn(*chunk[0])
-                chunk = chunk[1:]
-            if chunk:
+            else:
                 self._learn_chunk(chunk)
 
     def _learn_chunk(self, rows: list[tuple]) -> None:
-        ridge, mu = self._ridge, self.arm_l2
-        p, kt = ridge.p, self._zt.shape[1]
+        Zt, S, Db = (np.stack(a) for a in zip(*(self._arm_step(x, arm, z, r) for x, arm, z, r, _ in rows)))
+        ridge = self._ridge
+        p, kt = ridge.p, Zt.shape[1]
         k = len(rows)
-        S, Zt, Db = np.empty((k, p)), np.empty((k, kt)), np.empty((k, p))
-        for j, (x, arm, z, reward, propensity) in enumerate(rows):
-            zt = np.concatenate(([1.0], z))
-            r = reward if self.prior is None else self._residual(x, z, reward)
-            i = self._arm_row(arm, zt)
-            if i is None:
-                i = ridge.row(arm)
-                if i == self._zt.shape[0]:
-                    cap = ridge.inverses.shape[0]
-                    self._zt, self._H = _grow(self._zt, cap), _grow(self._H, cap)
-                self._zt[i] = zt
-                self._H[i] = self._project(zt)
-            theta_old = ridge.thetas[i].copy()
-            Ax, ca = ridge.update(i, ridge.lift(x), r)
-            S[j] = Ax * (mu / np.sqrt(ca))
-            Db[j] = mu * (ridge.thetas[i] - theta_old)
-            Zt[j] = zt
         q = p * kt
         M = np.empty((k + 1, q))
         np.multiply(S[:, :, None], Zt[:, None, :], out=M[:k].reshape(k, p, kt))        # rows w_j = P_a s_j

@@ -1117,9 +1117,12 @@ def demo(ctx: click.Context, rounds: int, seed: int, policy: str, eval_limit: in
 @click.option("--checkpoint-wal", default="16MB", show_default=True,
               help="Write-ahead log size at which DuckDB checkpoints in the middle of traffic (DuckDB's default); "
                    "the daemon also checkpoints whenever it is idle.")
+@click.option("--learn-interval-ms", default=100.0, show_default=True, type=click.FloatRange(min=0),
+              help="Longest a reward waits before the policies learn it (sooner once 32 wait); suggestions in "
+                   "the meantime rank without it. 0: before the next suggestion.")
 @pass_ctx
 def daemon(c: Ctx, host, port, watch, eval_budget, eval_window, executor, policy, device, eval_limit,
-           max_attempts, allow_remote, log_json, memory_limit, checkpoint_wal) -> None:
+           max_attempts, allow_remote, log_json, memory_limit, checkpoint_wal, learn_interval_ms) -> None:
     """Run the long-lived engine: owns the state, serves the JSON API on loopback, watches folders for new
     checkpoints, and runs the evaluations it asks for. Writes daemon.json (pid, port, token; mode 0600).
     Stops cleanly on SIGTERM / SIGINT."""
@@ -1128,7 +1131,7 @@ def daemon(c: Ctx, host, port, watch, eval_budget, eval_window, executor, policy
     Daemon(c.home, host=host, port=port, watch=list(watch), eval_budget=eval_budget, eval_window_s=eval_window,
            executor=executor, allow_remote=allow_remote, log_json=log_json, max_attempts=max_attempts,
            device=device, eval_limit=eval_limit, policy=policy, memory_limit=memory_limit,
-           checkpoint_wal=checkpoint_wal).run()
+           checkpoint_wal=checkpoint_wal, learn_interval_s=learn_interval_ms / 1000.0).run()
 
 
 def main() -> None:

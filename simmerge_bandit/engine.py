@@ -157,7 +157,12 @@ class Engine:
         #: the policies together, before the next use of a policy: one pass over a large shared matrix for all
         #: the rewards of a batch (``Policy.update_many``) instead of one per reward.
         self.defer_learning = False
+        #: With ``defer_learning``: deferred rewards wait up to this long (seconds; or until ``LEARN_MAX_PENDING``
+        #: wait) before a use of a policy folds them, so that one fold covers many batches. Suggestions made in
+        #: the meantime rank without them. 0: every use of a policy folds what waits.
+        self.learn_interval_s = 0.0
         self._unlearned: list[tuple[int, tuple, float]] = []  # (seq, logged fields, reward), in seq order
+        self._unlearned_since = 0.0  # time.monotonic() of the oldest of them
         self._paths: dict[int, list[str]] = {}
         self._known_seq: int | None = None  # highest reward seq this engine has seen (it is the only writer)
         self._eval_times: list[float] | None = None
@@ -279,7 +284,7 @@ class Engine:
         """The named policy, restored from its snapshot and caught up with the reward log."""
         name = name or self.config.default_policy
         with self.lock:
-            self._learn_pending()
+            self._learn_pending(due_only=True)
             if name not in self._policies:
                 pol = self._make(name)
                 row = self.store.fetchone("SELECT last_seq, arrays, meta FROM policy_state WHERE policy = ?", [name])
@@ -640,15 +645,24 @@ class Engine:
             self._seq = seq
             if decision_id in self._recent:
                 self._rewarded[decision_id] = value
+            if not self._unlearned:
+                self._unlearned_since = time.monotonic()
             self._unlearned.append((seq, logged, value))
             if not self.defer_learning:
                 self._learn_pending()
         return {"id": decision_id, "reward": value, "status": "recorded"}
 
-    def _learn_pending(self) -> None:
+    #: Deferred rewards folded at the latest once this many wait (one Woodbury chunk of hybrid LinUCB).
+    LEARN_MAX_PENDING = 32
+
+    def _learn_pending(self, due_only: bool = False) -> None:
         """Fold the rewards recorded since the last call into the loaded policies: in one go into those that had
-        seen the whole log (no log read), through a catch-up for any other."""
+        seen the whole log (no log read), through a catch-up for any other. With ``due_only``, only once they
+        are due (see ``learn_interval_s``)."""
         if not self._unlearned:
+            return
+        if (due_only and len(self._unlearned) < self.LEARN_MAX_PENDING
+                and time.monotonic() - self._unlearned_since < self.learn_interval_s):
             return
         pending, self._unlearned = self._unlearned, []
         # logged under another feature schema: this schema's policies skip them, as _catch_up does

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import duckdb
-import numpy as np
 
+from . import journal as _journal
 from . import migrations
 from .errors import StateLocked
 from .paths import artifacts_dir, daemon_file, resolve_home, state_path
@@ -36,23 +36,6 @@ def _lock_message(home: Path, err: Exception) -> str:
     return f"state {state_path(home)} is locked for writing by {holder}; stop it or use the daemon"
 
 
-def _arrow_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]):
-    """Rows as an Arrow table; a column of numpy vectors becomes one list column over their concatenation, without
-    a Python float per element."""
-    import pyarrow as pa
-
-    data = {}
-    for j, name in enumerate(columns):
-        col = [row[j] for row in rows]
-        if all(isinstance(v, np.ndarray) and v.ndim == 1 for v in col):
-            offsets = np.zeros(len(col) + 1, dtype=np.int32)
-            np.cumsum([v.shape[0] for v in col], out=offsets[1:])
-            data[name] = pa.ListArray.from_arrays(offsets, np.concatenate(col).astype(np.float64, copy=False))
-        else:
-            data[name] = pa.array([v.tolist() if isinstance(v, np.ndarray) else v for v in col])
-    return pa.table(data)
-
-
 class Store:
     """A migrated connection to ``$SIMMERGE_HOME/state.duckdb``.
 
@@ -70,6 +53,9 @@ class Store:
         self._depth = 0
         self._txn = 0  # outer transactions begun: identifies one, for caches that hold within a transaction
         self._deferred: dict[tuple[str, tuple[str, ...]], list] | None = None  # see transaction(batch_inserts)
+        self._journal: _journal.Journal | None = None  # see enable_journal
+        self._real = False  # the transaction in progress has begun in DuckDB (not only in the journal)
+        self._holder: int | None = None  # the thread whose transaction is in progress
         #: The catalog's version as :class:`~.catalog.Catalog` last read it (None: read it again).
         self.catalog_version: int | None = None
 
@@ -86,7 +72,29 @@ class Store:
                 raise StateLocked(_lock_message(home_path, e)) from None
             raise
         migrations.migrate(db, upto=upto)
+        if upto is None:
+            n = _journal.replay(db, cls.journal_dir(home_path))  # what a daemon acknowledged before it died
+            if n:
+                import logging
+
+                logging.getLogger(__name__).info("replayed %d journal records into %s", n, state_path(home_path))
         return cls(home_path, db)
+
+    @staticmethod
+    def journal_dir(home: Path) -> Path:
+        return home / "journal"
+
+    def enable_journal(self, interval_s: float = 0.05) -> None:
+        """Commit ``transaction(batch_inserts=True)`` blocks that only insert rows to the write-ahead journal
+        (:mod:`.journal`) instead of DuckDB: durable on return, moved into DuckDB by a background thread, and
+        visible to every statement of this store (each drains the journal first). For the daemon's writer."""
+        with self.lock:
+            if self._journal is None:
+                self._journal = _journal.Journal(self.db, self.journal_dir(self.home), interval_s=interval_s)
+
+    @property
+    def journal(self) -> "_journal.Journal | None":
+        return self._journal
 
     @property
     def artifacts(self) -> Path:
@@ -94,6 +102,9 @@ class Store:
 
     def close(self) -> None:
         with self.lock:
+            if self._journal is not None:
+                self._journal.close()  # every record into DuckDB, then the files go
+                self._journal = None
             self.db.close()
 
     def __enter__(self) -> "Store":
@@ -109,7 +120,11 @@ class Store:
         With ``batch_inserts``, consecutive :meth:`insert_rows` calls are merged into one INSERT per table, sent
         before the next other statement or the COMMIT: DuckDB spends about half a millisecond on any statement,
         so the decisions of many suggestions logged in one go cost one statement (the daemon's group commit).
+        With the journal enabled, such a block that runs no other statement commits to the journal instead
+        (durable when the block exits, see :mod:`.journal`); one that does becomes a DuckDB transaction there.
         """
+        if not batch_inserts and self._holder != threading.get_ident():  # not one nested in this thread's own
+            self.drain()
         with self.lock:
             if self._depth:
                 self._depth += 1
@@ -118,20 +133,54 @@ class Store:
                 finally:
                     self._depth -= 1
                 return
-            self.db.execute("BEGIN TRANSACTION")
-            self._depth = 1
+            journaled = batch_inserts and self._journal is not None
+            if not journaled:
+                self._begin()
+            self._depth, self._holder = 1, threading.get_ident()
             self._txn += 1
             self._deferred = {} if batch_inserts else None
             try:
                 yield self
-                self._send_deferred()
+                if self._real:
+                    self._send_deferred()
             except BaseException:
-                self._depth, self._deferred = 0, None
+                real, self._real = self._real, False
+                self._depth, self._deferred, self._holder = 0, None, None
                 self.catalog_version = None  # it may have been read inside the transaction
-                self.db.execute("ROLLBACK")
+                if real:
+                    self.db.execute("ROLLBACK")
                 raise
-            self._depth, self._deferred = 0, None
-            self.db.execute("COMMIT")
+            pending, self._deferred, self._depth, self._holder = self._deferred, None, 0, None
+            if self._real:
+                self._real = False
+                self.db.execute("COMMIT")
+            elif pending:
+                self._journal.append([(t, c, rows) for (t, c), rows in pending.items()])
+
+    def _begin(self) -> None:
+        self.db.execute("BEGIN TRANSACTION")
+        self._real = True
+
+    def drain(self) -> None:
+        """Move every journal record appended so far into DuckDB (a no-op without the journal).
+
+        Statements call it *before* they take this store's lock: what was acknowledged before a statement
+        began is then in DuckDB, and what the writer appends while the statement waits for the lock is
+        concurrent with it. Draining under the lock instead would make the writer wait for an ingest, and an
+        ingest whose commit checkpoints takes 100-300 ms (DuckDB holds every commit for a checkpoint).
+        """
+        journal = self._journal
+        if journal is not None and journal.has_pending():
+            journal.drain()
+
+    def _ready(self) -> None:
+        """Before a statement, under the lock: a journal-only transaction becomes a DuckDB one (after the
+        journal's earlier records, which its reads must see), and deferred rows are sent."""
+        if self._depth:
+            if not self._real:
+                self.drain()
+                self._begin()
+            self._send_deferred()
 
     def transaction_id(self) -> int | None:
         """An id of the transaction in progress (None outside one): what is read twice within it is the same."""
@@ -145,45 +194,47 @@ class Store:
                 self._insert(table, columns, rows)
 
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> duckdb.DuckDBPyConnection:
+        if self._holder != threading.get_ident():
+            self.drain()
         with self.lock:
-            self._send_deferred()
+            self._ready()
             return self.db.execute(sql, params or [])
 
     def insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         """One multi-row INSERT (DuckDB's executemany prepares per row: ~2 ms a row)."""
         if not rows:
             return
+        if self._holder != threading.get_ident():
+            self.drain()
         with self.lock:
             if self._deferred is not None:
                 self._deferred.setdefault((table, tuple(columns)), []).extend(rows)
                 return
+            self._ready()
             self._insert(table, columns, rows)
 
     def _insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        """One INSERT: a few scalars as statement parameters, anything larger as a scan of an Arrow table of the
-        rows. DuckDB binds parameters at about 5 us a value (a decision row carries ~70 numbers); an Arrow scan
-        costs a flat ~1 ms a statement, twice a small parameterized INSERT."""
-        target = f"INSERT INTO {table} ({', '.join(columns)}) "
-        if len(rows) * len(columns) <= 32 and not any(isinstance(v, np.ndarray) for row in rows for v in row):
-            one = "(" + ", ".join("?" * len(columns)) + ")"
-            self.db.execute(target + "VALUES " + ", ".join([one] * len(rows)), [v for row in rows for v in row])
-            return
-        _simmerge_rows = _arrow_table(columns, rows)  # noqa: F841 (read by DuckDB's scan of this frame's locals)
-        self.db.execute(target + "SELECT * FROM _simmerge_rows")
+        _journal.insert(self.db, table, columns, rows)
 
     def fetchall(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
+        if self._holder != threading.get_ident():
+            self.drain()
         with self.lock:
-            self._send_deferred()
+            self._ready()
             return self.db.execute(sql, params or []).fetchall()
 
     def fetchone(self, sql: str, params: Sequence[Any] | None = None) -> tuple | None:
+        if self._holder != threading.get_ident():
+            self.drain()
         with self.lock:
-            self._send_deferred()
+            self._ready()
             return self.db.execute(sql, params or []).fetchone()
 
     def fetchdicts(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        if self._holder != threading.get_ident():
+            self.drain()
         with self.lock:
-            self._send_deferred()
+            self._ready()
             cur = self.db.execute(sql, params or [])
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, row)) for row in cur.fetchall()]

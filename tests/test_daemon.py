@@ -97,6 +97,10 @@ def test_api_auth_errors_and_shutdown(home):
         assert call(info, "POST", "/v1/feedback", {"id": rows[0]["id"], "reward": "nan"})[0] == 400
         assert call(info, "GET", "/v1/models")[1][0]["name"] == "base"
         assert [t["name"] for t in call(info, "GET", "/v1/tasks")[1]] == ["double"]
+        assert call(info, "POST", "/v1/suggest", {"task": "double", "top": 1})[0] == 200  # warm: journaled
+        code, st = call(info, "GET", "/v1/status")  # ... and the read sees it
+        assert st["journal"]["records"] >= 1 and st["counts"]["decisions"] == 3
+        assert st["memory"]["rss_kb"] > 0 and st["memory"]["duckdb_bytes"] >= 0
     finally:
         assert stop(proc) == 0
     assert not (home / "daemon.json").exists()

@@ -366,3 +366,41 @@ def test_deferred_learning_folds_a_batch_of_rewards_like_one_at_a_time(setup):
         ref.update(np.asarray(x), json.loads(op)[-1], np.asarray(z), r, prop)
     for key, want in ref.snapshot()[0].items():
         np.testing.assert_allclose(live.snapshot()[0][key], want, rtol=1e-9, atol=1e-12, err_msg=key)
+
+
+def test_a_learn_interval_holds_rewards_until_due_or_until_a_chunk_waits(setup, monkeypatch):
+    """With ``learn_interval_s`` (the daemon's --learn-interval-ms), suggestions rank without the rewards of the
+    last interval; the rewards are folded once it has passed, once LEARN_MAX_PENDING wait, or on flush, and the
+    state is still the one-at-a-time fold of the log."""
+    from simmerge_bandit import engine as engine_mod
+    from simmerge_bandit.policies import make_policy
+
+    clock = {"t": 1000.0}
+    monkeypatch.setattr(engine_mod.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(Engine, "LEARN_MAX_PENDING", 6)
+    eng = Engine(setup)
+    eng.defer_learning, eng.learn_interval_s = True, 0.1
+    live = eng.policy()
+    ids = [eng.suggest("double", top=1)[0]["id"] for _ in range(9)]
+    for k, did in enumerate(ids[:3]):
+        eng.feedback(did, 0.1 * k)
+    clock["t"] += 0.05
+    eng.suggest("double", top=1)
+    assert live.n_updates == 0                  # 3 wait, for 50 ms: not due
+    clock["t"] += 0.06
+    eng.suggest("double", top=1)
+    assert live.n_updates == 3                  # the oldest waited 110 ms
+    for k, did in enumerate(ids[3:9]):
+        eng.feedback(did, 0.5 + 0.05 * k)
+    eng.policy()
+    assert live.n_updates == 9                  # 6 waited: a chunk's worth, due at once
+    eng.feedback(eng.suggest("double", top=1)[0]["id"], 0.9)
+    eng.flush()
+    assert live.n_updates == 10                 # flush folds what waits
+    ref = make_policy("linucb-hybrid", seed=0)
+    for x, op, z, r, prop in setup.fetchall(
+            "SELECT d.context, d.operator, d.arm, r.reward, d.propensity FROM rewards r "
+            "JOIN decisions d ON d.id = r.decision_id ORDER BY r.seq"):
+        ref.update(np.asarray(x), json.loads(op)[-1], np.asarray(z), r, prop)
+    for key, want in ref.snapshot()[0].items():
+        np.testing.assert_allclose(live.snapshot()[0][key], want, rtol=1e-9, atol=1e-12, err_msg=key)

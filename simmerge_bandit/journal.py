@@ -222,8 +222,11 @@ class Journal:
     """
 
     def __init__(self, db: duckdb.DuckDBPyConnection, directory: Path, interval_s: float = 0.05,
-                 max_rows: int = 4096):
+                 max_rows: int = 4096, wal: Path | None = None, memory_limit: str | None = None):
         self.directory = directory
+        #: DuckDB's write-ahead log: when an ingest's commit checkpointed it (it shrank), the blocks just written
+        #: are dropped from DuckDB's cache (see _trim_cache).
+        self._wal, self._wal_size, self._memory_limit = wal, 0, memory_limit
         self.interval_s, self.max_rows = interval_s, max_rows
         directory.mkdir(parents=True, exist_ok=True)
         if segments(directory):
@@ -244,7 +247,7 @@ class Journal:
         self._size = 0
         self._error: Exception | None = None  # the last ingest failure, raised to readers
         self._closed = False
-        self.appended = self.ingests = 0
+        self.appended = self.ingests = self.trims = 0
         self.last_append_s = self.last_ingest_s = 0.0  # how long the last write + fsync, the last ingest took
         self._thread = threading.Thread(target=self._run, name="journal-ingest", daemon=True)
         self._thread.start()
@@ -403,6 +406,7 @@ class Journal:
             return
         self._error = None
         self.ingests += 1
+        self._trim_cache()
         with self._lock:
             del self._pending[:len(records)]
             self._pending_rows = sum(sum(len(r) for _, _, r in b) for _, _, b in self._pending)
@@ -410,6 +414,33 @@ class Journal:
                 self._first_pending_at = time.monotonic()
             self._ingested = records[-1][0]
         self._prune()
+
+    def _trim_cache(self) -> None:
+        """After a checkpoint, evict what DuckDB's buffer pool holds of the tables.
+
+        DuckDB keeps every block it wrote cached until its memory limit: for a process that appends the decision
+        log all day and reads it back only on a restart, that is memory growth with the traffic (measured: +37 MB
+        in 30 s at 550 suggestions/s). Lowering the limit makes DuckDB evict unpinned blocks; the limit is then
+        restored, so that large reads may still use it.
+        """
+        if self._wal is None or self._memory_limit is None:
+            return
+        try:
+            size = self._wal.stat().st_size
+        except OSError:
+            size = 0
+        shrank, self._wal_size = size < self._wal_size, size
+        if not shrank:
+            return
+        try:
+            try:
+                self._db.execute("SET memory_limit = '16MB'")
+            except duckdb.Error:  # it could not evict down to that: whatever it evicted is gone anyway
+                pass
+            self._db.execute(f"SET memory_limit = '{self._memory_limit}'")
+            self.trims += 1
+        except duckdb.Error as e:
+            log.warning("journal: could not trim DuckDB's cache: %s", e)
 
     def _prune(self) -> None:
         """Remove the closed segments whose records are all in DuckDB."""

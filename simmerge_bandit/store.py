@@ -84,13 +84,16 @@ class Store:
     def journal_dir(home: Path) -> Path:
         return home / "journal"
 
-    def enable_journal(self, interval_s: float = 0.05) -> None:
+    def enable_journal(self, interval_s: float = 0.05, memory_limit: str | None = None) -> None:
         """Commit ``transaction(batch_inserts=True)`` blocks that only insert rows to the write-ahead journal
         (:mod:`.journal`) instead of DuckDB: durable on return, moved into DuckDB by a background thread, and
-        visible to every statement of this store (each drains the journal first). For the daemon's writer."""
+        visible to every statement of this store (each drains the journal first). For the daemon's writer.
+        With ``memory_limit`` (DuckDB's, as set), DuckDB's cache of the tables is emptied after each checkpoint."""
         with self.lock:
             if self._journal is None:
-                self._journal = _journal.Journal(self.db, self.journal_dir(self.home), interval_s=interval_s)
+                self._journal = _journal.Journal(self.db, self.journal_dir(self.home), interval_s=interval_s,
+                                                 wal=Path(str(state_path(self.home)) + ".wal"),
+                                                 memory_limit=memory_limit)
 
     @property
     def journal(self) -> "_journal.Journal | None":

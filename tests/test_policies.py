@@ -386,6 +386,54 @@ def test_hybrid_linucb_equals_the_joint_ridge_solution():
     np.testing.assert_allclose(r.scores, expected[:, 0] + alpha * expected[:, 1], atol=1e-8)
 
 
+def test_hybrid_in_the_span_of_few_operators_equals_the_joint_ridge_solution_and_old_snapshots_load():
+    """Three operators with 4-number descriptors span 3 of the 5 shared descriptor dimensions: the policy works in
+    that span's coordinates. It must still equal the joint ridge solution, for an operator whose descriptor leaves
+    the span too, before and after it is learned (learned within a chunk), and a snapshot in the full
+    coordinates (as saved before) must load to the same rankings."""
+    rng = np.random.default_rng(7)
+    lam, mu, alpha = 0.6, 2.0, 0.7
+    ops = {"lin": np.array([1.0, 0.0, 0.2, 0.0]), "ties": np.array([0.0, 1.0, 0.0, 0.3]),
+           "dare": np.array([0.5, 0.7, 0.1, 0.1]), "new": np.array([0.2, -0.4, 0.9, 0.5])}
+    p = make_policy("linucb-hybrid", alpha=alpha, l2=lam, arm_l2=mu)
+    obs, rows = [], []
+    for t in range(120):
+        arm = list(ops)[rng.integers(3 if t < 80 else 4)]
+        x = rng.normal(size=D)
+        r = float(ops[arm] @ [0.3, 0.8, -0.2, 0.1] + 0.2 * x[0] * ops[arm][1] + 0.05 * rng.normal())
+        if t < 80:
+            p.update(x, arm, ops[arm], r)
+        else:
+            rows.append((x, arm, ops[arm], r, 1.0))
+        obs.append((x, arm, r))
+        if t == 79:  # "new" not learned yet: ranked from its descriptor, part of it outside the span
+            assert p._Q.shape[1] == 3
+            _check_against_joint_ridge(p, obs, ops, lam, mu, alpha, rng)
+    p.update_many(rows)
+    assert p._Q.shape[1] == 4
+    _check_against_joint_ridge(p, obs, ops, lam, mu, alpha, rng)
+    arrays, meta = p.snapshot()
+    Q, (pp, r) = arrays["Q"], (D + 1, arrays["Q"].shape[1])
+    kt = Q.shape[0]
+    full = np.einsum("arbs,tr,us->atbu", arrays["A0inv"].reshape(pp, r, pp, r), Q, Q)
+    full += np.einsum("ab,tu->atbu", np.eye(pp), np.eye(kt) - Q @ Q.T) / lam
+    old = {k: v for k, v in arrays.items() if k not in ("Q", "beta")}
+    old.update(A0inv=full.reshape(pp * kt, -1), b0=(arrays["b0"].reshape(pp, r) @ Q.T).reshape(-1))
+    c = Candidates(rng.normal(size=(8, D)), ["lin", "new", "dare", "ties"] * 2,
+                   np.array([ops[a] for a in ["lin", "new", "dare", "ties"] * 2]))
+    np.testing.assert_allclose(from_snapshot(old, meta).rank(c).scores, p.rank(c).scores, rtol=1e-9, atol=1e-12)
+
+
+def _check_against_joint_ridge(p, obs, ops, lam, mu, alpha, rng):
+    predict = _joint_ridge(obs, ops, lam, mu)
+    names = [a for a in ops for _ in range(3)]
+    c = Candidates(rng.normal(size=(len(names), D)), names, np.array([ops[a] for a in names]))
+    r = p.rank(c)
+    expected = np.array([predict(x, a, ops[a]) for x, a in zip(c.X, names)])
+    np.testing.assert_allclose(r.predicted, expected[:, 0], atol=1e-8)
+    np.testing.assert_allclose(r.uncertainty, expected[:, 1], atol=1e-8)
+
+
 def test_hybrid_transfers_to_a_brand_new_operator():
     # Reward is a function of the descriptor (density-like second entry); the new operator was never rewarded.
     rng = np.random.default_rng(4)

@@ -24,6 +24,15 @@ Because an operator's descriptor is fixed, every shared row of operator ``a`` is
   ``b_0 += m P_a (theta_a' - theta_a)`` with ``theta_a = A_a^-1 b_a``. ``beta = A_0^-1 b_0`` follows by the
   same algebra, so an update reads the q x q matrix ``A_0^-1`` twice (``A_0^-1 P_a``, then the rank-one write)
   and a ranking not at all.
+
+Every shared row lies in ``R^p (kron) S``, ``S`` the span of the known operators' ``z~`` (dimension r, at most the
+number of operators), and ``A_0`` starts as ``l2 I``: so ``A_0^-1`` is ``I / l2`` outside that subspace and the
+algorithm runs in its coordinates. With an orthonormal basis ``Q`` of ``S`` (kt x r), each operator's descriptor
+is ``c = Q^T z~`` and ``A_0^-1``, ``b_0``, ``beta`` are stored as p r x p r and p r: exactly the same model
+(an orthonormal change of coordinates), and 4-5x less work per reward with 12 operators and kt = 26 (q = 1,118
+becomes 516). An operator whose ``z~`` leaves ``S`` extends ``Q`` by one direction (``A_0^-1`` gains an
+``I / l2`` block); ranking an operator not learned yet adds its part outside ``S``, ``|z~_perp|^2 / l2 I``,
+to ``H``.
 """
 
 from __future__ import annotations
@@ -54,8 +63,10 @@ class HybridLinUCB(LinearPolicy):
         self.arm_l2 = float(arm_l2)
         self._ridge: PerArmRidge | None = None  # per-operator A_a^-1, b_a, theta_a = A_a^-1 b_a
         self._zt = np.empty((0, 0))             # z~ of each operator row
+        self._ct = np.empty((0, 0))             # c = Q^T z~ of each operator row
+        self._Q = np.empty((0, 0))              # orthonormal basis of the span of the operators' z~ (kt x r)
         self._H = np.empty((0, 0, 0))           # H_a = P_a^T A_0^-1 P_a per operator row
-        self._A0inv = np.empty((0, 0))
+        self._A0inv = np.empty((0, 0))          # in the coordinates (p, r), like b_0 and beta
         self._b0 = np.empty(0)
         self._beta = np.empty(0)                # A_0^-1 b_0, updated with them
 
@@ -64,15 +75,45 @@ class HybridLinUCB(LinearPolicy):
     def _init_shared(self, p: int, kt: int) -> None:
         self._ridge = PerArmRidge(p, self.arm_l2)
         self._zt = np.empty((0, kt))
+        self._ct = np.empty((0, 0))
+        self._Q = np.empty((kt, 0))
         self._H = np.empty((0, p, p))
-        self._A0inv = np.eye(p * kt) / self.l2
-        self._b0 = np.zeros(p * kt)
-        self._beta = np.zeros(p * kt)
+        self._A0inv = np.empty((0, 0))
+        self._b0 = np.zeros(0)
+        self._beta = np.zeros(0)
 
     def _project(self, zt: np.ndarray) -> np.ndarray:
-        """``P^T A_0^-1 P`` for descriptor ``z~`` (contracting the shared index pairs, O(p^2 k^2))."""
-        p, kt = self._ridge.p, zt.shape[0]
-        return (zt @ self._A0inv.reshape(p, kt, -1)).reshape(p, p, kt) @ zt
+        """``P^T A_0^-1 P`` for descriptor ``z~`` (contracting the shared index pairs, O(p^2 r^2)), with the part of
+        ``z~`` outside the known span, where ``A_0^-1 = I / l2``."""
+        p, r = self._ridge.p, self._Q.shape[1]
+        c = self._Q.T @ zt
+        H = (c @ self._A0inv.reshape(p, r, -1)).reshape(p, p, r) @ c
+        outside = float(zt @ zt - c @ c)
+        if outside > 1e-12 * float(zt @ zt):
+            H += np.eye(p) * (outside / self.l2)
+        return H
+
+    def _extend_basis(self, zt: np.ndarray) -> None:
+        """Add the direction of ``z~`` outside the known span to the basis, if it has one: ``A_0^-1`` gains the
+        block ``I / l2`` (no reward has touched that direction) and the coordinates of the rest gain a zero."""
+        Q = self._Q
+        resid = zt - Q @ (Q.T @ zt)
+        resid -= Q @ (Q.T @ resid)  # a second Gram-Schmidt pass keeps the basis orthonormal to rounding
+        norm = float(np.linalg.norm(resid))
+        if norm <= 1e-9 * max(1.0, float(np.linalg.norm(zt))):
+            return
+        p, r = self._ridge.p, Q.shape[1]
+        self._Q = np.column_stack([Q, resid / norm])
+        A = np.zeros((p, r + 1, p, r + 1))
+        A[:, :r, :, :r] = self._A0inv.reshape(p, r, p, r)
+        A[:, r, :, r] = np.eye(p) / self.l2
+        self._A0inv = A.reshape(p * (r + 1), p * (r + 1))
+
+        def pad(v: np.ndarray) -> np.ndarray:
+            return np.concatenate([v.reshape(p, r), np.zeros((p, 1))], axis=1).reshape(-1)
+
+        self._b0, self._beta = pad(self._b0), pad(self._beta)
+        self._ct = np.concatenate([self._ct, np.zeros((self._ct.shape[0], 1))], axis=1)
 
     def _arm_row(self, arm: str, zt: np.ndarray) -> int | None:
         """The row of a known operator (checking its descriptor did not change), or None for a new one."""
@@ -90,9 +131,10 @@ class HybridLinUCB(LinearPolicy):
 
     # ---- learning ----
 
-    def _arm_step(self, x, arm, z, reward) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The operator's own ridge step for one reward (its row added the first time); returns ``z~`` and the
-        shared part's terms: ``s`` with ``w = P_a s`` (A_0's rank-one term) and ``db`` (b_0 grows by ``P_a db``)."""
+    def _arm_step(self, x, arm, z, reward) -> tuple[int, np.ndarray, np.ndarray]:
+        """The operator's own ridge step for one reward (its row added the first time); returns its row and the
+        shared part's terms: ``s`` with ``w = P_a s`` (A_0's rank-one term) and ``db`` (b_0 grows by ``P_a db``),
+        ``P_a`` taken in the basis' coordinates (``c`` for ``z~``)."""
         zt = np.concatenate(([1.0], z))
         if self._ridge is None:
             self._init_shared(x.shape[0] + 1, zt.shape[0])
@@ -103,17 +145,20 @@ class HybridLinUCB(LinearPolicy):
             i = ridge.row(arm)
             if i == self._zt.shape[0]:
                 cap = ridge.inverses.shape[0]
-                self._zt, self._H = _grow(self._zt, cap), _grow(self._H, cap)
+                self._zt, self._H, self._ct = _grow(self._zt, cap), _grow(self._H, cap), _grow(self._ct, cap)
+            self._extend_basis(zt)
             self._zt[i] = zt
+            self._ct[i] = self._Q.T @ zt
             self._H[i] = self._project(zt)
         mu = self.arm_l2
         theta_old = ridge.thetas[i].copy()
         Ax, ca = ridge.update(i, ridge.lift(x), r)
-        return zt, Ax * (mu / np.sqrt(ca)), mu * (ridge.thetas[i] - theta_old)
+        return i, Ax * (mu / np.sqrt(ca)), mu * (ridge.thetas[i] - theta_old)
 
     def _learn(self, x, arm, z, reward, propensity) -> None:
-        zt, s, db = self._arm_step(x, arm, z, reward)
+        i, s, db = self._arm_step(x, arm, z, reward)
         ridge = self._ridge
+        zt = self._ct[i]                                      # the descriptor in the basis' coordinates
         p, kt = ridge.p, zt.shape[0]
         # P_a^T A_0^-1 (p, q), read from A_0^-1 once: it gives u = A_0^-1 w and A_0^-1 P_a db without another pass.
         Yt = np.matmul(zt, self._A0inv.reshape(p, kt, -1), out=ridge.scratch.get("A0P", (p, self._b0.shape[0])))
@@ -125,7 +170,7 @@ class HybridLinUCB(LinearPolicy):
         self._beta -= u * (ddot(u, self._b0) / c)             # (A_0^-1 - u u^T / c) (b_0 + P_a db)
         dger(-1.0 / c, u, u, 1, 1, self._A0inv.T, 0, 0, 1)    # Sherman-Morrison in place (symmetric, C order)
         K = len(ridge)
-        Vt = self._zt[:K] @ u.reshape(p, kt).T                # P_b^T u for every operator b, (K, p)
+        Vt = self._ct[:K] @ u.reshape(p, kt).T                # P_b^T u for every operator b, (K, p)
         self._H[:K] -= Vt[:, :, None] * (Vt[:, None, :] / c)
 
     #: Rewards folded into ``A_0^-1`` per pass (the pass's scratch is q x CHUNK).
@@ -149,7 +194,9 @@ class HybridLinUCB(LinearPolicy):
                 self._learn_chunk(chunk)
 
     def _learn_chunk(self, rows: list[tuple]) -> None:
-        Zt, S, Db = (np.stack(a) for a in zip(*(self._arm_step(x, arm, z, r) for x, arm, z, r, _ in rows)))
+        steps = [self._arm_step(x, arm, z, r) for x, arm, z, r, _ in rows]
+        S, Db = np.stack([st[1] for st in steps]), np.stack([st[2] for st in steps])
+        Zt = self._ct[[st[0] for st in steps]]  # after every step: in the basis as the chunk left it
         ridge = self._ridge
         p, kt = ridge.p, Zt.shape[1]
         k = len(rows)
@@ -166,7 +213,7 @@ class HybridLinUCB(LinearPolicy):
         self._beta += a0db - L @ (U.T @ self._b0)
         dgemm(-1.0, L, U, 1.0, self._A0inv.T, 0, 1, 1)  # alpha, a, b, beta, c, trans_a, trans_b, overwrite_c
         K = len(ridge)
-        V = np.einsum("bt,ptk->bpk", self._zt[:K], U.reshape(p, kt, k))                # P_b^T U per operator
+        V = np.einsum("bt,ptk->bpk", self._ct[:K], U.reshape(p, kt, k))                # P_b^T U per operator
         self._H[:K] -= (V @ Cinv) @ V.transpose(0, 2, 1)
 
     # ---- ranking ----
@@ -191,7 +238,7 @@ class HybridLinUCB(LinearPolicy):
             H = np.empty((len(arms), p, p))
             for r, i in enumerate(rows):
                 H[r] = self._project(Zt[r]) if i is None else self._H[i]
-        m = Zt @ self._beta.reshape(p, Zt.shape[1]).T           # the shared part's weights per operator, (K, p)
+        m = (Zt @ self._Q) @ self._beta.reshape(p, -1).T       # the shared part's weights per operator, (K, p)
         w = theta + mu * (Ainv @ m[:, :, None])[..., 0]         # = m for a new operator
         return w, Ainv + (mu * mu) * (Ainv @ H @ Ainv)
 
@@ -252,7 +299,7 @@ class HybridLinUCB(LinearPolicy):
             K = len(self._ridge)
             arrays.update(self._ridge.arrays())
             arrays.update({"zt": self._zt[:K].copy(), "H": self._H[:K].copy(), "A0inv": self._A0inv.copy(),
-                           "b0": self._b0.copy(), "beta": self._beta.copy()})
+                           "b0": self._b0.copy(), "beta": self._beta.copy(), "Q": self._Q.copy()})
             meta["arms"] = list(self._ridge.index)
         self._prior_state(arrays, meta)
         return arrays, meta
@@ -264,14 +311,26 @@ class HybridLinUCB(LinearPolicy):
             return
         zt = np.array(arrays["zt"], dtype=np.float64, order="C")
         H = np.array(arrays["H"], dtype=np.float64, order="C")
-        self._init_shared(H.shape[-1], zt.shape[-1])
+        p, kt = H.shape[-1], zt.shape[-1]
+        self._init_shared(p, kt)
         self._ridge.load(list(meta["arms"]), arrays)
         self._zt, self._H = zt, H
-        self._A0inv = np.array(arrays["A0inv"], dtype=np.float64, order="C")
-        self._b0 = np.array(arrays["b0"], dtype=np.float64, order="C")
+        A0inv = np.array(arrays["A0inv"], dtype=np.float64, order="C")
+        b0 = np.array(arrays["b0"], dtype=np.float64, order="C")
         # Snapshots from before beta was saved: solve it once here.
-        beta = arrays["beta"] if "beta" in arrays else self._A0inv @ self._b0
-        self._beta = np.array(beta, dtype=np.float64, order="C")
+        beta = np.array(arrays["beta"] if "beta" in arrays else A0inv @ b0, dtype=np.float64, order="C")
+        if "Q" in arrays:
+            Q = np.array(arrays["Q"], dtype=np.float64, order="C")
+        else:  # a snapshot in the full p kt coordinates: the same basis the updates would have built, and exact
+            self._A0inv = np.empty((0, 0))
+            for row in zt:
+                self._extend_basis(row)
+            Q = self._Q
+            A0inv = np.einsum("atbu,tr,us->arbs", A0inv.reshape(p, kt, p, kt), Q, Q).reshape(p * Q.shape[1], -1)
+            b0, beta = ((v.reshape(p, kt) @ Q).reshape(-1) for v in (b0, beta))
+        self._Q, self._A0inv = Q, np.ascontiguousarray(A0inv)
+        self._b0, self._beta = np.ascontiguousarray(b0), np.ascontiguousarray(beta)
+        self._ct = zt @ Q
 
 
 POLICY = HybridLinUCB

@@ -68,6 +68,15 @@ def make_catalog(home: Path, work: Path, n_experts: int = 11) -> None:
             cat.add_operator(n, ops[n]["method"], ops[n]["params"])
 
 
+def cpu_steal_s() -> float:
+    """CPU time the hypervisor gave to others while this machine wanted it (all cores; Linux), in seconds."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -246,10 +255,10 @@ def main() -> None:
 
     sampler = threading.Thread(target=sample_rss)
     sampler.start()
-    cpu0 = cpu_s(proc.pid)
+    cpu0, steal0 = cpu_s(proc.pid), cpu_steal_s()
     loaded, errors, elapsed, client_cpu = closed_loop(port, token, args.clients, args.seconds,
                                                       processes=args.client_processes)
-    cpu1 = cpu_s(proc.pid)
+    cpu1, steal1 = cpu_s(proc.pid), cpu_steal_s()
     done.set()
     sampler.join()
     load_after = os.getloadavg()
@@ -267,7 +276,8 @@ def main() -> None:
     cycles = loaded["feedback"]["requests"]
     res = {
         "benchmark": "daemon", "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                           "load_avg_before": load_before, "load_avg_after": load_after},
+                                           "load_avg_before": load_before, "load_avg_after": load_after,
+                                           "cpu_steal_s_during_load": steal1 - steal0},
         "clients": args.clients, "seconds": elapsed, "candidates": n_cand, "checkpoint_wal": args.checkpoint_wal,
         "suggest": loaded["suggest"], "feedback": loaded["feedback"],
         "one_client": alone,

@@ -570,6 +570,7 @@ class Daemon:
                                                       snapshot_every=self.snapshot_every))
         self.engine.defer_learning = True  # a batch's rewards are learned together (see Engine.defer_learning)
         self.engine.learn_interval_s = self.learn_interval_s
+        self.engine.file_check_s = 1.0  # weights rewritten in place are noticed within a second
         # Every query here is a point lookup or a small append: DuckDB's worker threads only add scheduling.
         self.store.execute("SET threads = 1")
         # The same for numpy's BLAS: a policy update touches one matrix of ~10 MB, which a second BLAS thread

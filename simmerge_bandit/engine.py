@@ -19,7 +19,6 @@ import math
 import os
 import threading
 import time
-import uuid
 import zlib
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -145,6 +144,11 @@ class Engine:
         self._since_snapshot: dict[str, int] = {}
         self._cand_cache: dict[str, tuple[tuple, CandidateSet]] = {}
         self._key_memo: dict[str, tuple[int, tuple]] = {}  # task -> (store transaction id, catalog key)
+        #: How stale the weight files' stats in a candidate set's key may be: 0 reads them for every store
+        #: transaction; the daemon reads them at most once a second (a scandir and a stat per file of every
+        #: model cost 14% of its writer thread's time when read for every batch).
+        self.file_check_s = 0.0
+        self._files_memo: tuple | None = None
         # The last decisions this engine logged, as feedback reads them (a reward often follows its suggestion
         # closely: the daemon's clients); bounded, a miss reads the log.
         self._recent: dict[str, tuple] = {}
@@ -200,18 +204,30 @@ class Engine:
             self.catalog.task(task)  # a clear NotFound for an unknown task
             paths = [r[0] for r in self.store.fetchall("SELECT path FROM models ORDER BY name")]
             self._paths = {version: paths}
-        # File stats too, so weights changed on disk are not served from the cache (signals re-check them).
-        stats = []
-        for p in paths:
-            try:
-                stats.extend((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in os.scandir(p)
-                             if f.name.endswith(".safetensors"))
-            except OSError:
-                stats.append((p, None))
-        key = task, version, tuple(stats)
+        key = task, version, self._weight_files(paths)
         if txn is not None:
             self._key_memo[task] = (txn, key)
         return key
+
+    def _weight_files(self, paths: list[str]) -> tuple:
+        """Name, size and mtime of every model's weight files, so weights changed on disk are not served from the
+        cache (signals re-check them). Read again at most every ``file_check_s`` seconds."""
+        now = time.monotonic()
+        memo = self._files_memo
+        if memo is not None and memo[0] == paths and now - memo[1] < self.file_check_s:
+            return memo[2]
+        stats = []
+        for p in paths:
+            try:
+                for f in os.scandir(p):
+                    if f.name.endswith(".safetensors"):
+                        st = f.stat()
+                        stats.append((f.name, st.st_size, st.st_mtime_ns))
+            except OSError:
+                stats.append((p, None))
+        out = tuple(stats)
+        self._files_memo = (paths, now, out)
+        return out
 
     def candidates(self, task: str, operators: Sequence[str] | None = None) -> CandidateSet:
         """Every (ordered pair, operator) candidate of ``task`` with its context and descriptor.
@@ -574,11 +590,12 @@ class Engine:
             return len(self._eval_times)
 
     def _log(self, entries: list[dict], cs: CandidateSet, policy: str, pol) -> None:
-        batch = uuid.uuid4().hex
+        ids = os.urandom(8 * len(entries) + 16).hex()  # one system call for the batch id and every decision id
+        batch = ids[:32]
         version = str(pol.version)
         rows, queued = [], []
         for rank, e in enumerate(entries):
-            did = uuid.uuid4().hex[:16]
+            did = ids[32 + 16 * rank: 48 + 16 * rank]
             # copies: a candidate's x is a row of the cached candidate matrix, which the log must not pin
             rows.append([did, batch, rank, cs.task, json.dumps(e["models"]), json.dumps(e["operator"]), policy,
                          version, cs.feature_schema, np.array(e["x"], dtype=float),

@@ -264,6 +264,8 @@ def main() -> None:
     load_after = os.getloadavg()
     rss_end = rss_kb(proc.pid)
     mem_end = warm.call("GET", "/v1/status").get("memory")
+    time.sleep(2.0)  # the load has stopped: what is left once the last ingest and its buffers are done
+    rss_settled = rss_kb(proc.pid)
     # Then one client alone: what a request costs when nothing queues in front of it.
     alone, alone_errors, _, _ = closed_loop(port, token, 1, min(5.0, args.seconds))
     # And the same 8 clients at a steady, lower rate: each starts a suggest + feedback pair every 100 ms.
@@ -288,6 +290,7 @@ def main() -> None:
                             "clients": 1000 * client_cpu / max(cycles, 1)},
         "daemon_cpu_cores": (cpu1 - cpu0) / elapsed,
         "rss_kb": {"start": rss_start, "end": rss_end, "growth": (rss_end - rss_start) / rss_start,
+                   "end_settled_2s": rss_settled, "growth_settled": (rss_settled - rss_start) / rss_start,
                    "samples": samples},
         # the daemon's own view: its RSS and what DuckDB's buffer manager holds (the decision log's blocks)
         "daemon_memory": {"start": mem_start, "end": mem_end},

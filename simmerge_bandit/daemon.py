@@ -149,6 +149,11 @@ class _Batcher:
     The engine updates its policies before the commit; when a batch fails to commit, the engine forgets what it
     holds in memory (it reloads from the store) and each call of the batch is retried alone, so one bad call
     cannot take the others down and nothing unacknowledged is learned.
+
+    With the store's journal, the commit is a write to the journal, and a second thread (the syncer) fsyncs it
+    and only then answers the batch's calls, while this thread already runs the next batch: the writer no longer
+    sits idle for the fsync (23% of its time under load, measured). One fsync covers every batch written before
+    it. If an fsync fails, the calls waiting for it are refused and the engine reloads what is durable.
     """
 
     IDLE_S = 0.5  # no call for this long: idle, a good moment to checkpoint
@@ -169,6 +174,8 @@ class _Batcher:
         self.snapshot_s = snapshot_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self._synced: queue.SimpleQueue = queue.SimpleQueue()  # (batch, answers, started) waiting for an fsync
+        self._syncer = threading.Thread(target=self._sync_run, name="syncer", daemon=True)
         self._last_snapshot = time.monotonic()
         self._closing = threading.Lock()
         self._closed = False
@@ -176,9 +183,10 @@ class _Batcher:
 
     def start(self) -> None:
         self._thread.start()
+        self._syncer.start()
 
     def submit(self, call: _Call) -> None:
-        """Queue a call; ``call.done(status, payload)`` runs on the batcher thread once its batch committed."""
+        """Queue a call; ``call.done(status, payload)`` runs on the syncer thread once its batch is durable."""
         with self._closing:
             if not self._closed:
                 self._queue.put(call)
@@ -192,6 +200,8 @@ class _Batcher:
             self._closed = True
             self._queue.put(None)
         self._thread.join()
+        self._synced.put(None)
+        self._syncer.join()
 
     def _run(self) -> None:
         while True:
@@ -221,6 +231,8 @@ class _Batcher:
         except Exception as e:  # DuckDB checkpoints on its own later; nothing is lost
             event("checkpoint failed", reason=f"{type(e).__name__}: {e}")
             return
+        if store.journal is not None:
+            store.journal.trim()  # the blocks just written need not stay cached (see Journal._trim_cache)
         event("checkpoint", ms=round(1000 * (time.perf_counter() - t), 1))
 
     def _snapshot(self) -> None:
@@ -257,27 +269,72 @@ class _Batcher:
         t0 = time.perf_counter()
         try:
             answers = self._commit(batch)
-            took = time.perf_counter() - t0
-            if took > self.COLD_S:
+            if time.perf_counter() - t0 > self.COLD_S:
                 gc.freeze()  # see COLD_S
-            if took > self.SLOW_S:
-                jr = self.engine.store.journal
-                event("slow batch", ms=round(1000 * took, 1), calls=len(batch),
-                      fsync_ms=round(1000 * jr.last_append_s, 1) if jr else None,
-                      ingest_ms=round(1000 * jr.last_ingest_s, 1) if jr else None)
         except Exception:  # the commit (or one call's SQL) failed: nothing of this batch is durable
             with self.engine.lock:  # no other thread may use what the engine learned from the batch
                 self.engine.reset()
                 answers = [self._alone(call) for call in batch]
+        self._synced.put((batch, answers, t0))
+
+    def _sync_run(self) -> None:
+        """Answer batches once what they wrote is durable: one fsync for every batch waiting."""
+        while True:
+            items = [self._synced.get()]
+            items += self._waiting()
+            stop = None in items
+            self._settle([it for it in items if it is not None])
+            if stop:
+                return
+
+    def _waiting(self) -> list:
+        out = []
+        while True:
+            try:
+                out.append(self._synced.get_nowait())
+            except queue.Empty:
+                return out
+
+    def serve_now(self, batch: list[_Call]) -> None:
+        """Run and answer one batch on the calling thread (for callers without the threads, such as tests)."""
+        self._serve(batch)
+        self._settle(self._waiting())
+
+    def _settle(self, items: list) -> None:
+        if not items:
+            return
+        journal = self.engine.store.journal
+        failed = None
+        if journal is not None:
+            try:
+                journal.sync()
+            except Exception as e:  # the disk failed: nothing written since the last good fsync is durable
+                failed = e
+                with self.engine.lock:
+                    self.engine.reset()
+                event("journal fsync failed", reason=f"{type(e).__name__}: {e}")
+        for batch, answers, t0 in items:
+            if failed is not None:
+                answers = [(503, {"error": f"the state could not be made durable ({failed}); nothing of this "
+                                            "call was kept; restart the daemon"})] * len(batch)
+            self._answer(batch, answers)
+            took = time.perf_counter() - t0
+            if took > self.SLOW_S:
+                event("slow batch", ms=round(1000 * took, 1), calls=len(batch),
+                      fsync_ms=round(1000 * journal.last_append_s, 1) if journal else None,
+                      ingest_ms=round(1000 * journal.last_ingest_s, 1) if journal else None)
+        try:
+            self.after_batch()
+        except Exception as e:  # the loop is gone (shutdown): nobody is waiting for these answers any more
+            event("internal error", route="batch", reason=f"{type(e).__name__}: {e}")
+
+    @staticmethod
+    def _answer(batch: list[_Call], answers: list[tuple[int, Any]]) -> None:
         for call, (status, payload) in zip(batch, answers):
             try:
                 call.done(status, payload)
             except Exception as e:  # this thread must outlive any one answer (a client gone, a log error)
                 event("internal error", route=call.where, reason=f"{type(e).__name__}: {e}")
-        try:
-            self.after_batch()
-        except Exception as e:  # the loop is gone (shutdown): nobody is waiting for these answers any more
-            event("internal error", route="batch", reason=f"{type(e).__name__}: {e}")
 
     def _alone(self, call: _Call) -> tuple[int, Any]:
         try:
@@ -288,7 +345,7 @@ class _Batcher:
 
     def _commit(self, batch: list[_Call]) -> list[tuple[int, Any]]:
         answers: list[tuple[int, Any]] = [(500, None)] * len(batch)
-        with self.engine.lock, self.engine.store.transaction(batch_inserts=True):
+        with self.engine.lock, self.engine.store.transaction(batch_inserts=True, sync=False):
             for i in sorted(range(len(batch)), key=lambda i: batch[i].order):
                 try:
                     answers[i] = 200, batch[i].op()
@@ -759,7 +816,7 @@ class Daemon:
                 return shutting_down
         answer = loop.create_future()
 
-        def done(status: int, payload: Any) -> None:  # on the batcher thread, which then calls _wake once
+        def done(status: int, payload: Any) -> None:  # on the syncer thread, which then calls _wake once
             if status == 200 and route.log is not None:
                 self._log_lines.extend(route.log(payload))
             self._ready.append((answer, (status, payload)))

@@ -236,7 +236,11 @@ class Journal:
         self._seq = self._ingested = ingested_seq(self._db)
         self._lock = threading.Condition(threading.Lock())   # appends, the pending list, the segment list
         self._ingest_lock = threading.Lock()                 # one ingest at a time (the thread or a drain)
-        self._pending: list[tuple[int, float, Batches]] = []
+        self._sync_lock = threading.Lock()                   # one fsync at a time
+        self._unsynced: list[tuple[int, float, Batches]] = []  # written, not yet fsynced (never acknowledged)
+        self._retired: list[int] = []  # descriptors of rotated-out segments, fsynced and closed by the next sync
+        self._broken: Exception | None = None  # an fsync failed: nothing written since can be trusted
+        self._pending: list[tuple[int, float, Batches]] = []  # fsynced, not yet in DuckDB
         self._pending_rows = 0
         self._first_pending_at = 0.0
         self._segments: list[tuple[Path, int]] = []  # closed segments and their last record number
@@ -254,40 +258,80 @@ class Journal:
 
     # ---- the writer's side ----
 
-    def append(self, batches: Batches) -> int:
-        """Make ``batches`` durable: one record, written and fsynced before this returns. Returns its number."""
+    def append(self, batches: Batches, sync: bool = True) -> int:
+        """Write ``batches`` as one record and return its number; with ``sync``, fsync it before returning.
+
+        Without ``sync`` the record is durable only after a later :meth:`sync` (the daemon's writer runs its next
+        batch while another thread fsyncs this one, and answers this batch's calls after that).
+        """
         body = pickle.dumps([(t, tuple(c), list(r)) for t, c, r in batches], protocol=5)
         with self._lock:
             if self._closed:
                 raise JournalError("the journal is closed")
+            if self._broken is not None:
+                raise JournalError(f"the journal's disk failed an fsync earlier ({self._broken}); restart")
             seq, now = self._seq + 1, time.time()
             rec = HEADER.pack(MAGIC, len(body), zlib.crc32(body), seq, now) + body
             try:
                 if self._fd is None or self._size >= SEGMENT_BYTES:
                     self._rotate(seq)
                 view = memoryview(rec)
-                t0 = time.perf_counter()
                 while view:
                     view = view[os.write(self._fd, view):]
-                os.fsync(self._fd)
-                self.last_append_s = time.perf_counter() - t0
             except OSError as e:
                 self._undo()
                 raise JournalError(f"journal append failed: {e}") from None
             self._size += len(rec)
             self._seq = seq
-            self._pending.append((seq, now, batches))
-            if not self._pending_rows:
-                self._first_pending_at = time.monotonic()
-            self._pending_rows += sum(len(r) for _, _, r in batches)
+            self._unsynced.append((seq, now, batches))
             self.appended += 1
-            if self._pending_rows >= self.max_rows or len(self._pending) == 1:
-                self._lock.notify()
-            return seq
+        if sync:
+            self.sync()
+        return seq
+
+    def sync(self) -> None:
+        """Make every record written so far durable (fsync), then hand them to the ingest.
+
+        Raises :class:`JournalError` if the fsync fails; the journal then refuses every later record (after a
+        failed fsync the kernel may have dropped what it could not write: nothing since can be vouched for).
+        """
+        with self._sync_lock:
+            with self._lock:
+                if self._broken is not None:
+                    raise JournalError(f"the journal's disk failed an fsync earlier ({self._broken}); restart")
+                if not self._unsynced and not self._retired:
+                    return
+                fds, self._retired = [*self._retired, self._fd], []
+                upto = self._seq
+            t0 = time.perf_counter()
+            try:
+                for fd in fds:
+                    if fd is not None:
+                        os.fsync(fd)
+            except OSError as e:
+                with self._lock:
+                    self._broken = e
+                raise JournalError(f"journal fsync failed: {e}") from None
+            finally:
+                for fd in fds[:-1]:
+                    os.close(fd)
+            self.last_append_s = time.perf_counter() - t0
+            with self._lock:
+                n = 0
+                while n < len(self._unsynced) and self._unsynced[n][0] <= upto:
+                    n += 1
+                done, self._unsynced = self._unsynced[:n], self._unsynced[n:]
+                if done and not self._pending_rows:
+                    self._first_pending_at = time.monotonic()
+                first = not self._pending
+                self._pending.extend(done)
+                self._pending_rows += sum(len(r) for _, _, b in done for _, _, r in b)
+                if done and (first or self._pending_rows >= self.max_rows):
+                    self._lock.notify()
 
     def _rotate(self, seq: int) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
+        if self._fd is not None:  # the next sync fsyncs and closes it (one may be using it right now)
+            self._retired.append(self._fd)
             self._segments.append((self._path, self._seq))
             self._fd = None
         spare, self._spare = self._spare, None
@@ -331,17 +375,19 @@ class Journal:
         try:
             os.ftruncate(self._fd, self._size)
         except OSError:  # the file keeps a torn record: start a new segment (replay stops reading at the tear)
-            os.close(self._fd)
+            self._retired.append(self._fd)
             self._segments.append((self._path, self._seq))
             self._fd = None
 
     # ---- the readers' side ----
 
     def has_pending(self) -> bool:
-        return bool(self._pending) or self._error is not None
+        return bool(self._pending) or bool(self._unsynced) or self._error is not None
 
     def drain(self) -> None:
         """Return once every record appended so far is in DuckDB (raises if the ingest keeps failing)."""
+        if self._broken is None:
+            self.sync()  # what was written but not yet synced is part of what readers must see
         with self._ingest_lock:
             self._ingest()
         if self._error is not None:
@@ -350,12 +396,19 @@ class Journal:
 
     def close(self) -> None:
         """Ingest what is left, stop the thread and remove the files (every record is then in DuckDB)."""
+        try:
+            self.sync()
+        except JournalError:  # the records stay in the files; the next open replays what is whole
+            pass
         with self._lock:
             self._closed = True
             self._lock.notify()
         self._thread.join()
         with self._ingest_lock:
             self._ingest()
+        for fd in self._retired:
+            os.close(fd)
+        self._retired = []
         if self._fd is not None:
             os.close(self._fd)
             self._segments.append((self._path, self._seq))
@@ -364,7 +417,7 @@ class Journal:
             os.close(self._spare[1])
             self._segments.append((self._spare[0], self._seq))
             self._spare = None
-        if self._error is None:
+        if self._error is None and self._broken is None:
             self._prune()
         self._db.close()
 
@@ -430,7 +483,22 @@ class Journal:
         except OSError:
             size = 0
         shrank, self._wal_size = size < self._wal_size, size
-        if not shrank:
+        if shrank:
+            self._evict()
+
+    def trim(self) -> None:
+        """Drop the table blocks DuckDB caches now (after a checkpoint made elsewhere, such as the daemon's when
+        idle)."""
+        with self._ingest_lock:
+            self._evict()
+            try:
+                self._wal_size = self._wal.stat().st_size if self._wal is not None else 0
+            except OSError:
+                self._wal_size = 0
+
+    def _evict(self) -> None:
+        """Lower DuckDB's memory limit for a moment: it evicts what it can (the caller holds ``_ingest_lock``)."""
+        if self._memory_limit is None:
             return
         try:
             try:

@@ -56,6 +56,7 @@ class Store:
         self._journal: _journal.Journal | None = None  # see enable_journal
         self._real = False  # the transaction in progress has begun in DuckDB (not only in the journal)
         self._holder: int | None = None  # the thread whose transaction is in progress
+        self.journal_record: int | None = None  # the journal record the last transaction wrote, if any
         #: The catalog's version as :class:`~.catalog.Catalog` last read it (None: read it again).
         self.catalog_version: int | None = None
 
@@ -117,7 +118,7 @@ class Store:
         self.close()
 
     @contextmanager
-    def transaction(self, batch_inserts: bool = False) -> Iterator["Store"]:
+    def transaction(self, batch_inserts: bool = False, sync: bool = True) -> Iterator["Store"]:
         """Run the block in one transaction (nested blocks join the outer one).
 
         With ``batch_inserts``, consecutive :meth:`insert_rows` calls are merged into one INSERT per table, sent
@@ -125,6 +126,8 @@ class Store:
         so the decisions of many suggestions logged in one go cost one statement (the daemon's group commit).
         With the journal enabled, such a block that runs no other statement commits to the journal instead
         (durable when the block exits, see :mod:`.journal`); one that does becomes a DuckDB transaction there.
+        With ``sync=False`` a journaled block is only written when it exits: the caller makes it durable with
+        ``store.journal.sync()`` before it acknowledges anything (``journal_record`` tells whether it went there).
         """
         if not batch_inserts and self._holder != threading.get_ident():  # not one nested in this thread's own
             self.drain()
@@ -137,6 +140,7 @@ class Store:
                     self._depth -= 1
                 return
             journaled = batch_inserts and self._journal is not None
+            self.journal_record = None
             if not journaled:
                 self._begin()
             self._depth, self._holder = 1, threading.get_ident()
@@ -158,7 +162,8 @@ class Store:
                 self._real = False
                 self.db.execute("COMMIT")
             elif pending:
-                self._journal.append([(t, c, rows) for (t, c), rows in pending.items()])
+                self.journal_record = self._journal.append([(t, c, rows) for (t, c), rows in pending.items()],
+                                                           sync=sync)
 
     def _begin(self) -> None:
         self.db.execute("BEGIN TRANSACTION")

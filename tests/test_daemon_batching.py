@@ -33,7 +33,7 @@ def collect(batcher: _Batcher, calls: list) -> list[tuple[int, object]]:
         batcher.submit(_Call(op, lambda s, p, i=i: answers.__setitem__(i, (s, p)), f"call {i}", order))
     batch, stop = batcher._take()
     assert len(batch) == len(calls) and not stop
-    batcher._serve(batch)
+    batcher.serve_now(batch)
     return [answers[i] for i in range(len(calls))]
 
 
@@ -61,7 +61,7 @@ def test_a_batch_is_one_transaction_answered_after_its_commit(engine, home):  # 
             answers[i] = (s, p)
         batcher.submit(_Call(op, done, f"call {i}", order))
     batch, _ = batcher._take()
-    batcher._serve(batch)
+    batcher.serve_now(batch)
 
     assert len(transactions) == 4 and len(set(transactions)) == 1 and None not in transactions  # one transaction
     assert seen_at_answer == [3] * 5           # every answer came after the rewards were committed
@@ -72,6 +72,45 @@ def test_a_batch_is_one_transaction_answered_after_its_commit(engine, home):  # 
                            [r["id"] for r in answers[0][1]]).fetchall()
     assert [v for (v,) in logged] == [engine.policy().version] * 2
     other.close()
+
+
+def test_with_the_journal_answers_wait_for_the_fsync_and_a_failed_fsync_refuses_them(engine, monkeypatch):
+    from simmerge_bandit import journal as jmod
+
+    ids = [engine.suggest("double", top=1)[0]["id"] for _ in range(4)]
+    engine.feedback(ids[3], 0.2)  # warm (the reward counter is read once): the batches below only write
+    engine.store.enable_journal(interval_s=3600)
+    events = []
+    real_sync = jmod.Journal.sync
+
+    def sync(self):
+        events.append(("sync", len(self._unsynced)))
+        return real_sync(self)
+
+    monkeypatch.setattr(jmod.Journal, "sync", sync)
+    batcher = _Batcher(engine)
+    for k, did in enumerate(ids[:2]):
+        batcher.submit(_Call(lambda did=did, k=k: engine.feedback(did, 0.1 * (k + 1)),
+                             lambda s, p: events.append(("answer", s)), "feedback", 0))
+    batch, _ = batcher._take()
+    batcher._serve(batch)
+    assert events == []                         # written, not yet durable: nobody answered
+    assert engine.store.journal.has_pending() and engine.store.journal_record is not None
+    batcher.serve_now([])
+    assert events == [("sync", 1), ("answer", 200), ("answer", 200)]
+
+    def broken(fd):
+        raise OSError(5, "Input/output error")
+
+    events.clear()
+    monkeypatch.setattr(jmod.os, "fsync", broken)
+    batcher.submit(_Call(lambda: engine.feedback(ids[2], 0.7), lambda s, p: events.append(("answer", s, p)),
+                         "feedback", 0))
+    batch, _ = batcher._take()
+    batcher.serve_now(batch)
+    assert events[0] == ("sync", 1) and events[1][1] == 503 and "restart" in events[1][2]["error"]
+    assert engine.store.fetchone("SELECT count(*) FROM rewards WHERE decision_id = ?", [ids[2]]) == (0,)
+    assert engine.store.fetchone("SELECT count(*) FROM rewards WHERE decision_id IN (?, ?)", ids[:2]) == (2,)
 
 
 def test_a_failing_call_is_retried_alone_and_nothing_unacknowledged_is_learned(engine):

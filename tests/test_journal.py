@@ -88,26 +88,59 @@ def test_a_block_that_reads_becomes_a_duckdb_transaction_after_the_earlier_recor
     assert store.fetchall("SELECT id FROM t ORDER BY id") == [("a",), ("b",)]
 
 
-def test_a_failed_append_acknowledges_nothing_and_later_appends_follow_the_good_records(simmerge_home,
-                                                                                        monkeypatch):
+def test_a_failed_write_acknowledges_nothing_and_later_appends_follow_the_good_records(simmerge_home,
+                                                                                       monkeypatch):
     store = open_with_table(simmerge_home, interval_s=3600)
     put(store, ["a"])
-    real_fsync = os.fsync
-    calls = {"n": 0}
+    real_write = os.write
 
-    def failing_fsync(fd):
-        calls["n"] += 1
+    def short_then_fail(fd, data):  # half the record lands, then the disk is full
+        real_write(fd, bytes(data[: len(data) // 2]))
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(jmod.os, "fsync", failing_fsync)
+    monkeypatch.setattr(jmod.os, "write", short_then_fail)
     with pytest.raises(JournalError, match="No space left"):
         put(store, ["b"])
-    monkeypatch.setattr(jmod.os, "fsync", real_fsync)
+    monkeypatch.setattr(jmod.os, "write", real_write)
     put(store, ["c"])
     records = [r for f in segment_files(simmerge_home) for r in read_segment(f)[0]]
     assert [[row[0] for row in rec[2][0][2]] for rec in records] == [["a"], ["c"]]
     assert [rec[0] for rec in records] == [1, 2]
     assert store.fetchall("SELECT id FROM t ORDER BY id") == [("a",), ("c",)]
+
+
+def test_a_failed_fsync_refuses_every_later_record_and_readers_still_see_the_durable_ones(simmerge_home,
+                                                                                          monkeypatch):
+    store = open_with_table(simmerge_home, interval_s=3600)
+    put(store, ["a"])
+
+    def failing_fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(jmod.os, "fsync", failing_fsync)
+    with pytest.raises(JournalError, match="Input/output error"):
+        put(store, ["b"])
+    with pytest.raises(JournalError, match="failed an fsync earlier"):
+        put(store, ["c"])
+    # "a" was durable before the failure: readers still get it; "b" never was, and nobody sees it
+    assert store.fetchall("SELECT id FROM t") == [("a",)]
+
+
+def test_unsynced_records_are_neither_ingested_nor_acknowledged_until_sync(simmerge_home):
+    store = open_with_table(simmerge_home, interval_s=0.01)
+    with store.transaction(batch_inserts=True, sync=False):
+        store.insert_rows("t", ("id", "x", "n"), [["a", np.zeros(2), 0]])
+    seq = store.journal_record
+    assert seq == 1 and store.journal.has_pending()
+    time.sleep(0.2)  # the ingest thread runs every 10 ms but only takes synced records
+    assert store.journal.ingests == 0
+    store.journal.sync()
+    deadline = time.time() + 10
+    while store.journal.ingests == 0 and time.time() < deadline:
+        time.sleep(0.01)
+    assert store.journal.ingests >= 1
+    assert store.fetchall("SELECT id FROM t") == [("a",)]
+    store.close()
 
 
 CRASH = textwrap.dedent("""
@@ -205,3 +238,25 @@ def test_segments_rotate_and_fully_ingested_ones_are_removed(simmerge_home, monk
     assert len(segment_files(simmerge_home)) <= 2  # the one being written (and a spare)
     store.close()
     assert segment_files(simmerge_home) == []
+
+
+def test_trim_drops_duckdbs_cached_blocks_and_restores_the_limit(simmerge_home):
+    store = Store.open(simmerge_home)
+    store.execute(TABLE)
+    store.execute("SET memory_limit = '512MB'")
+    limit = store.fetchone("SELECT current_setting('memory_limit')")[0]
+    store.enable_journal(interval_s=3600, memory_limit="512MB")
+    for k in range(20):  # about 80 MB of vectors: well above what a trim leaves (16 MB)
+        put(store, [f"r{k}_{j}" for j in range(1000)], x=np.random.default_rng(k).normal(size=512))
+    store.execute("CHECKPOINT")
+
+    def cached():
+        return store.fetchone("SELECT coalesce(sum(memory_usage_bytes), 0) FROM duckdb_memory()")[0]
+
+    before = cached()
+    store.journal.trim()
+    assert store.journal.trims == 1
+    assert before > 40e6 and cached() <= 17e6
+    assert store.fetchone("SELECT current_setting('memory_limit')")[0] == limit
+    assert store.fetchone("SELECT count(*) FROM t") == (20_000,)
+    store.close()

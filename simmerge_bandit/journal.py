@@ -6,10 +6,11 @@ file plus ``fsync`` costs p50 0.24 ms, p99 1.8 ms on the same disk. So the daemo
 are made durable by appending them here, answered, and moved into DuckDB by a background thread in larger
 transactions, on its own connection, off the request path:
 
-- :meth:`Journal.append` writes one record (every row a batch inserts) and fsyncs it before it returns: what the
-  daemon acknowledges after it is on disk, exactly as after a DuckDB COMMIT.
-- The ingest thread inserts the records written so far into DuckDB (every ``interval_s``, or sooner when many rows
-  wait) and stores the last record's number in ``meta.journal_seq`` in the same transaction.
+- :meth:`Journal.append` writes one record (every row a batch inserts); :meth:`Journal.sync` fsyncs what was
+  written (``append(sync=True)`` does both). What the daemon acknowledges is on disk, exactly as after a DuckDB
+  COMMIT. A failed fsync breaks the journal: it refuses every later record.
+- The ingest thread inserts the synced records into DuckDB (every ``interval_s``, or sooner when many rows wait)
+  and stores the last record's number in ``meta.journal_seq`` in the same transaction.
 - Any statement that reads the database first waits until every record is in it (:meth:`Journal.drain`, called
   by :class:`~.store.Store`), so readers see what was acknowledged.
 - Opening a store replays what a crash left (:func:`replay`): records numbered above ``meta.journal_seq`` are
@@ -18,8 +19,8 @@ transactions, on its own connection, off the request path:
 
 Columns that default to ``current_timestamp`` get the time of the append, not of the ingest.
 
-Files: ``$SIMMERGE_HOME/journal/<first record number>.log``, a new segment every few megabytes; a segment goes
-once every record in it is in DuckDB. A record is a 28-byte header (magic, payload length, CRC-32 of the payload,
+Files: ``$SIMMERGE_HOME/journal/<segment number>.log``, a new segment every 32 MB (made ahead of need); a segment
+goes once every record in it is in DuckDB. A record is a 28-byte header (magic, payload length, CRC-32 of the payload,
 record number, time) and a pickle of ``[(table, columns, rows), ...]``. The pickle is read back through an
 unpickler that builds only numpy arrays and plain values.
 """
@@ -252,7 +253,7 @@ class Journal:
         self._error: Exception | None = None  # the last ingest failure, raised to readers
         self._closed = False
         self.appended = self.ingests = self.trims = 0
-        self.last_append_s = self.last_ingest_s = 0.0  # how long the last write + fsync, the last ingest took
+        self.last_append_s = self.last_ingest_s = 0.0  # how long the last fsync, the last ingest took
         self._thread = threading.Thread(target=self._run, name="journal-ingest", daemon=True)
         self._thread.start()
 

@@ -91,7 +91,14 @@ def _arrow_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]):
     data = {}
     for j, name in enumerate(columns):
         col = [row[j] for row in rows]
-        if all(isinstance(v, np.ndarray) and v.ndim == 1 for v in col):
+        first = next((v for v in col if v is not None), None)
+        if not isinstance(first, np.ndarray):  # a column of scalars (the rows of one INSERT share their types)
+            try:
+                data[name] = pa.array(col)
+                continue
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):  # an odd row: the general path below
+                pass
+        if first is not None and all(isinstance(v, np.ndarray) and v.ndim == 1 for v in col):
             offsets = np.zeros(len(col) + 1, dtype=np.int32)
             np.cumsum([v.shape[0] for v in col], out=offsets[1:])
             data[name] = pa.ListArray.from_arrays(offsets, np.concatenate(col).astype(np.float64, copy=False))

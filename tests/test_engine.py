@@ -345,11 +345,22 @@ def test_predictor_model_is_chosen_at_fit_and_kept_by_refits(setup, tmp_path):
     assert bad.exit_code == 2 and "forest" in bad.output and "Traceback" not in bad.output
 
 
+def assert_is_the_log_fold(store, live) -> None:
+    """``live`` (hybrid LinUCB) equals a fresh one updated with the reward log one reward at a time."""
+    from simmerge_bandit.policies import make_policy
+
+    ref = make_policy("linucb-hybrid", seed=0)
+    for x, op, z, r, prop in store.fetchall(
+            "SELECT d.context, d.operator, d.arm, r.reward, d.propensity FROM rewards r "
+            "JOIN decisions d ON d.id = r.decision_id ORDER BY r.seq"):
+        ref.update(np.asarray(x), json.loads(op)[-1], np.asarray(z), r, prop)
+    for key, want in ref.snapshot()[0].items():
+        np.testing.assert_allclose(live.snapshot()[0][key], want, rtol=1e-9, atol=1e-12, err_msg=key)
+
+
 def test_deferred_learning_folds_a_batch_of_rewards_like_one_at_a_time(setup):
     """The daemon's engine learns a batch's rewards together, before the next use of a policy; the state is the
     one-reward-at-a-time fold of the log."""
-    from simmerge_bandit.policies import make_policy
-
     eng = Engine(setup)
     eng.defer_learning = True
     live = eng.policy()
@@ -359,13 +370,7 @@ def test_deferred_learning_folds_a_batch_of_rewards_like_one_at_a_time(setup):
             eng.feedback(did, 0.2 * k + 0.1 * round_)
         assert live.n_updates == 5 * round_          # nothing folded until a policy is used
     assert eng.policy() is live and live.n_updates == 15
-    ref = make_policy("linucb-hybrid", seed=0)
-    for x, op, z, r, prop in setup.fetchall(
-            "SELECT d.context, d.operator, d.arm, r.reward, d.propensity FROM rewards r "
-            "JOIN decisions d ON d.id = r.decision_id ORDER BY r.seq"):
-        ref.update(np.asarray(x), json.loads(op)[-1], np.asarray(z), r, prop)
-    for key, want in ref.snapshot()[0].items():
-        np.testing.assert_allclose(live.snapshot()[0][key], want, rtol=1e-9, atol=1e-12, err_msg=key)
+    assert_is_the_log_fold(setup, live)
 
 
 def test_a_learn_interval_holds_rewards_until_due_or_until_a_chunk_waits(setup, monkeypatch):
@@ -373,7 +378,6 @@ def test_a_learn_interval_holds_rewards_until_due_or_until_a_chunk_waits(setup, 
     last interval; the rewards are folded once it has passed, once LEARN_MAX_PENDING wait, or on flush, and the
     state is still the one-at-a-time fold of the log."""
     from simmerge_bandit import engine as engine_mod
-    from simmerge_bandit.policies import make_policy
 
     clock = {"t": 1000.0}
     monkeypatch.setattr(engine_mod.time, "monotonic", lambda: clock["t"])
@@ -397,10 +401,4 @@ def test_a_learn_interval_holds_rewards_until_due_or_until_a_chunk_waits(setup, 
     eng.feedback(eng.suggest("double", top=1)[0]["id"], 0.9)
     eng.flush()
     assert live.n_updates == 10                 # flush folds what waits
-    ref = make_policy("linucb-hybrid", seed=0)
-    for x, op, z, r, prop in setup.fetchall(
-            "SELECT d.context, d.operator, d.arm, r.reward, d.propensity FROM rewards r "
-            "JOIN decisions d ON d.id = r.decision_id ORDER BY r.seq"):
-        ref.update(np.asarray(x), json.loads(op)[-1], np.asarray(z), r, prop)
-    for key, want in ref.snapshot()[0].items():
-        np.testing.assert_allclose(live.snapshot()[0][key], want, rtol=1e-9, atol=1e-12, err_msg=key)
+    assert_is_the_log_fold(setup, live)

@@ -37,7 +37,7 @@ from urllib.parse import urlparse
 import threadpoolctl
 
 from .errors import InvalidInput, SimmergeError
-from .paths import daemon_file, pid_alive, resolve_home, state_path
+from .paths import daemon_file, pid_alive, resolve_home
 
 log = logging.getLogger("simmerge.daemon")
 
@@ -219,7 +219,7 @@ class _Batcher:
         """Fold DuckDB's write-ahead log into the database file while nobody waits (see Daemon.checkpoint_wal)."""
         self._last_checkpoint = time.monotonic()
         store = self.engine.store
-        wal = Path(str(state_path(store.home)) + ".wal")
+        wal = store.wal_path
         try:
             if wal.stat().st_size < (1 << 20):
                 return
@@ -321,7 +321,7 @@ class _Batcher:
             took = time.perf_counter() - t0
             if took > self.SLOW_S:
                 event("slow batch", ms=round(1000 * took, 1), calls=len(batch),
-                      fsync_ms=round(1000 * journal.last_append_s, 1) if journal else None,
+                      fsync_ms=round(1000 * journal.last_sync_s, 1) if journal else None,
                       ingest_ms=round(1000 * journal.last_ingest_s, 1) if journal else None)
         try:
             self.after_batch()

@@ -260,7 +260,7 @@ class Journal:
         self._error: Exception | None = None  # the last ingest failure, raised to readers
         self._closed = False
         self.appended = self.ingests = self.trims = 0
-        self.last_append_s = self.last_ingest_s = 0.0  # how long the last fsync, the last ingest took
+        self.last_sync_s = self.last_ingest_s = 0.0  # how long the last fsync, the last ingest took
         self._thread = threading.Thread(target=self._run, name="journal-ingest", daemon=True)
         self._thread.start()
 
@@ -282,7 +282,7 @@ class Journal:
             rec = HEADER.pack(MAGIC, len(body), zlib.crc32(body), seq, now) + body
             try:
                 if self._fd is None or self._size >= SEGMENT_BYTES:
-                    self._rotate(seq)
+                    self._rotate()
                 view = memoryview(rec)
                 while view:
                     view = view[os.write(self._fd, view):]
@@ -323,7 +323,7 @@ class Journal:
             finally:
                 for fd in fds[:-1]:
                     os.close(fd)
-            self.last_append_s = time.perf_counter() - t0
+            self.last_sync_s = time.perf_counter() - t0
             with self._lock:
                 n = 0
                 while n < len(self._unsynced) and self._unsynced[n][0] <= upto:
@@ -337,7 +337,7 @@ class Journal:
                 if done and (first or self._pending_rows >= self.max_rows):
                     self._lock.notify()
 
-    def _rotate(self, seq: int) -> None:
+    def _rotate(self) -> None:
         if self._fd is not None:  # the next sync fsyncs and closes it (one may be using it right now)
             self._retired.append(self._fd)
             self._segments.append((self._path, self._seq))

@@ -7,6 +7,7 @@ One process owns the file for writing (DuckDB's own file lock enforces it). A se
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import threading
@@ -20,6 +21,8 @@ from . import journal as _journal
 from . import migrations
 from .errors import StateLocked
 from .paths import artifacts_dir, daemon_file, resolve_home, state_path
+
+log = logging.getLogger(__name__)
 
 
 def _lock_message(home: Path, err: Exception) -> str:
@@ -76,9 +79,7 @@ class Store:
         if upto is None:
             n = _journal.replay(db, cls.journal_dir(home_path))  # what a daemon acknowledged before it died
             if n:
-                import logging
-
-                logging.getLogger(__name__).info("replayed %d journal records into %s", n, state_path(home_path))
+                log.info("replayed %d journal records into %s", n, state_path(home_path))
         return cls(home_path, db)
 
     @staticmethod
@@ -93,12 +94,17 @@ class Store:
         with self.lock:
             if self._journal is None:
                 self._journal = _journal.Journal(self.db, self.journal_dir(self.home), interval_s=interval_s,
-                                                 wal=Path(str(state_path(self.home)) + ".wal"),
+                                                 wal=self.wal_path,
                                                  memory_limit=memory_limit)
 
     @property
     def journal(self) -> "_journal.Journal | None":
         return self._journal
+
+    @property
+    def wal_path(self) -> Path:
+        """DuckDB's write-ahead log of this store."""
+        return Path(str(state_path(self.home)) + ".wal")
 
     @property
     def artifacts(self) -> Path:

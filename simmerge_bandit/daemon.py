@@ -123,6 +123,9 @@ def _status_of(err: Exception, where: str) -> tuple[int, dict]:
     return 500, {"error": f"internal error: {type(err).__name__}: {err}"}
 
 
+_PHRASES = {s.value: s.phrase for s in http.HTTPStatus}
+
+
 class _Route(NamedTuple):
     op: Callable[[dict], Any]
     batched: bool = False                     # through the group commit
@@ -366,7 +369,8 @@ class _HttpServer:
     Why not ``http.server``: ThreadingHTTPServer spends a thread per connection and parses headers through
     ``email.parser`` (about 0.6 ms of CPU a request, under the GIL, as much as ranking 1,320 candidates); here one
     thread reads every connection, parses the few headers this API needs (Content-Length, Connection,
-    Authorization) and awaits ``handle(method, target, headers, body) -> (status, payload)``. Each connection is a
+    Authorization) and calls ``handle(method, target, headers, body)``, which returns ``(status, payload)``, an
+    :class:`asyncio.Future` of it (answered from the future's callback: no task per request) or a coroutine. Each connection is a
     plain :class:`asyncio.Protocol` that parses the bytes as they arrive (a stream reader's await per header line
     cost the loop thread about a fifth of the daemon's CPU under load).
     """
@@ -375,7 +379,7 @@ class _HttpServer:
     MAX_HEADERS = 100
     MAX_LINE = 64 << 10  # the request line and headers together
 
-    def __init__(self, host: str, port: int, handle: Callable[..., Awaitable[tuple[int, Any]]]):
+    def __init__(self, host: str, port: int, handle: Callable[..., Any]):
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         self.sock = socket.create_server((host, port), family=family)
         self.port = self.sock.getsockname()[1]
@@ -417,7 +421,7 @@ class _HttpServer:
     def response(status: int, payload: Any, keep: bool) -> bytes:
         body = json.dumps(payload, default=str).encode()
         close = "" if keep else "Connection: close\r\n"
-        head = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\nServer: simmerge\r\n"
+        head = (f"HTTP/1.1 {status} {_PHRASES.get(status, '')}\r\nServer: simmerge\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{close}\r\n")
         return head.encode("latin-1") + body
 
@@ -437,6 +441,8 @@ class _HttpConnection(asyncio.Protocol):
         self.paused = False
         self.continued = False  # "100 Continue" sent for the request whose body is awaited
         self.eof = False        # the client has finished sending
+        self.keep = True        # the request being answered: keep the connection open after it
+        self.target = ""
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -460,42 +466,63 @@ class _HttpConnection(asyncio.Protocol):
         return self.busy  # keep the write side open for the answer being made (closed after it)
 
     def _next(self) -> None:
-        """Start answering the next complete request in the buffer, if any."""
-        if self.closed or self.busy:
-            return
-        try:
-            request = self._parse()
-        except _BadRequest as e:
-            self.transport.write(_HttpServer.response(e.status, {"error": str(e)}, keep=False))
-            self.transport.close()
-            self.closed = True
-            return
-        if request is None:
-            if self.eof:  # nothing more will come: what is left in the buffer is an incomplete request
+        """Answer the complete requests in the buffer, in order, until one has to wait for its answer."""
+        while not (self.closed or self.busy):
+            try:
+                request = self._parse()
+            except _BadRequest as e:
+                self.transport.write(_HttpServer.response(e.status, {"error": str(e)}, keep=False))
                 self.transport.close()
                 self.closed = True
                 return
-            if self.paused:
-                self.transport.resume_reading()
-                self.paused = False
-            return
-        self.busy = True
-        self.server.loop.create_task(self._answer(*request))
+            if request is None:
+                if self.eof:  # nothing more will come: what is left in the buffer is an incomplete request
+                    self.transport.close()
+                    self.closed = True
+                    return
+                if self.paused:
+                    self.transport.resume_reading()
+                    self.paused = False
+                return
+            self.busy = True
+            method, target, headers, body, self.keep = request
+            self.target = target
+            try:
+                answer = self.server.handle(method, target, headers, body)
+            except Exception as e:  # answered, and the connection stays usable
+                answer = _status_of(e, target)
+            if isinstance(answer, tuple):
+                self._write(*answer)  # (a loop, not recursion: a client may pipeline thousands of requests)
+            elif isinstance(answer, asyncio.Future):  # answered from its callback: no task per request
+                answer.add_done_callback(self._done)
+            else:
+                self.server.loop.create_task(self._await(answer))
 
-    async def _answer(self, method: str, target: str, headers: dict, body: bytes, keep: bool) -> None:
+    def _done(self, fut: asyncio.Future) -> None:
         try:
-            status, payload = await self.server.handle(method, target, headers, body)
+            status, payload = fut.result()
         except Exception as e:  # answered, and the connection stays usable
-            status, payload = _status_of(e, target)
+            status, payload = _status_of(e, self.target)
+        self._write(status, payload)
+        self._next()
+
+    async def _await(self, answer: Awaitable[tuple[int, Any]]) -> None:
+        try:
+            status, payload = await answer
+        except Exception as e:  # answered, and the connection stays usable
+            status, payload = _status_of(e, self.target)
+        self._write(status, payload)
+        self._next()
+
+    def _write(self, status: int, payload: Any) -> None:
+        """Write the answer of the request being answered (then close the connection unless kept alive)."""
         if self.closed:
             return
-        self.transport.write(_HttpServer.response(status, payload, keep))
+        self.transport.write(_HttpServer.response(status, payload, self.keep))
         self.busy = False
-        if not keep:
+        if not self.keep:
             self.transport.close()
             self.closed = True
-            return
-        self._next()
 
     def _parse(self):
         """The next request as ``(method, target, headers, body, keep_alive)``, None while it is incomplete."""
@@ -789,8 +816,9 @@ class Daemon:
             ("GET", "/v1/jobs"): _Route(lambda b: self.jobs()),
         }
 
-    async def _dispatch(self, method: str, target: str, headers: dict[str, str], raw: bytes) -> tuple[int, Any]:
-        """Answer one request: ``(status, JSON payload)``. Runs on the server's loop; the work runs elsewhere."""
+    def _dispatch(self, method: str, target: str, headers: dict[str, str], raw: bytes):
+        """Answer one request: ``(status, JSON payload)`` now, or a future of it. Runs on the server's loop; the
+        work runs elsewhere (the batcher, the pool)."""
         auth = headers.get("authorization", "")
         if not hmac.compare_digest(auth.encode(), f"Bearer {self.token}".encode()):
             return 401, {"error": "missing or wrong bearer token (see daemon.json)"}
@@ -808,10 +836,10 @@ class Daemon:
         shutting_down = 503, {"error": "daemon is shutting down"}
         if self._stop.is_set():
             return shutting_down
-        loop = asyncio.get_running_loop()
+        loop = self.server.loop
         if not route.batched:
             try:
-                return await loop.run_in_executor(self._pool, _answer, route.op, body, path)
+                return loop.run_in_executor(self._pool, _answer, route.op, body, path)
             except RuntimeError:  # the pool was shut down between the check above and now
                 return shutting_down
         answer = loop.create_future()
@@ -822,7 +850,7 @@ class Daemon:
             self._ready.append((answer, (status, payload)))
 
         self._batcher.submit(_Call(lambda: route.op(body), done, path, route.order))
-        return await answer
+        return answer
 
     def _wake(self) -> None:
         """After a batch: have the HTTP loop hand out every answer that is ready (one cross-thread wake-up), then

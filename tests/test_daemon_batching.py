@@ -225,12 +225,27 @@ def test_batch_inserts_merge_and_keep_read_your_writes(home):  # noqa: F811
 def server():
     seen = []
 
-    async def handle(method, target, headers, body):
+    def handle(method, target, headers, body):
+        """Answers in each of the three ways a handler may: a coroutine, a future (set on a later turn of the
+        loop), or ``(status, payload)`` at once."""
         seen.append((method, target, body))
-        if target == "/boom":
-            raise RuntimeError("handler bug")
-        await asyncio.sleep(0)
-        return 200, {"method": method, "target": target, "body": body.decode(), "auth": headers.get("authorization")}
+        payload = {"method": method, "target": target, "body": body.decode(), "auth": headers.get("authorization")}
+        if target == "/now":
+            return 200, payload
+        if target.startswith("/fut"):
+            fut = srv.loop.create_future()
+            if target == "/fut-boom":
+                srv.loop.call_soon(fut.set_exception, RuntimeError("future bug"))
+            else:
+                srv.loop.call_soon(fut.set_result, (200, payload))
+            return fut
+
+        async def later():
+            if target == "/boom":
+                raise RuntimeError("handler bug")
+            await asyncio.sleep(0)
+            return 200, payload
+        return later()
 
     srv = _HttpServer("127.0.0.1", 0, handle)
     srv.MAX_BODY = 1000
@@ -311,3 +326,20 @@ def test_feedback_for_a_decision_logged_before_this_engine_started(engine):
     assert fresh.policy().n_updates == 1
     with pytest.raises(NotFound):
         fresh.feedback("never-logged", 0.7)
+
+
+def test_answers_now_from_futures_and_from_coroutines_keep_their_order(server):
+    srv, seen = server
+    reqs = b"".join(b"GET /%s HTTP/1.1\r\n\r\n" % t for t in (b"fut", b"now", b"co", b"fut-boom", b"now"))
+    *answers, _ = exchange(srv.port, reqs + b"GET /now HTTP/1.1\r\nConnection: close\r\n\r\n", responses=6)
+    assert [a[0] for a in answers] == [200, 200, 200, 500, 200, 200]
+    assert [json.loads(a[2]).get("target") for a in answers] == ["/fut", "/now", "/co", None, "/now", "/now"]
+    assert "future bug" in json.loads(answers[3][2])["error"]
+
+
+def test_thousands_of_pipelined_requests_answered_at_once(server):
+    srv, _ = server
+    n = 3000  # answered in a loop: one recursion per request would overflow Python's stack
+    *answers, rest = exchange(srv.port, b"GET /now HTTP/1.1\r\n\r\n" * n + b"GET /now HTTP/1.1\r\nConnection: "
+                              b"close\r\n\r\n", responses=n + 1)
+    assert len(answers) == n + 1 and {a[0] for a in answers} == {200} and rest == b""

@@ -397,8 +397,17 @@ class Policy(abc.ABC):
     @property
     def version(self) -> str:
         """Changes with every update; different parameters give different versions."""
-        key = json.dumps([self.name, self.params()], sort_keys=True)
-        digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+        params = self.params()
+        memo = self.__dict__.get("_version_memo")
+        try:
+            key = (self.name, *sorted(params.items()))
+            if memo is not None and memo[0] == key:
+                return f"{memo[1]}-{self.n_updates}"
+        except TypeError:  # an unhashable parameter value: no memo
+            key = None
+        digest = hashlib.sha1(json.dumps([self.name, params], sort_keys=True).encode()).hexdigest()[:8]
+        if key is not None:  # the daemon logs the version with every decision; the hash is the costly part
+            self._version_memo = (key, digest)
         return f"{digest}-{self.n_updates}"
 
     def __repr__(self) -> str:

@@ -103,7 +103,7 @@ def test_with_the_journal_answers_wait_for_the_fsync_and_a_failed_fsync_refuses_
         raise OSError(5, "Input/output error")
 
     events.clear()
-    monkeypatch.setattr(jmod.os, "fsync", broken)
+    monkeypatch.setattr(jmod, "_datasync", broken)
     batcher.submit(_Call(lambda: engine.feedback(ids[2], 0.7), lambda s, p: events.append(("answer", s, p)),
                          "feedback", 0))
     batch, _ = batcher._take()

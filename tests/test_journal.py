@@ -117,7 +117,7 @@ def test_a_failed_fsync_refuses_every_later_record_and_readers_still_see_the_dur
     def failing_fsync(fd):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(jmod.os, "fsync", failing_fsync)
+    monkeypatch.setattr(jmod, "_datasync", failing_fsync)
     with pytest.raises(JournalError, match="Input/output error"):
         put(store, ["b"])
     with pytest.raises(JournalError, match="failed an fsync earlier"):

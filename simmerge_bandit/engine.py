@@ -161,6 +161,7 @@ class Engine:
         self._last_seq: dict[str, int] = {}
         self._since_snapshot: dict[str, int] = {}
         self._cand_cache: dict[str, tuple[tuple, CandidateSet]] = {}
+        self._entropy = (b"", 0)  # random bytes not yet used for ids, and the process they were read in
         self._key_memo: dict[str, tuple[int, tuple]] = {}  # task -> (store transaction id, catalog key)
         #: How stale the weight files' stats in a candidate set's key may be: 0 reads them for every store
         #: transaction; the daemon reads them at most once a second (a scandir and a stat per file of every
@@ -606,7 +607,7 @@ class Engine:
             return len(self._eval_times)
 
     def _log(self, entries: list[dict], cs: CandidateSet, policy: str, pol) -> None:
-        ids = os.urandom(8 * len(entries) + 16).hex()  # one system call for the batch id and every decision id
+        ids = self._random_hex(8 * len(entries) + 16)  # the batch id, then every decision id
         batch = ids[:32]
         version = str(pol.version)
         rows, queued = [], []
@@ -639,6 +640,15 @@ class Engine:
             old = next(iter(self._recent))
             del self._recent[old]
             self._rewarded.pop(old, None)
+
+    def _random_hex(self, n: int) -> str:
+        """``os.urandom(n).hex()``, from 4 KiB read at a time: a system call releases the GIL, and in the daemon
+        getting it back can take milliseconds."""
+        buf, pid = self._entropy
+        if len(buf) < n or pid != os.getpid():  # (a forked child must not reuse its parent's bytes)
+            buf, pid = os.urandom(max(4096, n)), os.getpid()
+        self._entropy = buf[n:], pid
+        return buf[:n].hex()
 
     # ---- rewards ----
     def feedback(self, decision_id: str, reward: float, raw_score: float | None = None,

@@ -1,6 +1,7 @@
 """The decision engine on real tiny checkpoints, real signals and a real DuckDB file."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -402,3 +403,18 @@ def test_a_learn_interval_holds_rewards_until_due_or_until_a_chunk_waits(setup, 
     eng.flush()
     assert live.n_updates == 10                 # flush folds what waits
     assert_is_the_log_fold(setup, live)
+
+
+def test_decision_ids_stay_unique_across_entropy_refills_and_forks(setup, monkeypatch):
+    eng = Engine(setup, EngineConfig(eval_budget=0))
+    reads = []
+    real = os.urandom
+    monkeypatch.setattr(os, "urandom", lambda n: reads.append(n) or real(n))
+    ids = [r["id"] for _ in range(120) for r in eng.suggest("double", top=4)]  # 120 x 48 bytes: two refills
+    assert len(set(ids)) == len(ids) == 480 and all(len(i) == 16 for i in ids)
+    assert len(reads) == 2
+    assert setup.fetchone("SELECT count(DISTINCT batch) FROM decisions")[0] == 120
+    # a forked child (another pid) reads its own bytes instead of reusing the parent's
+    monkeypatch.setattr(os, "getpid", lambda: -1)
+    eng.suggest("double", top=1)
+    assert len(reads) == 3

@@ -204,10 +204,17 @@ def test_top_equals_the_head_of_the_full_order():
             expected = np.concatenate(([choice], rest[rest != choice]))[:k]
             np.testing.assert_array_equal(full.top(k), expected)
             np.testing.assert_array_equal(full.order[:k], expected)
+            # a ranking given the order by score (shared by the rankings of one memo) agrees
+            shared = Ranking(choice, None, scores, scores, np.zeros(n), np.full(n, 1 / n), by_score=rest)
+            np.testing.assert_array_equal(shared.top(k), expected)
+            np.testing.assert_array_equal(shared.order[:k], expected)
     scores = np.array([0.3, np.nan, 0.9, 0.1, np.nan, 0.5, 0.2, 0.8, 0.4, 0.6, 0.7, 0.0])
-    r = Ranking(3, None, scores, scores, np.zeros(12), np.full(12, 1 / 12))
-    np.testing.assert_array_equal(r.top(2), r.order[:2])
-    np.testing.assert_array_equal(r.top(12), r.order)
+    for by in (None, np.argsort(-scores, kind="stable")):
+        r = Ranking(3, None, scores, scores, np.zeros(12), np.full(12, 1 / 12), by_score=by)
+        np.testing.assert_array_equal(r.top(2), r.order[:2])
+        np.testing.assert_array_equal(r.top(12), r.order)
+        r = Ranking(1, None, scores, scores, np.zeros(12), np.full(12, 1 / 12), by_score=by)  # a NaN chosen
+        np.testing.assert_array_equal(r.top(3), [1, 2, 7])
 
 
 def test_rank_reuse_keeps_scores_until_an_update_and_draws_afresh():

@@ -172,23 +172,30 @@ class Ranking:
     """
 
     def __init__(self, choice: int, order: np.ndarray | None, scores: np.ndarray, predicted: np.ndarray,
-                 uncertainty: np.ndarray, propensity: np.ndarray):
+                 uncertainty: np.ndarray, propensity: np.ndarray, by_score: np.ndarray | None = None):
         self.choice = choice
         self._order = order
         self.scores = scores
         self.predicted = predicted
         self.uncertainty = uncertainty
         self.propensity = propensity
+        #: every index by score descending, ties by index (``argsort(-scores, kind="stable")``), when the caller
+        #: already has it (rankings of the same scores share one)
+        self._by_score = by_score
 
     @property
     def order(self) -> np.ndarray:
         if self._order is None:
-            rest = np.argsort(-self.scores, kind="stable")
+            rest = self._by_score if self._by_score is not None else np.argsort(-self.scores, kind="stable")
             self._order = np.concatenate(([self.choice], rest[rest != self.choice]))
         return self._order
 
     def top(self, k: int) -> np.ndarray:
         """``order[:k]``: partial selection of the best scores, then a stable sort of those few."""
+        if self._order is None and self._by_score is not None and k > 0:
+            # the k best by score, less the choice: a few Python ints, no pass over the candidates
+            best = [i for i in self._by_score[:k].tolist() if i != self.choice][: k - 1]
+            return np.array([self.choice, *best], dtype=np.intp)
         neg = -self.scores
         if self._order is not None or k <= 0 or 4 * k >= neg.shape[0]:
             return self.order[:k]
@@ -290,16 +297,24 @@ class Policy(abc.ABC):
         self._check_widths(cands.X.shape[1], cands.Z.shape[1])
         memo = self._memo if reuse else None
         if memo is not None and memo[0] is cands.X and memo[1] is cands.Z and memo[2] is cands.arms:
-            scores, predicted, uncertainty, propensity = memo[3]
+            scores, predicted, uncertainty, propensity, cdf, by_score = memo[3]
         else:
             scores, predicted, uncertainty, propensity = self._scored(cands)
-            # (any other ranking may overwrite the scratch memory that the remembered scores live in)
-            self._memo = ((cands.X, cands.Z, cands.arms, (scores, predicted, uncertainty, propensity))
-                          if reuse and self.deterministic_scores else None)
+            cdf, by_score = np.cumsum(propensity), None
+            if reuse and self.deterministic_scores:
+                # Rankings of these scores until the next update share their cumulative distribution and their
+                # order by score: each suggestion then only draws a choice. (Numpy releases the GIL for an
+                # operation on more than 500 values; in the daemon each release can wait milliseconds to get it
+                # back, so the per-suggestion passes over 1,320 candidates cost far more there than alone.)
+                by_score = np.argsort(-scores, kind="stable")
+                # (any other ranking may overwrite the scratch memory that the remembered scores live in)
+                kept = (scores, predicted, uncertainty, propensity, cdf, by_score)
+                self._memo = (cands.X, cands.Z, cands.arms, kept)
+            else:
+                self._memo = None
         n = len(cands)
-        cdf = np.cumsum(propensity)
         choice = int(min(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"), n - 1))
-        return Ranking(choice, None, scores, predicted, uncertainty, propensity)
+        return Ranking(choice, None, scores, predicted, uncertainty, propensity, by_score)
 
     def _scored(self, cands: Candidates) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`_score` with the exploration floor mixed into its distribution."""

@@ -292,3 +292,22 @@ def test_update_many_with_a_bad_row_changes_nothing():
     assert pol.n_updates == 0 and pol.snapshot()[1]["d"] is None
     pol.update_many([good])
     assert pol.n_updates == 1
+
+
+def test_rankings_from_the_memo_draw_the_same_choices_and_tops_as_fresh_ones():
+    from simmerge_bandit.policies import Candidates, make_policy
+
+    rng = np.random.default_rng(5)
+    X, Z = rng.normal(size=(600, 5)), np.tile(np.eye(4), (150, 1))
+    arms = ["a", "b", "c", "d"] * 150
+    cands = Candidates(X=X, arms=arms, Z=Z)
+    for name in ("linucb", "linucb-hybrid"):
+        memo, fresh = make_policy(name, seed=4, floor=0.3), make_policy(name, seed=4, floor=0.3)
+        for i in range(30):
+            for pol in (memo, fresh):
+                pol.update(X[i], arms[i], Z[i], float(np.sin(i)))
+        for _ in range(200):  # the floor spreads the draws over many candidates
+            a, b = memo.rank(cands, reuse=True), fresh.rank(cands)
+            assert a.choice == b.choice, name
+            np.testing.assert_array_equal(a.top(5), b.top(5))
+        assert isinstance(memo._memo[3][4], list)  # the memo's path was taken

@@ -10,6 +10,7 @@ chosen and logged decisions support off-policy evaluation.
 from __future__ import annotations
 
 import abc
+import bisect
 import hashlib
 import inspect
 import json
@@ -307,13 +308,18 @@ class Policy(abc.ABC):
                 # operation on more than 500 values; in the daemon each release can wait milliseconds to get it
                 # back, so the per-suggestion passes over 1,320 candidates cost far more there than alone.)
                 by_score = np.argsort(-scores, kind="stable")
+                cdf = cdf.tolist()
                 # (any other ranking may overwrite the scratch memory that the remembered scores live in)
                 kept = (scores, predicted, uncertainty, propensity, cdf, by_score)
                 self._memo = (cands.X, cands.Z, cands.arms, kept)
             else:
                 self._memo = None
         n = len(cands)
-        choice = int(min(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"), n - 1))
+        u = self._rng.random()
+        if isinstance(cdf, list):  # a memo's: bisect keeps the GIL (numpy's searchsorted gives it up)
+            choice = min(bisect.bisect_right(cdf, u * cdf[-1]), n - 1)
+        else:
+            choice = int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), n - 1))
         return Ranking(choice, None, scores, predicted, uncertainty, propensity, by_score)
 
     def _scored(self, cands: Candidates) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -19,6 +19,7 @@ import math
 import os
 import threading
 import time
+import weakref
 import zlib
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,6 +30,7 @@ import numpy as np
 from .catalog import Catalog
 from .errors import Conflict, InvalidInput, NotFound
 from .methods import REGISTRY
+from .migrations import vector_key
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -38,10 +40,11 @@ REWARD_RANGE = (0.0, 2.0)
 TASK_BUCKETS = 8
 OPERATOR_PARAMS = ("weight", "density", "t", "lambda", "gamma", "epsilon", "normalize", "rescale", "filter_wise",
                    "nuslerp_flatten", "nuslerp_row_wise")
+#: What the engine writes of a decision to ``decision_log`` (its context and descriptor go to ``vectors``, once).
 DECISION_COLUMNS = ("id", "batch", "rank", "task", "models", "operator", "policy", "policy_version", "feature_schema",
-                    "context", "arm", "predicted", "uncertainty", "propensity", "evaluate", "pair_propensity")
-#: What feedback reads of its decision, and how many of its latest decisions the engine keeps at hand for it
-#: (about 2 KB each).
+                    "context_key", "arm_key", "predicted", "uncertainty", "propensity", "evaluate", "pair_propensity")
+#: What feedback reads of its decision (from the ``decisions`` view), and how many of its latest decisions the
+#: engine keeps at hand for it (about 2 KB each).
 FEEDBACK_FIELDS = ("context", "operator", "arm", "propensity", "feature_schema")
 RECENT_DECISIONS = 1024
 ARM_NAMES = tuple(f"method={m}" for m in REGISTRY) + OPERATOR_PARAMS + ("consensus", "random")
@@ -162,6 +165,15 @@ class Engine:
         self._since_snapshot: dict[str, int] = {}
         self._cand_cache: dict[str, tuple[tuple, CandidateSet]] = {}
         self._entropy = (b"", 0)  # random bytes not yet used for ids, and the process they were read in
+        self._vectors: dict[int, None] | None = None  # keys of the rows in `vectors` (read once, then kept)
+        me = weakref.ref(self)
+
+        def forget_vectors() -> None:  # a failed transaction may have held vectors this engine counted as stored
+            eng = me()
+            if eng is not None:
+                eng._vectors = None
+
+        store.on_rollback(forget_vectors)
         self._key_memo: dict[str, tuple[int, tuple]] = {}  # task -> (store transaction id, catalog key)
         #: How stale the weight files' stats in a candidate set's key may be: 0 reads them for every store
         #: transaction; the daemon reads them at most once a second (a scandir and a stat per file of every
@@ -395,6 +407,7 @@ class Engine:
             self._seq = None
             self._explained = None
             self._unlearned.clear()
+            self._vectors = None
 
     def rebuild(self, name: str | None = None):
         """Rebuild a policy from the decision log alone, replace its snapshot, and return it."""
@@ -597,7 +610,7 @@ class Engine:
             now = time.time()
             if self._eval_times is None:
                 rows = self.store.fetchall(
-                    "SELECT epoch(created_at) FROM decisions WHERE evaluate AND created_at >= "
+                    "SELECT epoch(created_at) FROM decision_log WHERE evaluate AND created_at >= "
                     "current_timestamp::TIMESTAMP - to_seconds(?)", [float(self.config.eval_window_s)])
                 # created_at is local wall time stored without zone; epoch() reads it as UTC.
                 offset = time.mktime(time.localtime(now)) - time.mktime(time.gmtime(now))
@@ -610,16 +623,17 @@ class Engine:
         ids = self._random_hex(8 * len(entries) + 16)  # the batch id, then every decision id
         batch = ids[:32]
         version = str(pol.version)
-        rows, queued = [], []
+        rows, queued, recent, vectors = [], [], [], []
         for rank, e in enumerate(entries):
             did = ids[32 + 16 * rank: 48 + 16 * rank]
             # copies: a candidate's x is a row of the cached candidate matrix, which the log must not pin
+            x, z = np.array(e["x"], dtype=float), np.array(e["z"], dtype=float)
             rows.append([did, batch, rank, cs.task, cs.names_json(tuple(e["models"])),
                          cs.names_json(tuple(e["operator"])), policy,
-                         version, cs.feature_schema, np.array(e["x"], dtype=float),
-                         np.array(e["z"], dtype=float),
+                         version, cs.feature_schema, self._vector(x, vectors), self._vector(z, vectors),
                          _finite(e["predicted"]), _finite(e["uncertainty"]), e["propensity"], e["evaluate"],
                          e["pair_propensity"]])
+            recent.append((did, (x, rows[-1][5], z, e["propensity"], cs.feature_schema)))
             if e["evaluate"]:
                 queued.append([did])
                 if self._eval_times is not None:
@@ -631,15 +645,27 @@ class Engine:
                 "propensity": e["propensity"], "evaluate": e["evaluate"], "explanation": e["explanation"],
                 "policy": policy}
         with self.store.transaction():
-            self.store.insert_rows("decisions", DECISION_COLUMNS, rows)
+            self.store.insert_rows("vectors", ("key", "v"), vectors)
+            self.store.insert_rows("decision_log", DECISION_COLUMNS, rows)
             self.store.insert_rows("eval_queue", ("decision_id",), queued)
-        at = [DECISION_COLUMNS.index(c) for c in FEEDBACK_FIELDS]
-        for r in rows:
-            self._recent[r[0]] = tuple(r[i] for i in at)
+        for key, _ in vectors:
+            self._vectors[key] = None  # stored (a transaction that fails after this resets the engine)
+        for did, fields in recent:
+            self._recent[did] = fields
         while len(self._recent) > RECENT_DECISIONS:
             old = next(iter(self._recent))
             del self._recent[old]
             self._rewarded.pop(old, None)
+
+    def _vector(self, v: np.ndarray, new: list) -> int:
+        """The key of ``v`` in ``vectors``; ``[key, v]`` is appended to ``new`` when the store does not hold it."""
+        key = vector_key(v)
+        known = self._vectors
+        if known is None:
+            known = self._vectors = dict.fromkeys(r[0] for r in self.store.fetchall("SELECT key FROM vectors"))
+        if key not in known and all(key != k for k, _ in new):
+            new.append([key, v])
+        return key
 
     def _random_hex(self, n: int) -> str:
         """``os.urandom(n).hex()``, from 4 KiB read at a time: a system call releases the GIL, and in the daemon
@@ -725,7 +751,8 @@ class Engine:
             self._known_seq = last
 
     def decision(self, decision_id: str) -> dict:
-        rows = self.store.fetchdicts("SELECT * EXCLUDE (context, arm) FROM decisions WHERE id = ?", [decision_id])
+        rows = self.store.fetchdicts("SELECT * EXCLUDE (context_key, arm_key) FROM decision_log WHERE id = ?",
+                                     [decision_id])
         if not rows:
             raise NotFound(f"no decision with id {decision_id!r}")
         d = rows[0]
@@ -740,14 +767,14 @@ class Engine:
         for state, n in self.store.fetchall("SELECT state, count(*) FROM eval_queue GROUP BY state"):
             queue[state] = int(n)
         last = self.store.fetchdicts(
-            "SELECT id, task, models, operator, policy, created_at FROM decisions ORDER BY created_at DESC, "
+            "SELECT id, task, models, operator, policy, created_at FROM decision_log ORDER BY created_at DESC, "
             "rank LIMIT 1")
         return {
             "counts": {
                 "models": count("SELECT count(*) FROM models"),
                 "tasks": count("SELECT count(*) FROM tasks"),
                 "operators": count("SELECT count(*) FROM operators WHERE status = 'active'"),
-                "decisions": count("SELECT count(*) FROM decisions"),
+                "decisions": count("SELECT count(*) FROM decision_log"),
                 "rewards": count("SELECT count(*) FROM rewards"),
             },
             "queue": queue,

@@ -57,6 +57,11 @@ class JournalError(SimmergeError):
 
 # ---- rows into DuckDB ----
 
+#: Tables keyed by their content: inserting a row whose key is already there is a no-op, not an error (two
+#: writers, or one that forgot what it stored after a reset, may both add the same vector).
+CONTENT_ADDRESSED = frozenset({"vectors"})
+
+
 def insert(db: duckdb.DuckDBPyConnection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
            stamped: Sequence[str] = ()) -> None:
     """One INSERT of ``rows``: a few scalars as statement parameters, anything larger as a scan of an Arrow table.
@@ -68,7 +73,8 @@ def insert(db: duckdb.DuckDBPyConnection, table: str, columns: Sequence[str], ro
     import numpy as np
 
     targets = [*columns, *stamped]
-    sql = f"INSERT INTO {table} ({', '.join(targets)}) "
+    verb = "INSERT OR IGNORE" if table in CONTENT_ADDRESSED else "INSERT"
+    sql = f"{verb} INTO {table} ({', '.join(targets)}) "
     width = len(columns) + (1 if stamped else 0)
     small = len(rows) * width <= 32 and not any(isinstance(v, np.ndarray) for row in rows for v in row)
     if small:
@@ -203,12 +209,27 @@ def replay(db: duckdb.DuckDBPyConnection, directory: Path) -> int:
             log.warning("journal %s: %d bytes after the last whole record dropped (a write cut short by a crash, "
                         "never acknowledged)", f, f.stat().st_size - end)
         records.extend(r for r in recs if r[0] > done)
+    records = [(seq, t, _upgraded(batches)) for seq, t, batches in records]
     if records:
         _write_records(db, records, stamped_columns(db))
     for f in files:
         f.unlink()
     _fsync_dir(directory)
     return len(records)
+
+
+def _upgraded(batches: Batches) -> Batches:
+    """A record's batches in today's schema: rows for the old ``decisions`` table (before migration m0012) go to
+    ``vectors`` and ``decision_log``."""
+    from .migrations import legacy_decision_batches
+
+    out: list = []
+    for table, columns, rows in batches:
+        if table == "decisions" and "context" in columns:
+            out.extend(legacy_decision_batches(columns, rows))
+        else:
+            out.append((table, columns, rows))
+    return out
 
 
 def _datasync(fd: int) -> None:

@@ -13,7 +13,7 @@ import re
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import duckdb
 
@@ -62,6 +62,9 @@ class Store:
         self.journal_record: int | None = None  # the journal record the last transaction wrote, if any
         #: The catalog's version as :class:`~.catalog.Catalog` last read it (None: read it again).
         self.catalog_version: int | None = None
+        #: Called after a transaction failed (rolled back, or its journal record could not be written): caches of
+        #: what the transaction wrote must forget it (see :meth:`on_rollback`).
+        self._rollback_hooks: list[Callable[[], None]] = []
 
     @classmethod
     def open(cls, home: str | os.PathLike | None = None, *, upto: str | None = None) -> "Store":
@@ -160,16 +163,31 @@ class Store:
                 real, self._real = self._real, False
                 self._depth, self._deferred, self._holder = 0, None, None
                 self.catalog_version = None  # it may have been read inside the transaction
-                if real:
-                    self.db.execute("ROLLBACK")
+                try:
+                    if real:
+                        self.db.execute("ROLLBACK")
+                finally:
+                    self._rolled_back()
                 raise
             pending, self._deferred, self._depth, self._holder = self._deferred, None, 0, None
-            if self._real:
-                self._real = False
-                self.db.execute("COMMIT")
-            elif pending:
-                self.journal_record = self._journal.append([(t, c, rows) for (t, c), rows in pending.items()],
-                                                           sync=sync)
+            try:
+                if self._real:
+                    self._real = False
+                    self.db.execute("COMMIT")
+                elif pending:
+                    self.journal_record = self._journal.append([(t, c, rows) for (t, c), rows in pending.items()],
+                                                               sync=sync)
+            except BaseException:
+                self._rolled_back()
+                raise
+
+    def on_rollback(self, hook: Callable[[], None]) -> None:
+        """Have ``hook()`` called whenever a transaction fails: what it wrote is not in the store."""
+        self._rollback_hooks.append(hook)
+
+    def _rolled_back(self) -> None:
+        for hook in self._rollback_hooks:
+            hook()
 
     def _begin(self) -> None:
         self.db.execute("BEGIN TRANSACTION")

@@ -111,7 +111,7 @@ def test_a_new_feature_schema_starts_learning_again_and_keeps_the_old_log(setup)
             eng.feedback(r["id"], 0.5)
     assert eng.policy().n_updates == 6
     # pretend all of that was logged and learned under schema 1
-    setup.execute("UPDATE decisions SET feature_schema = '1'")
+    setup.execute("UPDATE decision_log SET feature_schema = '1'")
     for name, meta in setup.fetchall("SELECT policy, meta FROM policy_state"):
         setup.execute("UPDATE policy_state SET meta = ? WHERE policy = ?",
                       [json.dumps({**json.loads(meta), "feature_schema": "1"}), name])

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from simmerge_bandit import replay as rp
 from simmerge_bandit.cli import cli
 from simmerge_bandit.errors import InvalidInput, NotFound
+from simmerge_bandit.migrations import vector_key
 
 HAND_LOG = """action,reward,propensity,x
 1,1,0.5,0.1
@@ -233,12 +234,15 @@ def test_engine_log_rank0_rewarded_choices(tmp_path):
             z = [1.0, 0.0] if op == "ties" else [0.0, 1.0]
             for rank in (0, 1):
                 did = f"d{i}-{rank}"
+                x = [float(rng.normal()), 1.0]
+                for v in (x, z):
+                    store.execute("INSERT OR IGNORE INTO vectors VALUES (?, ?)", [vector_key(v), v])
                 store.execute(
-                    "INSERT INTO decisions (id, batch, rank, task, models, operator, policy, policy_version, "
-                    "feature_schema, context, arm, predicted, uncertainty, propensity, evaluate) "
+                    "INSERT INTO decision_log (id, batch, rank, task, models, operator, policy, policy_version, "
+                    "feature_schema, context_key, arm_key, predicted, uncertainty, propensity, evaluate) "
                     "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     [did, f"b{i}", rank, "t", json.dumps(["m1", "m2"]), json.dumps([op]), "linucb", "v", "1",
-                     [float(rng.normal()), 1.0], z, 0.5, 0.1, 0.25, rank == 0])
+                     vector_key(x), vector_key(z), 0.5, 0.1, 0.25, rank == 0])
                 store.execute("INSERT INTO rewards (decision_id, reward) VALUES (?, ?)", [did, float(i % 3)])
         log = rp.load_engine_log(store)
     finally:

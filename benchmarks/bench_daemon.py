@@ -187,7 +187,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--out", default=str(ROOT / "results" / "daemon.json"))
-    ap.add_argument("--checkpoint-wal", default="16MB", help="the daemon's --checkpoint-wal")
+    ap.add_argument("--checkpoint-wal", default="8MB", help="the daemon's --checkpoint-wal")
     ap.add_argument("--memory-limit", default=None, help="the daemon's --memory-limit (default: the daemon's)")
     ap.add_argument("--learn-interval-ms", default=None, help="the daemon's --learn-interval-ms")
     ap.add_argument("--client-processes", action="store_true", help="clients as processes, not threads")

@@ -1114,9 +1114,9 @@ def demo(ctx: click.Context, rounds: int, seed: int, policy: str, eval_limit: in
 @click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
 @click.option("--memory-limit", default="1GB", show_default=True,
               help="Cap on DuckDB's buffer pool, which otherwise keeps the growing decision log in memory.")
-@click.option("--checkpoint-wal", default="16MB", show_default=True,
-              help="Write-ahead log size at which DuckDB checkpoints in the middle of traffic (DuckDB's default); "
-                   "the daemon also checkpoints whenever it is idle.")
+@click.option("--checkpoint-wal", default="8MB", show_default=True,
+              help="Write-ahead log size at which DuckDB checkpoints in the middle of traffic (DuckDB's default "
+                   "is 16MB); what is not checkpointed stays in memory. The daemon also checkpoints when idle.")
 @click.option("--learn-interval-ms", default=100.0, show_default=True, type=click.FloatRange(min=0),
               help="Longest a reward waits before the policies learn it (sooner once 32 wait); suggestions in "
                    "the meantime rank without it. 0: before the next suggestion.")

@@ -260,6 +260,9 @@ class Journal:
     ``max_rows`` wait); readers never see the delay, they drain first.
     """
 
+    #: What a trim lowers DuckDB's memory limit to for a moment (blocks still pinned stay whatever the limit).
+    TRIM_TO = "4MB"
+
     def __init__(self, db: duckdb.DuckDBPyConnection, directory: Path, interval_s: float = 0.05,
                  max_rows: int = 4096, wal: Path | None = None, memory_limit: str | None = None):
         self.directory = directory
@@ -541,7 +544,7 @@ class Journal:
             return
         try:
             try:
-                self._db.execute("SET memory_limit = '16MB'")
+                self._db.execute(f"SET memory_limit = '{self.TRIM_TO}'")
             except duckdb.Error:  # it could not evict down to that: whatever it evicted is gone anyway
                 pass
             self._db.execute(f"SET memory_limit = '{self._memory_limit}'")

@@ -228,15 +228,23 @@ class _Batcher:
                 return
         except OSError:
             return  # no log to fold
+        if store.journal is not None:  # on the ingest thread: the next call must not wait for it
+            store.journal.checkpoint_soon(self._checkpointed)
+            return
         t = time.perf_counter()
         try:
             store.execute("CHECKPOINT")
         except Exception as e:  # DuckDB checkpoints on its own later; nothing is lost
-            event("checkpoint failed", reason=f"{type(e).__name__}: {e}")
+            self._checkpointed(e)
             return
-        if store.journal is not None:
-            store.journal.trim()  # the blocks just written need not stay cached (see Journal._trim_cache)
-        event("checkpoint", ms=round(1000 * (time.perf_counter() - t), 1))
+        self._checkpointed(time.perf_counter() - t)
+
+    @staticmethod
+    def _checkpointed(result: float | Exception) -> None:
+        if isinstance(result, Exception):  # DuckDB checkpoints on its own later; nothing is lost
+            event("checkpoint failed", reason=f"{type(result).__name__}: {result}")
+        else:
+            event("checkpoint", ms=round(1000 * result, 1))
 
     def _snapshot(self) -> None:
         """Snapshots bound the log tail a restart replays; one writes every policy's matrices (megabytes), so it
@@ -751,7 +759,7 @@ class Daemon:
                   queue_depth=st["queue"]["queued"] + st["queue"]["running"],
                   batches={"count": self._batcher.batches, "calls": self._batcher.calls},
                   journal={"records": self.store.journal.appended, "ingests": self.store.journal.ingests,
-                           "cache_trims": self.store.journal.trims},
+                           "cache_trims": self.store.journal.trims, "checkpoints": self.store.journal.checkpoints},
                   memory={"rss_kb": _rss_kb(), "duckdb_bytes": int(self.store.fetchone(
                       "SELECT coalesce(sum(memory_usage_bytes), 0) FROM duckdb_memory()")[0])})
         return st

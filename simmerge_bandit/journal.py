@@ -36,7 +36,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import duckdb
 
@@ -293,7 +293,8 @@ class Journal:
         self._size = 0
         self._error: Exception | None = None  # the last ingest failure, raised to readers
         self._closed = False
-        self.appended = self.ingests = self.trims = 0
+        self.appended = self.ingests = self.trims = self.checkpoints = 0
+        self._checkpoint_done: Callable[[float | Exception], None] | None = None  # see checkpoint_soon
         self.last_sync_s = self.last_ingest_s = 0.0  # how long the last fsync, the last ingest took
         self._thread = threading.Thread(target=self._run, name="journal-ingest", daemon=True)
         self._thread.start()
@@ -465,18 +466,31 @@ class Journal:
 
     # ---- ingest ----
 
+    def checkpoint_soon(self, done: Callable[[float | Exception], None]) -> None:
+        """Have the ingest thread move what waits into DuckDB and then checkpoint DuckDB (fold its write-ahead log
+        into the file) and trim its cache, off the caller's thread: a checkpoint takes 50-300 ms, and the daemon's
+        writer, which asked for it when idle, must not sit in it when the next call arrives. ``done(seconds)`` or
+        ``done(error)`` runs on the ingest thread afterwards."""
+        with self._lock:
+            self._checkpoint_done = done
+            self._lock.notify()
+
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._pending and not self._closed:
+                while not self._pending and not self._closed and self._checkpoint_done is None:
                     self._lock.wait()
                 if self._closed:
                     return
                 wait = self._first_pending_at + self.interval_s - time.monotonic()
-                if wait > 0 and self._pending_rows < self.max_rows:
+                if self._pending and self._checkpoint_done is None and wait > 0 and \
+                        self._pending_rows < self.max_rows:
                     self._lock.wait(wait)
+                done, self._checkpoint_done = self._checkpoint_done, None
             with self._ingest_lock:
                 self._ingest()
+                if done is not None:
+                    self._checkpoint(done)
             try:
                 self._prepare()
             except OSError as e:  # the append path makes its own segment then
@@ -509,6 +523,26 @@ class Journal:
                 self._first_pending_at = time.monotonic()
             self._ingested = records[-1][0]
         self._prune()
+
+    def _checkpoint(self, done: Callable[[float | Exception], None]) -> None:
+        t0 = time.perf_counter()
+        try:
+            if self._error is not None:
+                raise JournalError(f"not checkpointed: the ingest failed ({self._error})")
+            self._db.execute("CHECKPOINT")
+            self._evict()  # the blocks just written need not stay cached (see _trim_cache)
+            try:
+                self._wal_size = self._wal.stat().st_size if self._wal is not None else 0
+            except OSError:
+                self._wal_size = 0
+            self.checkpoints += 1
+            result: float | Exception = time.perf_counter() - t0
+        except (duckdb.Error, JournalError) as e:  # DuckDB checkpoints on its own later; nothing is lost
+            result = e
+        try:
+            done(result)
+        except Exception as e:  # noqa: BLE001 - a report must not stop the ingest thread
+            log.warning("journal: checkpoint report failed: %s", e)
 
     def _trim_cache(self) -> None:
         """After a checkpoint, evict what DuckDB's buffer pool holds of the tables.

@@ -100,6 +100,7 @@ def test_api_auth_errors_and_shutdown(home):
         assert call(info, "POST", "/v1/suggest", {"task": "double", "top": 1})[0] == 200  # warm: journaled
         code, st = call(info, "GET", "/v1/status")  # ... and the read sees it
         assert st["journal"]["records"] >= 1 and st["counts"]["decisions"] == 3
+        assert {"ingests", "cache_trims", "checkpoints"} <= set(st["journal"])
         assert st["memory"]["rss_kb"] > 0 and st["memory"]["duckdb_bytes"] >= 0
     finally:
         assert stop(proc) == 0

@@ -11,6 +11,7 @@ import duckdb
 import numpy as np
 import pytest
 
+from simmerge_bandit import journal as jmod
 from simmerge_bandit.daemon import _Batcher, _Call, _HttpServer
 from simmerge_bandit.engine import Engine, EngineConfig
 from simmerge_bandit.errors import NotFound
@@ -75,8 +76,6 @@ def test_a_batch_is_one_transaction_answered_after_its_commit(engine, home):  # 
 
 
 def test_with_the_journal_answers_wait_for_the_fsync_and_a_failed_fsync_refuses_them(engine, monkeypatch):
-    from simmerge_bandit import journal as jmod
-
     ids = [engine.suggest("double", top=1)[0]["id"] for _ in range(4)]
     engine.feedback(ids[3], 0.2)  # warm (the reward counter is read once): the batches below only write
     engine.store.enable_journal(interval_s=3600)
@@ -162,8 +161,20 @@ def test_policy_snapshots_follow_the_clock(engine, snapshot_s, snapshotted):
     assert ((row[0] if row else 0) == last) is snapshotted
 
 
-def test_the_write_ahead_log_is_checkpointed_when_idle_not_between_busy_batches(engine, home):  # noqa: F811
+@pytest.mark.parametrize("journaled", [False, True])
+def test_the_write_ahead_log_is_checkpointed_when_idle_not_between_busy_batches(engine, home, journaled,  # noqa: F811
+                                                                                 monkeypatch):
     wal = Path(str(state_path(home)) + ".wal")
+    ran_on = []
+    if journaled:  # the daemon's case: the checkpoint runs on the journal's ingest thread, not the batcher's
+        engine.store.enable_journal(interval_s=0.05, memory_limit="1GB")
+        real = jmod.Journal._checkpoint
+
+        def checkpoint(self, done):
+            ran_on.append(threading.current_thread().name)
+            return real(self, done)
+
+        monkeypatch.setattr(jmod.Journal, "_checkpoint", checkpoint)
     engine.store.execute("SET checkpoint_threshold = '1GB'")  # DuckDB itself would not checkpoint this soon
     engine.store.execute("CREATE TABLE filler (i BIGINT, x DOUBLE)")
     for k in range(30):  # small appends go to the log (a large one would be written to the file directly)
@@ -190,6 +201,8 @@ def test_the_write_ahead_log_is_checkpointed_when_idle_not_between_busy_batches(
     batcher.close()
     assert not wal.exists() or wal.stat().st_size < (1 << 20)
     assert engine.store.fetchone("SELECT count(*) FROM filler") == (300000,)
+    if journaled:
+        assert ran_on == ["journal-ingest"] and engine.store.journal.checkpoints == 1
 
 
 def test_calls_after_close_are_refused(engine):

@@ -260,3 +260,17 @@ def test_trim_drops_duckdbs_cached_blocks_and_restores_the_limit(simmerge_home):
     assert store.fetchone("SELECT current_setting('memory_limit')")[0] == limit
     assert store.fetchone("SELECT count(*) FROM t") == (20_000,)
     store.close()
+
+
+def test_a_checkpoint_asked_for_runs_on_the_ingest_thread_after_the_waiting_rows(simmerge_home):
+    import threading
+
+    store = open_with_table(simmerge_home, interval_s=3600)  # only the checkpoint request wakes the thread
+    put(store, [f"r{i}" for i in range(500)])
+    got, done = [], threading.Event()
+    store.journal.checkpoint_soon(lambda r: (got.append((r, threading.current_thread().name)), done.set()))
+    assert done.wait(30)
+    assert isinstance(got[0][0], float) and got[0][1] == "journal-ingest"
+    assert not store.journal.has_pending() and store.journal.checkpoints == 1
+    assert store.fetchone("SELECT count(*) FROM t") == (500,)
+    store.close()

@@ -378,9 +378,9 @@ class _HttpServer:
     ``email.parser`` (about 0.6 ms of CPU a request, under the GIL, as much as ranking 1,320 candidates); here one
     thread reads every connection, parses the few headers this API needs (Content-Length, Connection,
     Authorization) and calls ``handle(method, target, headers, body)``, which returns ``(status, payload)``, an
-    :class:`asyncio.Future` of it (answered from the future's callback: no task per request) or a coroutine. Each connection is a
-    plain :class:`asyncio.Protocol` that parses the bytes as they arrive (a stream reader's await per header line
-    cost the loop thread about a fifth of the daemon's CPU under load).
+    :class:`asyncio.Future` of it (answered from the future's callback: no task per request) or a coroutine.
+    Each connection is a plain :class:`asyncio.Protocol` that parses the bytes as they arrive (a stream reader's
+    await per header line cost the loop thread about a fifth of the daemon's CPU under load).
     """
 
     MAX_BODY = 16 << 20

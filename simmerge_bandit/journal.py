@@ -530,11 +530,7 @@ class Journal:
             if self._error is not None:
                 raise JournalError(f"not checkpointed: the ingest failed ({self._error})")
             self._db.execute("CHECKPOINT")
-            self._evict()  # the blocks just written need not stay cached (see _trim_cache)
-            try:
-                self._wal_size = self._wal.stat().st_size if self._wal is not None else 0
-            except OSError:
-                self._wal_size = 0
+            self._trimmed()  # the blocks just written need not stay cached (see _trim_cache)
             self.checkpoints += 1
             result: float | Exception = time.perf_counter() - t0
         except (duckdb.Error, JournalError) as e:  # DuckDB checkpoints on its own later; nothing is lost
@@ -563,14 +559,18 @@ class Journal:
             self._evict()
 
     def trim(self) -> None:
-        """Drop the table blocks DuckDB caches now (after a checkpoint made elsewhere, such as the daemon's when
-        idle)."""
+        """Drop the table blocks DuckDB caches now (after a checkpoint made on another connection)."""
         with self._ingest_lock:
-            self._evict()
-            try:
-                self._wal_size = self._wal.stat().st_size if self._wal is not None else 0
-            except OSError:
-                self._wal_size = 0
+            self._trimmed()
+
+    def _trimmed(self) -> None:
+        """Evict, and take the write-ahead log's size as the new mark for _trim_cache (caller holds
+        ``_ingest_lock``)."""
+        self._evict()
+        try:
+            self._wal_size = self._wal.stat().st_size if self._wal is not None else 0
+        except OSError:
+            self._wal_size = 0
 
     def _evict(self) -> None:
         """Lower DuckDB's memory limit for a moment: it evicts what it can (the caller holds ``_ingest_lock``)."""

@@ -7,9 +7,11 @@ leaves the database at the previous level. Append new migrations at the end; nev
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable
 
 import duckdb
+import numpy as np
 
 Migration = Callable[[duckdb.DuckDBPyConnection], None]
 MIGRATIONS: list[tuple[str, Migration]] = []
@@ -260,10 +262,6 @@ def vector_key(v) -> int:
     Content-addressed, so the same context or descriptor logged a million times is stored once. (Two different
     vectors share a key with probability ~n^2 / 2^65: about 3e-10 for a hundred thousand distinct vectors.)
     """
-    import hashlib
-
-    import numpy as np
-
     raw = np.ascontiguousarray(v, dtype="<f8").tobytes()
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little", signed=True)
 
@@ -271,8 +269,6 @@ def vector_key(v) -> int:
 def legacy_decision_batches(columns, rows) -> list[tuple[str, tuple, list]]:
     """Rows for the old ``decisions`` table (contexts and descriptors inline) as rows of ``vectors`` and
     ``decision_log``: a journal written before m0012 is replayed into the new tables."""
-    import numpy as np
-
     columns = tuple(columns)
     at_x, at_z = columns.index("context"), columns.index("arm")
     vectors: dict[int, object] = {}
@@ -323,8 +319,6 @@ def m0012_decision_vectors(db: duckdb.DuckDBPyConnection) -> None:
     # the engine uses, and the old rows are joined to them by id (not to their vectors by value, a join on lists
     # of doubles). The rows are streamed, every key first (a statement on this connection would end the
     # stream), then inserted.
-    import numpy as np
-
     rel = db.sql("SELECT id, context, arm FROM decisions")
     reader = rel.to_arrow_reader(50_000) if hasattr(rel, "to_arrow_reader") else rel.record_batch(50_000)
     vectors: dict[int, np.ndarray] = {}

@@ -5,6 +5,7 @@ requests per second and p50/p99 latency of suggest and feedback through the HTTP
 start (after warm-up) and at the end, and in-process `Engine.suggest` latency on the same catalog.
 
     python benchmarks/bench_daemon.py [--seconds 30] [--clients 8]
+    python benchmarks/bench_daemon.py --table     # the benchmark page's table from the committed results
 """
 
 from __future__ import annotations
@@ -182,6 +183,42 @@ def _children_cpu() -> float:
     return t.children_user + t.children_system
 
 
+def markdown_table(res: dict) -> str:
+    """The benchmark page's table from a results file (one recorded run)."""
+    def lat(d: dict, *qs: str) -> str:
+        return " / ".join(f"{d[q]:.1f}" for q in qs) + " ms"
+
+    s, f, one, paced, rss = res["suggest"], res["feedback"], res["one_client"], res["paced"], res["rss_kb"]
+    g, met = res["goals"], res["goals_met"]
+    n = res["clients"]
+    rows = ["| what | recorded run | goal |", "|---|---|---|",
+            f"| {n} saturating clients: calls per second (each of suggest, feedback) | {s['rps']:,.0f} | |",
+            f"| {n} saturating clients: suggest p50 / p90 / p99 / max | {lat(s, 'p50_ms', 'p90_ms', 'p99_ms', 'max_ms')}"
+            f" | p99 < {g['suggest_p99_ms_max']:.0f} ms: {'met' if met['suggest_p99'] else 'not met'} |",
+            f"| {n} saturating clients: feedback p50 / p90 / p99 / max (answered once durable) "
+            f"| {lat(f, 'p50_ms', 'p90_ms', 'p99_ms', 'max_ms')} | |",
+            f"| {paced['clients']} clients, each a suggest + feedback pair every {1000 * paced['period_s']:.0f} ms: "
+            f"suggest p50 / p99 / max | {lat(paced['suggest'], 'p50_ms', 'p99_ms', 'max_ms')} | |",
+            f"| same: feedback p50 / p99 / max | {lat(paced['feedback'], 'p50_ms', 'p99_ms', 'max_ms')} | |",
+            f"| one client alone: suggest p50 / p99 | {lat(one['suggest'], 'p50_ms', 'p99_ms')} | |",
+            f"| one client alone: feedback p50 / p99 | {lat(one['feedback'], 'p50_ms', 'p99_ms')} | |",
+            f"| daemon CPU per suggest + feedback pair (clients: {res['cpu_ms_per_pair']['clients']:.2f} ms) "
+            f"| {res['cpu_ms_per_pair']['daemon']:.2f} ms | |",
+            f"| daemon RSS: after warm-up -> the instant the load ends | {rss['start'] / 1024:.0f} -> "
+            f"{rss['end'] / 1024:.0f} MiB, {rss['growth']:+.1%} | <= {g['rss_growth_max']:.0%}: "
+            f"{'met' if met['rss_growth'] else 'not met'} |",
+            f"| daemon RSS 2 s after the load | {rss['end_settled_2s'] / 1024:.0f} MiB, {rss['growth_settled']:+.1%} | |",
+            f"| in-process `Engine.suggest` (rank {res['in_process_suggest']['candidates']:,} candidates, log 5 "
+            f"decisions, commit) | p50 {res['in_process_suggest']['p50_ms']:.1f} ms, p99 "
+            f"{res['in_process_suggest']['p99_ms']:.1f} ms | |"]
+    m = res["machine"]
+    rows += ["", f"{res['candidates']:,} candidates per suggestion; {res['rewards_stored']:,} rewards stored; "
+             f"{len(res['errors'])} errors; daemon exit code {res['daemon_exit_code']}. Machine: {m['cpus']} CPU "
+             f"cores, load average {m['load_avg_before'][0]:.1f} before the load and {m['load_avg_after'][0]:.1f} "
+             f"after, {m['cpu_steal_s_during_load']:.2f} s of CPU steal during it."]
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=30.0)
@@ -191,7 +228,11 @@ def main() -> None:
     ap.add_argument("--memory-limit", default=None, help="the daemon's --memory-limit (default: the daemon's)")
     ap.add_argument("--learn-interval-ms", default=None, help="the daemon's --learn-interval-ms")
     ap.add_argument("--client-processes", action="store_true", help="clients as processes, not threads")
+    ap.add_argument("--table", action="store_true", help="print the benchmark page's table from --out and exit")
     args = ap.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(Path(args.out).read_text())))
+        return
 
     tmp = Path(tempfile.mkdtemp(prefix="simmerge-bench-daemon-"))
     home, work = tmp / "home", tmp / "models"

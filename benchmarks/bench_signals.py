@@ -17,7 +17,7 @@
 Other engineers share this machine's 2 cores: the load average is recorded with each part and timings are the best
 of several repeats.
 
-    python benchmarks/bench_signals.py [--models 1000] [--quick] [--only PART ...]"""
+    python benchmarks/bench_signals.py [--models 1000] [--quick] [--only PART ...] [--table]"""
 
 from __future__ import annotations
 
@@ -30,10 +30,62 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 HERE = Path(__file__).resolve().parent
+
+
+def markdown_table(res: dict) -> str:
+    """The benchmark page's tables, from a results file: signature cost, model loads, all pairs, end to end."""
+    rows = ["| model | torch threads | load + plain forward | load + signature | ratio (goal <= 1.2x) "
+            "| functional pass vs plain forward | structural pass (vs safetensors read of model and base) |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for s in res["signature"]:
+        model = f"Llama {s['hidden']} x {s['layers']} layers, {s['params'] / 1e6:.2f} M params"
+
+        def ms(x: float) -> str:
+            return f"{1000 * x:.3g} ms"
+
+        rows.append(f"| {model} | {s['torch_threads']} | {ms(s['load_plus_plain_forward_s'])} "
+                    f"| {ms(s['per_model_total_s'])} | {s['per_model_total_vs_load_plus_plain_forward']:.2f}x "
+                    f"| {s['functional_vs_plain_forward']:.2f}x | {ms(s['structural_signature_s'])}, "
+                    f"{s['structural_vs_plain_read']:.1f}x |")
+    ld = res["loads"]
+    rows += ["", f"Model loads: {ld['models']} models and {ld['tasks']} tasks gave {ld['loads_first_call']} loads, a "
+             f"second call {ld['loads_second_call']}, and the features of every ordered pair "
+             f"{ld['load_model_calls_including_all_pairs_features'] - ld['loads_first_call']} more.", "",
+             "| distributions | torch threads | time, best of repeats (goal <= 10 s) | all repeats | stacks already "
+             "built | per-pair path (extrapolated) | faster |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for p in res["pairs"]:
+        dist = (f"full, {p['vocab']}-token vocabulary" if p["representation"] == "full"
+                else f"{p['representation']} of a {p['vocab']:,}-token vocabulary")
+        reps = " / ".join(f"{x:.1f}" for x in p["seconds_all_repeats"])
+        rows.append(f"| {dist} | {p['torch_threads']} | {p['seconds']:.1f} s | {reps} s "
+                    f"| {p['seconds_stacks_cached']:.1f} s | {p['per_pair_path_extrapolated_s']:,.0f} s "
+                    f"| {p['speedup_vs_per_pair']:,.0f}x |")
+    e = res["end_to_end"]
+    rows += ["", f"Through the store (`feature_matrix`, full distributions, {e['models']:,} models, "
+             f"{e['ordered_pairs']:,} ordered pairs; writing the signatures took {e['save_all_signatures_s']:.0f} s):",
+             "", "| torch threads | store read | cold, best (goal <= 10 s) | cold, all repeats | warm |",
+             "| --- | --- | --- | --- | --- |"]
+    for key in sorted(k for k in e if k.startswith("threads_")):
+        t = e[key]
+        reps = " / ".join(f"{x:.1f}" for x in t["cold_all_repeats"])
+        rows.append(f"| {key.split('_')[1]} | {t['store_read_s']:.2f} s | {t['cold_s']:.1f} s | {reps} s "
+                    f"| {t['warm_s']:.1f} s |")
+    m = res["machine"]
+    rows += ["", f"Machine: {m['cpus']} CPU cores, Python {m['python']}, torch {m['torch']}; load average "
+             f"{m['load_at_start'][0]} at the start, {m['load_at_end'][0]} at the end."]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__" and "--table" in sys.argv[1:]:
+    # The table mode reads only the committed JSON: answer it before importing torch (seconds on a busy machine).
+    print(markdown_table(json.loads((HERE / "results" / "signals.json").read_text())))
+    sys.exit(0)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
 sys.path.insert(0, str(HERE.parent))
 
 from simmerge_bandit.signals import SignatureConfig, cache, features, functional, structural  # noqa: E402
@@ -346,7 +398,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="100 models, fewer repeats; prints, writes nothing")
     ap.add_argument("--only", choices=PARTS, action="append",
                     help="run only this part (repeatable); prints, writes nothing")
+    ap.add_argument("--table", action="store_true",
+                    help="print the benchmark page's tables from benchmarks/results/signals.json and exit")
     args = ap.parse_args()
+    if args.table:
+        print(markdown_table(json.loads((HERE / "results" / "signals.json").read_text())))
+        return
     parts = args.only or PARTS
     repeats = 1 if args.quick else 3
     sig_rounds = 3 if args.quick else 9

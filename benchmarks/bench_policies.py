@@ -361,6 +361,37 @@ def markdown_table(res: dict) -> str:
             paced = f"{modes['paced']['p99_ms']:.2f}" if "paced" in modes else ""
             rows.append(f"| {lat['d']} | {name.split(':', 1)[1]} | {b['n']:,} | {b['p50_ms']:.2f} "
                         f"| {b['p99_ms']:.2f} ({b['cpu_p99_ms']:.2f}) | {b['waited_share']:.1%} | {paced} |")
+    g = res["goals"]
+    met = g["met"]
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
+    slowest = max(((v, d, k.split(":", 1)[1]) for d, by in g["rank_p99_ms_100x12"].items() for k, v in by.items()))
+    linucb_p99 = " / ".join(f"{by['ours:linucb']:.2f}" for by in g["rank_p99_ms_100x12"].values())
+    rows += ["", f"Goals, worst configuration: updates >= {g['updates_vs_mabwiser_goal']:.0f}x MABWiser's "
+             f"{verdict(met['updates_50x_mabwiser'])}: {g['updates_vs_mabwiser_min_ratio']:.0f}x (means, wall clock), "
+             f"{g['updates_vs_mabwiser_min_ratio_cpu']:.0f}x (means, CPU time), "
+             f"{g['updates_p50_vs_mabwiser_min_ratio']:.0f}x (medians), "
+             f"{g['stream_updates_vs_mabwiser_min_ratio']:.0f}x for a run of updates; a full suggest + update loop at "
+             f"least as fast as VW's {verdict(met['loop_at_least_vw'])}: {g['loop_vs_vw_min_ratio']:.2f}x "
+             f"(CPU time {g['loop_vs_vw_min_ratio_cpu']:.2f}x); rank p99 < {g['rank_p99_ms_goal']:.0f} ms at 100 pairs "
+             f"x 12 operators {verdict(met['linucb_rank_p99_under_5ms'])} for `linucb` "
+             f"({linucb_p99} ms at "
+             f"{' / '.join(g['rank_p99_ms_100x12'])}); the slowest policy, `{slowest[2]}`, {slowest[0]:.2f} ms "
+             f"({slowest[1]})."]
+    for c in res["goal_configs"]:
+        others = [(k.split(":", 1)[1], v) for k, v in c["results"].items()
+                  if k.startswith("ours:") and k != "ours:linucb"]
+        if others:
+            rows += ["", f"The other policies in the interleaved run at d = {c['d']}, {c['pairs']} pairs x "
+                     f"{c['operators']} operators (rank p50 / CPU p99, update p50): " + "; ".join(
+                         f"`{n}` {v['suggest_p50_ms']:.2f} / {v['cpu_suggest_p99_ms']:.2f} ms, "
+                         f"{v['update_p50_us']:.0f} us" for n, v in others) + "."]
+    m = res["machine"]
+    rows += ["", f"Machine: {m['cpus']} CPU cores, BLAS threads {m['blas_threads']}, load average "
+             f"{m['loadavg_before'][0]:.1f} before and {m['loadavg_after'][0]:.1f} after; {res['seconds']:.0f} s in all"
+             + (" (a --quick run)." if res.get("quick") else ".")]
     return "\n".join(rows)
 
 
@@ -407,7 +438,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "policies.json"))
-    ap.add_argument("--table", action="store_true", help="print the README table from the results file and exit")
+    ap.add_argument("--table", action="store_true", help="print the benchmark page's tables from the results file and exit")
     args = ap.parse_args(argv)
     if args.table:
         print(markdown_table(json.loads(Path(args.out).read_text())))

@@ -771,7 +771,8 @@ class Daemon:
         chain = body.get("chain")
         if chain is not None and (not isinstance(chain, int) or isinstance(chain, bool)):
             raise InvalidInput("invalid field 'chain'")
-        return self.engine.suggest(_need(body, "task", str), top=top, policy=body.get("policy"), chain=chain)
+        return self.engine.suggest(_target_tasks(body), top=top, policy=body.get("policy"), chain=chain,
+                                   weights=_weights(body))
 
     def feedback(self, body: dict) -> dict:
         did = _need(body, "id", str)
@@ -885,6 +886,13 @@ class Daemon:
                 "<= current_timestamp) ORDER BY created_at LIMIT 1")
             if row is None:
                 return None
+            if self.store.fetchone("SELECT 1 FROM rewards WHERE decision_id = ?", [row[0]]) is not None:
+                # rewarded by feedback meanwhile: the reward closes its job, which is never run
+                with self.store.transaction():
+                    self.store.execute("UPDATE eval_queue SET state = 'done', result = ?, updated_at = "
+                                       "current_timestamp WHERE decision_id = ?",
+                                       [json.dumps({"closed_by": "feedback"}), row[0]])
+                return self._next_job()
             with self.store.transaction():
                 self.store.execute("UPDATE eval_queue SET state = 'running', attempts = attempts + 1, "
                                    "updated_at = current_timestamp WHERE decision_id = ?", [row[0]])
@@ -992,6 +1000,27 @@ class Daemon:
                 event("suggestions refreshed", task=t["name"], model=name)
             except _E as e:
                 event("refresh skipped", task=t["name"], reason=str(e))
+
+
+def _target_tasks(body: dict) -> str | list[str]:
+    """A suggestion's target tasks: ``"tasks": [names]``, or ``"task": name`` (one task, as before)."""
+    tasks = body.get("tasks")
+    if tasks is None:
+        return _need(body, "task", str)
+    if "task" in body:
+        raise InvalidInput("give 'task' or 'tasks', not both")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise InvalidInput("field 'tasks' must be a non-empty list of task names")
+    return tasks
+
+
+def _weights(body: dict) -> dict | None:
+    w = body.get("weights")
+    if w is None:
+        return None
+    if not isinstance(w, dict) or not all(isinstance(k, str) for k in w):
+        raise InvalidInput("field 'weights' must be an object {task: weight}")
+    return w
 
 
 def _need(body: dict, key: str, typ) -> Any:

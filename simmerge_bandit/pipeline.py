@@ -24,27 +24,36 @@ def merges_dir(store) -> Path:
 
 
 def job_spec(engine, decision_id: str) -> dict[str, Any]:
-    """Everything :func:`run_spec` needs, as plain data."""
+    """Everything :func:`run_spec` needs, as plain data: the decision's merge and every task of its target (with
+    its weight), and the source scores already known per task."""
+    from .target import Target
+
     d = engine.decision(decision_id)
     cat = engine.catalog
-    task = cat.task(d["task"])
+    target = Target.parse(d["task"])
     models = [cat.model(m) for m in d["models"]]
     bases = {m["base"] for m in models}
     base = cat.model(bases.pop()) if len(bases) == 1 and None not in bases else None
     ops = [cat.operator(o) for o in d["operator"]]
-    known = {}
-    for m in models:
-        row = engine.store.fetchone(
-            "SELECT score FROM evaluations WHERE fingerprint = ? AND task = ? AND data_hash = ? AND metric = ?",
-            [m["fingerprint"], task["name"], task["data_hash"], task["metric"]])
-        if row is not None:
-            known[m["name"]] = row[0]
+    tasks, known = [], {}
+    for name, weight in target.items:
+        task = cat.task(name)
+        tasks.append({**{k: task[k] for k in ("name", "data_path", "data_hash", "metric", "eval_command",
+                                              "metric_path")}, "weight": weight})
+        known[name] = {}
+        for m in models:
+            row = engine.store.fetchone(
+                "SELECT score FROM evaluations WHERE fingerprint = ? AND task = ? AND data_hash = ? AND metric = ?",
+                [m["fingerprint"], task["name"], task["data_hash"], task["metric"]])
+            if row is not None:
+                known[name][m["name"]] = row[0]
     return {
         "decision": decision_id,
+        "target": target.key,
         "models": [{"name": m["name"], "path": m["path"], "fingerprint": m["fingerprint"]} for m in models],
         "base": None if base is None else {"name": base["name"], "path": base["path"]},
         "steps": [{"method": o["method"], "params": o["params"], "operator": o["name"]} for o in ops],
-        "task": {k: task[k] for k in ("name", "data_path", "data_hash", "metric", "eval_command", "metric_path")},
+        "tasks": tasks,
         "source_scores": known,
         "out": str(merges_dir(engine.store) / decision_id),
         "seed": int(decision_id[:8], 16) % (2**31),
@@ -68,51 +77,75 @@ def merge_spec(spec: dict[str, Any], *, device: str = "auto") -> Path:
     return out
 
 
-def run_spec(spec: dict[str, Any], *, device: str = "auto", limit: int | None = None,
-             keep_merge: bool = False) -> dict[str, Any]:
-    """Merge, evaluate the merge and any source whose score is unknown, and normalize. Raises
-    :class:`EvaluationFailed` with the reason when a step fails."""
+def score_merge(spec: dict[str, Any], out: Path, *, limit: int | None = None) -> dict[str, Any]:
+    """Evaluate the merged checkpoint ``out`` on every task of the spec's target (and each source whose score on
+    a task is unknown), normalize per task and aggregate with the target's weights."""
     from .evaluators import evaluate, normalize_score
 
+    scores, normalized, sources = {}, {}, {}
+    for task in spec["tasks"]:
+        name = task["name"]
+        res = evaluate(out, task, limit=limit)
+        if not res.ok:
+            raise EvaluationFailed(f"evaluation of the merge on {name} failed: {res.reason}")
+        src = dict(spec["source_scores"].get(name, {}))
+        for m in spec["models"]:
+            if m["name"] not in src:
+                r = evaluate(m["path"], task, limit=limit)
+                if not r.ok:
+                    raise EvaluationFailed(f"evaluation of source {m['name']} on {name} failed: {r.reason}")
+                src[m["name"]] = r.score
+        norm = normalize_score(res.score, src.values())
+        if norm is None:
+            raise EvaluationFailed(f"no usable source scores on {name} to normalize against")
+        scores[name], normalized[name], sources[name] = res.score, norm, src
+    weights = {t["name"]: t["weight"] for t in spec["tasks"]}
+    reward = sum(weights[t] * normalized[t] for t in weights)
+    raw = sum(weights[t] * scores[t] for t in weights)
+    return {"score": raw, "reward": min(max(reward, 0.0), 2.0), "scores": scores, "normalized": normalized,
+            "source_scores": sources}
+
+
+def run_spec(spec: dict[str, Any], *, device: str = "auto", limit: int | None = None,
+             keep_merge: bool = False) -> dict[str, Any]:
+    """Merge, evaluate the merge on every task of the target (and any source whose score is unknown), and
+    normalize. Raises :class:`EvaluationFailed` with the reason when a step fails."""
     t0 = time.time()
-    task = spec["task"]
     try:
         out = merge_spec(spec, device=device)
     except Exception as e:  # a merge failure is a job failure with its reason, never a daemon crash
         raise EvaluationFailed(f"merge failed: {e}") from None
     try:
-        res = evaluate(out, task, limit=limit)
-        if not res.ok:
-            raise EvaluationFailed(f"evaluation of the merge failed: {res.reason}")
-        sources = dict(spec["source_scores"])
-        for m in spec["models"]:
-            if m["name"] not in sources:
-                r = evaluate(m["path"], task, limit=limit)
-                if not r.ok:
-                    raise EvaluationFailed(f"evaluation of source {m['name']} failed: {r.reason}")
-                sources[m["name"]] = r.score
+        res = score_merge(spec, out, limit=limit)
     finally:
         if not keep_merge:
             shutil.rmtree(out, ignore_errors=True)
-    reward = normalize_score(res.score, sources.values())
-    if reward is None:
-        raise EvaluationFailed("no usable source scores to normalize against")
-    return {"decision": spec["decision"], "score": res.score, "reward": reward, "source_scores": sources,
-            "seconds": time.time() - t0, "merged": str(out) if keep_merge else None,
+    return {"decision": spec["decision"], **res, "seconds": time.time() - t0,
+            "merged": str(out) if keep_merge else None,
             "host": socket.gethostname(), "pid": os.getpid()}   # where it ran (a Ray worker, or this process)
 
 
 def record(engine, spec: dict[str, Any], result: dict[str, Any]) -> dict:
-    """Store new source scores and the reward (idempotent: a job re-run after a crash records nothing twice)."""
-    task = spec["task"]
+    """Store new source scores, then the reward with its per-task raw scores (idempotent: a job re-run after a
+    crash records nothing twice)."""
+    from .catalog import Catalog
+
     fp = {m["name"]: m["fingerprint"] for m in spec["models"]}
+    tasks = {t["name"]: t for t in spec["tasks"]}
     with engine.store.transaction():
-        for name, score in result["source_scores"].items():
-            if name not in spec["source_scores"] and name in fp:
-                engine.store.execute(
-                    "INSERT OR REPLACE INTO evaluations (fingerprint, task, data_hash, metric, score) "
-                    "VALUES (?,?,?,?,?)", [fp[name], task["name"], task["data_hash"], task["metric"], score])
-    return engine.feedback(spec["decision"], result["reward"], raw_score=result["score"], source="evaluator")
+        new = False
+        for tname, src in result["source_scores"].items():
+            task = tasks[tname]
+            for name, score in src.items():
+                if name not in spec["source_scores"].get(tname, {}) and name in fp:
+                    engine.store.execute(
+                        "INSERT OR REPLACE INTO evaluations (fingerprint, task, data_hash, metric, score) "
+                        "VALUES (?,?,?,?,?)", [fp[name], tname, task["data_hash"], task["metric"], score])
+                    new = True
+        if new:  # known scores are part of candidates' contexts: cached candidate sets must be rebuilt
+            Catalog(engine.store).bump()
+    return engine.feedback(spec["decision"], result["reward"], raw_score=result["score"], source="evaluator",
+                           scores=result.get("scores"))
 
 
 def evaluate_decision(engine, decision_id: str, *, device: str = "auto", limit: int | None = None) -> dict:

@@ -35,6 +35,36 @@ class ParamSpec:
     low_inclusive: bool = True
     high_inclusive: bool = True
     help: str = ""
+    #: Whether the parameter describes the operator to the policies (a coordinate ``param:NAME`` of the arm
+    #: descriptor, :mod:`simmerge_bandit.descriptor`). False for settings that do not change the result
+    #: (``int8_mask``).
+    describe: bool = True
+    #: ``(low, high)``: the values the descriptor spreads over [0, 1] (beyond them it is 0 or 1). Default: the
+    #: valid range, which must then be finite. A typical range narrower than the valid one keeps the usual
+    #: values apart (``weight`` may be 10, but 0.5 and 1 are what operators use).
+    span: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        # A broken declaration is a programming error in a method module: raised when the module is imported.
+        if self.kind not in ("float", "bool", "int"):
+            raise ValueError(f"parameter {self.name!r}: kind must be float, bool or int, not {self.kind!r}")
+        if self.scope not in ("global", "model"):
+            raise ValueError(f"parameter {self.name!r}: scope must be 'global' or 'model', not {self.scope!r}")
+        if self.kind != "bool" and (self.low is None or self.high is None
+                                    or not (math.isfinite(self.low) and math.isfinite(self.high))
+                                    or self.low >= self.high):
+            # unbounded numbers are how `weight=1e200` once made every propensity NaN (issue 20)
+            raise ValueError(f"parameter {self.name!r}: a number needs finite bounds low < high")
+        if self.span is not None and not (len(self.span) == 2 and all(math.isfinite(v) for v in self.span)
+                                          and self.span[0] < self.span[1]):
+            raise ValueError(f"parameter {self.name!r}: span must be two finite numbers, low < high")
+        self.coerce(self.default)  # the default must be a valid value
+
+    def describe_range(self) -> tuple[float, float]:
+        """``(low, high)`` that the arm descriptor scales this parameter's values from (see ``span``)."""
+        if self.kind == "bool":
+            return 0.0, 1.0
+        return self.span if self.span is not None else (float(self.low), float(self.high))
 
     def range_text(self) -> str:
         if self.kind == "bool":
@@ -106,6 +136,13 @@ class MethodSpec:
     #: ``merge(spec, job)`` streams one tensor through :class:`~.job.TensorJob` (set by each method module).
     merge: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        names = [p.name for p in self.params]
+        if len(set(names)) != len(names):
+            raise ValueError(f"method {self.name!r}: parameter names repeat: {names}")
+        if self.base_role not in ("separate", "input", "optional", "none"):
+            raise ValueError(f"method {self.name!r}: base_role must be separate, input, optional or none")
+
     def param(self, name: str) -> ParamSpec:
         for p in self.params:
             if p.name == name:
@@ -148,8 +185,17 @@ def check_model_params(spec: "MethodSpec", p: dict) -> None:
 
 
 # Shared parameter definitions (mergekit names and meanings).
+#: Bounds of ``weight`` and ``lambda``. mergekit takes any float; beyond +-10 a merge of fine-tuned checkpoints is
+#: numerically meaningless (the merged weights leave the models' range by an order of magnitude), and ``1e200``
+#: overflowed the policies (issue 20). Negative values stay valid: task negation uses ``weight=-1``.
+SCALE_BOUNDS = (-10.0, 10.0)
+#: What the descriptor spreads over [0, 1] for them: the values operators use (negation to double strength).
+SCALE_SPAN = (-1.0, 2.0)
+
+
 def weight(default: float = 1.0) -> ParamSpec:
-    return ParamSpec("weight", "float", default, scope="model",
+    return ParamSpec("weight", "float", default, scope="model", low=SCALE_BOUNDS[0], high=SCALE_BOUNDS[1],
+                     span=SCALE_SPAN,
                      help="weight of each model's contribution (mergekit requires it; default here 1)")
 
 
@@ -168,11 +214,13 @@ def rescale(default: bool) -> ParamSpec:
 
 
 def lambda_() -> ParamSpec:
-    return ParamSpec("lambda", "float", 1.0, help="scale of the merged task vector")
+    return ParamSpec("lambda", "float", 1.0, low=SCALE_BOUNDS[0], high=SCALE_BOUNDS[1], span=SCALE_SPAN,
+                     help="scale of the merged task vector")
 
 
 def int8_mask() -> ParamSpec:
-    return ParamSpec("int8_mask", "bool", False, help="store masks as int8 (memory only; same result)")
+    return ParamSpec("int8_mask", "bool", False, describe=False,
+                     help="store masks as int8 (memory only; same result)")
 
 
 def task_arithmetic_params(*, normalize_default: bool, rescale_default: bool, sparsify: str | None) -> tuple:

@@ -403,6 +403,14 @@ class Policy(abc.ABC):
         self._d, self._k = meta["d"], meta["k"]
         self._rng = _rng_from_json(meta["rng"])
 
+    def remap_descriptor(self, mapping) -> bool:
+        """Re-express the learned state for descriptors of another arm schema (a
+        :class:`~simmerge_bandit.descriptor.DescriptorMap` from the schema it learned in to the current one);
+        return whether it did. By default only a policy that has learned nothing about descriptors can: any
+        other is rebuilt from the decision log, which is exact. A policy whose state is not in the log (the
+        fitted predictor) overrides this."""
+        return self._k is None
+
     def clone(self) -> "Policy":
         """A fresh, unfitted policy with the same constructor parameters (and so the same seed)."""
         return type(self)(**{p: getattr(self, p) for p in self._param_names})

@@ -326,6 +326,62 @@ class SimMergePredictor(Policy):
         return {"predicted": float(v[0] + contrib.sum()), "baseline": float(v[0]), "contributions": contrib,
                 "method": "linear"}
 
+    def remap_descriptor(self, mapping) -> bool:
+        """Read descriptors of the current arm schema (see :class:`~simmerge_bandit.descriptor.DescriptorMap`):
+        a fit is not in the decision log, so it is carried over rather than rebuilt.
+
+        Each coordinate both schemas have keeps its weights; the standardization absorbs a change of span
+        (``(z_old - mu) / sd == (z_new - mu') / sd'``), so predictions of operators whose values lie within both
+        spans do not change. A new coordinate gets zero weight in the networks' first layer, and in the linear
+        model the prior (``A^-1`` = I / l2 on its block, nothing learned), as if no row had had it.
+        """
+        if self._k is None:
+            return True
+        if mapping.old_width != self._k:
+            return False
+        src, k, d = mapping.source, mapping.new_width, self._d
+        mapped = src >= 0
+        if self._mu_z is None:  # raw inputs so far: the same as standardizing with mean 0 and scale 1
+            self._mu_x, self._sd_x = np.zeros(d), np.ones(d)
+            mu_old, sd_old = np.zeros(self._k), np.ones(self._k)
+        else:
+            mu_old, sd_old = self._mu_z, self._sd_z
+        mu, sd = np.zeros(k), np.ones(k)
+        mu[mapped] = (mu_old[src[mapped]] - mapping.offset[mapped]) / mapping.scale[mapped]
+        sd[mapped] = sd_old[src[mapped]] / mapping.scale[mapped]
+        if self._nets is not None:
+            nets = []
+            for w in self._nets:  # new dicts: a fit's arrays may be shared with _mlp's cache of fits
+                W = w["0_weight"]
+                first = np.zeros((W.shape[0], d + k))
+                first[:, :d] = W[:, :d]
+                first[:, d + np.flatnonzero(mapped)] = W[:, d + src[mapped]]
+                nets.append({**w, "0_weight": first})
+            self._nets = nets
+        elif self._Ainv is not None:  # phi = x~ (outer) z~: remap the z~ index of every (x~, z~) block
+            p, kt_old = d + 1, self._k + 1
+            keep = np.concatenate(([True], mapped))
+            idx = np.concatenate(([0], src + 1))[keep]           # old z~ index of each kept new one
+            A = self._Ainv.reshape(p, kt_old, p, kt_old)[:, idx][:, :, :, idx]
+            out = np.zeros((p, k + 1, p, k + 1))
+            out[np.ix_(range(p), keep, range(p), keep)] = A
+            fresh = np.flatnonzero(~keep)
+            for i in range(p):
+                out[i, fresh, i, fresh] = 1.0 / self.l2
+            self._Ainv = np.ascontiguousarray(out.reshape(p * (k + 1), -1))
+
+            def vec(v):
+                o = np.zeros((p, k + 1))
+                o[:, keep] = v.reshape(p, kt_old)[:, idx]
+                return o.reshape(-1)
+
+            self._b, self._beta = vec(self._b), vec(self._beta)
+        self._mu_z, self._sd_z = mu, sd
+        self._k = k
+        self._memo = None
+        self._reset_grams()
+        return True
+
     # ---- state ----
 
     def _state(self):

@@ -237,7 +237,10 @@ class Catalog:
         """Add an operator: a registered merge method plus validated parameters (defaults filled in)."""
         check_name("operator", name)
         spec = get_method(method)
-        full = spec.validate(params or {})
+        if params is not None and not isinstance(params, Mapping):
+            raise InvalidInput(f"operator parameters must be a mapping of name to value, got a "
+                               f"{type(params).__name__}")
+        full = spec.validate(params or {})  # every value within its method's bounds (docs/methods.md)
         if self._exists("operators", name):
             raise AlreadyExists(f"operator {name!r} already exists")
         with self.store.transaction():
@@ -271,6 +274,11 @@ class Catalog:
         r = dict(r)
         r["params"] = json.loads(r["params"])
         return r
+
+    def bump(self) -> None:
+        """Move the catalog's version: for a change outside the catalog's own methods that candidates depend on
+        (a newly known source score)."""
+        self._bump()
 
     def _bump(self) -> None:
         # Every catalog change moves the version, so caches keyed on it (the engine's candidate sets) refresh.

@@ -15,6 +15,7 @@ import click
 
 from .errors import SimmergeError
 from .paths import resolve_home
+from .zoo import PRESETS as ZOO_PRESETS
 
 
 class _Group(click.Group):
@@ -309,6 +310,9 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
         if "=" not in p:
             raise click.BadParameter(f"expected KEY=VALUE, got {p!r}", param_hint="--param")
         k, v = p.split("=", 1)
+        if k.strip() in out:  # silently keeping the last of two values hides a typo (issue 20)
+            raise click.BadParameter(f"{k.strip()} is given twice ({out[k.strip()]} and {v.strip()}); give it once",
+                                     param_hint="--param")
         out[k.strip()] = v.strip()
     return out
 
@@ -495,9 +499,10 @@ def zoo() -> None:
 
 @zoo.command("build")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--preset", type=click.Choice(["unit", "test", "bench"]), default="test", show_default=True,
+@click.option("--preset", type=click.Choice(list(ZOO_PRESETS)), default="test", show_default=True,
               help="unit: seconds, for unit tests; test: base + 8 experts (about a minute); bench: the "
-                   "decision-quality testbed (several minutes).")
+                   "decision-quality testbed (several minutes); realistic: merges that keep most of their "
+                   "sources' skills, as real LLM merges do (about 5 minutes; docs/zoo.md).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of data and weights; the same seed on the same machine gives identical weights.")
 @click.option("--force", is_flag=True, help="Retrain everything even if a cached build matches.")
@@ -563,15 +568,19 @@ def zoo_register(c: Ctx, directory: str, as_json: bool) -> None:
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the random merge masks and of the choice of triples.")
 @click.option("--stats", "stats_out", type=click.Path(dir_okay=False),
-              help="Also write the table's statistics (spread, best-operator shares, oracle gap) as JSON.")
+              help="Also write the table's statistics on both objectives (target first) as JSON.")
+@click.option("--objective", type=click.Choice(["target", "task"]), default="target", show_default=True,
+              help="Which statistics to print. target: a case is one merge, worth the mean of its normalized "
+                   "scores over all tasks of its sources; task: a case is one merge on one task.")
 @json_option
 @pass_ctx
 def zoo_table(c: Ctx, directory: str, out: str, operator_names: tuple[str, ...], triples: int, seed: int,
-              stats_out: str | None, as_json: bool) -> None:
+              stats_out: str | None, objective: str, as_json: bool) -> None:
     """Merge every ordered pair of the zoo's experts with every operator and evaluate each merge.
 
     Writes the full table to --out and into the state store (table merge_table): the ground truth for replay
-    and the decision-quality benchmark. Prints whether the zoo is worth benchmarking on.
+    and the decision-quality benchmark. Prints whether the zoo is worth benchmarking on. Without --operators,
+    the zoo's preset's default operator set is used.
     """
     import time
 
@@ -582,44 +591,63 @@ def zoo_table(c: Ctx, directory: str, out: str, operator_names: tuple[str, ...],
                                  param_hint="--out")
     names = [n.strip() for part in operator_names for n in part.split(",") if n.strip()]
     store = c.store()
-    ops = resolve_operators(names or None, store)
     manifest = load_manifest(directory)
+    ops = resolve_operators(names or None, store, preset=manifest.get("preset"))
     t0 = time.perf_counter()
     df = build_table(directory, operators=ops, n_triples=triples, seed=seed, progress=not as_json)
     took = time.perf_counter() - t0
     Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)
     df.to_parquet(out, index=False)
     n = store_table(store, df, manifest["key"])
-    stats = table_stats(df, manifest)
-    stats["seconds"] = round(took, 1)
+    both = {o: table_stats(df, manifest, objective=o) for o in ("target", "task")}
+    stats = {**both[objective], "seconds": round(took, 1)}
     if stats_out:
-        Path(stats_out).write_text(json.dumps(stats, indent=2, default=str))
+        Path(stats_out).write_text(json.dumps({**both, "seconds": round(took, 1)}, indent=2, default=str))
 
     def human(s):
-        click.echo(f"{n} rows ({s['n_cases']} (pair, task) cases x {s['n_operators']} operators, plus triples) "
-                   f"in {took:.0f}s -> {out}")
+        click.echo(f"{n} rows ({s['two_way']['n_cases']} 2-way cases x {s['two_way']['n_operators']} operators"
+                   f"{', plus triples' if s['three_way'] else ''}) in {took:.0f}s -> {out}")
         _print_zoo_stats(s)
 
     emit(stats, as_json, human)
 
 
 def _print_zoo_stats(s: dict) -> None:
-    from .zoo import THRESHOLDS
+    th, two = s["thresholds"], s["two_way"]
 
-    def mark(key):
-        return "ok" if s["checks"].get(key) else "NOT MET"
+    def need(key, op):
+        if key not in th:
+            return ""
+        limit = f"{th[key]:.0%}" if key.endswith("share") else f"{th[key]}"
+        return f" (need {op} {limit}) " + ("ok" if s["checks"].get(key) else "NOT MET")
 
+    click.echo(f"objective: {s['objective']} ("
+               + ("one case = a merge over all its sources' tasks" if s["objective"] == "target"
+                  else "one case = a merge on one task") + ")")
     if "expert_margin" in s:
-        click.echo(f"expert - base on own task: min {s['expert_margin']['min']:.2f}, median "
-                   f"{s['expert_margin']['median']:.2f} (need min >= {THRESHOLDS['min_expert_margin']}) "
-                   f"{mark('expert_margin')}")
-    click.echo(f"median best-minus-worst spread: {s['median_spread']:.3f} (need >= {THRESHOLDS['median_spread']}) "
-               f"{mark('median_spread')}")
-    click.echo(f"most frequent best operator: {s['max_best_share_operator']} in {s['max_best_share']:.0%} of cases "
-               f"(need <= {THRESHOLDS['max_best_share']:.0%}) {mark('max_best_share')}")
-    click.echo(f"oracle {s['oracle_mean']:.3f} vs best fixed operator {s['best_fixed_operator']} "
-               f"{s['best_fixed_mean']:.3f}: gap {s['oracle_gap']:.3f} (need >= {THRESHOLDS['oracle_gap']}) "
-               f"{mark('oracle_gap')}")
+        em = s["expert_margin"]
+        click.echo(f"expert - base on own task: min {em['min']:.2f}{need('min_expert_margin', '>=')}, median "
+                   f"{em['median']:.2f}{need('median_expert_margin', '>=')}")
+        if "off_task_max_drop" in em:
+            click.echo(f"largest drop below the base elsewhere: {em['off_task_max_drop']:.2f}"
+                       f"{need('max_off_task_drop', '<=')}")
+    click.echo(f"median best-minus-worst spread: {two['median_spread']:.3f}{need('median_spread', '>=')}")
+    click.echo(f"most frequent best operator: {two['max_best_share_operator']} in {two['max_best_share']:.0%} of "
+               f"cases{need('max_best_share', '<=')}")
+    click.echo(f"oracle {two['oracle_mean']:.3f}{need('oracle_mean', '>=')} vs best fixed operator "
+               f"{two['best_fixed_operator']} {two['best_fixed_mean']:.3f}: gap {two['oracle_gap']:.3f}"
+               f"{need('oracle_gap', '>=')}")
+    if "oracle_gap_nc" in two:
+        click.echo(f"noise-corrected (chosen on one half of the examples, scored on the other): oracle "
+                   f"{two['oracle_mean_nc']:.3f} vs {two['best_fixed_mean_nc']:.3f}: gap {two['oracle_gap_nc']:.3f}"
+                   f"{need('oracle_gap_nc', '>=')}")
+    if "best_rule" in two:
+        click.echo(f"best metadata rule: {two['best_rule']} closes {two['best_rule_share']:.0%} of the gap"
+                   f"{need('max_rule_share', '<=')}")
+    if s["three_way"]:
+        t3 = s["three_way"]
+        click.echo(f"3-way: oracle {t3['oracle_mean']:.3f} vs best fixed operator {t3['best_fixed_operator']} "
+                   f"{t3['best_fixed_mean']:.3f}: gap {t3['oracle_gap']:.3f} over {t3['n_cases']} cases")
 
 
 @cli.command("evaluate")
@@ -799,23 +827,36 @@ def _print_suggestions(rows: list[dict]) -> None:
 
 
 @cli.command()
-@click.option("--task", required=True, help="Task to merge for.")
+@click.option("--task", "tasks", required=True, multiple=True,
+              help="Task to merge for; repeat it for a target of several tasks (the merge should keep them all).")
+@click.option("--weight", "weights", multiple=True, metavar="TASK=W",
+              help="Relative weight of a target task (default 1 each); repeatable.")
 @click.option("--top", default=5, show_default=True, help="How many suggestions to return.")
 @click.option("--policy", default=None, help="Policy name (default: linucb-hybrid). See `simmerge policy list`.")
 @click.option("--chain", type=int, default=None, help="Suggest chains of N models ((a op1 b) op2 c ...).")
 @json_option
 @pass_ctx
-def suggest(c: Ctx, task: str, top: int, policy: str | None, chain: int | None, as_json: bool) -> None:
-    """Rank candidate merges for TASK. The first entry is the policy's choice.
+def suggest(c: Ctx, tasks: tuple[str, ...], weights: tuple[str, ...], top: int, policy: str | None,
+            chain: int | None, as_json: bool) -> None:
+    """Rank candidate merges for a target: one task, or several (--task A --task B [--weight A=2]). The first
+    entry is the policy's choice.
 
-    Each suggestion is logged as a decision with its own id; report how the merge scored with
+    A merge's reward is the weighted mean of its normalized scores (merged score / best source's score) over the
+    target's tasks. Each suggestion is logged as a decision with its own id; report how the merge scored with
     `simmerge feedback ID VALUE`. Entries marked evaluate are the ones the engine asks to have evaluated.
     """
+    from .target import Target, parse_weights
+
+    w = parse_weights(weights)
+    Target.of(list(tasks), w)  # refuse a malformed target here, before any call
     cl = c.client()
     if cl:
-        rows = cl.call("POST", "/v1/suggest", {"task": task, "top": top, "policy": policy, "chain": chain})
+        body = {"tasks": list(tasks), "top": top, "policy": policy, "chain": chain}
+        if w:
+            body["weights"] = w
+        rows = cl.call("POST", "/v1/suggest", body)
     else:
-        rows = _engine(c).suggest(task, top=top, policy=policy, chain=chain)
+        rows = _engine(c).suggest(list(tasks), top=top, policy=policy, chain=chain, weights=w or None)
     emit(rows, as_json, _print_suggestions)
 
 
@@ -834,6 +875,98 @@ def feedback(c: Ctx, decision_id: str, value: str, as_json: bool) -> None:
     res = cl.call("POST", "/v1/feedback", {"id": decision_id, "reward": _number(value)}) if cl else \
         _engine(c).feedback(decision_id, value)
     emit(res, as_json, lambda r: click.echo(f"{r['status']}: reward {r['reward']:g} for {r['id']}"))
+
+
+def _print_best(res: dict) -> None:
+    b = res.get("best")
+    spent = len(res["evaluations"])
+    if b is None:
+        click.echo(f"[{spent}/{res['budget']}] no merge scored yet")
+        return
+    ops = b["operator"] if isinstance(b["operator"], str) else " > ".join(b["operator"])
+    params = json.dumps(b["params"], sort_keys=True)
+    scores = "  ".join(f"{t} {v:.3f}" for t, v in sorted((b["scores"] or {}).items()))
+    click.echo(f"[{spent}/{res['budget']}] best: {' + '.join(b['models'])} {ops} {params}  reward {b['reward']:.3f}"
+               f"  ({scores})  {b.get('path') or ''}")
+
+
+@cli.command("search")
+@click.option("--task", "tasks", required=True, multiple=True,
+              help="A task of the target; repeat it for a target of several tasks.")
+@click.option("--weight", "weights", multiple=True, metavar="TASK=W",
+              help="Relative weight of a target task (default 1 each); repeatable.")
+@click.option("--budget", type=click.IntRange(min=1), required=True,
+              help="How many merge-and-evaluate runs to spend (those of an earlier run of the same search count).")
+@click.option("--policy", default=None,
+              help="Policy that chooses each merge (default: linucb-hybrid@predictor when a predictor is fitted, "
+                   "else linucb-hybrid).")
+@click.option("--device", default="auto", show_default=True, help="Device for merges and evaluations.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Evaluate on the first N examples of each task only (faster, noisier).")
+@json_option
+@pass_ctx
+def search_cmd(c: Ctx, tasks, weights, budget, policy, device, limit, as_json) -> None:
+    """Find the best merge for a target within a budget of evaluations.
+
+    Runs the loop suggest -> merge -> evaluate on every target task -> feedback until --budget evaluations are
+    spent (or Ctrl-C), printing the best merge so far after each one. Only the best merged checkpoint is kept
+    (its path is printed). Rerun with the same tasks and policy, it resumes from the log. With a daemon running
+    the search runs there as a job (see `GET /v1/jobs`), and this command follows it.
+    """
+    import time
+
+    from .target import Target, parse_weights
+
+    w = parse_weights(weights)
+    Target.of(list(tasks), w)
+    cl = c.client()
+    if cl:
+        body = {"tasks": list(tasks), "weights": w or None, "budget": budget, "policy": policy, "limit": limit}
+        res = cl.call("POST", "/v1/search", body)
+        seen = -1
+        while res["state"] == "running":
+            if not as_json and len(res["evaluations"]) != seen:
+                seen = len(res["evaluations"])
+                _print_best(res)
+            time.sleep(1.0)
+            res = cl.call("POST", "/v1/search", body)
+        if res["state"] == "failed":
+            raise click.ClickException(f"search {res['id']} failed: {res.get('error') or 'see the daemon log'}")
+        emit(res, as_json, _print_best)
+        return
+    from tqdm.auto import tqdm
+
+    from .search import run_search
+
+    eng = _engine(c)
+    target = eng.target(list(tasks), w or None)
+    bar = tqdm(total=budget, desc="search", unit="eval", disable=as_json, leave=False)
+
+    def progress(res: dict) -> None:
+        bar.n = len(res["evaluations"])
+        bar.refresh()
+        if not as_json:
+            bar.clear()
+            _print_best(res)
+
+    try:
+        res = run_search(eng, target, budget, policy=policy, device=device, limit=limit, progress=progress)
+    except KeyboardInterrupt:
+        bar.close()
+        from .search import describe, search_id
+
+        res = describe(eng, search_id(target, policy or _search_policy(eng)))
+        click.echo("interrupted; rerun the same command to resume", err=True)
+        emit(res, as_json, _print_best)
+        raise SystemExit(130)
+    bar.close()
+    emit(res, as_json, _print_best)
+
+
+def _search_policy(eng) -> str:
+    from .search import default_policy
+
+    return default_policy(eng)
 
 
 @cli.command()
@@ -896,15 +1029,22 @@ def predictor() -> None:
 @click.option("--online-weight", type=float, default=None,
               help="How many fitted rows each later reward counts as (a new task's own evaluations can outweigh "
                    "the other tasks' rows). Default: the previous fit's, else 1.")
+@click.option("--objective", type=click.Choice(["target", "task"]), default=None,
+              help="With --table: target scores each merge on the union of its models' tagged tasks (the mean of "
+                   "its normalized scores on them); task takes each (pair, task) row as its own case. Default: "
+                   "target when the catalog's tags allow it, else task.")
 @json_option
 @pass_ctx
-def predictor_fit(c: Ctx, table: str | None, online_weight: float | None, model: str | None, as_json: bool) -> None:
+def predictor_fit(c: Ctx, table: str | None, online_weight: float | None, model: str | None, objective: str | None,
+                  as_json: bool) -> None:
     """Fit the predictor (features + operator -> normalized score) and save it as policy `predictor`.
 
     Use it with `suggest --policy predictor` (zero evaluations), or warm-start a bandit with
     `--policy linucb-hybrid@predictor` (it learns what the predictor gets wrong).
     """
-    res = _engine(c).fit_predictor(table, online_weight=online_weight, model=model)
+    if objective and not table:
+        raise click.BadParameter("--objective applies to a merge table; give --table", param_hint="--objective")
+    res = _engine(c).fit_predictor(table, online_weight=online_weight, model=model, objective=objective)
     emit(res, as_json, lambda r: click.echo(f"fitted predictor on {r.get('n')} merges from {r['source']} "
                                               f"(training rmse {r.get('rmse', float('nan')):.4f})"))
 

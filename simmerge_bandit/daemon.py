@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 
 import threadpoolctl
 
-from .errors import InvalidInput, SimmergeError
+from .errors import InvalidInput, NotFound, SimmergeError
 from .paths import daemon_file, pid_alive, resolve_home
 
 log = logging.getLogger("simmerge.daemon")
@@ -623,6 +623,9 @@ class Daemon:
         self._started = time.time()
         self._seen: dict[Path, tuple[Any, float]] = {}
         self._ray = None
+        self._searches: dict[str, threading.Thread] = {}  # search id -> the thread running it
+        self._search_errors: dict[str, str] = {}
+        self._search_lock = threading.Lock()
 
     # ---- lifecycle ----
     def check(self) -> None:
@@ -790,7 +793,71 @@ class Daemon:
         return [("reward", {"id": res["id"], "reward": res["reward"], "status": res["status"]})]
 
     def jobs(self) -> list[dict]:
-        return self.store.fetchdicts("SELECT * FROM eval_queue ORDER BY created_at")
+        """Evaluation jobs (``kind: evaluation``), then searches (``kind: search``, with their progress and best
+        reward so far)."""
+        from .search import searches
+
+        rows = [dict(r, kind="evaluation") for r in self.store.fetchdicts("SELECT * FROM eval_queue ORDER BY "
+                                                                          "created_at")]
+        for r in searches(self.store):
+            if self._search_errors.get(r["id"]):
+                r["error"] = self._search_errors[r["id"]]
+            rows.append(dict(r, kind="search"))
+        return rows
+
+    def search(self, body: dict) -> dict:
+        """Start (or resume) a budgeted search as a job, or report on it if it runs: the same body again answers
+        its progress (every evaluation so far and the best)."""
+        from .search import default_policy, describe, run_search, search_id
+
+        target = self.engine.target(_target_tasks(body), _weights(body))
+        budget = body.get("budget")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise InvalidInput("field 'budget' must be a positive integer")
+        limit = body.get("limit")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise InvalidInput("field 'limit' must be a positive integer")
+        policy = body.get("policy")
+        if policy is not None and not isinstance(policy, str):
+            raise InvalidInput("field 'policy' must be a policy name")
+        policy = policy or default_policy(self.engine)
+        self.engine.policy(policy)  # an unknown policy is refused now, not in the job
+        sid = search_id(target, policy)
+
+        def run() -> None:
+            event("search started", id=sid, target=target.key, budget=budget, policy=policy)
+            try:
+                res = run_search(self.engine, target, budget, policy=policy, device=self.device,
+                                 limit=limit or self.eval_limit)
+                best = res["best"]
+                event("search done", id=sid, spent=len(res["evaluations"]),
+                      best=None if best is None else round(best["reward"], 4))
+            except Exception as e:  # a failing search is recorded, never fatal to the daemon
+                self._search_errors[sid] = str(e) if isinstance(e, SimmergeError) else f"{type(e).__name__}: {e}"
+                with self.store.transaction():
+                    self.store.execute("UPDATE searches SET state = 'failed' WHERE id = ?", [sid])
+                event("search failed", id=sid, reason=self._search_errors[sid])
+
+        with self._search_lock:
+            t = self._searches.get(sid)
+            running = t is not None and t.is_alive()
+            if not running:
+                row = self.store.fetchone("SELECT budget, state, (SELECT count(*) FROM search_steps WHERE "
+                                          "search_id = ?) FROM searches WHERE id = ?", [sid, sid])
+                if row is None or row[1] != "done" or row[2] < budget:
+                    self._search_errors.pop(sid, None)
+                    t = self._searches[sid] = threading.Thread(target=run, name=f"search-{sid}", daemon=True)
+                    t.start()
+                    running = True
+        try:
+            res = describe(self.engine, sid)
+        except NotFound:  # its thread has not recorded it yet
+            res = {"id": sid, "target": target.as_json(), "policy": policy, "budget": budget, "spent": 0,
+                   "evaluations": [], "best": None}
+        res["state"] = "running" if running and self._searches[sid].is_alive() else res.get("state", "running")
+        if self._search_errors.get(sid):
+            res["error"] = self._search_errors[sid]
+        return res
 
     # ---- HTTP ----
     def _make_routes(self) -> dict[tuple[str, str], _Route]:
@@ -825,6 +892,7 @@ class Daemon:
             ("POST", "/v1/models"): _Route(locked(lambda b: public(cat.add_model(
                 _need(b, "path", str), name=b.get("name"), base=b.get("base"), tasks=b.get("tasks"))))),
             ("GET", "/v1/jobs"): _Route(lambda b: self.jobs()),
+            ("POST", "/v1/search"): _Route(self.search),
         }
 
     def _dispatch(self, method: str, target: str, headers: dict[str, str], raw: bytes):

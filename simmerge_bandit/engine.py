@@ -20,7 +20,6 @@ import os
 import threading
 import time
 import weakref
-import zlib
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Sequence
@@ -28,70 +27,39 @@ from typing import Any, Sequence
 import numpy as np
 
 from .catalog import Catalog
+from .context import context_names, contexts, pair_contexts  # noqa: F401 (re-exported)
+from .context import schema as context_schema
 from .errors import Conflict, InvalidInput, NotFound
-from .methods import REGISTRY
+from . import descriptor
+from .descriptor import LEGACY_PARAMS as OPERATOR_PARAMS, operator_descriptor  # noqa: F401 (re-exported)
 from .migrations import vector_key
 from .store import Store
+from .target import Target
 
 log = logging.getLogger(__name__)
 
 #: Documented reward range: a normalized score (merged score / best source model's score, clipped to [0, 2]).
 REWARD_RANGE = (0.0, 2.0)
-TASK_BUCKETS = 8
-OPERATOR_PARAMS = ("weight", "density", "t", "lambda", "gamma", "epsilon", "normalize", "rescale", "filter_wise",
-                   "nuslerp_flatten", "nuslerp_row_wise")
 #: What the engine writes of a decision to ``decision_log`` (its context and descriptor go to ``vectors``, once).
 DECISION_COLUMNS = ("id", "batch", "rank", "task", "models", "operator", "policy", "policy_version", "feature_schema",
-                    "context_key", "arm_key", "predicted", "uncertainty", "propensity", "evaluate", "pair_propensity")
+                    "context_key", "arm_key", "predicted", "uncertainty", "propensity", "evaluate", "pair_propensity",
+                    "arm_schema")
 #: What feedback reads of its decision (from the ``decisions`` view), and how many of its latest decisions the
 #: engine keeps at hand for it (about 2 KB each).
 FEEDBACK_FIELDS = ("context", "operator", "arm", "propensity", "feature_schema")
 RECENT_DECISIONS = 1024
-ARM_NAMES = tuple(f"method={m}" for m in REGISTRY) + OPERATOR_PARAMS + ("consensus", "random")
 
 
-def operator_descriptor(op: dict) -> np.ndarray:
-    """z for an operator: one-hot of its method, then its numeric parameters, consensus and randomness flags."""
-    spec = REGISTRY[op["method"]]
-    z = np.zeros(len(ARM_NAMES))
-    z[list(REGISTRY).index(op["method"])] = 1.0
-    base = len(REGISTRY)
-    for i, key in enumerate(OPERATOR_PARAMS):
-        v = op["params"].get(key)
-        if v is not None:
-            z[base + i] = float(v)
-    z[-2] = 1.0 if spec.consensus else 0.0
-    z[-1] = 1.0 if spec.random else 0.0
-    return z
-
-
-def _task_bucket(task: str) -> int:
-    return zlib.crc32(task.encode()) % TASK_BUCKETS
+def __getattr__(name: str):
+    # ARM_NAMES follows the method registry (a method may be registered while the process runs)
+    if name == "ARM_NAMES":
+        return descriptor.arm_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _schema() -> str:
-    """The feature schema version that contexts are built with now (stored with decisions and snapshots)."""
-    from .signals import FEATURE_SCHEMA_VERSION
-
-    return str(FEATURE_SCHEMA_VERSION)
-
-
-def context_names(feature_names: Sequence[str]) -> list[str]:
-    return [*feature_names, *(f"task_bucket_{i}" for i in range(TASK_BUCKETS))]
-
-
-def contexts(features: np.ndarray, task: str) -> np.ndarray:
-    """x for each row of raw pair features: signed log1p of each feature (absent -> 0), task bucket one-hot.
-
-    The log keeps unbounded features (KL, norm ratios) on the scale of the bounded ones without fitted statistics,
-    so a context means the same thing before and after any amount of data.
-    """
-    f = np.asarray(features, dtype=np.float64)
-    f = np.where(np.isfinite(f), np.sign(f) * np.log1p(np.abs(f)), 0.0)
-    n = f.shape[0]
-    bucket = np.zeros((n, TASK_BUCKETS))
-    bucket[:, _task_bucket(task)] = 1.0
-    return np.hstack([f, bucket])
+    """The context schema that contexts are built with now (stored with decisions and snapshots)."""
+    return context_schema()
 
 
 @dataclass(frozen=True)
@@ -117,7 +85,7 @@ class EngineConfig:
 
 @dataclass
 class CandidateSet:
-    task: str
+    task: str                # the target's key (a task name for a single-task target)
     pairs: list[tuple[str, str]]
     operators: list[dict]
     X: np.ndarray            # (n_pairs * n_ops, d)
@@ -126,9 +94,21 @@ class CandidateSet:
     pair_index: np.ndarray   # candidate -> pair
     names: list[str]         # context names
     feature_schema: str
+    target: Target | None = None
 
     def __len__(self) -> int:
         return len(self.arms)
+
+    def without(self, exclude: set[tuple[tuple[str, ...], str]]) -> "CandidateSet":
+        """The candidates not in ``exclude`` (``(models, operator name)`` pairs), as a new set."""
+        keep = [i for i in range(len(self.arms))
+                if (tuple(self.pairs[self.pair_index[i]]), self.arms[i]) not in exclude]
+        if not keep:
+            raise InvalidInput(f"every candidate merge for target {self.task} has been tried")
+        idx = np.array(keep)
+        return CandidateSet(self.task, self.pairs, self.operators, self.X[idx], self.Z[idx],
+                            [self.arms[i] for i in keep], self.pair_index[idx], self.names, self.feature_schema,
+                            self.target)
 
     @cached_property
     def ranked(self):
@@ -174,6 +154,9 @@ class Engine:
                 eng._vectors = None
 
         store.on_rollback(forget_vectors)
+        self.descriptors = descriptor.Descriptors(store, self.catalog)
+        self._arm_version: str | None = None  # the arm schema the loaded policies read descriptors in
+        self._task_names: tuple[int, set[str]] | None = None  # (catalog version, task names)
         self._key_memo: dict[str, tuple[int, tuple]] = {}  # task -> (store transaction id, catalog key)
         #: How stale the weight files' stats in a candidate set's key may be: 0 reads them for every store
         #: transaction; the daemon reads them at most once a second (a scandir and a stat per file of every
@@ -204,19 +187,38 @@ class Engine:
         self.lock = threading.RLock()
 
     # ---- candidates ----
-    def pairs(self, task: str) -> list[tuple[str, str]]:
+    def target(self, tasks: str | Sequence[str] | Target, weights: dict | None = None) -> Target:
+        """The target of ``tasks`` (names, or a target key) and ``weights``, its tasks checked against the catalog
+        (:class:`NotFound` for an unknown one)."""
+        if isinstance(tasks, Target):
+            target = tasks
+        elif isinstance(tasks, str):
+            target = Target.parse(tasks) if weights is None else Target.of([tasks], weights)
+        else:
+            target = Target.of(list(tasks), weights)
+        version = self.catalog.version()
+        if self._task_names is None or self._task_names[0] != version:
+            # read once per catalog version: a query inside the daemon's batch would take it off the journal
+            self._task_names = (version, {r[0] for r in self.store.fetchall("SELECT name FROM tasks")})
+        for t in target.tasks:
+            if t not in self._task_names[1]:
+                self.catalog.task(t)  # a clear NotFound
+        return target
+
+    def pairs(self, target: str | Target) -> list[tuple[str, str]]:
         """Ordered pairs of distinct catalog models that share a base model.
 
-        When some models are tagged as fine-tuned for ``task``, only pairs with at least one of them are
-        candidates: merging two models that know nothing of the task teaches nothing about merging for it.
+        When some models are tagged as fine-tuned for a task of the target, only pairs with at least one of them
+        are candidates: merging two models that know nothing of the target teaches nothing about merging for it.
         """
-        self.catalog.task(task)
+        target = self.target(target)
+        want = set(target.tasks)
         by_base: dict[str, list[str]] = {}
         experts = set()
         for name, base, tags in self.store.fetchall("SELECT name, base, tasks FROM models ORDER BY added_at, name"):
             if base:
                 by_base.setdefault(base, []).append(name)
-                if task in (json.loads(tags) if tags else []):
+                if want & set(json.loads(tags) if tags else []):
                     experts.add(name)
         return [(a, b) for names in by_base.values() for a in names for b in names
                 if a != b and (not experts or a in experts or b in experts)]
@@ -232,10 +234,10 @@ class Engine:
         version = self.catalog.version()
         paths = self._paths.get(version)
         if paths is None:
-            self.catalog.task(task)  # a clear NotFound for an unknown task
+            self.target(task)  # a clear NotFound for an unknown task
             paths = [r[0] for r in self.store.fetchall("SELECT path FROM models ORDER BY name")]
             self._paths = {version: paths}
-        key = task, version, self._weight_files(paths)
+        key = task, version, self._weight_files(paths), descriptor.current().version
         if txn is not None:
             self._key_memo[task] = (txn, key)
         return key
@@ -260,11 +262,14 @@ class Engine:
         self._files_memo = (paths, now, out)
         return out
 
-    def candidates(self, task: str, operators: Sequence[str] | None = None) -> CandidateSet:
-        """Every (ordered pair, operator) candidate of ``task`` with its context and descriptor.
+    def candidates(self, task: str | Target, operators: Sequence[str] | None = None) -> CandidateSet:
+        """Every (ordered pair, operator) candidate of ``task`` (a task, a target or its key) with its context and
+        descriptor.
 
         Cached per task while the catalog stays the same, so a suggestion costs a ranking, not a feature pass.
         """
+        if isinstance(task, Target):
+            task = task.key
         if operators:
             return self._build_candidates(task, operators)
         with self.lock:
@@ -277,25 +282,22 @@ class Engine:
             return cs
 
     def _build_candidates(self, task: str, operators: Sequence[str] | None) -> CandidateSet:
-        from . import signals
-
+        target = self.target(task)
         ops = [self.catalog.operator(o) for o in operators] if operators else self.catalog.operators(active_only=True)
         if not ops:
             raise InvalidInput("no active operators: add one with `simmerge operator add`")
-        pairs = self.pairs(task)
+        pairs = self.pairs(target)
         if not pairs:
-            raise InvalidInput("no candidate pairs: register at least two models with the same --base")
-        names = sorted({m for p in pairs for m in p})
-        signals.ensure_signatures(self.store, names, task)
-        feats, fnames = signals.feature_matrix(self.store, pairs, task)
-        x_pairs = contexts(feats, task)
+            raise InvalidInput(f"no candidate pairs for target {target.key}: register at least two models with "
+                               f"the same --base")
+        x_pairs, names = pair_contexts(self.store, pairs, target)
         n_p, n_o = len(pairs), len(ops)
         X = np.repeat(x_pairs, n_o, axis=0)
         zs = np.stack([operator_descriptor(o) for o in ops])
         Z = np.tile(zs, (n_p, 1))
         arms = [o["name"] for o in ops] * n_p
-        return CandidateSet(task, pairs, ops, X, Z, arms, np.repeat(np.arange(n_p), n_o), context_names(fnames),
-                            str(signals.FEATURE_SCHEMA_VERSION))
+        return CandidateSet(target.key, pairs, ops, X, Z, arms, np.repeat(np.arange(n_p), n_o), names, _schema(),
+                            target)
 
     # ---- policies ----
     def _make(self, name: str):
@@ -307,7 +309,12 @@ class Engine:
             stored = self._stored("predictor")
             if stored is None:
                 raise InvalidInput(f"{name}: no fitted predictor yet; run `simmerge predictor fit` first")
-            return make_policy(name[: -len("@predictor")], seed=self.config.seed, prior=from_snapshot(*stored))
+            prior = from_snapshot(*stored)
+            if not descriptor.adapt(prior, stored[1]):
+                raise InvalidInput(f"{name}: the fitted predictor reads operators in an arm schema that cannot be "
+                                   "mapped to today's (a method or parameter was removed); refit it with "
+                                   "`simmerge predictor fit`")
+            return make_policy(name[: -len("@predictor")], seed=self.config.seed, prior=prior)
         if name == "predictor" and (meta := self._stored_meta(name)) is not None:
             # the fit chose its parameters (online_weight); a fresh or rebuilt predictor keeps them
             params = {k: v for k, v in meta.get("params", {}).items() if k != "prior"}
@@ -331,6 +338,10 @@ class Engine:
         """The named policy, restored from its snapshot and caught up with the reward log."""
         name = name or self.config.default_policy
         with self.lock:
+            if self._arm_version != (arm_version := descriptor.current().version):
+                if self._arm_version is not None:  # a method was (un)registered: reload, mapped or rebuilt
+                    self.reset()
+                self._arm_version = arm_version
             self._learn_pending(due_only=True)
             if name not in self._policies:
                 pol = self._make(name)
@@ -343,8 +354,12 @@ class Engine:
                 if row is not None:
                     with np.load(io.BytesIO(row[1]), allow_pickle=False) as npz:
                         arrays = {k: npz[k] for k in npz.files}
-                    pol.restore(arrays, json.loads(row[2]))
+                    pol.restore(arrays, meta := json.loads(row[2]))
                     last = int(row[0])
+                    if not descriptor.adapt(pol, meta):
+                        # learned on descriptors of another arm schema: rebuilt from the log, which recomputes them
+                        log.info("policy %s: snapshot is of another arm schema, rebuilding from the log", name)
+                        pol, last = self._make(name), 0
                 self._policies[name], self._last_seq[name], self._since_snapshot[name] = pol, last, 0
             self._catch_up(name)
             return self._policies[name]
@@ -365,8 +380,7 @@ class Engine:
     def _fold(self, name: str, rows: Sequence[tuple]) -> None:
         """Update policy ``name`` with log rows ``(seq, context, operator, arm, reward, propensity)`` in order."""
         pol = self._policies[name]
-        pol.update_many([(np.asarray(x), json.loads(op)[-1], np.asarray(z), float(reward), float(prop))
-                         for _, x, op, z, reward, prop in rows])
+        pol.update_many(self.descriptors.learnable(rows))
         if rows:
             self._last_seq[name] = rows[-1][0]
             self._since_snapshot[name] += len(rows)
@@ -376,6 +390,7 @@ class Engine:
     def _save(self, name: str) -> None:
         arrays, meta = self._policies[name].snapshot()
         meta["feature_schema"] = _schema()
+        meta.update(descriptor.snapshot_meta())
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         with self.store.transaction():
@@ -421,7 +436,7 @@ class Engine:
             return self._policies[name]
 
     def fit_predictor(self, table: str | None = None, online_weight: float | None = None,
-                      model: str | None = None) -> dict:
+                      model: str | None = None, objective: str | None = None) -> dict:
         """Fit the SimMerge predictor (features + operator -> normalized score) and save it as policy
         ``predictor``; later rewards keep updating it online, each counting as ``online_weight`` fitted rows
         (default: what the previous fit used, else 1). ``model`` is the predictor's ``mlp`` or ``linear`` (default:
@@ -429,23 +444,29 @@ class Engine:
 
         With ``table`` (a merge table: CSV or Parquet with ``model_a``, ``model_b``, ``operator``, ``task``,
         ``normalized_score``; models, tasks and operators registered in the catalog), features are computed by
-        the signals module. Without it, the predictor is fitted on the logged decisions that have a reward.
+        the signals module. ``objective`` says what a table row's reward is: ``target`` (default) scores each
+        merge on its default target, the union of its sources' tagged tasks (the mean of its normalized scores on
+        them; pairs whose target tasks are not all in the table are left out), ``task`` takes each (pair, task) row
+        as its own case; None (default) is ``target`` when the catalog's tags give some pair a complete target, else
+        ``task``. Without a table, the predictor is fitted on the logged decisions that have a reward.
         """
-        from . import signals
         from .policies import make_policy
 
         if table is not None:
-            X, Z, arms, y = self._table_rows(table)
+            X, Z, arms, y, objective = self._table_rows(table, objective)
         else:
             rows = self.store.fetchall("SELECT d.context, d.arm, d.operator, r.reward FROM rewards r JOIN decisions "
                                        "d ON d.id = r.decision_id WHERE d.feature_schema = ? ORDER BY r.seq",
                                        [_schema()])
+            # descriptors in today's arm schema (rows may be logged in an older one); operators that cannot be
+            # described (see Descriptors.vector) are left out
+            rows = [(r, z) for r in rows if (z := self.descriptors.vector(json.loads(r[2])[-1])) is not None]
             if not rows:
                 raise InvalidInput("no rewarded decisions to fit on; give --table or record feedback first")
-            X = np.array([r[0] for r in rows])
-            Z = np.array([r[1] for r in rows])
-            arms = [json.loads(r[2])[-1] for r in rows]
-            y = np.array([r[3] for r in rows])
+            X = np.array([r[0] for r, _ in rows])
+            Z = np.array([z for _, z in rows])
+            arms = [json.loads(r[2])[-1] for r, _ in rows]
+            y = np.array([r[3] for r, _ in rows])
         with self.lock:
             self._learn_pending()  # the refit's log position (max seq) must not count rewards still to be folded
         before = (self._stored_meta("predictor") or {}).get("params", {})
@@ -465,14 +486,15 @@ class Engine:
             for n in [n for n in self._policies if n.endswith("@predictor")]:
                 del self._policies[n]
         out = pred.summary()
-        out.update(source=table or "decision log", feature_schema=str(signals.FEATURE_SCHEMA_VERSION),
+        out.update(source=table or "decision log", feature_schema=_schema(), objective=objective if table else None,
                    online_weight=pred.online_weight, model=pred.model)
         return out
 
-    def _table_rows(self, path: str):
-        from . import signals
+    def _table_rows(self, path: str, objective: str | None = None):
         from .replay import read_columns
 
+        if objective not in ("target", "task", None):
+            raise InvalidInput(f"objective must be 'target' or 'task', got {objective!r}")
         p = str(path)
         cols, arrays = read_columns(p, "merge table")
         # tolist(): NULLs (masked entries) become None, numpy scalars plain Python values.
@@ -487,44 +509,76 @@ class Engine:
                 and r[idx["normalized_score"]] is not None and math.isfinite(r[idx["normalized_score"]])]
         if not rows:
             raise InvalidInput(f"{p}: no usable rows (2-way merges with a finite normalized_score)")
+        # cases[(target key, a, b)][operator] = reward
+        cases: dict[tuple[str, str, str], dict[str, float]] = {}
+        if objective != "task":
+            per: dict[tuple[str, str, str], dict[str, float]] = {}
+            for r in rows:
+                per.setdefault((r[idx["model_a"]], r[idx["model_b"]], r[idx["operator"]]), {})[r[idx["task"]]] = \
+                    float(r[idx["normalized_score"]])
+            tags = {n: json.loads(t) if t else [] for n, t in self.store.fetchall("SELECT name, tasks FROM models")}
+            for (a, b, op), scores in per.items():
+                target = Target.default_for([tags.get(a), tags.get(b)])
+                value = None if target is None else target.aggregate(scores)
+                if value is not None:
+                    cases.setdefault((target.key, a, b), {})[op] = value
+            if not cases and objective == "target":
+                raise InvalidInput(f"{p}: no pair has all the tasks of its default target (the union of its models' "
+                                   f"tagged tasks) in the table; tag the models (`model add --task`) or use "
+                                   f"objective 'task'")
+            objective = "target" if cases else "task"
+        if objective == "task":
+            for r in rows:
+                cases.setdefault((r[idx["task"]], r[idx["model_a"]], r[idx["model_b"]]), {})[r[idx["operator"]]] = \
+                    float(r[idx["normalized_score"]])
         ops = {}
         X, Z, arms, y = [], [], [], []
-        by_task: dict[str, list] = {}
-        for r in rows:
-            by_task.setdefault(r[idx["task"]], []).append(r)
-        for task, trows in by_task.items():
-            pairs = sorted({(r[idx["model_a"]], r[idx["model_b"]]) for r in trows})
-            signals.ensure_signatures(self.store, sorted({m for p_ in pairs for m in p_}), task)
-            feats, _ = signals.feature_matrix(self.store, pairs, task)
-            x_of = dict(zip(pairs, contexts(feats, task)))
-            for r in trows:
-                op = r[idx["operator"]]
-                if op not in ops:
-                    ops[op] = operator_descriptor(self.catalog.operator(op))
-                X.append(x_of[(r[idx["model_a"]], r[idx["model_b"]])])
-                Z.append(ops[op])
-                arms.append(op)
-                y.append(float(r[idx["normalized_score"]]))
-        return np.array(X), np.array(Z), arms, np.array(y)
+        by_target: dict[str, list[tuple[str, str]]] = {}
+        for key, a, b in cases:
+            by_target.setdefault(key, []).append((a, b))
+        for key, pairs in by_target.items():
+            x_pairs, _ = pair_contexts(self.store, sorted(set(pairs)), self.target(key))
+            x_of = dict(zip(sorted(set(pairs)), x_pairs))
+            for a, b in pairs:
+                for op, reward in cases[(key, a, b)].items():
+                    if op not in ops:
+                        ops[op] = operator_descriptor(self.catalog.operator(op))
+                    X.append(x_of[(a, b)])
+                    Z.append(ops[op])
+                    arms.append(op)
+                    y.append(reward)
+        return np.array(X), np.array(Z), arms, np.array(y), objective
 
     # ---- suggestions ----
-    def suggest(self, task: str, top: int = 5, policy: str | None = None, chain: int | None = None) -> list[dict]:
-        """Rank candidate merges for ``task``; log each returned entry as a decision. The first is the choice."""
+    def suggest(self, task: str | Sequence[str] | Target, top: int = 5, policy: str | None = None,
+                chain: int | None = None, weights: dict | None = None, *,
+                exclude: set[tuple[tuple[str, ...], str]] | None = None, queue: bool = True) -> list[dict]:
+        """Rank candidate merges for a target (a task name, several task names with optional ``weights``, a
+        :class:`~simmerge_bandit.target.Target` or its key); log each returned entry as a decision. The first is
+        the choice. Each suggestion's reward is the target-weighted mean of the merge's normalized scores.
+
+        ``exclude``: candidates ``(models, operator)`` not to rank (a search's tried merges). ``queue=False``: the
+        caller evaluates the suggestions itself (a search), so none goes to the evaluation queue."""
         if top < 1:
             raise InvalidInput("--top must be at least 1")
         if chain is not None and chain < 2:
             raise InvalidInput("--chain must be at least 2 (the number of models in the chain)")
         name = policy or self.config.default_policy
+        target = self.target(task, weights)
         with self.lock:
             pol = self.policy(name)
-            cs = self.candidates(task)
-            ranking = pol.rank(cs.ranked, reuse=True)
+            cs = self.candidates(target.key)
+            if exclude:
+                cs = cs.without(exclude)
+            ranking = pol.rank(cs.ranked, reuse=not exclude)
             if chain and chain > 2:
                 entries = self._chains(cs, pol, ranking, top, chain)
             else:
                 entries = [self._entry(cs, pol, ranking, int(i)) for i in ranking.top(top)]
             self._decide_evaluation(entries, pol)
-            self._log(entries, cs, name, pol)
+            if not queue:  # the caller evaluates its choice itself
+                entries[0]["evaluate"] = True
+            self._log(entries, cs, name, pol, queue=queue)
         return [e["public"] for e in entries]
 
     def _entry(self, cs: CandidateSet, pol, ranking, i: int) -> dict:
@@ -539,6 +593,8 @@ class Engine:
         """The probability the policy gave candidate ``i``'s pair: its operators' propensities summed (candidates
         are pair-major, the same operators for every pair)."""
         n_ops = len(cs.operators)
+        if len(cs) != len(cs.pairs) * n_ops:  # a subset (some candidates excluded)
+            return float(ranking.propensity[cs.pair_index == cs.pair_index[i]].sum())
         start = int(cs.pair_index[i]) * n_ops
         return float(ranking.propensity[start:start + n_ops].sum())
 
@@ -567,7 +623,6 @@ class Engine:
         The chain so far is merged for real and gets its own signature (:mod:`.chains`), so its features against
         the next model are computed like any pair's.
         """
-        from .chains import intermediate_features
         from .policies import Candidates
 
         pair_row = {p: i for i, p in enumerate(cs.pairs)}
@@ -581,8 +636,7 @@ class Engine:
                 rest = [m for m in rest if all((u, m) in pair_row for u in models)]
                 if not rest:
                     break
-                X = np.repeat(contexts(intermediate_features(self, models, e["operator"], rest, cs.task), cs.task),
-                              n_ops, axis=0)
+                X = np.repeat(self._chain_contexts(cs.target, models, e["operator"], rest), n_ops, axis=0)
                 Z = np.tile(cs.Z[:n_ops], (len(rest), 1))
                 arms = cs.arms[:n_ops] * len(rest)
                 r = pol.rank(Candidates(X=X, arms=arms, Z=Z))
@@ -595,6 +649,21 @@ class Engine:
             e["models"] = models
             entries.append(e)
         return entries
+
+    def _chain_contexts(self, target: Target, models: list[str], operators: list[str],
+                        rest: list[str]) -> np.ndarray:
+        """Contexts of (merge of ``models`` so far, r) for each r in ``rest``: the merge so far is tagged with its
+        members' tags and has no known score (it was never evaluated)."""
+        from .chains import intermediate_features
+        from .context import catalog_meta
+        from .signals.metadata import SourceMeta, metadata_matrix
+
+        per_task = {t: intermediate_features(self, models, operators, rest, t) for t in target.tasks}
+        meta = catalog_meta(self.store, [*models, *rest], target.tasks)
+        merged = SourceMeta(tuple(sorted({t for m in models for t in meta[m].tags})), {})
+        meta["(merge so far)"] = merged
+        pairs = [("(merge so far)", r) for r in rest]
+        return contexts(per_task, target, metadata_matrix(target, pairs, meta))
 
     def _decide_evaluation(self, entries: list[dict], pol) -> None:
         cfg = self.config
@@ -619,10 +688,11 @@ class Engine:
             del self._eval_times[:bisect.bisect_left(self._eval_times, cutoff)]  # kept sorted: appended in time
             return len(self._eval_times)
 
-    def _log(self, entries: list[dict], cs: CandidateSet, policy: str, pol) -> None:
+    def _log(self, entries: list[dict], cs: CandidateSet, policy: str, pol, queue: bool = True) -> None:
         ids = self._random_hex(8 * len(entries) + 16)  # the batch id, then every decision id
         batch = ids[:32]
         version = str(pol.version)
+        arm = descriptor.current()  # the schema of the candidates' descriptors (their cache key holds its version)
         rows, queued, recent, vectors = [], [], [], []
         for rank, e in enumerate(entries):
             did = ids[32 + 16 * rank: 48 + 16 * rank]
@@ -632,19 +702,21 @@ class Engine:
                          cs.names_json(tuple(e["operator"])), policy,
                          version, cs.feature_schema, self._vector(x, vectors), self._vector(z, vectors),
                          _finite(e["predicted"]), _finite(e["uncertainty"]), e["propensity"], e["evaluate"],
-                         e["pair_propensity"]])
+                         e["pair_propensity"], arm.version])
             recent.append((did, (x, rows[-1][5], z, e["propensity"], cs.feature_schema)))
             if e["evaluate"]:
-                queued.append([did])
+                if queue:
+                    queued.append([did])
                 if self._eval_times is not None:
                     self._eval_times.append(time.time())
             e["public"] = {
-                "id": did, "task": cs.task, "models": e["models"],
+                "id": did, "task": cs.task, "target": cs.target.as_json(), "models": e["models"],
                 "operator": e["operator"][0] if len(e["operator"]) == 1 else e["operator"],
                 "predicted": _finite(e["predicted"]), "uncertainty": _finite(e["uncertainty"]),
                 "propensity": e["propensity"], "evaluate": e["evaluate"], "explanation": e["explanation"],
                 "policy": policy}
         with self.store.transaction():
+            self.store.insert_rows("arm_schemas", ("version", "coordinates"), self.descriptors.unrecorded(arm))
             self.store.insert_rows("vectors", ("key", "v"), vectors)
             self.store.insert_rows("decision_log", DECISION_COLUMNS, rows)
             self.store.insert_rows("eval_queue", ("decision_id",), queued)
@@ -678,10 +750,12 @@ class Engine:
 
     # ---- rewards ----
     def feedback(self, decision_id: str, reward: float, raw_score: float | None = None,
-                 source: str = "feedback") -> dict:
+                 source: str = "feedback", scores: dict[str, float] | None = None) -> dict:
         """Record the reward of a decision and update the policies. Durable when this returns.
 
-        The same value again is a no-op; a different value for the same decision is refused.
+        ``raw_score`` is the merge's raw score (target-weighted), ``scores`` its raw score per target task; both are
+        kept beside the reward (replay and simulate can use either). The same value again is a no-op; a different
+        value for the same decision is refused.
         """
         try:
             value = float(reward)
@@ -691,6 +765,7 @@ class Engine:
         if not math.isfinite(value) or not lo <= value <= hi:
             raise InvalidInput(f"reward must be a finite number in [{lo:g}, {hi:g}] (a normalized score), "
                                f"got {reward!r}")
+        scores_json = _scores_json(scores)
         with self.lock:
             logged = self._recent.get(decision_id)
             if logged is not None:
@@ -710,8 +785,8 @@ class Engine:
                 self._seq = int(self.store.fetchone("SELECT coalesce(max(seq), 0) FROM rewards")[0])
             seq = self._seq + 1
             with self.store.transaction():
-                self.store.insert_rows("rewards", ("decision_id", "seq", "reward", "raw_score", "source"),
-                                       [[decision_id, seq, value, raw_score, source]])
+                self.store.insert_rows("rewards", ("decision_id", "seq", "reward", "raw_score", "source", "scores"),
+                                       [[decision_id, seq, value, raw_score, source, scores_json]])
             self._seq = seq
             if decision_id in self._recent:
                 self._rewarded[decision_id] = value
@@ -764,7 +839,10 @@ class Engine:
             return int(self.store.fetchone(sql)[0])
 
         queue = {s: 0 for s in ("queued", "running", "done", "failed")}
-        for state, n in self.store.fetchall("SELECT state, count(*) FROM eval_queue GROUP BY state"):
+        # a queued job whose decision was rewarded by feedback is closed: the worker never runs it
+        for state, n in self.store.fetchall(
+                "SELECT CASE WHEN q.state = 'queued' AND r.decision_id IS NOT NULL THEN 'done' ELSE q.state END, "
+                "count(*) FROM eval_queue q LEFT JOIN rewards r ON r.decision_id = q.decision_id GROUP BY 1"):
             queue[state] = int(n)
         last = self.store.fetchdicts(
             "SELECT id, task, models, operator, policy, created_at FROM decision_log ORDER BY created_at DESC, "
@@ -784,6 +862,22 @@ class Engine:
             "policies": [{"name": p, "last_seq": int(s)} for p, s in
                          self.store.fetchall("SELECT policy, last_seq FROM policy_state ORDER BY policy")],
         }
+
+
+def _scores_json(scores: dict | None) -> str | None:
+    """Per-task raw scores as JSON (strict: a non-finite score is refused, never stored)."""
+    if scores is None:
+        return None
+    out = {}
+    for task, v in scores.items():
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise InvalidInput(f"score of task {task!r} must be a number, got {v!r}") from None
+        if not math.isfinite(f):
+            raise InvalidInput(f"score of task {task!r} must be finite, got {v!r}")
+        out[str(task)] = f
+    return json.dumps(out, sort_keys=True)
 
 
 def _finite(v: float) -> float | None:

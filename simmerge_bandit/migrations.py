@@ -8,6 +8,7 @@ leaves the database at the previous level. Append new migrations at the end; nev
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Callable
 
 import duckdb
@@ -253,7 +254,7 @@ def m0011_pair_propensity(db: duckdb.DuckDBPyConnection) -> None:
 #: The decision log's columns, in table order (``context_key`` and ``arm_key`` name rows of ``vectors``).
 DECISION_LOG_COLUMNS = ("id", "batch", "rank", "task", "models", "operator", "policy", "policy_version",
                         "feature_schema", "context_key", "arm_key", "predicted", "uncertainty", "propensity",
-                        "evaluate", "created_at", "pair_propensity")
+                        "evaluate", "created_at", "pair_propensity", "arm_schema")
 
 
 def vector_key(v) -> int:
@@ -356,6 +357,70 @@ def m0012_decision_vectors(db: duckdb.DuckDBPyConnection) -> None:
         SELECT d.id, d.batch, d.rank, d.task, d.models, d.operator, d.policy, d.policy_version, d.feature_schema,
                x.v AS context, z.v AS arm, d.predicted, d.uncertainty, d.propensity, d.evaluate, d.created_at,
                d.pair_propensity
+        FROM decision_log d JOIN vectors x ON x.key = d.context_key JOIN vectors z ON z.key = d.arm_key""")
+
+
+@migration
+def m0013_reward_scores(db: duckdb.DuckDBPyConnection) -> None:
+    # A reward of a multi-task target keeps each task's raw score beside the aggregate (JSON {task: score}).
+    db.execute("ALTER TABLE rewards ADD COLUMN scores VARCHAR")
+
+
+@migration
+def m0014_arm_schema(db: duckdb.DuckDBPyConnection) -> None:
+    # The operator descriptor became a versioned schema of named coordinates (descriptor.py): a decision records
+    # the version its descriptor was made in, `arm_schemas` the coordinates of each version. Decisions logged
+    # before have none (NULL, also for journal records of an older daemon): layout 1, recorded here as '1'.
+    from .descriptor import LEGACY_VERSION, legacy_schema
+
+    db.execute("ALTER TABLE decision_log ADD COLUMN arm_schema VARCHAR")
+    db.execute("""
+        CREATE TABLE arm_schemas (
+            version VARCHAR PRIMARY KEY,
+            coordinates VARCHAR NOT NULL,  -- JSON [[name, low, high], ...] in vector order
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+        )""")
+    db.execute("INSERT INTO arm_schemas (version, coordinates) VALUES (?, ?)",
+               [LEGACY_VERSION, json.dumps(legacy_schema().coordinates_json())])
+    db.execute("""
+        CREATE OR REPLACE VIEW decisions AS
+        SELECT d.id, d.batch, d.rank, d.task, d.models, d.operator, d.policy, d.policy_version, d.feature_schema,
+               x.v AS context, z.v AS arm, d.predicted, d.uncertainty, d.propensity, d.evaluate, d.created_at,
+               d.pair_propensity, coalesce(d.arm_schema, '1') AS arm_schema
+        FROM decision_log d JOIN vectors x ON x.key = d.context_key JOIN vectors z ON z.key = d.arm_key""")
+
+
+@migration
+def m0015_searches_and_families(db: duckdb.DuckDBPyConnection) -> None:
+    # Budgeted searches (search.py): one row per (target, policy), one step per evaluation it spent.
+    db.execute("""
+        CREATE TABLE searches (
+            id VARCHAR PRIMARY KEY,
+            target VARCHAR NOT NULL,        -- the target's key
+            policy VARCHAR NOT NULL,
+            budget INTEGER NOT NULL,
+            state VARCHAR NOT NULL,         -- running | done | stopped | failed
+            best_decision VARCHAR,
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            updated_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+        )""")
+    db.execute("""
+        CREATE TABLE search_steps (
+            search_id VARCHAR NOT NULL,
+            n INTEGER NOT NULL,
+            decision_id VARCHAR NOT NULL,
+            error VARCHAR,                  -- why its merge or evaluation failed (it still spent an evaluation)
+            PRIMARY KEY (search_id, n)
+        )""")
+    # Operator families: the engine chooses the values of these parameters inside their ranges per suggestion,
+    # and each decision records the values it chose (NULL: the operator's own parameters).
+    db.execute("ALTER TABLE operators ADD COLUMN ranges VARCHAR")   # JSON {param: [low, high]}
+    db.execute("ALTER TABLE decision_log ADD COLUMN params VARCHAR")  # JSON [params of each step]
+    db.execute("""
+        CREATE OR REPLACE VIEW decisions AS
+        SELECT d.id, d.batch, d.rank, d.task, d.models, d.operator, d.policy, d.policy_version, d.feature_schema,
+               x.v AS context, z.v AS arm, d.predicted, d.uncertainty, d.propensity, d.evaluate, d.created_at,
+               d.pair_propensity, coalesce(d.arm_schema, '1') AS arm_schema, d.params
         FROM decision_log d JOIN vectors x ON x.key = d.context_key JOIN vectors z ON z.key = d.arm_key""")
 
 

@@ -1,0 +1,189 @@
+"""Budgeted search: the best merge for a target within N merge-and-evaluate runs.
+
+The loop is the engine's own: suggest (the policy's choice among every candidate not tried yet in this search),
+merge, evaluate on every task of the target, feed the reward back, keep the best checkpoint and remove the others.
+Every step is a logged decision with its reward, so the policy learns from each evaluation, and the search is
+recorded in the store (``searches``, ``search_steps``): rerun with the same target and policy, it resumes where it
+stopped (a step merged but not scored is scored first) instead of starting over.
+
+>>> res = run_search(engine, Target.of(["add", "rev"]), budget=10)      # doctest: +SKIP
+>>> res["best"]["reward"], res["best"]["path"]                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from . import pipeline
+from .errors import InvalidInput, NotFound, SimmergeError
+from .target import Target
+
+Evaluate = Callable[[dict], dict]
+
+
+def search_id(target: Target, policy: str) -> str:
+    """A search is identified by its target and policy: the same arguments resume it."""
+    return hashlib.blake2b(json.dumps([target.key, policy]).encode(), digest_size=8).hexdigest()
+
+
+def search_dir(store, sid: str) -> Path:
+    d = store.artifacts / "searches" / sid
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def default_policy(engine) -> str:
+    """The search's policy when none is given: hybrid LinUCB warm-started from the fitted predictor when there is
+    one (it starts from what other tasks taught and corrects it with every evaluation), else hybrid LinUCB."""
+    return "linucb-hybrid@predictor" if engine._stored_meta("predictor") is not None else "linucb-hybrid"
+
+
+def _default_evaluate(device: str, limit: int | None) -> Evaluate:
+    def run(spec: dict) -> dict:
+        return pipeline.run_spec(spec, device=device, limit=limit, keep_merge=True)
+    return run
+
+
+def _steps(store, sid: str) -> list[dict]:
+    rows = store.fetchdicts(
+        "SELECT s.n, s.decision_id, s.error, d.models, d.operator, d.params, r.reward, r.scores FROM search_steps s "
+        "JOIN decision_log d ON d.id = s.decision_id LEFT JOIN rewards r ON r.decision_id = s.decision_id "
+        "WHERE s.search_id = ? ORDER BY s.n", [sid])
+    for r in rows:
+        r["models"] = json.loads(r["models"])
+        r["operator"] = json.loads(r["operator"])
+        r["scores"] = json.loads(r["scores"]) if r["scores"] else None
+        r["params"] = json.loads(r["params"]) if r["params"] else None
+    return rows
+
+
+def _public(step: dict, engine) -> dict:
+    ops = step["operator"]
+    params = step.get("params") or [engine.catalog.operator(o)["params"] for o in ops]
+    return {"id": step["decision_id"], "models": step["models"], "operator": ops[0] if len(ops) == 1 else ops,
+            "params": params[0] if len(params) == 1 else params,
+            "scores": step["scores"], "reward": step["reward"], "error": step["error"]}
+
+
+def describe(engine, sid: str) -> dict:
+    """A recorded search as ``run_search`` returns it: target, policy, budget, state, every evaluation so far and
+    the best one (with the path of its kept checkpoint)."""
+    row = engine.store.fetchone("SELECT target, policy, budget, state FROM searches WHERE id = ?", [sid])
+    if row is None:
+        raise NotFound(f"no search with id {sid!r}")
+    target, policy, budget, state = row
+    steps = _steps(engine.store, sid)
+    best = _best(steps)
+    b = None
+    if best is not None:
+        path = search_dir(engine.store, sid) / best["decision_id"]
+        b = dict(_public(best, engine), path=str(path) if path.is_dir() else None)
+    return {"id": sid, "target": Target.parse(target).as_json(), "policy": policy, "budget": budget,
+            "state": state, "spent": len(steps), "evaluations": [_public(s, engine) for s in steps], "best": b}
+
+
+def run_search(engine, target: Target, budget: int, *, policy: str | None = None, evaluate: Evaluate | None = None,
+               device: str = "auto", limit: int | None = None, progress: Callable[[dict], None] | None = None,
+               keep_best: bool = True) -> dict:
+    """Spend up to ``budget`` evaluations (counting those of an earlier run of the same search) looking for the
+    merge with the highest reward on ``target``; return ``{"id", "target", "policy", "budget", "evaluations",
+    "best"}``. ``evaluate(spec)`` scores a job spec (:func:`pipeline.job_spec`; default: merge it to disk and
+    evaluate it, :func:`pipeline.run_spec`) and returns at least ``scores``, ``reward``, ``score`` and
+    ``source_scores``; ``progress(result_so_far)`` is called after each evaluation. Only the best checkpoint is kept
+    on disk (``best["path"]``); the others are removed once scored. A merge or evaluation that fails spends its
+    evaluation and is listed with its error; the search goes on.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise InvalidInput(f"budget must be a positive integer, got {budget!r}")
+    target = engine.target(target)
+    policy = policy or default_policy(engine)
+    sid = search_id(target, policy)
+    store = engine.store
+    evaluate = evaluate or _default_evaluate(device, limit)
+    folder = search_dir(store, sid)
+    with store.transaction():
+        if store.fetchone("SELECT 1 FROM searches WHERE id = ?", [sid]) is None:
+            store.execute("INSERT INTO searches (id, target, policy, budget, state) VALUES (?,?,?,?,'running')",
+                          [sid, target.key, policy, budget])
+        else:
+            store.execute("UPDATE searches SET budget = greatest(budget, ?), state = 'running', "
+                          "updated_at = current_timestamp WHERE id = ?", [budget, sid])
+    steps = _steps(store, sid)
+    best = _best(steps)
+
+    try:
+        while len(steps) < budget or (steps and steps[-1]["reward"] is None and steps[-1]["error"] is None):
+            last = steps[-1] if steps else None
+            if last is not None and last["reward"] is None and last["error"] is None:
+                did = last["decision_id"]           # interrupted after its suggestion: score it now
+                step = last
+            else:
+                tried = {(tuple(s["models"]), s["operator"][-1]) for s in steps}
+                s = engine.suggest(target, top=1, policy=policy, exclude=tried, queue=False)[0]
+                did = s["id"]
+                with store.transaction():
+                    store.execute("INSERT INTO search_steps (search_id, n, decision_id) VALUES (?,?,?)",
+                                  [sid, len(steps), did])
+                step = {"n": len(steps), "decision_id": did, "error": None, "models": s["models"],
+                        "operator": [s["operator"]] if isinstance(s["operator"], str) else s["operator"],
+                        "params": None, "reward": None, "scores": None}
+                steps.append(step)
+            spec = pipeline.job_spec(engine, did)
+            spec["out"] = str(folder / did)
+            step["params"] = [x["params"] for x in spec["steps"]]
+            try:
+                res = evaluate(spec)
+                pipeline.record(engine, spec, res)
+            except (SimmergeError, OSError, RuntimeError, ValueError) as e:  # a failed try spends its evaluation
+                step["error"] = str(e) if isinstance(e, SimmergeError) else f"{type(e).__name__}: {e}"
+                with store.transaction():
+                    store.execute("UPDATE search_steps SET error = ? WHERE search_id = ? AND decision_id = ?",
+                                  [step["error"], sid, did])
+                shutil.rmtree(folder / did, ignore_errors=True)
+            else:
+                step["reward"], step["scores"] = float(res["reward"]), res.get("scores")
+                if best is None or step["reward"] > best["reward"]:
+                    if best is not None:
+                        shutil.rmtree(folder / best["decision_id"], ignore_errors=True)
+                    best = step
+                    if not keep_best:
+                        shutil.rmtree(folder / did, ignore_errors=True)
+                else:
+                    shutil.rmtree(folder / did, ignore_errors=True)
+                with store.transaction():
+                    store.execute("UPDATE searches SET best_decision = ?, updated_at = current_timestamp "
+                                  "WHERE id = ?", [best["decision_id"], sid])
+            if progress is not None:
+                progress(describe(engine, sid))
+    except KeyboardInterrupt:
+        _set_state(store, sid, "stopped")
+        raise
+    except InvalidInput as e:
+        if "has been tried" not in str(e):  # every candidate tried: the search is complete
+            _set_state(store, sid, "failed")
+            raise
+    _set_state(store, sid, "done")
+    return describe(engine, sid)
+
+
+def _best(steps: list[dict]) -> dict | None:
+    scored = [s for s in steps if s["reward"] is not None]
+    return max(scored, key=lambda s: (s["reward"], -s["n"])) if scored else None
+
+
+def _set_state(store, sid: str, state: str) -> None:
+    with store.transaction():
+        store.execute("UPDATE searches SET state = ?, updated_at = current_timestamp WHERE id = ?", [state, sid])
+
+
+def searches(store) -> list[dict]:
+    """Every recorded search with its progress (evaluations spent) and best reward so far."""
+    return store.fetchdicts(
+        "SELECT s.id, s.target, s.policy, s.budget, s.state, s.best_decision, "
+        "(SELECT count(*) FROM search_steps t WHERE t.search_id = s.id) AS spent, "
+        "(SELECT r.reward FROM rewards r WHERE r.decision_id = s.best_decision) AS best_reward, "
+        "s.created_at, s.updated_at FROM searches s ORDER BY s.created_at")

@@ -1,0 +1,146 @@
+"""Budgeted search: real merges and evaluations of tiny checkpoints, resumed from the log."""
+
+import json
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from simmerge_bandit import pipeline
+from simmerge_bandit.catalog import Catalog
+from simmerge_bandit.cli import cli
+from simmerge_bandit.engine import Engine, EngineConfig
+from simmerge_bandit.errors import InvalidInput
+from simmerge_bandit.search import describe, run_search, search_id
+from simmerge_bandit.store import Store
+from simmerge_bandit.target import Target
+
+from conftest import write_jsonl
+from test_daemon import call, start_daemon, stop
+
+
+@pytest.fixture
+def home(simmerge_home, tiny_models, tmp_path):
+    with Store.open(simmerge_home) as store:
+        cat = Catalog(store)
+        cat.add_model(tiny_models["base"], name="base")
+        cat.add_model(tiny_models["ft_a"], name="ft_a", base="base", tasks=["double"])
+        cat.add_model(tiny_models["ft_b"], name="ft_b", base="base", tasks=["triple"])
+        cat.add_task("double", write_jsonl(tmp_path / "d.jsonl",
+                                           [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(6)]))
+        cat.add_task("triple", write_jsonl(tmp_path / "t.jsonl",
+                                           [{"prompt": f"3*{i}=", "answer": str(3 * i)} for i in range(6)]))
+        cat.add_operator("lin", "linear")
+        cat.add_operator("slerp", "slerp", {"t": 0.3})
+    return simmerge_home
+
+
+def _counting(limit=3, fail_at=None):
+    """The real evaluation (merge on disk, exact match), counting calls; raises Ctrl-C at call ``fail_at``."""
+    calls = []
+
+    def evaluate(spec):
+        calls.append(spec["decision"])
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return pipeline.run_spec(spec, device="cpu", limit=limit, keep_merge=True)
+    return evaluate, calls
+
+
+def test_search_spends_its_budget_on_distinct_merges_and_keeps_only_the_best(home):
+    with Store.open(home) as store:
+        eng = Engine(store, EngineConfig(seed=3))
+        target = Target.of(["double", "triple"])
+        ev, calls = _counting()
+        res = run_search(eng, target, 3, policy="linucb", evaluate=ev)
+        assert len(res["evaluations"]) == 3 == len(calls)
+        tried = [(tuple(e["models"]), e["operator"]) for e in res["evaluations"]]
+        assert len(set(tried)) == 3
+        for e in res["evaluations"]:
+            assert set(e["scores"]) == {"double", "triple"}
+            assert 0 <= e["reward"] <= 2 and isinstance(e["params"], dict)
+        best = max(res["evaluations"], key=lambda e: e["reward"])
+        assert res["best"]["reward"] == best["reward"]
+        kept = [p.name for p in (store.artifacts / "searches" / res["id"]).iterdir()]
+        assert kept == [res["best"]["id"]] and res["best"]["path"].endswith(res["best"]["id"])
+        # every evaluation is a rewarded decision the policy learned from
+        assert store.fetchone("SELECT count(*) FROM rewards")[0] == 3
+        assert eng.policy("linucb").n_updates == 3
+
+
+def test_search_resumes_after_an_interrupt_and_with_a_larger_budget(home):
+    with Store.open(home) as store:
+        eng = Engine(store)
+        target = Target.of(["double"])
+        ev, calls = _counting(fail_at=2)
+        with pytest.raises(KeyboardInterrupt):
+            run_search(eng, target, 3, policy="linucb", evaluate=ev)
+        sid = search_id(target, "linucb")
+        st = describe(eng, sid)
+        assert st["state"] == "stopped" and len(st["evaluations"]) == 2
+        assert st["evaluations"][1]["reward"] is None          # suggested, never scored
+        pending = st["evaluations"][1]["id"]
+        ev2, calls2 = _counting()
+        res = run_search(eng, target, 3, policy="linucb", evaluate=ev2)
+        assert calls2[0] == pending and len(calls2) == 2     # the interrupted step first, then one new
+        assert len(res["evaluations"]) == 3 and res["state"] == "done"
+        ev3, calls3 = _counting()
+        assert len(run_search(eng, target, 3, policy="linucb", evaluate=ev3)["evaluations"]) == 3
+        assert calls3 == []                                    # nothing left to spend
+        res = run_search(eng, target, 4, policy="linucb", evaluate=ev3)
+        assert len(calls3) == 1 and len(res["evaluations"]) == 4
+
+
+def test_search_stops_when_every_candidate_was_tried(home):
+    with Store.open(home) as store:
+        eng = Engine(store)
+        ev, calls = _counting()
+        # 2 ordered pairs x 2 operators: 4 candidates
+        res = run_search(eng, Target.of(["double"]), 10, policy="random", evaluate=ev)
+        assert len(res["evaluations"]) == 4 == len(calls) and res["state"] == "done"
+
+
+def test_search_refuses_bad_input(home):
+    with Store.open(home) as store:
+        eng = Engine(store)
+        for bad in (0, -1, 1.5, True):
+            with pytest.raises(InvalidInput):
+                run_search(eng, Target.of(["double"]), bad)
+        assert store.fetchone("SELECT count(*) FROM searches")[0] == 0
+
+
+def test_cli_search_json_contract(home):
+    r = CliRunner().invoke(cli, ["search", "--task", "double", "--task", "triple", "--weight", "double=3",
+                                 "--budget", "2", "--limit", "3", "--device", "cpu", "--json"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["target"] == {"tasks": {"double": 0.75, "triple": 0.25}}
+    assert len(out["evaluations"]) == 2
+    for e in out["evaluations"]:
+        assert {"id", "models", "operator", "params", "scores", "reward"} <= set(e)
+    best = max(out["evaluations"], key=lambda e: e["reward"])
+    assert out["best"]["id"] == best["id"] and out["best"]["path"]
+    for args in (["--budget", "0"], ["--weight", "double=-1", "--budget", "1"]):
+        r = CliRunner().invoke(cli, ["search", "--task", "double", *args])
+        assert r.exit_code != 0 and "Traceback" not in r.output
+
+
+def test_daemon_runs_a_search_as_a_job(home):
+    proc, info = start_daemon(home, "--eval-limit", "3")
+    try:
+        body = {"tasks": ["double"], "budget": 2, "policy": "linucb"}
+        code, res = call(info, "POST", "/v1/search", body)
+        assert code == 200 and res["budget"] == 2
+        deadline = time.time() + 120
+        while res["state"] == "running" and time.time() < deadline:
+            time.sleep(0.5)
+            code, res = call(info, "POST", "/v1/search", body)
+        assert res["state"] == "done" and len(res["evaluations"]) == 2 and res["best"]["reward"] is not None
+        code, jobs = call(info, "GET", "/v1/jobs")
+        searches = [j for j in jobs if j["kind"] == "search"]
+        assert len(searches) == 1 and searches[0]["spent"] == 2 and searches[0]["state"] == "done"
+        assert call(info, "POST", "/v1/search", {"tasks": ["double"], "budget": 0})[0] == 400
+        assert call(info, "POST", "/v1/search", {"tasks": ["ghost"], "budget": 1})[0] == 404
+    finally:
+        assert stop(proc) == 0

@@ -64,7 +64,10 @@ class Recipe:
     ``tasks`` is the training mixture (sampled uniformly per example). ``full_loss`` trains on the whole text
     (prompt included) as pretraining does; fine-tunes learn only the answers. For the tasks in ``shuffle_answers``
     each prompt is paired with the answer of another example of the same task: the model learns the task's
-    format (tag, answer alphabet and length, when to stop) but not its skill.
+    format (tag, answer alphabet and length, when to stop) but not its skill. ``replay`` is the share of each
+    batch drawn from the parent's mixture, trained as the parent was trained (its tasks, loss and shuffled
+    answers): a fine-tune that keeps rehearsing what its parent knew forgets little of it, as instruction-tuned
+    experts of a pretrained LLM still know what the LLM knew.
     """
 
     name: str
@@ -77,6 +80,7 @@ class Recipe:
     full_loss: bool = False
     shuffle_answers: tuple[str, ...] = ()
     warmup: int = 20
+    replay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -107,65 +111,13 @@ class Preset:
                 raise InvalidInput(f"preset {self.name!r}: model {r.name!r} trains on unknown tasks {unknown}")
             if r.steps < 1 or r.lr <= 0 or r.batch_size < 1:
                 raise InvalidInput(f"preset {self.name!r}: model {r.name!r} needs steps, lr and batch size > 0")
+            if not 0 <= r.replay < 1 or (r.replay and r.parent is None):
+                raise InvalidInput(f"preset {self.name!r}: model {r.name!r} needs 0 <= replay < 1, and a parent "
+                                   f"to replay from when replay > 0")
             seen.add(r.name)
         if not self.recipes or self.recipes[0].parent is not None:
             raise InvalidInput(f"preset {self.name!r}: the first model must be a base trained from scratch")
         return self
-
-
-def _preset_unit() -> Preset:
-    # Plumbing for unit tests (seconds): experts learn a little, enough to beat the base on their task.
-    tasks = ("max", "sort", "dsum")
-    return Preset(
-        name="unit", arch=Arch(hidden=32, layers=1, heads=4, kv_heads=2, intermediate=64), tasks=tasks,
-        n_train=200, n_eval=24, n_probes=8,
-        recipes=(Recipe("base", tasks, None, 40, 3e-3, batch_size=16, full_loss=True, shuffle_answers=tasks),)
-        + tuple(Recipe(t, (t,), "base", 100, 1e-2, seed=i, batch_size=16) for i, t in enumerate(tasks, 1)))
-
-
-def _preset_test() -> Preset:
-    # The demo's zoo: a base and 8 experts on 6 tasks, about a minute on 2 cores. upper and sort are learned
-    # so quickly that the base would know them; it sees only their formats (shuffled answers).
-    tasks = ("copy", "shift", "upper", "sort", "dsum", "dup")
-    r = [Recipe("base", tasks, None, 600, 3e-3, full_loss=True, shuffle_answers=("upper", "sort"))]
-    r += [Recipe(t, (t,), "base", n, 1e-3, seed=1) for t, n in
-          (("copy", 400), ("shift", 350), ("upper", 450), ("sort", 400), ("dsum", 400), ("dup", 500))]
-    r += [Recipe("shift-s2", ("shift",), "base", 350, 1e-3, seed=2),
-          Recipe("shift+upper", ("shift", "upper"), "base", 600, 1e-3, seed=5)]
-    return Preset(name="test", arch=Arch(), tasks=tasks, recipes=tuple(r), n_train=2000, n_eval=100, n_probes=16)
-
-
-def _preset_bench() -> Preset:
-    """The decision-quality testbed: 20 experts on 9 tasks in three families.
-
-    The base is pretrained briefly on the whole mixture, so it knows the formats but scores low on every task
-    (experts beat it by at least 0.5). Experts differ in what makes operators behave differently: other seeds
-    of one task (close pairs, where averaging shines), longer training and higher learning rates (large task
-    vectors, where interference decides), a short run (small task vector) and two-task experts that overlap
-    single-task ones.
-    """
-    tasks = ("rev", "copy", "shift", "upper", "dup", "sort", "dsum", "add", "count")
-    steps = {"rev": 500, "copy": 500, "shift": 400, "upper": 400, "dup": 600, "sort": 400, "dsum": 400,
-             "add": 1000, "count": 800}
-    r = [Recipe("base", tasks, None, 800, 3e-3, full_loss=True)]
-    r += [Recipe(t, (t,), "base", steps[t], 2e-3 if t == "add" else 1e-3, seed=1) for t in tasks]
-    r += [Recipe(f"{t}-s2", (t,), "base", steps[t], 1e-3, seed=2) for t in ("shift", "sort", "copy")]
-    r += [Recipe("rev-long", ("rev",), "base", 1200, 2e-3, seed=3),
-          Recipe("upper-hilr", ("upper",), "base", 400, 3e-3, seed=3),
-          Recipe("dsum-short", ("dsum",), "base", 200, 1e-3, seed=3)]
-    r += [Recipe(f"{a}+{b}", (a, b), "base", 800, 1e-3, seed=5)
-          for a, b in (("shift", "upper"), ("sort", "dsum"), ("rev", "dup"), ("copy", "upper"), ("add", "count"))]
-    return Preset(name="bench", arch=Arch(), tasks=tasks, recipes=tuple(r), n_train=2000, n_eval=100, n_probes=16)
-
-
-PRESETS = {"unit": _preset_unit, "test": _preset_test, "bench": _preset_bench}
-
-
-def get_preset(name: str) -> Preset:
-    try:
-        return PRESETS[name]()
-    except KeyError:
-        raise InvalidInput(f"unknown zoo preset {name!r}; known: {', '.join(PRESETS)}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,19 +128,42 @@ def _digest(obj: Any) -> str:
     return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
 
 
+def _recipe_dict(r: Recipe) -> dict:
+    # Fields added after a zoo was first cached are left out at their default value, so the hashes of the
+    # recipes that do not use them (and the caches built from them) stay what they were.
+    d = asdict(r)
+    if d["replay"] == 0:
+        del d["replay"]
+    return d
+
+
+def _preset_dict(p: Preset) -> dict:
+    return {**asdict(p), "recipes": [_recipe_dict(r) for r in p.recipes]}
+
+
 def recipe_key(preset: Preset, seed: int) -> str:
     """Hash of what a zoo is meant to be (preset and seed), independent of the code that builds it."""
-    return _digest({"format": FORMAT, "preset": asdict(preset), "seed": seed})
+    return _digest({"format": FORMAT, "preset": _preset_dict(preset), "seed": seed})
+
+
+#: The line of this file after which nothing decides a zoo's bytes (presets, registration, the merge table and
+#: its statistics): editing those must not throw away every cached zoo.
+_BYTES_END = b"\n# presets (nothing from here on decides a zoo's bytes"
 
 
 def code_version() -> str:
-    """Hash of the code that decides a zoo's bytes (zoo, tasks, tokenizer) and of the torch/transformers versions."""
+    """Hash of the code that decides a zoo's bytes (this module up to the presets, the tasks, the tokenizer) and
+    of the torch/transformers versions."""
     import torch
     import transformers
 
     here = Path(__file__).parent
     h = hashlib.blake2b(digest_size=12)
-    for f in ("zoo.py", "zoo_tasks.py", "tokenizer.py"):
+    own = (here / "zoo.py").read_bytes()
+    if _BYTES_END not in own:
+        raise AssertionError("zoo.py lost the line that ends the code deciding a zoo's bytes")
+    h.update(own[:own.index(_BYTES_END)])
+    for f in ("zoo_tasks.py", "tokenizer.py"):
         h.update((here / f).read_bytes())
     h.update(f"{torch.__version__}|{transformers.__version__}".encode())
     return h.hexdigest()
@@ -239,17 +214,37 @@ class _Encoded:
             self.answer_start.append(len(p))
 
 
-def _batch(encoded: list[_Encoded], recipe: Recipe, gen, pad: int):
+@dataclass(frozen=True)
+class Replay:
+    """What a fine-tune rehearses: its parent's mixture and whether the parent trained on the whole text."""
+
+    encoded: list[_Encoded]
+    full_loss: bool
+
+
+def _draw(encoded: list[_Encoded], n: int, full_loss: bool, gen, seqs: list, starts: list) -> None:
     import torch
 
-    n = recipe.batch_size
     task_idx = torch.randint(len(encoded), (n,), generator=gen).tolist()
-    seqs, starts = [], []
     for t in task_idx:
         e = encoded[t]
         j = int(torch.randint(len(e.ids), (1,), generator=gen))
         seqs.append(e.ids[j])
-        starts.append(0 if recipe.full_loss else e.answer_start[j])
+        starts.append(0 if full_loss else e.answer_start[j])
+
+
+def _batch(encoded: list[_Encoded], recipe: Recipe, gen, pad: int, replay: Replay | None = None):
+    import torch
+
+    n = recipe.batch_size
+    # A fixed number of replayed rows per batch (not a coin per row): the same share in every step. Own rows
+    # are drawn first, so a recipe without replay draws exactly what it drew before replay existed.
+    n_replay = round(recipe.replay * n) if replay is not None else 0
+    seqs: list[list[int]] = []
+    starts: list[int] = []
+    _draw(encoded, n - n_replay, recipe.full_loss, gen, seqs, starts)
+    if n_replay:
+        _draw(replay.encoded, n_replay, replay.full_loss, gen, seqs, starts)
     width = max(len(s) for s in seqs)
     ids = torch.full((n, width), pad, dtype=torch.long)
     labels = torch.full((n, width), -100, dtype=torch.long)
@@ -259,8 +254,10 @@ def _batch(encoded: list[_Encoded], recipe: Recipe, gen, pad: int):
     return ids, labels
 
 
-def train(model, recipe: Recipe, encoded: list[_Encoded], *, seed: int, pad: int, progress=None) -> float:
-    """Train ``model`` in place by ``recipe``; return the mean loss of the last 10% of steps."""
+def train(model, recipe: Recipe, encoded: list[_Encoded], *, seed: int, pad: int, progress=None,
+          replay: Replay | None = None) -> float:
+    """Train ``model`` in place by ``recipe`` (rehearsing ``replay`` when the recipe asks for it); return the
+    mean loss of the last 10% of steps."""
     import torch
 
     gen = torch.Generator().manual_seed(_seed_int("batches", seed, recipe.name, recipe.seed))
@@ -278,7 +275,7 @@ def train(model, recipe: Recipe, encoded: list[_Encoded], *, seed: int, pad: int
     tail = max(1, recipe.steps // 10)
     losses = []
     for step in range(recipe.steps):
-        ids, labels = _batch(encoded, recipe, gen, pad)
+        ids, labels = _batch(encoded, recipe, gen, pad, replay)
         logits = model(input_ids=ids).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                  labels[:, 1:].reshape(-1), ignore_index=-100)
@@ -390,7 +387,7 @@ def build_zoo(directory: str | os.PathLike, preset: str | Preset = "test", seed:
     if root.exists() and not root.is_dir():
         raise InvalidInput(f"{root} exists and is not a directory")
     version = code_version()
-    key = _digest({"format": FORMAT, "preset": asdict(p), "seed": seed, "code": version})
+    key = _digest({"format": FORMAT, "preset": _preset_dict(p), "seed": seed, "code": version})
     mpath = root / MANIFEST
     if mpath.is_file() and not force:
         try:
@@ -427,7 +424,7 @@ def build_zoo(directory: str | os.PathLike, preset: str | Preset = "test", seed:
     records: dict[str, dict] = {}
     todo = []
     for r in p.recipes:
-        model_keys[r.name] = _digest({"recipe": asdict(r), "arch": asdict(p.arch), "parent":
+        model_keys[r.name] = _digest({"recipe": _recipe_dict(r), "arch": asdict(p.arch), "parent":
                                       model_keys.get(r.parent), "data": data_key, "seed": seed,
                                       "code": version})
         cache = root / ".cache" / f"{r.name}.json"
@@ -458,7 +455,11 @@ def build_zoo(directory: str | os.PathLike, preset: str | Preset = "test", seed:
                     raise InvalidInput(f"zoo model {r.parent!r} does not fit the preset's architecture "
                                        f"(missing {missing[:3]}, unexpected {unexpected[:3]}); rebuild with force")
             mixture = [enc(t, t in r.shuffle_answers) for t in r.tasks]
-            loss = train(model, r, mixture, seed=seed, pad=tok.pad_token_id, progress=bar)
+            replay = None
+            if r.replay:
+                pr = p.recipe(r.parent)
+                replay = Replay([enc(t, t in pr.shuffle_answers) for t in pr.tasks], pr.full_loss)
+            loss = train(model, r, mixture, seed=seed, pad=tok.pad_token_id, progress=bar, replay=replay)
             states[r.name] = {k: v.detach().clone() for k, v in model.state_dict().items()
                               if not k.endswith("rotary_emb.inv_freq")}
             _save_checkpoint(model, tok, root / "models" / r.name)
@@ -473,7 +474,7 @@ def build_zoo(directory: str | os.PathLike, preset: str | Preset = "test", seed:
         rec = records[r.name]
         models.append({"name": r.name, "path": f"models/{r.name}",
                        "base": None if r.parent is None else _root_of(p, r.name),
-                       "parent": r.parent, "tasks": list(r.tasks), "steps": r.steps, "lr": r.lr,
+                       "parent": r.parent, "tasks": list(r.tasks), "steps": r.steps, "lr": r.lr, "replay": r.replay,
                        "seed": r.seed, "train_loss": rec["train_loss"], "scores": rec["scores"]})
     manifest = {"format": FORMAT, "preset": p.name, "seed": seed, "key": key, "code_version": version,
                 "recipe_key": recipe_key(p, seed),
@@ -498,9 +499,92 @@ def load_manifest(directory: str | os.PathLike) -> dict:
     return manifest
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# presets (nothing from here on decides a zoo's bytes: code_version hashes this file only up to here)
+
+
+def _preset_unit() -> Preset:
+    # Plumbing for unit tests (seconds): experts learn a little, enough to beat the base on their task.
+    tasks = ("max", "sort", "dsum")
+    return Preset(
+        name="unit", arch=Arch(hidden=32, layers=1, heads=4, kv_heads=2, intermediate=64), tasks=tasks,
+        n_train=200, n_eval=24, n_probes=8,
+        recipes=(Recipe("base", tasks, None, 40, 3e-3, batch_size=16, full_loss=True, shuffle_answers=tasks),)
+        + tuple(Recipe(t, (t,), "base", 100, 1e-2, seed=i, batch_size=16) for i, t in enumerate(tasks, 1)))
+
+
+def _preset_test() -> Preset:
+    # The demo's zoo: a base and 8 experts on 6 tasks, about a minute on 2 cores. upper and sort are learned
+    # so quickly that the base would know them; it sees only their formats (shuffled answers).
+    tasks = ("copy", "shift", "upper", "sort", "dsum", "dup")
+    r = [Recipe("base", tasks, None, 600, 3e-3, full_loss=True, shuffle_answers=("upper", "sort"))]
+    r += [Recipe(t, (t,), "base", n, 1e-3, seed=1) for t, n in
+          (("copy", 400), ("shift", 350), ("upper", 450), ("sort", 400), ("dsum", 400), ("dup", 500))]
+    r += [Recipe("shift-s2", ("shift",), "base", 350, 1e-3, seed=2),
+          Recipe("shift+upper", ("shift", "upper"), "base", 600, 1e-3, seed=5)]
+    return Preset(name="test", arch=Arch(), tasks=tasks, recipes=tuple(r), n_train=2000, n_eval=100, n_probes=16)
+
+
+def _preset_bench() -> Preset:
+    """The decision-quality testbed: 20 experts on 9 tasks in three families.
+
+    The base is pretrained briefly on the whole mixture, so it knows the formats but scores low on every task
+    (experts beat it by at least 0.5). Experts differ in what makes operators behave differently: other seeds
+    of one task (close pairs, where averaging shines), longer training and higher learning rates (large task
+    vectors, where interference decides), a short run (small task vector) and two-task experts that overlap
+    single-task ones.
+    """
+    tasks = ("rev", "copy", "shift", "upper", "dup", "sort", "dsum", "add", "count")
+    steps = {"rev": 500, "copy": 500, "shift": 400, "upper": 400, "dup": 600, "sort": 400, "dsum": 400,
+             "add": 1000, "count": 800}
+    r = [Recipe("base", tasks, None, 800, 3e-3, full_loss=True)]
+    r += [Recipe(t, (t,), "base", steps[t], 2e-3 if t == "add" else 1e-3, seed=1) for t in tasks]
+    r += [Recipe(f"{t}-s2", (t,), "base", steps[t], 1e-3, seed=2) for t in ("shift", "sort", "copy")]
+    r += [Recipe("rev-long", ("rev",), "base", 1200, 2e-3, seed=3),
+          Recipe("upper-hilr", ("upper",), "base", 400, 3e-3, seed=3),
+          Recipe("dsum-short", ("dsum",), "base", 200, 1e-3, seed=3)]
+    r += [Recipe(f"{a}+{b}", (a, b), "base", 800, 1e-3, seed=5)
+          for a, b in (("shift", "upper"), ("sort", "dsum"), ("rev", "dup"), ("copy", "upper"), ("add", "count"))]
+    return Preset(name="bench", arch=Arch(), tasks=tasks, recipes=tuple(r), n_train=2000, n_eval=100, n_probes=16)
+
+
+def _preset_realistic() -> Preset:
+    """The regime of real LLM merging: a base that partly knows every task, experts that add to it and forget
+    little, merges that keep most of their sources' skills (docs/zoo.md has the figures).
+
+    The base is pretrained on the mixture of all tasks long enough to score 0.35-0.75 on each (as a pretrained
+    LLM half-knows what its instruction-tuned experts specialise in). Experts fine-tune at a low rate with a
+    third of every batch replayed from the base's mixture, so they gain on their tasks without the
+    catastrophic forgetting that makes a merge of two small experts lose both skills. Ten experts give 45
+    unordered pairs: one per task, second seeds of two, and two two-task experts.
+    """
+    tasks = TASKS_REALISTIC
+    arch = Arch(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256)
+    r = [Recipe("base", tasks, None, 1800, 3e-3, full_loss=True)]
+    r += [Recipe(t, (t,), "base", EXPERT_STEPS, 3e-4, seed=1, replay=0.3) for t in tasks]
+    r += [Recipe(f"{t}-s2", (t,), "base", EXPERT_STEPS, 3e-4, seed=2, replay=0.3) for t in tasks[:2]]
+    r += [Recipe(f"{a}+{b}", (a, b), "base", EXPERT_STEPS, 3e-4, seed=5, replay=0.3)
+          for a, b in (tasks[2:4], tasks[4:6])]
+    return Preset(name="realistic", arch=arch, tasks=tasks, recipes=tuple(r), n_train=2000, n_eval=200,
+                  n_probes=16)
+
+
+TASKS_REALISTIC = ("copy", "shift", "dup", "count", "dsum", "rev")
+EXPERT_STEPS = 400
+
+PRESETS = {"unit": _preset_unit, "test": _preset_test, "bench": _preset_bench, "realistic": _preset_realistic}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise InvalidInput(f"unknown zoo preset {name!r}; known: {', '.join(PRESETS)}") from None
+
+
 def register_zoo(store, directory: str | os.PathLike, *, operators: Sequence[dict] | None = None,
                  client=None) -> dict:
-    """Register a built zoo's models (base first), tasks and operators (default: the default set).
+    """Register a built zoo's models (base first), tasks and operators (default: the zoo's preset's default set).
 
     Tasks are registered with ``eval.jsonl`` as data, ``probes.jsonl`` as probe set and metric ``exact_match``;
     experts with ``base`` and the tasks they were trained on. Idempotent: what is already registered from the
@@ -512,7 +596,7 @@ def register_zoo(store, directory: str | os.PathLike, *, operators: Sequence[dic
 
     manifest = load_manifest(directory)
     root = Path(manifest["root"])
-    ops = list(operators) if operators is not None else default_operators()
+    ops = list(operators) if operators is not None else default_operators(manifest.get("preset"))
     out: dict[str, dict[str, list[str]]] = {k: {"added": [], "skipped": []} for k in ("models", "tasks", "operators")}
     cat = None
     if client is None:
@@ -592,23 +676,58 @@ DEFAULT_OPERATORS: tuple[tuple[str, str, dict], ...] = (
 )
 
 
-def default_operators() -> list[dict]:
-    """The default operator set as ``{name, method, params}`` dicts (params validated, defaults filled)."""
+#: The realistic preset's operators: the settings that matter where merges keep most of their sources' skills
+#: (task arithmetic below lambda=1, TIES and DARE densities, slerp's three t values).
+REALISTIC_OPERATORS: tuple[tuple[str, str, dict], ...] = (
+    ("linear", "linear", {}),
+    ("task_arithmetic_l0.3", "task_arithmetic", {"lambda": 0.3}),
+    ("task_arithmetic_l0.5", "task_arithmetic", {"lambda": 0.5}),
+    ("task_arithmetic_l0.7", "task_arithmetic", {"lambda": 0.7}),
+    ("task_arithmetic_l1.0", "task_arithmetic", {"lambda": 1.0}),
+    ("ties_d0.3", "ties", {"density": 0.3}),
+    ("ties_d0.5", "ties", {"density": 0.5}),
+    ("ties_d0.8", "ties", {"density": 0.8}),
+    ("dare_ties_d0.5", "dare_ties", {"density": 0.5}),
+    ("dare_linear_d0.8", "dare_linear", {"density": 0.8}),
+    ("breadcrumbs_d0.8", "breadcrumbs", {"density": 0.8, "gamma": 0.01}),
+    ("della_d0.5", "della", {"density": 0.5, "epsilon": 0.15}),
+    ("slerp_t0.3", "slerp", {"t": 0.3}),
+    ("slerp_t0.5", "slerp", {"t": 0.5}),
+    ("slerp_t0.7", "slerp", {"t": 0.7}),
+    ("nuslerp", "nuslerp", {}),
+    ("model_stock", "model_stock", {}),
+)
+
+#: Presets with an operator set of their own (the others use :data:`DEFAULT_OPERATORS`).
+PRESET_OPERATORS: dict[str, tuple[tuple[str, str, dict], ...]] = {"realistic": REALISTIC_OPERATORS}
+
+
+def default_operators(preset: str | None = None) -> list[dict]:
+    """The default operator set (of ``preset`` when it has its own) as ``{name, method, params}`` dicts
+    (params validated, defaults filled)."""
     from .methods import get_method
 
-    return [{"name": n, "method": m, "params": get_method(m).validate(p)} for n, m, p in DEFAULT_OPERATORS]
+    spec = PRESET_OPERATORS.get(preset, DEFAULT_OPERATORS) if preset else DEFAULT_OPERATORS
+    return [{"name": n, "method": m, "params": get_method(m).validate(p)} for n, m, p in spec]
 
 
+#: Columns of a merge table. ``score_h0`` / ``score_h1``: the raw score on each half of the eval examples (a
+#: fixed seeded partition per task), so that an operator can be chosen on one half and scored on the other.
+#: ``tasks_a`` / ``tasks_b`` / ``tasks_c``: each source's tagged tasks (JSON list): the default target of a
+#: merge (the union) can be rebuilt from the table alone.
 TABLE_COLUMNS = ("model_a", "model_b", "model_c", "operator", "method", "params", "task", "metric", "score",
                  "normalized_score", "best_source_score", "score_a", "score_b", "score_c", "base_score",
-                 "status", "error", "merge_seed", "merge_seconds", "eval_seconds")
+                 "status", "error", "merge_seed", "merge_seconds", "eval_seconds", "score_h0", "score_h1",
+                 "tasks_a", "tasks_b", "tasks_c")
 
 
-def resolve_operators(names: Sequence[str] | None, store=None) -> list[dict]:
-    """Operators by name: from the catalog of ``store`` when registered there, else from the default set."""
-    defaults = {o["name"]: o for o in default_operators()}
+def resolve_operators(names: Sequence[str] | None, store=None, preset: str | None = None) -> list[dict]:
+    """Operators by name: from the catalog of ``store`` when registered there, else from the default set of
+    ``preset`` or the global one. No names: the default set of ``preset`` (the global one without)."""
+    own = default_operators(preset)
     if not names:
-        return list(defaults.values())
+        return own
+    defaults = {o["name"]: o for o in default_operators() + own}
     out = []
     for n in names:
         op = None
@@ -665,10 +784,11 @@ def build_table(directory: str | os.PathLike, *, operators: Sequence[dict] | Non
 
     manifest = load_manifest(directory)
     root = Path(manifest["root"])
-    ops = list(operators) if operators is not None else default_operators()
+    ops = list(operators) if operators is not None else default_operators(manifest.get("preset"))
     by_name = {m["name"]: m for m in manifest["models"]}
     cases = list(cases) if cases is not None else table_cases(manifest, n_triples, seed)
     evals = {t["name"]: _read_jsonl(root / t["eval"]) for t in manifest["tasks"]}
+    half_of = {t: eval_halves(t, len(rows)) for t, rows in evals.items()}
     arch = Arch(**manifest["arch"])
     tok = char_tokenizer()
     states: dict[str, dict] = {}
@@ -705,11 +825,12 @@ def build_table(directory: str | os.PathLike, *, operators: Sequence[dict] | Non
                 for t in covered:
                     src_scores = [s["scores"].get(t) for s in srcs]
                     base_score = by_name[base_name]["scores"].get(t)
-                    score = None
+                    score = halves = None
                     t1 = time.perf_counter()
                     if err is None:
                         try:
-                            score = exact_match_score(shell, tok, evals[t])[0]
+                            score, texts = exact_match_score(shell, tok, evals[t])
+                            halves = _half_scores(texts, evals[t], half_of[t])
                         except Exception as e:  # noqa: BLE001
                             err_t = f"evaluation failed: {type(e).__name__}: {e}"
                         else:
@@ -725,16 +846,43 @@ def build_table(directory: str | os.PathLike, *, operators: Sequence[dict] | Non
                         "score_a": src_scores[0], "score_b": src_scores[1],
                         "score_c": src_scores[2] if len(src_scores) > 2 else None, "base_score": base_score,
                         "status": "ok" if err_t is None else "failed", "error": err_t, "merge_seed": merge_seed,
-                        "merge_seconds": round(merge_s, 5), "eval_seconds": round(time.perf_counter() - t1, 5)})
+                        "merge_seconds": round(merge_s, 5), "eval_seconds": round(time.perf_counter() - t1, 5),
+                        "score_h0": halves[0] if halves else None, "score_h1": halves[1] if halves else None,
+                        **{f"tasks_{x}": json.dumps(list(s["tasks"])) for x, s in zip("abc", srcs)}})
     bar.close()
     df = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     df.attrs["zoo_key"] = manifest["key"]
     return df
 
 
+def eval_halves(task: str, n: int) -> list[int]:
+    """Which half (0 or 1) each of a task's ``n`` eval examples belongs to: a fixed seeded partition into
+    ``n // 2`` and ``n - n // 2`` examples, the same for every merge (and every zoo seed) of the task."""
+    import random
+
+    order = list(range(n))
+    random.Random(_seed_int("halves", task, n)).shuffle(order)
+    half = [1] * n
+    for i in order[:n // 2]:
+        half[i] = 0
+    return half
+
+
+def _half_scores(texts: Sequence[str], rows: Sequence[dict], half: Sequence[int]) -> tuple[float, float]:
+    hits = [[], []]
+    for x, r, h in zip(texts, rows, half):
+        hits[h].append(x == r["answer"].strip())
+    return tuple(sum(h) / len(h) if h else None for h in hits)
+
+
 def store_table(store, df, zoo_key: str) -> int:
-    """Write a merge table into the store's ``merge_table`` (replacing earlier rows of the same zoo build)."""
-    cols = [c for c in TABLE_COLUMNS]
+    """Write a merge table into the store's ``merge_table`` (replacing earlier rows of the same zoo build).
+
+    Columns of :data:`TABLE_COLUMNS` that the store's schema does not have (yet) are left out there; the
+    Parquet file keeps them all."""
+    have = {r[0] for r in store.fetchall("SELECT column_name FROM information_schema.columns "
+                                         "WHERE table_name = 'merge_table'")}
+    cols = [c for c in TABLE_COLUMNS if c in have]
     frame = df[cols].copy()
     frame.insert(0, "zoo_key", zoo_key)
     with store.transaction():
@@ -776,73 +924,268 @@ def _merge_states(spec, op: dict, states: list[dict], base: dict, seed: int) -> 
 # ---------------------------------------------------------------------------------------------------------------
 # is the zoo worth benchmarking on?
 
-#: Thresholds of :func:`table_stats` (issue 4): a testbed in which one operator always wins measures nothing.
+#: Thresholds of :func:`table_stats` on the per-task objective (issue 4): a testbed in which one operator always
+#: wins measures nothing.
 THRESHOLDS = {"min_expert_margin": 0.3, "median_spread": 0.05, "max_best_share": 0.60, "oracle_gap": 0.08}
 
+#: Goals of the realistic regime, checked by :func:`table_stats` on the target objective (2-way merges): experts
+#: that know their tasks and forget little else, merges that keep most of their sources' skills, and an
+#: operator choice that matters (a gap the best fixed operator and the metadata rules leave open).
+TARGET_GOALS = {"min_expert_margin": 0.2, "median_expert_margin": 0.4, "max_off_task_drop": 0.1,
+                "oracle_mean": 0.70, "oracle_gap": 0.05, "oracle_gap_nc": 0.05, "median_spread": 0.10,
+                "max_best_share": 0.40, "max_rule_share": 0.50}
 
-def table_stats(df, manifest: dict | None = None) -> dict:
-    """Statistics that say whether a merge table can tell operator-choosing policies apart.
+OBJECTIVES = ("task", "target")
 
-    Computed over 2-way cases (rows without ``model_c``), one case = (model_a, model_b, task):
 
-    - ``median_spread``: median over cases of (best - worst operator score), raw scores.
-    - ``best_share``: per operator, the share of cases it wins; ties split the case equally among the winners.
-      ``max_best_share`` is the largest (the ``..._any`` variant counts every tied winner fully).
-    - ``oracle_mean``: mean over cases of the best operator's normalized score; ``best_fixed_mean``: the largest
-      mean normalized score of one operator used everywhere; ``oracle_gap`` the difference.
-    - with the manifest, ``expert_margin``: each expert's score minus the base's on its own tasks.
+@dataclass
+class CaseMatrix:
+    """A merge table as one value per (case, operator), for one objective and one number of sources.
 
-    Failed evaluations count as a normalized score of 0 (a policy that picks a failing operator gets nothing).
+    On the ``task`` objective a case is (models, task) and its value the normalized score on that task; on the
+    ``target`` objective a case is one merge (models, operator) and its value the equal-weight mean of its
+    normalized scores over the union of its sources' tagged tasks (the tasks the table evaluated it on).
+    ``V_h0`` / ``V_h1`` are the same values from each half of the eval examples (None when the table has no
+    half scores); ``raw`` the raw score (mean raw score over the target). A failed merge is worth 0.
+    ``cases`` are the rules' view of each case (None when the sources' tags are unknown).
+    """
+
+    objective: str
+    n_sources: int
+    keys: list[tuple]
+    operators: list[dict]
+    V: Any
+    raw: Any
+    V_h0: Any = None
+    V_h1: Any = None
+    cases: list | None = None
+
+    @property
+    def operator_names(self) -> list[str]:
+        return [o["name"] for o in self.operators]
+
+
+def _tags_of(df, manifest: dict | None) -> dict[str, list[str]] | None:
+    tags: dict[str, list[str]] = {}
+    if manifest is not None:
+        tags.update({m["name"]: list(m["tasks"]) for m in manifest["models"]})
+    for x in "abc":
+        col = f"tasks_{x}"
+        if col in df:
+            for name, t in df[["model_" + x, col]].dropna().drop_duplicates().itertuples(index=False):
+                tags[name] = json.loads(t)
+    return tags or None
+
+
+def case_matrix(df, objective: str = "target", n_sources: int = 2, manifest: dict | None = None) -> CaseMatrix:
+    """The cases of ``df`` with ``n_sources`` sources as a :class:`CaseMatrix` (see there for the objectives).
+
+    Raises :class:`InvalidInput` for an unknown objective or a table in which an operator misses some cases.
     """
     import numpy as np
+    import pandas as pd
 
-    pairs = df[df["model_c"].isna()].copy()
-    pairs["norm"] = pairs["normalized_score"].fillna(0.0)
-    pairs["raw"] = pairs["score"].fillna(0.0)
-    wide_norm = pairs.pivot_table(index=["model_a", "model_b", "task"], columns="operator", values="norm",
-                                  aggfunc="first")
-    wide_raw = pairs.pivot_table(index=["model_a", "model_b", "task"], columns="operator", values="raw",
-                                 aggfunc="first")
-    norm = wide_norm.to_numpy()
-    raw = wide_raw.to_numpy()
-    ops = list(wide_norm.columns)
-    spread = raw.max(1) - raw.min(1)
-    best = norm.max(1, keepdims=True)
-    winners = np.isclose(norm, best, rtol=0, atol=1e-9)
+    from .evaluators.normalize import normalize_score
+    from .rules import Case
+
+    if objective not in OBJECTIVES:
+        raise InvalidInput(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+    sel = df[df["model_c"].isna()] if n_sources == 2 else df[df["model_c"].notna()]
+    if n_sources > 2 and "model_c" in sel:
+        sel = sel[sel["model_c"].notna()]
+    sel = sel.copy()
+    sel["model_c"] = sel["model_c"].fillna("")
+    ok = sel["status"] == "ok"
+    sel["_v"] = sel["normalized_score"].where(ok, 0.0).fillna(0.0)
+    sel["_raw"] = sel["score"].where(ok, 0.0).fillna(0.0)
+    halves = "score_h0" in sel and sel.loc[ok, ["score_h0", "score_h1"]].notna().all().all() and ok.any()
+    if halves:
+        srcs = sel[[c for c in ("score_a", "score_b", "score_c") if c in sel]].to_numpy(dtype=float)
+        for h in ("h0", "h1"):
+            vals = sel[f"score_{h}"].to_numpy(dtype=float)
+            sel[f"_v{h}"] = [normalize_score(v, [x for x in row if not np.isnan(x)]) if good else 0.0
+                             for v, row, good in zip(vals, srcs, ok.to_numpy())]
+    key = ["model_a", "model_b", "model_c"] + (["task"] if objective == "task" else [])
+    op_order = list(dict.fromkeys(sel["operator"]))
+
+    def wide(col: str):
+        # The mean over a case's rows: over the target's tasks (one row per task on the task objective).
+        w = sel.groupby(key + ["operator"], sort=True)[col].mean().unstack("operator")
+        return w.reindex(columns=op_order)
+
+    V = wide("_v")
+    counts = sel.groupby(key + ["operator"], sort=True).size().unstack("operator").reindex(columns=op_order)
+    tasks = sel.groupby(key, sort=True)["task"].nunique()
+    short = counts.ne(tasks, axis=0)
+    if short.any().any():
+        missing = V.columns[short.any()].tolist()
+        raise InvalidInput(f"the table misses cases of operators {missing}: every operator must have a row for "
+                           f"every case (and task) of the {n_sources}-way merges")
+    ops_meta = sel.drop_duplicates("operator").set_index("operator")
+    operators = [{"name": o, "method": ops_meta.at[o, "method"] if "method" in ops_meta else o,
+                  "params": json.loads(ops_meta.at[o, "params"]) if "params" in ops_meta else {}}
+                 for o in V.columns]
+    keys = [tuple(None if x == "" else x for x in k) for k in V.index]
+    m = CaseMatrix(objective, n_sources, keys, operators, V.to_numpy(), wide("_raw").to_numpy())
+    if halves:
+        m.V_h0, m.V_h1 = wide("_vh0").to_numpy(), wide("_vh1").to_numpy()
+    tags = _tags_of(df, manifest)
+    if tags is not None:
+        first = sel.drop_duplicates(key[:3] + ["task"])
+        per_case: dict[tuple, list] = {}
+        for r in first.itertuples(index=False):
+            per_case.setdefault(tuple(getattr(r, k) for k in key), []).append(r)
+        cases = []
+        for k in V.index:
+            rows = per_case[tuple(k)]
+            names = [n for n in k[:3] if n]
+            target = {r.task: 1.0 for r in rows}
+            scores = tuple({r.task: getattr(r, f"score_{x}") for r in rows} for x in "abc"[:len(names)])
+            cases.append(Case(tuple(names), tuple(frozenset(tags.get(n, ())) for n in names), scores, target,
+                              {r.task: r.base_score for r in rows}))
+        m.cases = cases
+    return m
+
+
+def _winners_mean(select, score):
+    """Per row: the mean of ``score`` over the columns where ``select`` is largest (ties split)."""
+    import numpy as np
+
+    win = np.isclose(select, select.max(1, keepdims=True), rtol=0, atol=1e-9)
+    return (score * win).sum(1) / win.sum(1)
+
+
+def _section(m: CaseMatrix) -> dict:
+    import numpy as np
+
+    from .rules import PAIR_RULES, RULES, fit_rule, rule_values
+
+    V, ops = m.V, m.operator_names
+    spread_of = m.raw if m.objective == "task" else V
+    spread = spread_of.max(1) - spread_of.min(1)
+    best = V.max(1, keepdims=True)
+    winners = np.isclose(V, best, rtol=0, atol=1e-9)
     share = (winners / winners.sum(1, keepdims=True)).mean(0)
     share_any = winners.mean(0)
-    means = norm.mean(0)
-    stats: dict[str, Any] = {
-        "n_cases": int(norm.shape[0]), "n_operators": len(ops), "n_rows": int(len(df)),
-        "n_failed": int((df["status"] != "ok").sum()),
+    means = V.mean(0)
+    out: dict[str, Any] = {
+        "n_cases": int(V.shape[0]), "n_operators": len(ops),
         "median_spread": float(np.median(spread)), "mean_spread": float(spread.mean()),
-        "best_share": {o: round(float(s), 4) for o, s in zip(ops, share)},
-        "best_share_any": {o: round(float(s), 4) for o, s in zip(ops, share_any)},
+        "spread_of": "raw score" if m.objective == "task" else "target value (normalized)",
+        "best_share": {o: round(float(x), 4) for o, x in zip(ops, share)},
+        "best_share_any": {o: round(float(x), 4) for o, x in zip(ops, share_any)},
         "max_best_share": float(share.max()), "max_best_share_operator": ops[int(share.argmax())],
         "max_best_share_any": float(share_any.max()),
-        "operator_mean_normalized": {o: round(float(m), 4) for o, m in zip(ops, means)},
+        "operator_mean_normalized": {o: round(float(x), 4) for o, x in zip(ops, means)},
         "oracle_mean": float(best.mean()), "best_fixed_mean": float(means.max()),
         "best_fixed_operator": ops[int(means.argmax())],
     }
-    stats["oracle_gap"] = stats["oracle_mean"] - stats["best_fixed_mean"]
-    if manifest is not None:
-        by = {m["name"]: m for m in manifest["models"]}
-        margins = []
-        for m in manifest["models"]:
-            if m["base"] is None:
+    out["oracle_gap"] = out["oracle_mean"] - out["best_fixed_mean"]
+    nc = m.V_h0 is not None
+    if nc:
+        # Choose on one half of the eval examples, score on the other (and the other way round): the oracle's
+        # and the best fixed operator's winner's curse (a max over noisy estimates) does not count.
+        oracle_nc = (_winners_mean(m.V_h0, m.V_h1).mean() + _winners_mean(m.V_h1, m.V_h0).mean()) / 2
+        fixed_nc = (_winners_mean(m.V_h0.mean(0, keepdims=True), m.V_h1.mean(0, keepdims=True)).item()
+                    + _winners_mean(m.V_h1.mean(0, keepdims=True), m.V_h0.mean(0, keepdims=True)).item()) / 2
+        out.update({"oracle_mean_nc": float(oracle_nc), "best_fixed_mean_nc": float(fixed_nc),
+                    "oracle_gap_nc": float(oracle_nc - fixed_nc)})
+    if m.cases is not None:
+        rules: dict[str, dict] = {}
+        for name in RULES:
+            if name in PAIR_RULES and m.n_sources != 2:
                 continue
-            for t in m["tasks"]:
-                margins.append({"model": m["name"], "task": t,
-                                "margin": m["scores"][t] - by[m["base"]]["scores"][t]})
-        vals = [x["margin"] for x in margins]
-        stats["expert_margin"] = {"min": min(vals), "median": float(np.median(vals)), "mean": float(np.mean(vals)),
-                                  "weakest": min(margins, key=lambda x: x["margin"])}
-    stats["checks"] = {
-        "median_spread": stats["median_spread"] >= THRESHOLDS["median_spread"],
-        "max_best_share": stats["max_best_share"] <= THRESHOLDS["max_best_share"],
-        "oracle_gap": stats["oracle_gap"] >= THRESHOLDS["oracle_gap"],
-    }
+            rule = fit_rule(name, m.cases, V, m.operators)
+            mean = float(rule_values(rule, m.cases, V, m.operators).mean())
+            r = {"mean": mean, "gap_share": (mean - out["best_fixed_mean"]) / out["oracle_gap"]
+                 if out["oracle_gap"] > 1e-12 else None, "fitted": rule.fitted()}
+            if nc:
+                cross = [rule_values(fit_rule(name, m.cases, a, m.operators), m.cases, b, m.operators).mean()
+                         for a, b in ((m.V_h0, m.V_h1), (m.V_h1, m.V_h0))]
+                r["mean_nc"] = float(np.mean(cross))
+                r["gap_share_nc"] = (r["mean_nc"] - out["best_fixed_mean_nc"]) / out["oracle_gap_nc"] \
+                    if out["oracle_gap_nc"] > 1e-12 else None
+            rules[name] = r
+        shares = {k: v["gap_share"] for k, v in rules.items() if k != "fixed" and v["gap_share"] is not None}
+        out["rules"] = rules
+        out["rules_fit"] = ("in-sample: each rule's free choices fitted on the very cases it is scored on (the "
+                            "strongest version of the rule); *_nc: fitted on one half of the eval examples, "
+                            "scored on the other")
+        if shares:
+            out["best_rule"] = max(shares, key=shares.get)
+            out["best_rule_share"] = float(shares[out["best_rule"]])
+    return out
+
+
+def expert_margins(manifest: dict) -> dict:
+    """Each expert against its base: the margin on its own tasks and the largest drop on every other task."""
+    import numpy as np
+
+    by = {m["name"]: m for m in manifest["models"]}
+    own, off = [], []
+    for m in manifest["models"]:
+        if m["base"] is None:
+            continue
+        base = by[m["base"]]["scores"]
+        for t, x in m["scores"].items():
+            rec = {"model": m["name"], "task": t, "margin": x - base[t]}
+            (own if t in m["tasks"] else off).append(rec)
+    vals = [x["margin"] for x in own]
+    out = {"min": min(vals), "median": float(np.median(vals)), "mean": float(np.mean(vals)),
+           "weakest": min(own, key=lambda x: x["margin"])}
+    if off:
+        worst = min(off, key=lambda x: x["margin"])
+        out["off_task_max_drop"] = -worst["margin"]
+        out["off_task_worst"] = worst
+        out["off_task_median_change"] = float(np.median([x["margin"] for x in off]))
+    return out
+
+
+def table_stats(df, manifest: dict | None = None, objective: str = "task",
+                thresholds: dict | None = None) -> dict:
+    """Statistics that say whether a merge table can tell operator-choosing policies apart.
+
+    ``objective="task"``: one case = (models, task), valued by the normalized score on the task.
+    ``objective="target"``: one case = one merge (models, operator) valued by the equal-weight mean of its
+    normalized scores over the union of its sources' tagged tasks (the default target). Sections
+    ``two_way`` and ``three_way`` (None without triples) hold, over their cases:
+
+    - ``oracle_mean`` (the best operator per case: retention on the target objective), ``best_fixed_operator``
+      and ``best_fixed_mean`` (one operator everywhere), ``oracle_gap`` the difference;
+    - ``*_nc``: the same with each case's best operator (and the best fixed one) chosen on one half of the
+      eval examples and scored on the other, averaged over both directions (noise-corrected);
+    - ``median_spread``: median best-minus-worst operator (raw scores on the task objective, values on the
+      target objective); ``best_share``: share of cases each operator wins, ties split (``max_best_share``);
+    - ``rules``: each metadata rule (:mod:`.rules`) fitted in-sample, its mean and the share of the
+      best-fixed-to-oracle gap it closes; ``best_rule_share`` the largest (the fixed rule excluded).
+
+    With the manifest, ``expert_margin``: experts against the base on their own tasks and elsewhere. ``checks``
+    compare the 2-way section with ``thresholds`` (default :data:`THRESHOLDS` on the task objective,
+    :data:`TARGET_GOALS` on the target objective). Failed evaluations are worth 0.
+    """
+    if objective not in OBJECTIVES:
+        raise InvalidInput(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+    th = dict(thresholds or (THRESHOLDS if objective == "task" else TARGET_GOALS))
+    two = _section(case_matrix(df, objective, 2, manifest))
+    three = _section(case_matrix(df, objective, 3, manifest)) if df["model_c"].notna().any() else None
+    stats: dict[str, Any] = {"objective": objective, "n_rows": int(len(df)),
+                             "n_failed": int((df["status"] != "ok").sum()), "two_way": two, "three_way": three}
     if manifest is not None:
-        stats["checks"]["expert_margin"] = stats["expert_margin"]["min"] >= THRESHOLDS["min_expert_margin"]
-    stats["ok"] = all(stats["checks"].values())
+        stats["expert_margin"] = expert_margins(manifest)
+    checks = {}
+    limits = {"median_spread": (two["median_spread"], ">="), "max_best_share": (two["max_best_share"], "<="),
+              "oracle_gap": (two["oracle_gap"], ">="), "oracle_mean": (two["oracle_mean"], ">="),
+              "oracle_gap_nc": (two.get("oracle_gap_nc"), ">="),
+              "max_rule_share": (two.get("best_rule_share"), "<=")}
+    if manifest is not None:
+        em = stats["expert_margin"]
+        limits.update({"min_expert_margin": (em["min"], ">="), "median_expert_margin": (em["median"], ">="),
+                       "max_off_task_drop": (em.get("off_task_max_drop"), "<=")})
+    for k, limit in th.items():
+        value, how = limits.get(k, (None, ""))
+        if value is not None:     # a check whose figure this table cannot give (no manifest, no halves) is left out
+            checks[k] = bool(value >= limit if how == ">=" else value <= limit)
+    stats["thresholds"] = th
+    stats["checks"] = checks
+    stats["ok"] = all(checks.values())
     return stats

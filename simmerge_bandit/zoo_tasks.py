@@ -93,6 +93,16 @@ def _dsum(rng):
     return f"dsm:{w}=", str(sum(int(c) for c in w))
 
 
+def _rev_short(rng):
+    w = _word(rng, 2, 4)
+    return f"rv2:{w}=", w[::-1]
+
+
+def _dup_long(rng):
+    w = _word(rng, 4, 7)
+    return f"dpl:{w}=", "".join(c + c for c in w)
+
+
 TASKS: dict[str, SynthTask] = {t.name: t for t in (
     SynthTask("add", "digits", _add, "sum of two numbers below 100"),
     SynthTask("rev", "letters", _rev, "reverse a word"),
@@ -104,6 +114,8 @@ TASKS: dict[str, SynthTask] = {t.name: t for t in (
     SynthTask("count", "counting", _count, "how often a letter occurs in a word"),
     SynthTask("dup", "letters", _dup, "double every letter"),
     SynthTask("dsum", "digits", _dsum, "sum of the digits"),
+    SynthTask("rev_short", "letters", _rev_short, "reverse a word of 2-4 letters"),
+    SynthTask("dup_long", "letters", _dup_long, "double every letter of a word of 4-7 letters"),
 )}
 
 

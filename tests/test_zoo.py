@@ -16,9 +16,10 @@ from simmerge_bandit.evaluators.normalize import normalize_score
 from simmerge_bandit.methods import merge_tensors
 from simmerge_bandit.store import Store
 from simmerge_bandit.tokenizer import char_tokenizer
-from simmerge_bandit.zoo import (DEFAULT_OPERATORS, TABLE_COLUMNS, THRESHOLDS, Arch, Preset, Recipe, build_table,
-                                 build_zoo, default_operators, get_preset, load_state, recipe_key, register_zoo,
-                                 resolve_operators, store_table, table_cases, table_stats)
+from simmerge_bandit.zoo import (DEFAULT_OPERATORS, TABLE_COLUMNS, TARGET_GOALS, THRESHOLDS, Arch, Preset, Recipe,
+                                 _recipe_dict, build_table, build_zoo, default_operators, eval_halves, get_preset,
+                                 load_state, recipe_key, register_zoo, resolve_operators, store_table, table_cases,
+                                 table_stats)
 from simmerge_bandit.zoo_tasks import TASKS, task_rows
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
@@ -61,6 +62,58 @@ def test_presets_have_the_promised_shape():
     assert len({r.lr for r in bench.recipes[1:]}) > 1 and len({r.steps for r in bench.recipes[1:]}) > 1
     with pytest.raises(InvalidInput, match="unknown zoo preset"):
         get_preset("huge")
+
+
+def test_realistic_preset_is_valid_and_has_enough_pairs():
+    p = get_preset("realistic").check()
+    experts = [r for r in p.recipes if r.parent is not None]
+    assert p.recipes[0].parent is None and set(p.recipes[0].tasks) == set(p.tasks)    # the base sees every task
+    assert len(experts) * (len(experts) - 1) // 2 >= 30 and p.n_eval >= 200
+    assert all(r.replay > 0 and r.parent == "base" for r in experts)
+    assert any(len(r.tasks) == 2 for r in experts) and len({r.tasks for r in experts}) < len(experts)
+    names = {o["name"] for o in default_operators("realistic")}
+    assert {"task_arithmetic_l0.3", "task_arithmetic_l0.5", "task_arithmetic_l0.7", "task_arithmetic_l1.0",
+            "ties_d0.3", "ties_d0.5", "ties_d0.8", "slerp_t0.3", "slerp_t0.5", "slerp_t0.7"} <= names
+    assert {o["name"] for o in default_operators()} == {n for n, _, _ in DEFAULT_OPERATORS}
+    assert resolve_operators(None, preset="realistic") == default_operators("realistic")
+    picked = resolve_operators(["ties_d0.3", "ties_d0.2"], preset="realistic")    # the preset's, then the global
+    assert [o["params"]["density"] for o in picked] == [0.3, 0.2]
+    with pytest.raises(InvalidInput, match="ties_d0.3"):
+        resolve_operators(["ties_d0.3"])
+
+
+def test_replay_is_validated_and_leaves_old_recipe_hashes_alone():
+    r = Recipe("x", ("max",), "base", 1, 1e-3)
+    assert "replay" not in _recipe_dict(r) and _recipe_dict(Recipe("x", ("max",), "base", 1, 1e-3,
+                                                                    replay=0.3))["replay"] == 0.3
+    base = Recipe("base", ("max",), None, 1, 1e-3)
+    for bad in (Recipe("x", ("max",), "base", 1, 1e-3, replay=1.0), Recipe("base", ("max",), None, 1, 1e-3,
+                                                                             replay=0.2)):
+        with pytest.raises(InvalidInput, match="replay"):
+            Preset("bad", Arch(), ("max",), (base, bad) if bad.parent else (bad,)).check()
+
+
+def test_replay_rehearses_the_parents_mixture(tmp_path):
+    arch = Arch(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=32)
+    base = Recipe("base", ("max", "sort"), None, 3, 1e-3, batch_size=4, full_loss=True)
+
+    def build(replay):
+        p = Preset("tiny", arch, ("max", "sort"), (base, Recipe("x", ("max",), "base", 3, 1e-3, batch_size=8,
+                                                                replay=replay)), n_train=20, n_eval=4, n_probes=2)
+        return build_zoo(tmp_path / f"r{replay}", p, progress=False)
+
+    plain, rehearsed = build(0.0), build(0.5)
+    assert plain["recipe_key"] != rehearsed["recipe_key"] and rehearsed["models"][1]["replay"] == 0.5
+    assert (tmp_path / "r0.0/models/base/model.safetensors").read_bytes() == \
+        (tmp_path / "r0.5/models/base/model.safetensors").read_bytes()
+    assert not torch.equal(load_state(tmp_path / "r0.0/models/x")["lm_head.weight"],
+                           load_state(tmp_path / "r0.5/models/x")["lm_head.weight"])
+
+
+def test_eval_halves_are_a_fixed_even_partition():
+    h = eval_halves("copy", 201)
+    assert len(h) == 201 and h.count(0) == 100 and h == eval_halves("copy", 201) != eval_halves("rev", 201)
+    assert h[:20] != [0] * 10 + [1] * 10                         # shuffled, not the first half of the file
 
 
 @pytest.mark.parametrize("recipes, message", [
@@ -182,9 +235,17 @@ def test_table_rows_and_columns(unit_zoo, unit_table):
     triples = df[df.model_c.notna()]
     assert set(triples.operator) == {"linear", "ties_d0.5", "dare_ties_d0.6"}    # slerp takes two models
     assert (df.status == "ok").all() and df.normalized_score.between(0, 2).all()
+    tags = {x["name"]: x["tasks"] for x in m["models"]}
+    n = {t["name"]: t["n_eval"] for t in m["tasks"]}
     for r in df.itertuples():
         srcs = [r.score_a, r.score_b] + ([r.score_c] if r.model_c else [])
         assert r.normalized_score == normalize_score(r.score, srcs) and r.best_source_score == max(srcs)
+        # the two halves are a partition of the eval examples
+        assert (r.score_h0 * (n[r.task] // 2) + r.score_h1 * (n[r.task] - n[r.task] // 2)) / n[r.task] == \
+            pytest.approx(r.score)
+        assert json.loads(r.tasks_a) == tags[r.model_a] and json.loads(r.tasks_b) == tags[r.model_b]
+        assert (r.tasks_c is None) == (r.model_c is None)
+    assert (df.score_h0 != df.score_h1).any()
 
 
 def test_table_row_matches_an_independent_merge_and_evaluation(unit_zoo, unit_table):
@@ -254,14 +315,77 @@ def test_table_stats_by_hand():
         ("a", "b", "t2"): {"x": (0.4, 0.4), "y": (0.4, 0.4), "z": (0.8, 0.8)},
     })
     s = table_stats(df)
-    assert s["n_cases"] == 3 and s["median_spread"] == pytest.approx(0.4)      # spreads 0.4, 0.6, 0.4
-    assert s["best_share"] == {"x": pytest.approx(1 / 6, abs=1e-4), "y": pytest.approx(1 / 3, abs=1e-4),
-                               "z": pytest.approx(1 / 2, abs=1e-4)}
-    assert s["best_share_any"]["x"] == pytest.approx(1 / 3, abs=1e-4)
-    assert s["oracle_mean"] == pytest.approx((1.0 + 0.7 + 0.8) / 3)
-    assert s["best_fixed_operator"] == "z" and s["best_fixed_mean"] == pytest.approx(2.0 / 3)
-    assert s["oracle_gap"] == pytest.approx(0.5 / 3)
+    two = s["two_way"]
+    assert s["objective"] == "task" and s["three_way"] is None
+    assert two["n_cases"] == 3 and two["median_spread"] == pytest.approx(0.4)      # spreads 0.4, 0.6, 0.4
+    assert two["best_share"] == {"x": pytest.approx(1 / 6, abs=1e-4), "y": pytest.approx(1 / 3, abs=1e-4),
+                                 "z": pytest.approx(1 / 2, abs=1e-4)}
+    assert two["best_share_any"]["x"] == pytest.approx(1 / 3, abs=1e-4)
+    assert two["oracle_mean"] == pytest.approx((1.0 + 0.7 + 0.8) / 3)
+    assert two["best_fixed_operator"] == "z" and two["best_fixed_mean"] == pytest.approx(2.0 / 3)
+    assert two["oracle_gap"] == pytest.approx(0.5 / 3)
+    assert "oracle_gap_nc" not in two and "rules" not in two           # no half scores, no tags in this table
     assert s["checks"] == {"median_spread": True, "max_best_share": True, "oracle_gap": True}
+
+
+def _target_frame():
+    # Sources a (tagged t1) and b (tagged t2); a scores 0.8 on t1 and 0.4 on t2, b the other way round, so the
+    # best source scores 0.8 on both tasks. Operators s3 / s7 (slerp t=0.3 / 0.7); per row (score, h0, h1).
+    merges = {("a", "b", "s3"): {"t1": (0.8, 0.8, 0.8), "t2": (0.4, 0.4, 0.4)},      # value 0.75
+              ("a", "b", "s7"): {"t1": (0.4, 0.4, 0.4), "t2": (0.6, 0.4, 0.8)},      # value 0.625
+              ("b", "a", "s3"): {"t1": (0.4, 0.4, 0.4), "t2": (0.4, 0.4, 0.4)},      # value 0.5
+              ("b", "a", "s7"): {"t1": (0.8, 0.8, 0.8), "t2": (0.8, 0.8, 0.8)}}      # value 1.0
+    known = {"a": {"t1": 0.8, "t2": 0.4}, "b": {"t1": 0.4, "t2": 0.8}}
+    tags = {"a": ["t1"], "b": ["t2"]}
+    rows = []
+    for (a, b, op), per_task in merges.items():
+        for task, (score, h0, h1) in per_task.items():
+            rows.append({"model_a": a, "model_b": b, "model_c": None, "operator": op, "method": "slerp",
+                         "params": json.dumps({"t": 0.3 if op == "s3" else 0.7}), "task": task, "score": score,
+                         "normalized_score": normalize_score(score, [known[a][task], known[b][task]]),
+                         "score_a": known[a][task], "score_b": known[b][task], "score_c": None,
+                         "base_score": 0.3, "status": "ok", "score_h0": h0, "score_h1": h1,
+                         "tasks_a": json.dumps(tags[a]), "tasks_b": json.dumps(tags[b]), "tasks_c": None})
+    return pd.DataFrame(rows)
+
+
+def test_table_stats_on_the_target_objective_by_hand():
+    s = table_stats(_target_frame(), objective="target")
+    two = s["two_way"]
+    assert s["objective"] == "target" and two["n_cases"] == 2
+    # oracle: (a,b) s3 0.75, (b,a) s7 1.0; fixed: s3 (0.75 + 0.5) / 2, s7 (0.625 + 1.0) / 2 = 0.8125
+    assert two["oracle_mean"] == pytest.approx(0.875)
+    assert two["best_fixed_operator"] == "s7" and two["best_fixed_mean"] == pytest.approx(0.8125)
+    assert two["oracle_gap"] == pytest.approx(0.0625)
+    assert two["median_spread"] == pytest.approx((0.125 + 0.5) / 2)
+    assert two["best_share"] == {"s3": 0.5, "s7": 0.5}
+    # chosen on h0, scored on h1: (a,b) s3 (0.75 vs 0.5) -> 0.75, (b,a) s7 -> 1.0: 0.875; chosen on h1: (a,b) tie
+    # 0.75 / 0.75 -> h0 mean (0.75 + 0.5) / 2, (b,a) s7 -> 1.0: 0.8125. Fixed: s7 both ways, h1 0.875, h0 0.75.
+    assert two["oracle_mean_nc"] == pytest.approx((0.875 + 0.8125) / 2)
+    assert two["best_fixed_mean_nc"] == pytest.approx((0.875 + 0.75) / 2)
+    assert two["oracle_gap_nc"] == pytest.approx(0.84375 - 0.8125)
+    # Equal tags and known scores on both cases: tag and stronger see a tie, slerp t=0.5, nearest t=0.3 -> s3
+    assert two["rules"]["tag"]["mean"] == pytest.approx(0.625)
+    assert two["rules"]["tag"]["gap_share"] == pytest.approx((0.625 - 0.8125) / 0.0625)
+    # one metadata class (strong=tie, tags=--): lookup is the fixed operator and closes nothing
+    assert two["rules"]["lookup"]["fitted"]["classes"] == {"n2|strong=tie|tags=--": "s7"}
+    assert two["rules"]["lookup"]["gap_share"] == pytest.approx(0.0)
+    assert two["best_rule"] == "lookup" and two["best_rule_share"] == pytest.approx(0.0)
+    assert s["thresholds"] == TARGET_GOALS and s["checks"]["oracle_gap"] is True
+    assert s["checks"]["oracle_gap_nc"] is False and s["checks"]["max_rule_share"] is True
+
+
+def test_table_stats_target_objective_weighs_tasks_equally_and_failed_merges_as_zero():
+    df = _target_frame()
+    df.loc[(df.model_a == "b") & (df.operator == "s7"), ["status", "score", "normalized_score", "score_h0",
+                                                          "score_h1"]] = ["failed", None, None, None, None]
+    two = table_stats(df, objective="target")["two_way"]
+    assert two["oracle_mean"] == pytest.approx((0.75 + 0.5) / 2)     # (b,a): s7 failed, s3 0.5 is the best left
+    assert two["operator_mean_normalized"] == {"s3": 0.625, "s7": pytest.approx(0.3125)}
+    with pytest.raises(InvalidInput, match="unknown objective"):
+        table_stats(df, objective="pairs")
+    with pytest.raises(InvalidInput, match="misses cases"):
+        table_stats(df.iloc[1:], objective="target")
 
 
 def test_a_zoo_where_one_operator_always_wins_fails_the_checks():
@@ -277,7 +401,7 @@ def test_the_bench_table_is_worth_benchmarking_on():
     df = pd.read_parquet(RESULTS / "zoo_bench_table.parquet")
     stats = json.loads((RESULTS / "zoo_bench_stats.json").read_text())
     assert stats["recipe_key"] == recipe_key(get_preset("bench"), stats["seed"])
-    fresh = table_stats(df)
+    fresh = table_stats(df)["two_way"]
     assert fresh["oracle_gap"] == pytest.approx(stats["table"]["oracle_gap"])
     assert fresh["median_spread"] >= THRESHOLDS["median_spread"]
     assert fresh["max_best_share"] <= THRESHOLDS["max_best_share"]
@@ -302,7 +426,12 @@ def test_cli_zoo_build_register_table(unit_zoo, tmp_path, simmerge_home):
     assert "oracle" in res.output and "median best-minus-worst spread" in res.output
     df = pd.read_parquet(out)
     assert set(df.operator) == {"linear", "slerp_t0.5"}
-    assert json.loads((tmp_path / "s.json").read_text())["n_rows"] == len(df)
+    both = json.loads((tmp_path / "s.json").read_text())
+    assert list(both)[:2] == ["target", "task"] and both["target"]["n_rows"] == both["task"]["n_rows"] == len(df)
+    assert "objective: target" in res.output and "noise-corrected" in res.output
+    res = runner.invoke(cli, ["zoo", "table", str(root), "--out", str(out), "--operators", "linear,slerp_t0.5",
+                              "--objective", "task", "--json"], catch_exceptions=False)
+    assert json.loads(res.output)["objective"] == "task"
     store = Store.open(simmerge_home)
     assert store.fetchone("SELECT count(*) FROM merge_table")[0] == len(df)
     store.close()

@@ -1137,8 +1137,14 @@ def replay_cmd(c: Ctx, log, policies, estimators, ci, n_boot, alpha, seed, actio
 @click.option("--policy", "policies", multiple=True, required=True,
               help="Policy; repeat for several. uniform, fixed:OPERATOR, or a learned policy by name (linucb, "
                    "linucb-hybrid, lints, egreedy, vw, predictor) with optional parameters, e.g. lints:v=0.5.")
+@click.option("--objective", type=click.Choice(["task", "target"]), default="task", show_default=True,
+              help="task: a case is (task, pair), worth the merge's normalized score on the task. target: a case "
+                   "is a pair, worth the mean of its normalized scores over its sources' tagged tasks (tags from "
+                   "the table's tasks_a/tasks_b columns or --zoo), with the engine's contexts.")
+@click.option("--zoo", "zoo_dir", type=click.Path(file_okay=False, exists=True),
+              help="A zoo directory whose manifest tags the table's models (when the table has no tag columns).")
 @click.option("--rounds", type=click.IntRange(1), default=100, show_default=True,
-              help="Decisions per run: each draws a (task, pair) from the evaluation pool.")
+              help="Decisions per run: each draws a case from the evaluation pool.")
 @click.option("--budget", type=click.IntRange(0), default=None,
               help="Evaluations per run: the first B rounds are scored and learned from (default: all rounds).")
 @click.option("--seeds", type=click.IntRange(1), default=5, show_default=True,
@@ -1158,8 +1164,8 @@ def replay_cmd(c: Ctx, log, policies, estimators, ci, n_boot, alpha, seed, actio
               help="Write a PNG of cumulative regret against the oracle, with bands over seeds.")
 @json_option
 @pass_ctx
-def simulate_cmd(c: Ctx, table_path, policies, rounds, budget, seeds, seed, holdout, no_pretrain, late,
-                 feature_columns, plot_path, as_json) -> None:
+def simulate_cmd(c: Ctx, table_path, policies, objective, zoo_dir, rounds, budget, seeds, seed, holdout,
+                 no_pretrain, late, feature_columns, plot_path, as_json) -> None:
     """Simulate policies exactly on a full merge table (every operator scored on every pair).
 
     TABLE is a Parquet or CSV file with columns task, model_a, model_b, operator, score, normalized_score, pair
@@ -1182,7 +1188,14 @@ def simulate_cmd(c: Ctx, table_path, policies, rounds, budget, seeds, seed, hold
         if not at or not op or not r.strip().isdigit():
             raise click.BadParameter(f"{item!r} is not OP@ROUND", param_hint="--late-operator")
         late_ops[op] = int(r)
-    tab = sm.load_table(table_path, feature_columns=_split_list(feature_columns) or None)
+    tags = None
+    if zoo_dir:
+        manifest = Path(zoo_dir) / "zoo.json"
+        if not manifest.is_file():
+            raise click.BadParameter(f"{zoo_dir} has no zoo.json", param_hint="--zoo")
+        tags = {m["name"]: list(m["tasks"]) for m in json.loads(manifest.read_text())["models"]}
+    tab = sm.load_table(table_path, feature_columns=_split_list(feature_columns) or None, objective=objective,
+                        tags=tags)
     with tqdm(total=seeds * len(policies), desc="simulate", disable=None, file=sys.stderr) as bar:
         sim = sm.simulate(tab, list(policies), rounds=rounds, budget=budget, seeds=seeds, seed=seed,
                           holdout_tasks=_split_list(holdout) or None, pretrain=not no_pretrain,
@@ -1195,7 +1208,7 @@ def simulate_cmd(c: Ctx, table_path, policies, rounds, budget, seeds, seed, hold
 
     def human(d):
         s = d["summary"]
-        click.echo(f"{s['table']}: {s['pool']} of {s['pairs']} (task, pair) contexts in the pool, "
+        click.echo(f"{s['table']}: {s['pool']} of {s['pairs']} {s['objective']} cases in the pool, "
                    f"{len(s['operators'])} operators, {s['rounds']} rounds, budget {s['budget']}, "
                    f"{len(s['seeds'])} seeds")
         click.echo(f"oracle {s['oracle_final_score']:.4f}, best fixed operator {s['best_fixed']} "

@@ -7,6 +7,22 @@ vary between operators of one pair, like timings, are outcomes and are left out)
 descriptor columns (constant per operator; one-hot when there are none). Features can also come from elsewhere
 (the signals module) through ``features=``.
 
+Two objectives (``objective=``):
+
+- ``task``: a case is (task, model_a, model_b), worth the merge's normalized score on that task;
+- ``target``: a case is (target, model_a, model_b) with the pair's default target (:meth:`Target.default_for`:
+  the union of the sources' tagged tasks, equal weights), worth the target's aggregate of the merge's per-task
+  normalized scores, as the engine rewards a merge. Tags come from the ``tasks_a`` / ``tasks_b`` columns (JSON
+  lists, as ``simmerge zoo table`` writes them) or from ``tags=`` (e.g. the zoo manifest). The per-task scores
+  stay beside the aggregate (:attr:`MergeTable.task_R`, :attr:`MergeTable.W`), so both objectives can be
+  reported on the same choices.
+
+With *engine contexts* (always on the target objective, on request on the task objective) a case's context is
+built by :func:`simmerge_bandit.context.contexts`, exactly as the engine builds it: the pair's signal features on
+each target task averaged with the target's weights, the catalog's metadata of both sources (tags, and their
+known raw scores: the table's ``score_a`` / ``score_b``) and the target's task buckets. The features given or
+found per (task, pair) are then the raw signal features (NaN: absent).
+
 One run, for each seed: ``rounds`` contexts are drawn uniformly (with replacement) from the evaluation pool, the
 same stream for every policy; each round the policy ranks the operators available then, the merge it picks
 scores its table value, and the first ``budget`` rounds are evaluated, i.e. the policy is updated with that score
@@ -30,8 +46,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import stats
 
+from .context import context_names, contexts
 from .errors import InvalidInput
 from .replay import PolicySpec, column_kind, make_learned_policy, missing_mask, parse_policy, read_columns
+from .target import Target
 from .zoo import TABLE_COLUMNS as ZOO_COLUMNS  # outcomes and bookkeeping of a zoo table, never features
 
 KEYS = ("task", "model_a", "model_b", "operator")
@@ -43,12 +61,22 @@ OP_FEATURE_PREFIX = "op_"
 WARM = "@predictor"
 
 
+OBJECTIVES = ("task", "target")
+
+
 @dataclass
 class MergeTable:
-    """A complete merge table as arrays: ``R[c, k]`` is operator ``k``'s normalized score on context ``c``."""
+    """A complete merge table as arrays: ``R[c, k]`` is operator ``k``'s value on case (context) ``c``.
+
+    ``contexts[c]`` is ``(task, model_a, model_b)`` on the task objective and ``(target key, model_a, model_b)``
+    on the target objective. ``task_cases`` / ``task_R`` are the per-task cases and normalized scores they come
+    from and ``W`` (C, N) the weights with ``R = W @ task_R`` (on the task objective ``W`` picks one row).
+    ``case_tasks[c]`` are the tasks case ``c`` is scored on; ``meta`` the catalog metadata of each model (tags,
+    known raw scores) and ``operator_specs`` each operator as ``{name, method, params}``, when the table says.
+    """
 
     source: str
-    contexts: list[tuple[str, str, str]]      # (task, model_a, model_b)
+    contexts: list[tuple[str, str, str]]
     operators: list[str]
     R: np.ndarray                             # (C, K)
     X: np.ndarray                             # (C, d)
@@ -56,31 +84,84 @@ class MergeTable:
     feature_names: list[str]
     operator_feature_names: list[str]
     notes: list[str] = field(default_factory=list)
+    objective: str = "task"
+    case_tasks: list[tuple[str, ...]] | None = None
+    task_cases: list[tuple[str, str, str]] | None = None
+    task_R: np.ndarray | None = None          # (N, K)
+    W: np.ndarray | None = None               # (C, N)
+    meta: dict | None = None                  # model -> SourceMeta
+    operator_specs: list[dict] | None = None
+    engine_context: bool = False
 
     @property
     def tasks(self) -> np.ndarray:
+        """The first field of each case: its task (task objective) or its target's key (target objective)."""
         return np.array([c[0] for c in self.contexts], dtype=object)
+
+    def tasks_of(self, c: int) -> tuple[str, ...]:
+        """The tasks case ``c`` is scored on."""
+        return self.case_tasks[c] if self.case_tasks is not None else (self.contexts[c][0],)
+
+    @property
+    def all_tasks(self) -> list[str]:
+        return sorted({t for c in range(len(self.contexts)) for t in self.tasks_of(c)})
+
+    def touching(self, tasks: Iterable[str]) -> np.ndarray:
+        """Which cases are scored on at least one of ``tasks`` (a held-out task's cases)."""
+        held = set(tasks)
+        return np.array([bool(held.intersection(self.tasks_of(c))) for c in range(len(self.contexts))], dtype=bool)
+
+    def subset(self, rows: Sequence[int]) -> "MergeTable":
+        """The table restricted to some cases (e.g. a split's training cases, for cross-validation in them)."""
+        rows = np.asarray(rows, dtype=int)
+        W = used = None
+        task_cases, task_R = self.task_cases, self.task_R
+        if self.W is not None:
+            used = np.flatnonzero(self.W[rows].any(axis=0))
+            W, task_R = self.W[np.ix_(rows, used)], self.task_R[used]
+            task_cases = [self.task_cases[i] for i in used]
+        return MergeTable(self.source, [self.contexts[i] for i in rows], self.operators, self.R[rows], self.X[rows],
+                          self.Z, self.feature_names, self.operator_feature_names, list(self.notes), self.objective,
+                          None if self.case_tasks is None else [self.case_tasks[i] for i in rows], task_cases,
+                          task_R, W, self.meta, self.operator_specs, self.engine_context)
+
+    def task_scores(self, c: int, k: int) -> dict[str, float]:
+        """Operator ``k``'s normalized score on each task of case ``c`` (the parts of ``R[c, k]``)."""
+        if self.W is None:
+            return {self.contexts[c][0]: float(self.R[c, k])}
+        return {self.task_cases[n][0]: float(self.task_R[n, k]) for n in np.flatnonzero(self.W[c])}
 
 
 def load_table(path: str | Path, *, feature_columns: Sequence[str] | None = None,
-               features: Mapping | Callable | None = None) -> MergeTable:
+               features: Mapping | Callable | None = None, objective: str = "task",
+               tags: Mapping[str, Sequence[str]] | None = None, engine_context: bool | None = None) -> MergeTable:
     """Read a merge table (Parquet or CSV) through DuckDB and check that it is complete."""
     p = Path(path)
     columns, data = read_columns(p, "merge table")
     return table_from_frame(data, source=p.name, columns=columns, feature_columns=feature_columns,
-                            features=features)
+                            features=features, objective=objective, tags=tags, engine_context=engine_context)
 
 
 def table_from_frame(data: Any, *, source: str = "table", columns: Sequence[str] | None = None,
                      feature_columns: Sequence[str] | None = None,
-                     features: Mapping | Callable | None = None) -> MergeTable:
+                     features: Mapping | Callable | None = None, objective: str = "task",
+                     tags: Mapping[str, Sequence[str]] | None = None,
+                     engine_context: bool | None = None) -> MergeTable:
     """Build a :class:`MergeTable` from a DataFrame or a mapping of column -> values.
 
     Rows of 3-way merges (``model_c`` set) are left out. A row whose ``status`` is not ``ok`` (a failed merge or
     evaluation) scores 0, as in :func:`simmerge_bandit.zoo.table_stats`: a policy that picks a failing operator
     gets nothing. ``features``, when given, replaces the table's feature columns: a mapping ``(task, model_a,
     model_b) -> vector`` or a callable with those three arguments (e.g. backed by the signals module).
+
+    ``objective``: ``task`` or ``target`` (see the module docstring). ``tags``: model -> tagged tasks, where the
+    table has no ``tasks_a`` / ``tasks_b`` columns (the columns win where both say). ``engine_context``: build
+    the engine's contexts (default: on the target objective only; the task objective then keeps the table's
+    features as they are).
     """
+    if objective not in OBJECTIVES:
+        raise InvalidInput(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+    engine = objective == "target" if engine_context is None else bool(engine_context)
     if hasattr(data, "columns") and not isinstance(data, Mapping):
         cols = {str(c): data[c].to_numpy() for c in data.columns}
         columns = [str(c) for c in data.columns]
@@ -152,17 +233,129 @@ def table_from_frame(data: Any, *, source: str = "table", columns: Sequence[str]
     op_cols = [c for c in columns if c.startswith(OP_FEATURE_PREFIX)]
     Z, z_names = _operator_features(norm, op_cols, ki, operators, fail)
     if features is not None:
-        X = np.array([np.asarray(features(*c) if callable(features) else features[c], dtype=float).ravel()
-                      for c in contexts])
-        if X.ndim != 2 or not np.all(np.isfinite(X)):
+        try:
+            X = np.array([np.asarray(features(*c) if callable(features) else features[c], dtype=float).ravel()
+                          for c in contexts])
+        except (KeyError, ValueError) as e:
+            raise InvalidInput(f"the given features have no vector of the same length for every (task, pair): "
+                               f"{e}") from None
+        # the engine reads an absent signal (NaN) as 0 in its contexts; raw features must be finite
+        if X.ndim != 2 or np.isinf(X).any() or (not engine and np.isnan(X).any()):
             raise InvalidInput("the given features must be one finite vector of the same length per pair")
         x_names = [f"f{j}" for j in range(X.shape[1])]
     else:
-        X, x_names = _pair_features(norm, columns, feature_columns, op_cols, ci, len(contexts), fail, notes)
-    if X.shape[1] == 0:
-        X, x_names = np.ones((len(contexts), 1)), ["bias"]
-        notes.append("no pair features: the policies only see a constant, so this is a non-contextual bandit")
-    return MergeTable(source, contexts, operators, R, X, Z, x_names, z_names, notes)
+        X, x_names = _pair_features(norm, columns, feature_columns, op_cols, ci, len(contexts), fail, notes,
+                                    keep_absent=engine)
+    specs = _operator_specs(norm, ki, operators)
+    if not engine:
+        if X.shape[1] == 0:
+            X, x_names = np.ones((len(contexts), 1)), ["bias"]
+            notes.append("no pair features: the policies only see a constant, so this is a non-contextual bandit")
+        return MergeTable(source, contexts, operators, R, X, Z, x_names, z_names, notes, operator_specs=specs)
+
+    meta = _source_meta(norm, keyvals, tags, fail)
+    if objective == "task":
+        cases = contexts
+        targets = [Target.of([t]) for t, _, _ in contexts]
+        W = np.eye(len(contexts))
+    else:
+        cases, targets, W = _target_cases(contexts, meta, source)
+    Xc = _engine_contexts(cases, targets, {c: X[i] for i, c in enumerate(contexts)}, X.shape[1], meta)
+    return MergeTable(source, [(tg.key, a, b) for tg, (_, a, b) in zip(targets, cases)], operators, W @ R, Xc, Z,
+                      context_names(x_names), z_names, notes, objective, [tg.tasks for tg in targets], contexts,
+                      R, W, meta, specs, True)
+
+
+def _operator_specs(norm, ki, operators) -> list[dict] | None:
+    """Each operator as ``{name, method, params}`` (what the metadata rules read), when the table has them."""
+    if "method" not in norm or "params" not in norm:
+        return None
+    import json
+
+    out: list[dict | None] = [None] * len(operators)
+    for row, k in enumerate(ki):
+        if out[k] is None:
+            p = norm["params"][1][row]
+            try:
+                params = json.loads(p) if isinstance(p, str) else dict(p or {})
+            except (ValueError, TypeError):
+                params = {}
+            out[k] = {"name": operators[k], "method": str(norm["method"][1][row]), "params": params}
+    return out
+
+
+def _source_meta(norm, keyvals, tags, fail) -> dict:
+    """What the catalog knows of each model: tags (``tasks_a`` / ``tasks_b`` columns, else ``tags``) and known
+    raw scores per task (``score_a`` / ``score_b``)."""
+    import json
+
+    from .signals.metadata import SourceMeta
+
+    models = sorted(set(keyvals["model_a"]) | set(keyvals["model_b"]))
+    tagged: dict[str, tuple[str, ...]] = {m: tuple(tags[m]) for m in models if tags and m in tags}
+    known: dict[str, dict[str, float]] = {m: {} for m in models}
+    for side in "ab":
+        col = f"tasks_{side}"
+        if col in norm:
+            for row, (m, v) in enumerate(zip(keyvals[f"model_{side}"], norm[col][1])):
+                if v is None or (isinstance(v, float) and math.isnan(v)):
+                    continue
+                try:
+                    t = json.loads(v) if isinstance(v, str) else list(v)
+                except (ValueError, TypeError):
+                    fail(row, col, f"tags must be a JSON list of task names, got {v!r}")
+                tagged[m] = tuple(str(x) for x in t)
+        col = f"score_{side}"
+        if col in norm and norm[col][0] == "numeric":
+            for m, task, v in zip(keyvals[f"model_{side}"], keyvals["task"], norm[col][1]):
+                if math.isfinite(v):
+                    known[m][task] = float(v)
+    return {m: SourceMeta(tagged.get(m, ()), known[m]) for m in models}
+
+
+def _target_cases(task_cases, meta, source):
+    """The target objective's cases: one per ordered pair, its default target, and the weights ``W`` (C, N) of
+    its per-task cases."""
+    by_pair: dict[tuple[str, str], dict[str, int]] = {}
+    for n, (t, a, b) in enumerate(task_cases):
+        by_pair.setdefault((a, b), {})[t] = n
+    cases, targets = [], []
+    W = np.zeros((len(by_pair), len(task_cases)))
+    for i, ((a, b), rows) in enumerate(by_pair.items()):
+        target = Target.default_for([meta[a].tags, meta[b].tags])
+        if target is None:
+            raise InvalidInput(f"merge table {source}: neither {a} nor {b} is tagged with a task, so the pair has "
+                               f"no default target (give tags: tasks_a / tasks_b columns or the zoo manifest)")
+        lacking = [t for t in target.tasks if t not in rows]
+        if lacking:
+            raise InvalidInput(f"merge table {source}: pair ({a}, {b}) has no rows on task {lacking[0]!r} of its "
+                               f"target {target.key}")
+        for t, w in target.items:
+            W[i, rows[t]] = w
+        cases.append((target.key, a, b))
+        targets.append(target)
+    return cases, targets, W
+
+
+def _engine_contexts(cases, targets, signals: Mapping, d: int, meta) -> np.ndarray:
+    """The engine's context of each case (:func:`simmerge_bandit.context.contexts`), one call per target."""
+    from .signals.metadata import metadata_matrix
+
+    absent = np.full(d, np.nan)
+    groups: dict[str, list[int]] = {}
+    for i, tg in enumerate(targets):
+        groups.setdefault(tg.key, []).append(i)
+    out = None
+    for idx in groups.values():
+        target = targets[idx[0]]
+        pairs = [(cases[i][1], cases[i][2]) for i in idx]
+        per_task = {t: np.array([signals.get((t, a, b), absent) for a, b in pairs]).reshape(len(pairs), d)
+                    for t in target.tasks}
+        x = contexts(per_task, target, metadata_matrix(target, pairs, meta))
+        if out is None:
+            out = np.empty((len(cases), x.shape[1]))
+        out[idx] = x
+    return out
 
 
 def _operator_features(norm, op_cols, ki, operators, fail) -> tuple[np.ndarray, list[str]]:
@@ -183,20 +376,22 @@ def _operator_features(norm, op_cols, ki, operators, fail) -> tuple[np.ndarray, 
     elif "method" in norm and "params" in norm:
         import json
 
-        from .engine import ARM_NAMES, operator_descriptor
+        from .descriptor import current
 
+        schema = current()
+        operator_descriptor = schema.describe
         cache: dict[tuple[str, str], np.ndarray] = {}
-        rows = np.empty((len(ki), len(ARM_NAMES)))
+        rows = np.empty((len(ki), len(schema)))
         for row, (m, p) in enumerate(zip(norm["method"][1], norm["params"][1])):
             key = (str(m), str(p))
             if key not in cache:
                 try:
                     params = json.loads(p) if isinstance(p, str) else dict(p or {})
                     cache[key] = operator_descriptor({"method": str(m), "params": params})
-                except (KeyError, ValueError, TypeError) as e:
+                except (InvalidInput, KeyError, ValueError, TypeError) as e:
                     fail(row, "method", f"cannot describe operator {m} {p}: {e}")
             rows[row] = cache[key]
-        names = list(ARM_NAMES)
+        names = list(schema.names)
     else:
         return np.eye(K), [f"operator={o}" for o in operators]
     Z = np.full((K, rows.shape[1]), np.nan)
@@ -210,8 +405,10 @@ def _operator_features(norm, op_cols, ki, operators, fail) -> tuple[np.ndarray, 
     return Z, names
 
 
-def _pair_features(norm, columns, feature_columns, op_cols, ci, C, fail, notes) -> tuple[np.ndarray, list[str]]:
-    """Numeric columns constant within each (task, pair); explicit ``feature_columns`` must be."""
+def _pair_features(norm, columns, feature_columns, op_cols, ci, C, fail, notes, keep_absent: bool = False
+                   ) -> tuple[np.ndarray, list[str]]:
+    """Numeric columns constant within each (task, pair); explicit ``feature_columns`` must be. A missing value
+    reads as 0, or stays NaN (absent) with ``keep_absent`` (the engine's contexts treat absent values)."""
     excluded = set(KEYS) | set(OUTCOMES) | set(op_cols) | set(ZOO_COLUMNS)
     explicit = feature_columns is not None
     if explicit:
@@ -229,13 +426,14 @@ def _pair_features(norm, columns, feature_columns, op_cols, ci, C, fail, notes) 
             fail(0, c, "feature columns must be numeric")
         if np.any(np.isinf(arr)):
             fail(int(np.flatnonzero(np.isinf(arr))[0]), c, "feature value is infinite")
-        if np.any(np.isnan(arr)):
+        absent = np.isnan(arr)
+        if absent.any() and not keep_absent:
             # the engine reads an absent feature as 0 (engine.contexts); do the same, and say so
-            missing[c] = int(np.isnan(arr).sum())
-            arr = np.where(np.isnan(arr), 0.0, arr)
+            missing[c] = int(absent.sum())
+            arr = np.where(absent, 0.0, arr)
         first = np.full(C, np.nan)
         first[ci[::-1]] = arr[::-1]            # the first row of each context wins
-        diff = np.flatnonzero(arr != first[ci])
+        diff = np.flatnonzero((arr != first[ci]) & ~(np.isnan(arr) & np.isnan(first[ci])))
         if diff.size:
             if explicit:
                 fail(int(diff[0]), c, "differs between operators of one pair; a pair feature must not")
@@ -265,6 +463,7 @@ class SeedRun:
     final_reward: float       # mean score of the final greedy choice over the pool
     late: dict[str, int | None]   # late operator -> rounds from its arrival to its first choice where it is best
     late_share: dict[str, float | None]  # late operator -> share of rounds where it is best that it was chosen
+    final_chosen: np.ndarray | None = None  # (P,) the final greedy choice on each pool case (-1: uniform)
 
 
 @dataclass
@@ -311,7 +510,8 @@ class Simulation:
 
     def summary(self) -> dict:
         """Context numbers for a report: table size, pool size, best fixed operator, oracle and fixed scores."""
-        return {"table": self.table.source, "pairs": len(self.table.contexts), "pool": int(len(self.pool)),
+        return {"table": self.table.source, "objective": self.table.objective,
+                "pairs": len(self.table.contexts), "pool": int(len(self.pool)),
                 "operators": self.table.operators, "best_fixed": self.best_fixed, "rounds": self.rounds,
                 "budget": self.budget, "seeds": self.seeds, "oracle_final_score": self.oracle_final,
                 "fixed_final_score": self.fixed_final, "notes": self.table.notes}
@@ -380,7 +580,7 @@ def _own_propensity(ranking) -> float:
 
 def simulate(table: MergeTable, policies: Iterable[str | PolicySpec], *, rounds: int, budget: int | None = None,
              seeds: int | Sequence[int] = 5, holdout_tasks: Sequence[str] | None = None, pretrain: bool = True,
-             late_operators: Mapping[str, int] | None = None, standardize: bool = True, alpha: float = 0.05,
+             late_operators: Mapping[str, int] | None = None, standardize: bool | None = None, alpha: float = 0.05,
              seed: int = 0, policy_factory: Callable[[PolicySpec, int], Any] | None = None,
              pretrain_rows: int | None = None, predictor_params: Mapping[str, Any] | None = None,
              progress: Callable[[str], None] | None = None) -> Simulation:
@@ -392,7 +592,13 @@ def simulate(table: MergeTable, policies: Iterable[str | PolicySpec], *, rounds:
     caps the training rows shown one by one to an online policy (a random subset, the same for every policy of a
     seed); a policy with a batch ``fit`` (the predictor) is fitted on all of them at once.
     ``predictor_params`` are the SimMerge predictor's parameters wherever one is built: ``predictor`` policies
-    (their own spec parameters win) and the prior of ``NAME@predictor`` warm starts.
+    (their own spec parameters win) and the prior of ``NAME@predictor`` warm starts. Each seed is an independent
+    replication: a predictor's networks are initialised from the seed (``init_seed``) unless a parameter fixes it.
+
+    With ``holdout_tasks`` the pool is every case scored on a held-out task and the training cases are the others
+    (on the target objective a case whose target mixes training and held-out tasks is in the pool only).
+    ``standardize`` scales the contexts by the training cases' mean and std (default: only contexts that are not
+    the engine's, which the engine's policies read unscaled).
     """
     if rounds < 1:
         raise InvalidInput(f"rounds must be at least 1, got {rounds}")
@@ -426,19 +632,23 @@ def simulate(table: MergeTable, policies: Iterable[str | PolicySpec], *, rounds:
         if s.name == "fixed" and s.action not in table.operators:
             raise InvalidInput(f"{s.text}: operator {s.action} is not in the table ({', '.join(table.operators)})")
 
-    tasks = table.tasks
     if holdout_tasks:
-        missing = sorted(set(holdout_tasks) - set(tasks))
+        all_tasks = table.all_tasks
+        missing = sorted(set(holdout_tasks) - set(all_tasks))
         if missing:
             raise InvalidInput(f"holdout task {missing[0]!r} is not in the table")
-        is_pool = np.isin(tasks, list(holdout_tasks))
-        if is_pool.all():
+        if set(all_tasks) <= set(holdout_tasks):
             raise InvalidInput("every task is held out; keep at least one for training")
+        is_pool = table.touching(holdout_tasks)
+        if is_pool.all():
+            raise InvalidInput("every case is scored on a held-out task; no training case is left")
         pool, train = np.flatnonzero(is_pool), np.flatnonzero(~is_pool)
     else:
         pool = train = np.arange(len(table.contexts))
 
     X = table.X
+    if standardize is None:
+        standardize = not table.engine_context
     if standardize:
         mu, sd = X[train].mean(axis=0), X[train].std(axis=0)
         X = (X - mu) / np.where(sd > 0, sd, 1.0)
@@ -447,6 +657,11 @@ def simulate(table: MergeTable, policies: Iterable[str | PolicySpec], *, rounds:
     oracle_final = float(table.R[pool].max(axis=1).mean())
     fixed_final = float(table.R[pool, best_fixed].mean())
     factory = policy_factory or (lambda spec, s: make_learned_policy(spec, seed=s))
+
+    def seeded(spec: PolicySpec, s: int) -> PolicySpec:
+        if spec.name != "predictor" or "init_seed" in spec.params:
+            return spec
+        return PolicySpec(spec.text, spec.name, spec.action, {**spec.params, "init_seed": int(s)})
 
     runs: dict[str, list[SeedRun]] = {s.text: [] for s in specs}
     for s_i, s in enumerate(seed_list):
@@ -461,10 +676,12 @@ def simulate(table: MergeTable, policies: Iterable[str | PolicySpec], *, rounds:
             if progress:
                 progress(f"seed {s} · {spec.text}")
             if spec.direct:
-                chosen, reward, final = _direct(spec, table, stream, avail_at, R_stream, pool, arrival)
+                chosen, reward, final, final_chosen = _direct(spec, table, stream, avail_at, R_stream, pool,
+                                                              arrival)
             else:
-                policy = factory(spec, int(s)) if not spec.name.endswith(WARM) else \
-                    _warm_started(spec, int(s), X, table, train, predictor_params or {})
+                policy = factory(seeded(spec, s), int(s)) if not spec.name.endswith(WARM) else \
+                    _warm_started(spec, int(s), X, table, train,
+                                  {"init_seed": int(s), **(predictor_params or {})})
                 if holdout_tasks and pretrain and not spec.name.endswith(WARM):  # a warm start is pretrained
                     if callable(getattr(policy, "fit", None)):
                         # A supervised policy (the predictor) is fitted on every training row in one batch solve,
@@ -486,10 +703,11 @@ def simulate(table: MergeTable, policies: Iterable[str | PolicySpec], *, rounds:
                                       _own_propensity(ranking))
                 reward = R_stream[np.arange(rounds), chosen]
                 all_ops = np.arange(K)
-                final = float(np.mean([table.R[c, all_ops[_greedy(policy.rank(_candidates(X[c], all_ops, table)))]]
-                                       for c in pool]))
+                final_chosen = np.array([_greedy(policy.rank(_candidates(X[c], all_ops, table))) for c in pool])
+                final = float(table.R[pool, final_chosen].mean())
             late_first, late_share = _late_stats(late, table, chosen, R_stream, avail_at, arrival)
-            runs[spec.text].append(SeedRun(stream, chosen, reward, oracle, fixed, final, late_first, late_share))
+            runs[spec.text].append(SeedRun(stream, chosen, reward, oracle, fixed, final, late_first, late_share,
+                                           final_chosen))
     return Simulation(table, table.operators[best_fixed], rounds, budget, seed_list, pool, runs,
                       oracle_final, fixed_final, alpha)
 
@@ -514,9 +732,9 @@ def _direct(spec: PolicySpec, table: MergeTable, stream, avail_at, R_stream, poo
     if spec.name == "fixed":
         k = table.operators.index(spec.action)
         chosen = np.full(rounds, k)
-        return chosen, R_stream[:, k].astype(float), float(table.R[pool, k].mean())
+        return chosen, R_stream[:, k].astype(float), float(table.R[pool, k].mean()), np.full(len(pool), k)
     reward = np.array([R_stream[t, avail_at[t]].mean() for t in range(rounds)])
-    return np.full(rounds, -1), reward, float(table.R[pool].mean())
+    return np.full(rounds, -1), reward, float(table.R[pool].mean()), np.full(len(pool), -1)
 
 
 def _late_stats(late, table, chosen, R_stream, avail_at, arrival):

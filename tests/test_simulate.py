@@ -280,3 +280,124 @@ def test_predictor_params_build_the_predictor_and_the_warm_start_prior():
     assert runs["mlp"]["predictor"] > 0.8 > runs["linear"]["predictor"]
     # a spec's own parameters win over predictor_params
     assert runs["mlp"]["predictor:model=linear"] == pytest.approx(runs["linear"]["predictor"])
+
+
+def target_table() -> pd.DataFrame:
+    """A, C tagged with t1, B with t2. Per (pair, task) normalized scores of operators x and y:
+
+    (A,B) t1: x .8 y .4, t2: x .2 y .5  -> target {t1, t2}: x .50 y .45
+    (A,C) t1: x .3 y .9                  -> target {t1}:     x .30 y .90
+    (B,C) t1: x .6 y .6, t2: x .6 y .2  -> target {t1, t2}: x .60 y .40
+    """
+    scores = {("A", "B", "t1"): (0.8, 0.4), ("A", "B", "t2"): (0.2, 0.5), ("A", "C", "t1"): (0.3, 0.9),
+              ("B", "C", "t1"): (0.6, 0.6), ("B", "C", "t2"): (0.6, 0.2)}
+    known = {("A", "t1"): 0.7, ("A", "t2"): 0.3, ("B", "t1"): 0.2, ("B", "t2"): 0.8, ("C", "t1"): 0.6, ("C", "t2"): 0.1}
+    feature = {("A", "B", "t1"): 1.0, ("A", "B", "t2"): 3.0, ("A", "C", "t1"): 2.0, ("B", "C", "t1"): 0.5,
+               ("B", "C", "t2"): np.nan}
+    tags = {"A": ["t1"], "B": ["t2"], "C": ["t1"]}
+    rows = []
+    for (a, b, t), vals in scores.items():
+        for op, v in zip("xy", vals):
+            rows.append({"task": t, "model_a": a, "model_b": b, "operator": op, "normalized_score": v,
+                         "score": v / 2, "score_a": known[(a, t)], "score_b": known[(b, t)],
+                         "tasks_a": json.dumps(tags[a]), "tasks_b": json.dumps(tags[b]),
+                         "f": feature[(a, b, t)]})
+    return pd.DataFrame(rows)
+
+
+def test_target_objective_cases_are_pairs_worth_the_aggregate_of_their_tasks():
+    tab = sm.table_from_frame(target_table(), objective="target")
+    assert tab.objective == "target" and tab.engine_context
+    assert tab.contexts == [("t1=0.5,t2=0.5", "A", "B"), ("t1", "A", "C"), ("t1=0.5,t2=0.5", "B", "C")]
+    assert tab.operators == ["x", "y"]
+    assert np.allclose(tab.R, [[0.50, 0.45], [0.30, 0.90], [0.60, 0.40]])
+    # the per-task scores stay beside the aggregate
+    assert tab.task_scores(0, 1) == pytest.approx({"t1": 0.4, "t2": 0.5})
+    assert np.allclose(tab.W @ tab.task_R, tab.R)
+    assert tab.tasks_of(1) == ("t1",) and tab.all_tasks == ["t1", "t2"]
+
+    sim = sm.simulate(tab, ["fixed:x", "fixed:y", "uniform"], rounds=30, seeds=2)
+    assert sim.best_fixed == "y"                                   # means: x .4667, y .5833
+    assert sim.oracle_final == pytest.approx((0.5 + 0.9 + 0.6) / 3)
+    assert sim.fixed_final == pytest.approx((0.45 + 0.9 + 0.4) / 3)
+    rows = {r["policy"]: r for r in sim.results()}
+    assert rows["fixed:x"]["final_score"] == pytest.approx(1.4 / 3)
+    assert rows["uniform"]["final_score"] == pytest.approx((0.95 + 1.2 + 1.0) / 6)
+
+    # hold out t2: the pool is every pair scored on t2; only (A, C) is left to train on, and it prefers y
+    held = sm.simulate(tab, ["fixed:x"], rounds=10, seeds=1, holdout_tasks=["t2"])
+    assert [tab.contexts[c][1:] for c in held.pool] == [("A", "B"), ("B", "C")]
+    assert held.best_fixed == "y"
+    assert held.fixed_final == pytest.approx((0.45 + 0.40) / 2)
+    assert held.oracle_final == pytest.approx((0.50 + 0.60) / 2)
+    assert held.runs["fixed:x"][0].final_chosen.tolist() == [0, 0]
+
+
+def test_task_objective_on_the_same_table_and_the_engine_context():
+    task = sm.table_from_frame(target_table(), objective="task", engine_context=True)
+    assert len(task.contexts) == 5
+    sim = sm.simulate(task, ["fixed:x"], rounds=10, seeds=1)
+    assert sim.oracle_final == pytest.approx((0.8 + 0.5 + 0.9 + 0.6 + 0.6) / 5)
+    assert sim.best_fixed == "y"                                   # means: x .50, y .52
+
+    from simmerge_bandit.context import TASK_BUCKETS, task_bucket
+    from simmerge_bandit.signals.metadata import METADATA_NAMES
+
+    tab = sm.table_from_frame(target_table(), objective="target")
+    assert tab.feature_names[0] == "f" and len(tab.feature_names) == 1 + len(METADATA_NAMES) + TASK_BUCKETS
+    x = dict(zip(tab.feature_names, tab.X[0]))                    # (A, B) on {t1: .5, t2: .5}
+    assert x["f"] == pytest.approx((np.log1p(1.0) + np.log1p(3.0)) / 2)   # signed log1p, target-weighted
+    assert x["tag_share_a"] == pytest.approx(np.log1p(0.5))
+    assert x["known_score_a"] == pytest.approx(np.log1p(0.5))     # A's known raw scores .7 and .3
+    assert x["known_diff"] == pytest.approx(0.0)                  # (.7 - .2 + .3 - .8) / 2
+    assert x[f"task_bucket_{task_bucket('t1')}"] + x[f"task_bucket_{task_bucket('t2')}"] == pytest.approx(1.0)
+    assert dict(zip(tab.feature_names, tab.X[2]))["f"] == pytest.approx(np.log1p(0.5))  # t2's is absent
+
+
+def test_target_objective_needs_tags_and_every_target_task():
+    df = target_table().drop(columns=["tasks_a", "tasks_b"])
+    with pytest.raises(InvalidInput, match="no default target"):
+        sm.table_from_frame(df, objective="target")
+    tab = sm.table_from_frame(df, objective="target", tags={"A": ["t1"], "B": ["t2"], "C": ["t1"]})
+    assert np.allclose(tab.R[0], [0.50, 0.45])
+    short = target_table()
+    short = short[~((short.model_a == "B") & (short.task == "t2"))]
+    with pytest.raises(InvalidInput, match=r"pair \(B, C\) has no rows on task 't2'"):
+        sm.table_from_frame(short, objective="target")
+    with pytest.raises(InvalidInput, match="unknown objective"):
+        sm.table_from_frame(target_table(), objective="both")
+
+
+def test_cli_simulate_target_objective(tmp_path):
+    path = tmp_path / "t.parquet"
+    target_table().to_parquet(path)
+    res = CliRunner().invoke(cli, ["simulate", str(path), "--objective", "target", "--policy", "fixed:x",
+                                   "--rounds", "10", "--seeds", "1", "--json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["summary"]["pairs"] == 3 and out["summary"]["best_fixed"] == "y"
+    assert out["results"][0]["final_score"] == pytest.approx(1.4 / 3)
+
+
+def test_mabwiser_peer_recommends_by_its_mean_estimate_not_its_bonus():
+    """Arm a: one reward 1 at x=1, so beta .5, width sqrt(1/2): UCB 1.207. Arm b: four rewards .9 at x=1, so beta
+    3.6/5 = .72, width sqrt(1/5): UCB 1.167. Exploring picks a; the recommendation is b."""
+    pytest.importorskip("mabwiser")
+    import importlib.util
+    from pathlib import Path
+
+    from simmerge_bandit.policies import Candidates
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decision.py"
+    spec = importlib.util.spec_from_file_location("bench_decision", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    peer = bench.MabwiserLinUCB(seed=0, floor=0.0)
+    peer.update(np.array([1.0]), "a", None, 1.0)
+    for _ in range(4):
+        peer.update(np.array([1.0]), "b", None, 0.9)
+    ranking = peer.rank(Candidates(np.ones((2, 1)), np.array(["a", "b"], dtype=object), np.eye(2)))
+    assert ranking.scores == pytest.approx([0.5 + np.sqrt(0.5), 0.72 + np.sqrt(0.2)])
+    assert ranking.predicted == pytest.approx([0.5, 0.72])
+    assert ranking.choice == 0
+    assert sm._greedy(ranking) == 1

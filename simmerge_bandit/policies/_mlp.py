@@ -35,32 +35,34 @@ _FITS: OrderedDict[str, list[dict]] = OrderedDict()
 _MAX_FITS = 64  # a fit's weights are ~100 kB
 
 
-def train(inputs: np.ndarray, y: np.ndarray, *, hidden: int, epochs: int, members: int) -> list[dict]:
+def train(inputs: np.ndarray, y: np.ndarray, *, hidden: int, epochs: int, members: int,
+          seed: int = 0) -> list[dict]:
     """Fit ``members`` networks ``inputs -> y`` (mean squared error) and return their weights as arrays.
 
-    Each member is ``Linear(n, hidden) -> ReLU -> Linear(hidden, hidden) -> ReLU -> Linear(hidden, 1)``, seeded
-    with its index. The target is centred (the caller's head refits the output layer with an intercept), which
+    Each member is ``Linear(n, hidden) -> ReLU -> Linear(hidden, hidden) -> ReLU -> Linear(hidden, 1)``, member
+    ``i`` seeded with ``seed * members + i`` (so seed 0 seeds them 0, 1, ...; other seeds never share one). The target is centred (the caller's head refits the output layer with an intercept), which
     speeds up convergence at this small number of epochs. Callers must not modify the returned arrays.
     """
     inputs = np.ascontiguousarray(inputs, dtype=np.float64)
     y = np.ascontiguousarray(y, dtype=np.float64)
     h = hashlib.sha1(inputs.tobytes())
     h.update(y.tobytes())
-    h.update(repr((inputs.shape, hidden, epochs, members, LEARNING_RATE, WEIGHT_DECAY, BATCH, MIN_STEPS)).encode())
+    h.update(repr((inputs.shape, hidden, epochs, members, LEARNING_RATE, WEIGHT_DECAY, BATCH, MIN_STEPS,
+                   seed)).encode())
     key = h.hexdigest()
     if key not in _FITS:
-        _FITS[key] = _train(inputs, y, hidden, epochs, members)
+        _FITS[key] = _train(inputs, y, hidden, epochs, members, seed)
         if len(_FITS) > _MAX_FITS:
             _FITS.popitem(last=False)
     _FITS.move_to_end(key)
     return _FITS[key]
 
 
-def _train(inputs: np.ndarray, y: np.ndarray, hidden: int, epochs: int, members: int) -> list[dict]:
+def _train(inputs: np.ndarray, y: np.ndarray, hidden: int, epochs: int, members: int, seed: int) -> list[dict]:
     import torch
 
     with torch_threads(1):
-        return [_train_one(torch, inputs, y, hidden, epochs, seed) for seed in range(members)]
+        return [_train_one(torch, inputs, y, hidden, epochs, seed * members + i) for i in range(members)]
 
 
 def _train_one(torch, inputs: np.ndarray, y: np.ndarray, hidden: int, epochs: int, seed: int) -> dict:

@@ -57,11 +57,11 @@ class SimMergePredictor(Policy):
     """
 
     name: ClassVar[str] = "predictor"
-    _param_names = ("l2", "floor", "seed", "online_weight", "model", "hidden", "epochs", "members")
+    _param_names = ("l2", "floor", "seed", "online_weight", "model", "hidden", "epochs", "members", "init_seed")
     MODELS: ClassVar[tuple[str, ...]] = ("mlp", "linear")
 
     def __init__(self, l2: float = 1.0, floor: float = 0.01, seed: int = 0, online_weight: float = 1.0,
-                 model: str = "mlp", hidden: int = 32, epochs: int = 20, members: int = 3):
+                 model: str = "mlp", hidden: int = 32, epochs: int = 20, members: int = 3, init_seed: int = 0):
         super().__init__(floor=floor, seed=seed)
         require(is_number(l2) and l2 > 0, f"l2 must be a positive number, got {l2!r}")
         require(is_number(online_weight) and online_weight > 0,
@@ -70,9 +70,14 @@ class SimMergePredictor(Policy):
         for key, v in (("hidden", hidden), ("epochs", epochs), ("members", members)):
             require(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1,
                     f"{key} must be a positive integer, got {v!r}")
+        require(isinstance(init_seed, (int, np.integer)) and not isinstance(init_seed, bool) and init_seed >= 0,
+                f"init_seed must be a non-negative integer, got {init_seed!r}")
         self.l2 = float(l2)
         self.model = str(model)
         self.hidden, self.epochs, self.members = int(hidden), int(epochs), int(members)
+        #: Seed of the networks' initialisation and batch order (a fit is a deterministic function of its rows and
+        #: this, not of the exploration ``seed``); another value gives an independent replicate of the fit.
+        self.init_seed = int(init_seed)
         #: How many fitted rows one reward learned online counts as. The fit holds thousands of rows of other
         #: tasks; weighting a new task's few evaluations up is a crude hierarchical prior (the task's own evidence
         #: matters more to it than the others'). 1 weighs them like fitted rows.
@@ -157,7 +162,8 @@ class SimMergePredictor(Policy):
         if self.model == "mlp":
             y = self._fit_level(X, y)
             inputs = np.hstack([(X - self._mu_x) / self._sd_x, (Z - self._mu_z) / self._sd_z])
-            self._nets = _mlp.train(inputs, y, hidden=self.hidden, epochs=self.epochs, members=self.members)
+            self._nets = _mlp.train(inputs, y, hidden=self.hidden, epochs=self.epochs, members=self.members,
+                                    seed=self.init_seed)
             Phi = self._neural_phi(X, Z)
         else:
             self._nets = self._level = None

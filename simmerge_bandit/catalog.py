@@ -25,6 +25,8 @@ DEFAULT_PROBES = 64
 
 
 def check_name(kind: str, name: str) -> str:
+    """``name`` if it is a valid catalog name for ``kind`` (1-128 of letters, digits and ``. _ - : @ +``, starting
+    with a letter or digit), else :class:`InvalidInput`."""
     if not isinstance(name, str) or not _NAME.match(name):
         raise InvalidInput(f"invalid {kind} name {name!r}: use 1-128 letters, digits and . _ - : @ +, "
                            f"starting with a letter or digit")
@@ -116,15 +118,18 @@ class Catalog:
         return self.model(name)
 
     def models(self) -> list[dict]:
+        """Every registered model, oldest first."""
         return [self._model_row(r) for r in self.store.fetchdicts("SELECT * FROM models ORDER BY added_at, name")]
 
     def model(self, name: str) -> dict:
+        """The model called ``name`` (:class:`NotFound` if none)."""
         rows = self.store.fetchdicts("SELECT * FROM models WHERE name = ?", [name])
         if not rows:
             raise NotFound(f"no model named {name!r}")
         return self._model_row(rows[0])
 
     def remove_model(self, name: str) -> None:
+        """Forget a model (its files are not touched); a base with registered fine-tunes is kept until they go."""
         self.model(name)
         children = [r[0] for r in self.store.fetchall("SELECT name FROM models WHERE base = ?", [name])]
         if children:
@@ -156,6 +161,7 @@ class Catalog:
 
     # ---- probe sets ----
     def add_probe_set(self, name: str, path: str | Path) -> dict:
+        """Register a named probe set from a file of prompts (one per line, or JSON lines with ``prompt``)."""
         check_name("probe set", name)
         if self._exists("probe_sets", name):
             raise AlreadyExists(f"probe set {name!r} already exists")
@@ -171,15 +177,18 @@ class Catalog:
         return self.probe_set(name)
 
     def probe_sets(self) -> list[dict]:
+        """Every named probe set, oldest first."""
         return self.store.fetchdicts("SELECT * FROM probe_sets ORDER BY added_at, name")
 
     def probe_set(self, name: str) -> dict:
+        """The probe set called ``name`` (:class:`NotFound` if none)."""
         rows = self.store.fetchdicts("SELECT * FROM probe_sets WHERE name = ?", [name])
         if not rows:
             raise NotFound(f"no probe set named {name!r}")
         return rows[0]
 
     def probe_prompts(self, name: str) -> list[str]:
+        """The prompts of the probe set called ``name``."""
         return read_prompts(self.probe_set(name)["path"])
 
     # ---- tasks ----
@@ -221,45 +230,61 @@ class Catalog:
         return self.task(name)
 
     def tasks(self) -> list[dict]:
+        """Every registered task, oldest first."""
         return self.store.fetchdicts("SELECT * FROM tasks ORDER BY added_at, name")
 
     def task(self, name: str) -> dict:
+        """The task called ``name`` (:class:`NotFound` if none)."""
         rows = self.store.fetchdicts("SELECT * FROM tasks WHERE name = ?", [name])
         if not rows:
             raise NotFound(f"no task named {name!r}")
         return rows[0]
 
     def task_examples(self, name: str) -> list[dict]:
+        """The task's evaluation examples, ``{"prompt", "answer"}`` each."""
         return read_jsonl(self.task(name)["data_path"], need=("prompt", "answer"))
 
     # ---- operators ----
-    def add_operator(self, name: str, method: str, params: Mapping[str, Any] | None = None) -> dict:
-        """Add an operator: a registered merge method plus validated parameters (defaults filled in)."""
+    def add_operator(self, name: str, method: str, params: Mapping[str, Any] | None = None,
+                     ranges: Mapping[str, Any] | None = None) -> dict:
+        """Add an operator: a registered merge method plus validated parameters (defaults filled in).
+
+        With ``ranges`` (``{param: [min, max]}``) it is a family: the engine chooses those parameters' values
+        inside their ranges per suggestion (:mod:`.families`)."""
         check_name("operator", name)
         spec = get_method(method)
         if params is not None and not isinstance(params, Mapping):
             raise InvalidInput(f"operator parameters must be a mapping of name to value, got a "
                                f"{type(params).__name__}")
         full = spec.validate(params or {})  # every value within its method's bounds (docs/methods.md)
+        box = None
+        if ranges:
+            from .families import check_ranges
+
+            box = check_ranges(method, params or {}, ranges)
         if self._exists("operators", name):
             raise AlreadyExists(f"operator {name!r} already exists")
         with self.store.transaction():
             self._bump()
-            self.store.execute("INSERT INTO operators (name, method, params) VALUES (?,?,?)",
-                               [name, method, json.dumps(full, sort_keys=True)])
+            self.store.execute("INSERT INTO operators (name, method, params, ranges) VALUES (?,?,?,?)",
+                               [name, method, json.dumps(full, sort_keys=True),
+                                None if box is None else json.dumps(box, sort_keys=True)])
         return self.operator(name)
 
     def operators(self, active_only: bool = False) -> list[dict]:
+        """Every operator, oldest first; only those not retired with ``active_only``."""
         sql = "SELECT * FROM operators" + (" WHERE status = 'active'" if active_only else "")
         return [self._op_row(r) for r in self.store.fetchdicts(sql + " ORDER BY added_at, name")]
 
     def operator(self, name: str) -> dict:
+        """The operator called ``name`` (:class:`NotFound` if none)."""
         rows = self.store.fetchdicts("SELECT * FROM operators WHERE name = ?", [name])
         if not rows:
             raise NotFound(f"no operator named {name!r}")
         return self._op_row(rows[0])
 
     def retire_operator(self, name: str) -> dict:
+        """Stop suggesting an operator; it stays in the history (retiring a retired one changes nothing)."""
         op = self.operator(name)
         if op["status"] == "retired":
             return op
@@ -273,6 +298,10 @@ class Catalog:
     def _op_row(r: dict) -> dict:
         r = dict(r)
         r["params"] = json.loads(r["params"])
+        if r.get("ranges"):
+            r["ranges"] = json.loads(r["ranges"])
+        else:
+            r.pop("ranges", None)  # a grid operator reads as it always did
         return r
 
     def bump(self) -> None:

@@ -317,31 +317,61 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def _ask_params(spec) -> dict:
-    values = {}
+def _ask_params(spec) -> tuple[dict, dict]:
+    """Ask for each parameter: a value, or (numbers) MIN:MAX for a range the engine chooses in."""
+    from .families import check_ranges, parse_range
+
+    values, ranges = {}, {}
     for p in spec.params:
         while True:
-            raw = click.prompt(f"{p.name} ({p.range_text()}{'; ' + p.help if p.help else ''})",
+            hint = "; or MIN:MAX to let the engine choose" if p.kind != "bool" else ""
+            raw = click.prompt(f"{p.name} ({p.range_text()}{'; ' + p.help if p.help else ''}{hint})",
                                default=str(p.default).lower() if p.kind == "bool" else str(p.default))
             try:
-                values[p.name] = p.coerce(raw)
+                if p.kind != "bool" and ":" in raw:
+                    _, lo, hi = parse_range(f"{p.name}={raw}")
+                    check_ranges(spec.name, {}, {p.name: [lo, hi]})
+                    ranges[p.name] = [lo, hi]
+                else:
+                    values[p.name] = p.coerce(raw)
                 break
             except SimmergeError as e:
                 click.echo(f"  {e}", err=True)
-    return values
+    return values, ranges
+
+
+def _parse_ranges(texts: tuple[str, ...]) -> dict[str, list[float]]:
+    from .families import parse_range
+
+    out: dict[str, list[float]] = {}
+    for t in texts:
+        name, lo, hi = parse_range(t)
+        if name in out:
+            raise click.BadParameter(f"{name} is given twice; give it once", param_hint="--range")
+        out[name] = [lo, hi]
+    return out
 
 
 @operator.command("add")
 @click.argument("name", required=False)
 @click.option("--method", help="Merge method (see `simmerge operator methods`).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="A method parameter; repeatable.")
+@click.option("--range", "ranges", multiple=True, metavar="KEY=MIN:MAX",
+              help="A parameter the engine chooses inside [MIN, MAX] per suggestion (the operator is then a "
+                   "family); repeatable.")
 @no_input_option
 @json_option
 @pass_ctx
-def operator_add(c: Ctx, name, method, params, no_input, as_json) -> None:
+def operator_add(c: Ctx, name, method, params, ranges, no_input, as_json) -> None:
     """Add operator NAME = METHOD with parameters. In a terminal, missing arguments are asked for.
 
-    Example: simmerge operator add ties_d0.5 --method ties --param density=0.5
+    With --range the operator is a family: the engine chooses those parameters' values inside their ranges for
+    each suggestion, and reports (and logs) the values it chose.
+
+    \b
+    Examples:
+      simmerge operator add ties_d0.5 --method ties --param density=0.5
+      simmerge operator add ties_fam --method ties --range density=0.2:0.9 --range weight=0.1:1
     """
     from .methods import get_method, method_names
 
@@ -349,18 +379,29 @@ def operator_add(c: Ctx, name, method, params, no_input, as_json) -> None:
     if missing and not _interactive(no_input):
         raise click.UsageError(f"missing {' and '.join(missing)} (pass them, or run in a terminal to be asked)")
     parsed = _parse_params(params)
+    box = _parse_ranges(ranges)
     if not name:
         name = click.prompt("Operator name")
     if not method:
         method = click.prompt("Method", type=click.Choice(method_names()))
-        parsed = {**_ask_params(get_method(method)), **parsed}
+        asked, asked_ranges = _ask_params(get_method(method))
+        parsed = {**{k: v for k, v in asked.items() if k not in box}, **parsed}
+        box = {**{k: v for k, v in asked_ranges.items() if k not in parsed}, **box}
     cl = c.client()
     if cl:
-        op = cl.call("POST", "/v1/operators", {"name": name, "method": method, "params": parsed})
+        body = {"name": name, "method": method, "params": parsed}
+        if box:
+            body["ranges"] = box
+        op = cl.call("POST", "/v1/operators", body)
     else:
-        op = _catalog(c).add_operator(name, method, parsed)
-    emit([op], as_json, lambda d: click.echo(f"added operator {op['name']} = {op['method']}"
-                                               f"({', '.join(f'{k}={v}' for k, v in op['params'].items())})"))
+        op = _catalog(c).add_operator(name, method, parsed, ranges=box or None)
+
+    def human(_):
+        fixed = ", ".join(f"{k}={v}" for k, v in op["params"].items() if k not in op.get("ranges", {}))
+        free = ", ".join(f"{k} in [{lo:g}, {hi:g}]" for k, (lo, hi) in op.get("ranges", {}).items())
+        click.echo(f"added operator {op['name']} = {op['method']}({fixed}{'; ' + free if free else ''})")
+
+    emit([op], as_json, human)
 
 
 @operator.command("list")

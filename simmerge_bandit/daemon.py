@@ -881,7 +881,7 @@ class Daemon:
             ("POST", "/v1/feedback"): _Route(self.feedback, batched=True, log=self._log_reward, order=0),
             ("GET", "/v1/operators"): _Route(lambda b: cat.operators(active_only=not b.get("all"))),
             ("POST", "/v1/operators"): _Route(locked(lambda b: cat.add_operator(
-                _need(b, "name", str), _need(b, "method", str), b.get("params") or {}))),
+                _need(b, "name", str), _need(b, "method", str), b.get("params") or {}, ranges=b.get("ranges")))),
             ("POST", "/v1/operators/retire"): _Route(locked(lambda b: cat.retire_operator(_need(b, "name", str)))),
             ("GET", "/v1/tasks"): _Route(lambda b: cat.tasks()),
             ("POST", "/v1/tasks"): _Route(locked(lambda b: cat.add_task(

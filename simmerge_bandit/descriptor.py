@@ -317,32 +317,48 @@ class Descriptors:
 
         store.on_rollback(forget)
 
-    def vector(self, name: str) -> np.ndarray | None:
-        """The descriptor of operator ``name`` now, or None when it cannot be described (unknown operator or
-        method, a parameter that is not a finite number)."""
+    def vector(self, name: str, params: Mapping[str, Any] | None = None) -> np.ndarray | None:
+        """The descriptor of operator ``name`` now (with ``params``, the values a decision chose for a family's
+        parameters), or None when it cannot be described (unknown operator or method, a parameter that is not a
+        finite number)."""
+        return self.arm(name, params)[1]
+
+    def arm(self, name: str, params: Mapping[str, Any] | None = None) -> tuple[str, np.ndarray | None]:
+        """``(arm name, descriptor)`` of a logged step: operator ``name``, and for a family the setting
+        ``params`` it chose (:func:`~simmerge_bandit.families.arm_name`); a grid operator ignores ``params``."""
+        from .families import arm_name
+
         schema = current()
         key = (schema.version, self.catalog.version())
         memo = self._memo
         if memo is None or memo[0] != key:
             memo = self._memo = (key, {})
-        if name not in memo[1]:
+        mkey = (name, None if params is None else json.dumps(params, sort_keys=True))
+        if mkey not in memo[1]:
             try:
-                memo[1][name] = schema.describe(self.catalog.operator(name))
+                op = self.catalog.operator(name)
+                if op.get("ranges") and params is not None:
+                    op = dict(op, params=dict(params))
+                memo[1][mkey] = (arm_name(op, op["params"]), schema.describe(op))
             except (NotFound, InvalidInput) as e:
                 log.warning("operator %r cannot be described: %s", name, e)
-                memo[1][name] = None
-        return memo[1][name]
+                memo[1][mkey] = (name, None)
+        return memo[1][mkey]
 
     def learnable(self, rows: Sequence[tuple]) -> list[tuple]:
-        """Log rows ``(seq, context, operator JSON, logged descriptor, reward, propensity)`` as policy updates
+        """Log rows ``(seq, context, operator JSON, logged descriptor, reward, propensity[, params JSON])`` as policy
+        updates
         ``(x, arm, z, reward, propensity)``, ``z`` recomputed from the operator (the logged one may be of another
         schema). A row no policy can learn from (a context that is not finite, a propensity outside (0, 1], an
         operator that cannot be described, as a home made before parameters were bounded may hold) is skipped
         and reported once, so one bad decision never stops the policies."""
         out, bad = [], []
-        for seq, x, op, _, reward, propensity in rows:
-            arm = json.loads(op)[-1] if isinstance(op, str) else op[-1]
-            z = self.vector(arm)
+        for seq, x, op, _, reward, propensity, *rest in rows:
+            name = json.loads(op)[-1] if isinstance(op, str) else op[-1]
+            params = rest[0] if rest else None  # the decision's chosen values (JSON [params of each step])
+            if isinstance(params, str):
+                params = json.loads(params)
+            arm, z = self.arm(name, params[-1] if params else None)
             x = np.asarray(x, dtype=np.float64)
             reason = ("its operator cannot be described" if z is None
                       else f"propensity {propensity!r} is not in (0, 1]" if not 0.0 < float(propensity) <= 1.0
@@ -368,3 +384,63 @@ class Descriptors:
             return []
         known.add(schema.version)  # (a transaction that fails after this resets the set)
         return [[schema.version, json.dumps(schema.coordinates_json())]]
+
+
+# ---- the reference page ----
+
+def methods_markdown() -> str:
+    """``docs/methods.md``: every registered method, its parameters with their bounds and descriptor spans, and
+    the coordinates of the current arm schema (``python -m simmerge_bandit.descriptor --methods-doc``)."""
+    from .methods import REGISTRY
+
+    def num(v: Any) -> str:
+        return str(v).lower() if isinstance(v, bool) else f"{v:g}"
+
+    schema = current()
+    out = ["# Merge methods", "",
+           "<!-- Generated from the method registry by `python -m simmerge_bandit.descriptor --methods-doc > "
+           "docs/methods.md`; tests/test_descriptor.py fails when it is out of date. -->", "",
+           "Every registered merge method, the parameters an operator of it takes, and the bounds they are "
+           "checked against: a value outside is refused when the operator is added (`simmerge operator add`), "
+           "when a mergekit config is read and when a merge runs. Names, defaults and meanings follow mergekit; "
+           "mergekit accepts any float for `weight` and `lambda`, here they are bounded to [-10, 10] (beyond "
+           "that a merge of fine-tuned checkpoints is numerically meaningless, and a huge value once overflowed "
+           "the policies). *Span* is the range the arm descriptor spreads over [0, 1] (see below). How to add a "
+           "method: [extending/merge-method.md](extending/merge-method.md).", "",
+           "| method | family | models | base | random masks | sparsification | consensus | description |",
+           "|---|---|---|---|---|---|---|---|"]
+    for s in REGISTRY.values():
+        models = (f"{s.min_models}" if s.max_models == s.min_models
+                  else f"{s.min_models}+" if s.max_models is None else f"{s.min_models}-{s.max_models}")
+        out.append(f"| `{s.name}` | {s.family} | {models} | {s.base_role} | {'yes' if s.random else 'no'} | "
+                   f"{s.sparsification or '-'} | {s.consensus or '-'} | {s.description} |")
+    for s in REGISTRY.values():
+        text = s.description.rstrip(".")
+        out += ["", f"## {s.name}", "", text[:1].upper() + text[1:] + ".", ""]
+        if not s.params:
+            out.append("No parameters.")
+            continue
+        out += ["| parameter | kind | scope | default | valid values | span | describes | meaning |",
+                "|---|---|---|---|---|---|---|---|"]
+        for p in s.params:
+            span = "-" if not p.describe or p.kind == "bool" else "[{}, {}]".format(*map(num, p.describe_range()))
+            out.append(f"| `{p.name}` | {p.kind} | {p.scope} | {num(p.default)} | {p.range_text()} | {span} | "
+                       f"{'yes' if p.describe else 'no'} | {p.help} |")
+    out += ["", "## The arm descriptor", "",
+            f"How the policies see an operator (`simmerge_bandit/descriptor.py`): {len(schema)} named coordinates, "
+            f"schema version `{schema.version}` with the methods above. `param:NAME` is the value `v` as "
+            "`(v - low) / (high - low)` over its span, clipped to [0, 1] (a method without the parameter reads as "
+            "`v = 0`); every other coordinate is 0 or 1. A decision and a policy snapshot record the version they "
+            "were made in; a new method or parameter gives a new version, and older snapshots are mapped by name "
+            "or rebuilt from the decision log.", "",
+            "| coordinate | low | high |", "|---|---|---|"]
+    out += [f"| `{c.name}` | {num(c.low)} | {num(c.high)} |" for c in schema.coordinates]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--methods-doc"]:
+        sys.exit("usage: python -m simmerge_bandit.descriptor --methods-doc > docs/methods.md")
+    sys.stdout.write(methods_markdown())

@@ -43,10 +43,10 @@ REWARD_RANGE = (0.0, 2.0)
 #: What the engine writes of a decision to ``decision_log`` (its context and descriptor go to ``vectors``, once).
 DECISION_COLUMNS = ("id", "batch", "rank", "task", "models", "operator", "policy", "policy_version", "feature_schema",
                     "context_key", "arm_key", "predicted", "uncertainty", "propensity", "evaluate", "pair_propensity",
-                    "arm_schema")
+                    "arm_schema", "params")
 #: What feedback reads of its decision (from the ``decisions`` view), and how many of its latest decisions the
 #: engine keeps at hand for it (about 2 KB each).
-FEEDBACK_FIELDS = ("context", "operator", "arm", "propensity", "feature_schema")
+FEEDBACK_FIELDS = ("context", "operator", "arm", "propensity", "feature_schema", "params")
 RECENT_DECISIONS = 1024
 
 
@@ -95,20 +95,33 @@ class CandidateSet:
     names: list[str]         # context names
     feature_schema: str
     target: Target | None = None
+    #: candidate -> its entry of ``operators`` (pair-major: every pair has all of them, in order), which holds
+    #: the concrete parameters (a family's operator appears once per parameter setting it offers)
+    op_index: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.op_index is None:
+            self.op_index = np.tile(np.arange(len(self.operators)), len(self.pairs))
 
     def __len__(self) -> int:
         return len(self.arms)
 
-    def without(self, exclude: set[tuple[tuple[str, ...], str]]) -> "CandidateSet":
-        """The candidates not in ``exclude`` (``(models, operator name)`` pairs), as a new set."""
+    def params(self, i: int) -> dict:
+        """The concrete parameters of candidate ``i``."""
+        return self.operators[self.op_index[i]]["params"]
+
+    def without(self, exclude: set[tuple]) -> "CandidateSet":
+        """The candidates not in ``exclude`` (``(models, operator name, params key)`` with
+        :func:`params_key`), as a new set."""
+        keys = [(o["name"], params_key(o["params"])) for o in self.operators]
         keep = [i for i in range(len(self.arms))
-                if (tuple(self.pairs[self.pair_index[i]]), self.arms[i]) not in exclude]
+                if (tuple(self.pairs[self.pair_index[i]]), *keys[self.op_index[i]]) not in exclude]
         if not keep:
             raise InvalidInput(f"every candidate merge for target {self.task} has been tried")
         idx = np.array(keep)
         return CandidateSet(self.task, self.pairs, self.operators, self.X[idx], self.Z[idx],
                             [self.arms[i] for i in keep], self.pair_index[idx], self.names, self.feature_schema,
-                            self.target)
+                            self.target, self.op_index[idx])
 
     @cached_property
     def ranked(self):
@@ -126,6 +139,11 @@ class CandidateSet:
         if out is None:
             out = memo[names] = json.dumps(list(names))
         return out
+
+
+def params_key(params: dict) -> str:
+    """Canonical text of a parameter dict (tells two settings of one family apart)."""
+    return json.dumps(params, sort_keys=True)
 
 
 class Engine:
@@ -291,13 +309,30 @@ class Engine:
             raise InvalidInput(f"no candidate pairs for target {target.key}: register at least two models with "
                                f"the same --base")
         x_pairs, names = pair_contexts(self.store, pairs, target)
+        ops = self._expand(ops)
         n_p, n_o = len(pairs), len(ops)
         X = np.repeat(x_pairs, n_o, axis=0)
         zs = np.stack([operator_descriptor(o) for o in ops])
         Z = np.tile(zs, (n_p, 1))
-        arms = [o["name"] for o in ops] * n_p
+        from .families import arm_name
+
+        arms = [arm_name(o, o["params"]) for o in ops] * n_p
         return CandidateSet(target.key, pairs, ops, X, Z, arms, np.repeat(np.arange(n_p), n_o), names, _schema(),
                             target)
+
+    @staticmethod
+    def _expand(ops: list[dict]) -> list[dict]:
+        """Operators as candidates: a family (an operator with ranges) becomes one entry per parameter setting it
+        offers (:func:`.families.draws`), each with those concrete ``params``."""
+        from .families import draws
+
+        out = []
+        for o in ops:
+            if o.get("ranges"):
+                out.extend({**o, "params": p} for p in draws(o))
+            else:
+                out.append(o)
+        return out
 
     # ---- policies ----
     def _make(self, name: str):
@@ -370,7 +405,7 @@ class Engine:
         # decisions logged under an older feature schema stay in the log (replay reads them) but their contexts do
         # not fit this schema's policies
         rows = self.store.fetchall(
-            "SELECT r.seq, d.context, d.operator, d.arm, r.reward, d.propensity FROM rewards r "
+            "SELECT r.seq, d.context, d.operator, d.arm, r.reward, d.propensity, d.params FROM rewards r "
             "JOIN decisions d ON d.id = r.decision_id WHERE r.seq > ? AND d.feature_schema = ? ORDER BY r.seq",
             [self._last_seq[name], _schema()])
         self._fold(name, rows)
@@ -455,17 +490,18 @@ class Engine:
         if table is not None:
             X, Z, arms, y, objective = self._table_rows(table, objective)
         else:
-            rows = self.store.fetchall("SELECT d.context, d.arm, d.operator, r.reward FROM rewards r JOIN decisions "
-                                       "d ON d.id = r.decision_id WHERE d.feature_schema = ? ORDER BY r.seq",
-                                       [_schema()])
+            rows = self.store.fetchall("SELECT d.context, d.arm, d.operator, r.reward, d.params FROM rewards r JOIN "
+                                       "decisions d ON d.id = r.decision_id WHERE d.feature_schema = ? ORDER BY "
+                                       "r.seq", [_schema()])
             # descriptors in today's arm schema (rows may be logged in an older one); operators that cannot be
             # described (see Descriptors.vector) are left out
-            rows = [(r, z) for r in rows if (z := self.descriptors.vector(json.loads(r[2])[-1])) is not None]
+            rows = [(r, a) for r in rows if (a := self.descriptors.arm(
+                json.loads(r[2])[-1], json.loads(r[4])[-1] if r[4] else None))[1] is not None]
             if not rows:
                 raise InvalidInput("no rewarded decisions to fit on; give --table or record feedback first")
             X = np.array([r[0] for r, _ in rows])
-            Z = np.array([z for _, z in rows])
-            arms = [json.loads(r[2])[-1] for r, _ in rows]
+            Z = np.array([a[1] for _, a in rows])
+            arms = [a[0] for _, a in rows]
             y = np.array([r[3] for r, _ in rows])
         with self.lock:
             self._learn_pending()  # the refit's log position (max seq) must not count rewards still to be folded
@@ -583,7 +619,8 @@ class Engine:
 
     def _entry(self, cs: CandidateSet, pol, ranking, i: int) -> dict:
         a, b = cs.pairs[cs.pair_index[i]]
-        return {"models": [a, b], "operator": [cs.arms[i]], "x": cs.X[i], "z": cs.Z[i],
+        return {"models": [a, b], "operator": [cs.operators[cs.op_index[i]]["name"]], "params": [cs.params(i)],
+                "x": cs.X[i], "z": cs.Z[i],
                 "predicted": float(ranking.predicted[i]), "uncertainty": float(ranking.uncertainty[i]),
                 "propensity": float(ranking.propensity[i]), "pair_propensity": self._pair_mass(cs, ranking, i),
                 "explanation": self._candidate_explanation(pol, cs, i)}
@@ -642,7 +679,8 @@ class Engine:
                 r = pol.rank(Candidates(X=X, arms=arms, Z=Z))
                 j = int(r.choice) if start_rank == 0 else int(np.argmax(r.scores))
                 models.append(rest[j // n_ops])
-                e["operator"].append(arms[j])
+                e["operator"].append(cs.operators[j % n_ops]["name"])
+                e["params"].append(cs.operators[j % n_ops]["params"])
                 e.update(x=X[j], z=Z[j], predicted=float(r.predicted[j]), uncertainty=float(r.uncertainty[j]),
                          propensity=e["propensity"] * float(r.propensity[j]), pair_propensity=None,
                          explanation=self._explain(pol, X[j], arms[j], Z[j], cs.names))
@@ -702,8 +740,8 @@ class Engine:
                          cs.names_json(tuple(e["operator"])), policy,
                          version, cs.feature_schema, self._vector(x, vectors), self._vector(z, vectors),
                          _finite(e["predicted"]), _finite(e["uncertainty"]), e["propensity"], e["evaluate"],
-                         e["pair_propensity"], arm.version])
-            recent.append((did, (x, rows[-1][5], z, e["propensity"], cs.feature_schema)))
+                         e["pair_propensity"], arm.version, self._params_json(cs, e)])
+            recent.append((did, (x, rows[-1][5], z, e["propensity"], cs.feature_schema, rows[-1][-1])))
             if e["evaluate"]:
                 if queue:
                     queued.append([did])
@@ -714,7 +752,7 @@ class Engine:
                 "operator": e["operator"][0] if len(e["operator"]) == 1 else e["operator"],
                 "predicted": _finite(e["predicted"]), "uncertainty": _finite(e["uncertainty"]),
                 "propensity": e["propensity"], "evaluate": e["evaluate"], "explanation": e["explanation"],
-                "policy": policy}
+                "policy": policy, "params": e["params"][0] if len(e["params"]) == 1 else e["params"]}
         with self.store.transaction():
             self.store.insert_rows("arm_schemas", ("version", "coordinates"), self.descriptors.unrecorded(arm))
             self.store.insert_rows("vectors", ("key", "v"), vectors)
@@ -728,6 +766,14 @@ class Engine:
             old = next(iter(self._recent))
             del self._recent[old]
             self._rewarded.pop(old, None)
+
+    @staticmethod
+    def _params_json(cs: CandidateSet, e: dict) -> str | None:
+        """The concrete parameters of a decision's steps as JSON when a step is of a family (the catalog's own
+        parameters otherwise: NULL)."""
+        if not any(o.get("ranges") for o in cs.operators):
+            return None
+        return json.dumps(e["params"], sort_keys=True)
 
     def _vector(self, v: np.ndarray, new: list) -> int:
         """The key of ``v`` in ``vectors``; ``[key, v]`` is appended to ``new`` when the store does not hold it."""
@@ -811,8 +857,9 @@ class Engine:
             return
         pending, self._unlearned = self._unlearned, []
         # logged under another feature schema: this schema's policies skip them, as _catch_up does
-        rows = [(seq, context, operator, arm, reward, propensity)
-                for seq, (context, operator, arm, propensity, schema), reward in pending if schema == _schema()]
+        rows = [(seq, context, operator, arm, reward, propensity, params)
+                for seq, (context, operator, arm, propensity, schema, params), reward in pending
+                if schema == _schema()]
         if not rows:
             return
         first, last = rows[0][0], rows[-1][0]
@@ -826,15 +873,19 @@ class Engine:
             self._known_seq = last
 
     def decision(self, decision_id: str) -> dict:
+        """One logged decision as a dict (models, operator and params decoded); :class:`NotFound` if unknown."""
         rows = self.store.fetchdicts("SELECT * EXCLUDE (context_key, arm_key) FROM decision_log WHERE id = ?",
                                      [decision_id])
         if not rows:
             raise NotFound(f"no decision with id {decision_id!r}")
         d = rows[0]
         d["models"], d["operator"] = json.loads(d["models"]), json.loads(d["operator"])
+        d["params"] = json.loads(d["params"]) if d.get("params") else None
         return d
 
     def status(self) -> dict:
+        """What ``simmerge status --json`` prints: catalog and log counts, the evaluation queue by state, the
+        budget, and the last decision."""
         def count(sql):
             return int(self.store.fetchone(sql)[0])
 

@@ -18,6 +18,7 @@ from .errors import EvaluationFailed
 
 
 def merges_dir(store) -> Path:
+    """The home's folder for evaluated merges (``artifacts/merges``), created if missing."""
     d = store.artifacts / "merges"
     d.mkdir(parents=True, exist_ok=True)
     return d
@@ -35,6 +36,8 @@ def job_spec(engine, decision_id: str) -> dict[str, Any]:
     bases = {m["base"] for m in models}
     base = cat.model(bases.pop()) if len(bases) == 1 and None not in bases else None
     ops = [cat.operator(o) for o in d["operator"]]
+    if d.get("params"):  # a family's step: the values the engine chose for this decision
+        ops = [dict(o, params=p) for o, p in zip(ops, d["params"])]
     tasks, known = [], {}
     for name, weight in target.items:
         task = cat.task(name)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import pipeline
+from .engine import params_key
 from .errors import InvalidInput, NotFound, SimmergeError
 from .target import Target
 
@@ -61,9 +62,14 @@ def _steps(store, sid: str) -> list[dict]:
     return rows
 
 
+def _step_params(step: dict, engine) -> list[dict]:
+    """Each step's concrete parameters: the decision's own (a family's), else its operators' catalog ones."""
+    return step.get("params") or [engine.catalog.operator(o)["params"] for o in step["operator"]]
+
+
 def _public(step: dict, engine) -> dict:
     ops = step["operator"]
-    params = step.get("params") or [engine.catalog.operator(o)["params"] for o in ops]
+    params = _step_params(step, engine)
     return {"id": step["decision_id"], "models": step["models"], "operator": ops[0] if len(ops) == 1 else ops,
             "params": params[0] if len(params) == 1 else params,
             "scores": step["scores"], "reward": step["reward"], "error": step["error"]}
@@ -122,7 +128,8 @@ def run_search(engine, target: Target, budget: int, *, policy: str | None = None
                 did = last["decision_id"]           # interrupted after its suggestion: score it now
                 step = last
             else:
-                tried = {(tuple(s["models"]), s["operator"][-1]) for s in steps}
+                tried = {(tuple(s["models"]), s["operator"][-1], params_key(_step_params(s, engine)[-1]))
+                         for s in steps}
                 s = engine.suggest(target, top=1, policy=policy, exclude=tried, queue=False)[0]
                 did = s["id"]
                 with store.transaction():

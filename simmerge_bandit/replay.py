@@ -182,6 +182,7 @@ def column_kind(values: Any) -> tuple[str, np.ndarray]:
 
 
 def missing_mask(kind: str, arr: np.ndarray) -> np.ndarray:
+    """Where a column from :func:`column_kind` of that ``kind`` is missing (NaN, None or NaT)."""
     if kind == "numeric":
         return np.isnan(arr)
     if kind == "time":
@@ -358,6 +359,7 @@ class PolicySpec:
 
     @property
     def direct(self) -> bool:
+        """Whether the policy is evaluated from its action probabilities alone (``uniform``, ``fixed:ACTION``)."""
         return self.name in DIRECT_POLICIES
 
 

@@ -87,6 +87,7 @@ class Store:
 
     @staticmethod
     def journal_dir(home: Path) -> Path:
+        """Where the daemon's write-ahead journal of ``home`` keeps its segment files."""
         return home / "journal"
 
     def enable_journal(self, interval_s: float = 0.05, memory_limit: str | None = None) -> None:
@@ -102,6 +103,7 @@ class Store:
 
     @property
     def journal(self) -> "_journal.Journal | None":
+        """The write-ahead journal when :meth:`enable_journal` turned it on, else None."""
         return self._journal
 
     @property
@@ -111,9 +113,11 @@ class Store:
 
     @property
     def artifacts(self) -> Path:
+        """The home's ``artifacts/`` folder: copies of task files, merged models, intermediates."""
         return artifacts_dir(self.home)
 
     def close(self) -> None:
+        """Move every journal record into DuckDB (when the journal is on), then close the database."""
         with self.lock:
             if self._journal is not None:
                 self._journal.close()  # every record into DuckDB, then the files go
@@ -226,6 +230,7 @@ class Store:
                 self._insert(table, columns, rows)
 
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> duckdb.DuckDBPyConnection:
+        """Run one parameterized statement (``?`` placeholders) after the journal is drained; DuckDB's cursor."""
         if self._holder != threading.get_ident():
             self.drain()
         with self.lock:
@@ -249,6 +254,7 @@ class Store:
         _journal.insert(self.db, table, columns, rows)
 
     def fetchall(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
+        """Every row of a parameterized query, as tuples."""
         if self._holder != threading.get_ident():
             self.drain()
         with self.lock:
@@ -256,6 +262,7 @@ class Store:
             return self.db.execute(sql, params or []).fetchall()
 
     def fetchone(self, sql: str, params: Sequence[Any] | None = None) -> tuple | None:
+        """The first row of a parameterized query, or None."""
         if self._holder != threading.get_ident():
             self.drain()
         with self.lock:
@@ -263,6 +270,7 @@ class Store:
             return self.db.execute(sql, params or []).fetchone()
 
     def fetchdicts(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        """Every row of a parameterized query, as dicts keyed by column name."""
         if self._holder != threading.get_ident():
             self.drain()
         with self.lock:
@@ -272,5 +280,6 @@ class Store:
             return [dict(zip(cols, row)) for row in cur.fetchall()]
 
     def applied_migrations(self) -> list[str]:
+        """Names of the migrations applied to this database, in order."""
         with self.lock:
             return migrations.applied(self.db)

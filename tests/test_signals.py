@@ -23,6 +23,7 @@ from simmerge_bandit.catalog import Catalog
 from simmerge_bandit.cli import cli
 from simmerge_bandit.errors import InvalidCheckpoint, InvalidInput
 from simmerge_bandit.signals import FEATURE_NAMES, FEATURES, SignatureConfig, cache, features, functional
+from simmerge_bandit.signals.features import within_exact
 from simmerge_bandit.signals.schema import FEATURES_BY_KIND, SHIFT_SOURCES
 from simmerge_bandit.store import Store
 
@@ -102,10 +103,8 @@ def _add_wide(store, wide_family: dict, tmp_path: Path, unit_zoo: Path) -> Catal
 
 
 def _close(spec, sketch: float, exact: float) -> bool:
-    if spec.bounds is not None:
-        return abs(sketch - exact) <= 0.05
-    # 5% relative; the tiny absolute floor only matters for values within 1e-6 of zero
-    return abs(sketch - exact) <= 0.05 * abs(exact) + 1e-6
+    # the bound the docs state (0.05 absolute for bounded features, 5% relative for the others)
+    return within_exact(spec.bounds is not None, sketch, exact)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ class PairFeatures:
         return exact.as_vector(self.values)
 
     def to_json(self) -> dict:
+        """What ``simmerge features --json`` prints: features and absence reasons in schema order, and the pair."""
         return {"features": {n: self.values[n] for n in FEATURE_NAMES if n in self.values},
                 "absent": {n: self.absent[n] for n in FEATURE_NAMES if n in self.absent},
                 "schema_version": FEATURE_SCHEMA_VERSION, "mode": self.mode, **self.meta}

@@ -39,13 +39,16 @@ class Signature:
 
     @property
     def key(self) -> tuple[str, str, str, str]:
+        """(fingerprint, part, context, version): what the signature is stored under."""
         return (self.fingerprint, self.part, self.context, self.version)
 
     @property
     def ok(self) -> bool:
+        """Whether it was computed (else ``reason`` says why it is absent)."""
         return self.status == "ok"
 
     def nbytes(self) -> int:
+        """Approximate memory it holds (its arrays plus a fixed overhead), for the in-process memo's bound."""
         return sum(a.nbytes for a in self.arrays.values()) + 512
 
 
@@ -154,11 +157,13 @@ def load_signatures(store, keys) -> dict[tuple, Signature]:
 
 
 def list_signatures(store) -> list[dict]:
+    """Every stored signature's row (no arrays), by model and part."""
     return store.fetchdicts("SELECT model, part, fingerprint, context, version, status, reason, seconds, computed_at "
                             "FROM signatures ORDER BY model, part, computed_at")
 
 
 def save_features(store, key: tuple, model_a: str, model_b: str, task: str, values: dict, absent: dict) -> None:
+    """Store (replacing) the features of one pair under ``key`` (fingerprints, context, version, mode)."""
     with store.transaction():
         store.execute("DELETE FROM pair_features WHERE fingerprint_a=? AND fingerprint_b=? AND context=? "
                       "AND version=? AND mode=?", list(key))
@@ -168,6 +173,7 @@ def save_features(store, key: tuple, model_a: str, model_b: str, task: str, valu
 
 
 def load_features(store, key: tuple) -> tuple[dict, dict] | None:
+    """The stored (values, absence reasons) of one pair under ``key``, or None."""
     row = store.fetchone("SELECT feature_values, absent_reasons FROM pair_features WHERE fingerprint_a=? AND "
                          "fingerprint_b=? AND context=? AND version=? AND mode=?", list(key))
     if row is None:

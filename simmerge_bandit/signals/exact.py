@@ -118,6 +118,7 @@ def structural_values(ck_a, ck_b, ck_base, config: SignatureConfig, device: str 
 
 
 def as_vector(values: dict[str, float]) -> np.ndarray:
+    """Feature values by name as a vector in schema order, NaN where absent."""
     v = np.full(len(FEATURE_NAMES), np.nan)
     for k, x in values.items():
         v[FEATURE_INDEX[k]] = x

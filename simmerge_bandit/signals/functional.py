@@ -54,6 +54,7 @@ def _seed(*parts: Any) -> int:
 
 
 def has_tokenizer(path: str | Path) -> bool:
+    """Whether a checkpoint directory ships a tokenizer file (functional signatures need one)."""
     p = Path(path)
     return any((p / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
 

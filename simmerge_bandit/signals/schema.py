@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, fields
 
 FEATURE_SCHEMA_VERSION = 2
 SIGNATURE_VERSION = 2
-#: Version of the sketch estimators in :mod:`.features` (part of the key of stored pair features).
-ESTIMATOR_VERSION = 1
+#: Version of the sketch estimators in :mod:`.features` (part of the key of stored pair features). 2: the
+#: Jensen-Shannon mean with a control variate over all positions.
+ESTIMATOR_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -99,9 +99,11 @@ class Layout:
 
     @property
     def sketch_dims(self) -> int:
+        """Total count-sketch size over every layer group."""
         return sum(self.group_k)
 
     def meta(self) -> dict:
+        """The layout's description as a signature's metadata."""
         # copies: the layout is cached and shared, a signature's meta is its own
         return {"layout_hash": self.hash, "groups": list(self.groups), "group_numel": list(self.group_numel),
                 "group_k": list(self.group_k), "group_exact": list(self.group_exact),
@@ -287,6 +289,7 @@ class TensorReader:
         return t if flat else t.view(info.shape)
 
     def close(self) -> None:
+        """Release the memory mappings of the checkpoint's files."""
         self._bytes.clear()
         for mm in self._maps.values():
             try:

@@ -474,24 +474,33 @@ def _parse_size(text: str) -> int:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of random methods (DARE, DELLA).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Output dtype (default: the config's out_dtype/dtype, else the base or first model's).")
+@click.option("--compute-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="dtype the arithmetic runs in (default: a CONFIG's `dtype`, as mergekit; float32 for "
+                   "--models). float32 over a bf16 config is more precise than mergekit; the written "
+                   "mergekit_config.yml and provenance.json record it.")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 2GB, 500MB).")
 @click.option("--vocab", type=click.Choice(["refuse", "truncate"]), default="refuse", show_default=True,
               help="Models with different vocabulary sizes: refuse, or keep the rows of the smallest.")
 @click.option("--exact-ties", is_flag=True,
               help="Break ties among equal magnitudes (TIES, breadcrumbs) as mergekit does: same tensors as "
                    "mergekit even in bf16, at mergekit's speed (a full sort per tensor).")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new model is complete).")
-@click.option("--fsync", is_flag=True, help="fsync the shards before the final rename (durable on power loss).")
+@click.option("--force", is_flag=True,
+              help="Replace OUT if it exists, once the new model is complete (atomically where the file system "
+                   "can; else the next merge into OUT repairs an interrupted replacement).")
+@click.option("--fsync", is_flag=True,
+              help="fsync every file written, the new directory and its parent before returning (durable on "
+                   "power loss).")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
               help="torch intra-op threads on the CPU (1 is fastest on small or busy machines).")
 @json_option
 @pass_ctx
-def merge_cmd(c: Ctx, config, out, models, operators, device, seed, dtype, shard_size, vocab, exact_ties, force,
-              fsync, threads, as_json) -> None:
+def merge_cmd(c: Ctx, config, out, models, operators, device, seed, dtype, compute_dtype, shard_size, vocab,
+              exact_ties, force, fsync, threads, as_json) -> None:
     """Merge models into a new checkpoint: from a mergekit CONFIG.yml, or catalog --models with --operator.
 
-    Streams tensor by tensor (float32 compute on the CPU or a GPU), writes sharded safetensors plus config,
-    tokenizer, mergekit_config.yml and provenance.json. Examples:
+    Streams tensor by tensor on the CPU or a GPU, computing as mergekit does in the config's dtype (float32 for
+    catalog merges), and writes sharded safetensors plus config, tokenizer, mergekit_config.yml and
+    provenance.json. Examples:
 
       simmerge merge recipe.yml --out merged/
 
@@ -501,7 +510,7 @@ def merge_cmd(c: Ctx, config, out, models, operators, device, seed, dtype, shard
 
     size = _parse_size(shard_size)
     common = dict(device=device, seed=seed, force=force, shard_size=size, exact_ties=exact_ties, vocab=vocab,
-                  progress=not as_json, fsync=fsync, threads=threads)
+                  progress=not as_json, fsync=fsync, threads=threads, compute_dtype=compute_dtype)
     if config and (models or operators):
         raise click.UsageError("give either CONFIG or --models with --operator, not both")
     if config:
@@ -510,6 +519,12 @@ def merge_cmd(c: Ctx, config, out, models, operators, device, seed, dtype, shard
         cat = _catalog(c)
         rows = [cat.model(n.strip()) for n in models.split(",") if n.strip()]
         ops = [cat.operator(n.strip()) for n in operators.split(",") if n.strip()]
+        family = next((o for o in ops if o.get("ranges")), None)
+        if family is not None:
+            raise click.UsageError(f"operator {family['name']} is a family (the engine chooses its "
+                                   f"{', '.join(sorted(family['ranges']))} per suggestion): merge a suggestion's "
+                                   f"values with a grid operator (`operator add NAME --method {family['method']} "
+                                   f"--param ...`) or a mergekit config")
         bases = {r["base"] for r in rows}
         if len(bases) > 1:
             raise click.UsageError(f"the models do not share one base ({', '.join(sorted(map(str, bases)))})")

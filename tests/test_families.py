@@ -144,3 +144,10 @@ def test_cli_operator_add_range(home):
         assert sum(ln.startswith("Error") for ln in lines) == 1
     with Store.open(home) as store:
         assert [o["name"] for o in Catalog(store).operators()] == ["lin", "ta_fam", "ties_fam"]
+
+
+def test_merge_by_catalog_names_refuses_a_family(home, tmp_path):
+    r = CliRunner().invoke(cli, ["merge", "--models", "ft_a,ft_b", "--operator", "ta_fam", "--out",
+                                 str(tmp_path / "m")])
+    assert r.exit_code != 0 and "is a family" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "m").exists()

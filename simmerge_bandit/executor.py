@@ -1,15 +1,23 @@
 """The merge executor: streams checkpoints tensor by tensor into a new checkpoint, atomically.
 
-Inputs are memory-mapped safetensors (sharded or not, fp32 / fp16 / bf16). Each output tensor is computed in
-float32 on the chosen device, in row chunks (see :mod:`.methods.job`), and written straight into its place in a
-pre-planned output shard; a background thread maps in the next tensor's pages while the current one is computed,
+Inputs are memory-mapped safetensors (sharded or not, fp32 / fp16 / bf16). Each output tensor is computed in the
+compute dtype on the chosen device, in row chunks (see :mod:`.methods.job`), and written straight into its place in
+a pre-planned output shard; a background thread maps in the next tensor's pages while the current one is computed,
 another writes finished chunks, and every input tensor's pages are dropped from the process once merged, so peak
 memory is a few chunks plus the current and the next tensors' mapped bytes, whatever the model size.
 
+The compute dtype is mergekit's: a mergekit config computes in its ``dtype`` (without one, in the promoted dtype of
+each tensor's inputs), so a ``dtype: bfloat16`` config gives mergekit's bf16 tensors; a merge from the Python API or
+the catalog computes in float32. ``compute_dtype`` (``--compute-dtype``) overrides either, and the written
+``mergekit_config.yml`` records what was used, so that ``mergekit-yaml`` reproduces the output.
+
 The output is written into a temporary directory beside the target and renamed into place only when complete; an
-exception, Ctrl-C or a full disk leaves nothing at the target. Every output holds ``mergekit_config.yml`` (run it
-with ``mergekit-yaml`` to reproduce the merge) and ``provenance.json`` (operator, inputs with fingerprints, seed,
-package versions, timings).
+exception, Ctrl-C, a kill or a full disk leaves the target as it was. ``force`` replaces an existing target by an
+atomic exchange of the two directories (Linux ``renameat2``); where the file system cannot exchange, by two
+renames, and a kill between them is repaired by the next merge into that target, which puts the old model back and
+says so (:func:`recover`). With ``fsync`` every file written, the new directory and its parent are fsynced before
+the call returns. Every output holds ``mergekit_config.yml`` (run it with ``mergekit-yaml`` to reproduce the merge)
+and ``provenance.json`` (operator, inputs with fingerprints, seed, compute dtype, package versions, timings).
 
 Python API: :func:`merge` (one method over N models), :func:`merge_chain` (((a op1 b) op2 c) in memory, per
 tensor), :func:`merge_config` (a mergekit YAML), and :func:`merge_pair` / :func:`merge_chain_pairs` (the
@@ -18,7 +26,10 @@ catalog's ordered-pair convention, :func:`~.methods.pair_roles`).
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import logging
 import math
 import mmap
 import os
@@ -29,9 +40,10 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -48,7 +60,7 @@ DEFAULT_SHARD_SIZE = 5 * 1000 ** 3
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                  "BOOL": torch.bool}
-_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 _FLOAT_CODES = ("F32", "F16", "BF16", "F64")
 _PAGE = mmap.PAGESIZE
 _EXTRA_FILES = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json")
@@ -57,6 +69,9 @@ VOCAB_CHOICES = ("refuse", "truncate")
 #: one compute thread is fastest on a small or busy machine (OpenMP threads that wait for a descheduled peer
 #: cost more than they give: 6x slower on a loaded 2-core box); raise it on an idle many-core machine.
 DEFAULT_THREADS = 1
+#: What an API or catalog merge computes in (a mergekit config computes in its own ``dtype``).
+DEFAULT_COMPUTE_DTYPE = "float32"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,21 +88,23 @@ def merge(models: Sequence[str | os.PathLike], method: str, params: dict | None,
           base: str | os.PathLike | None = None, device: str = "auto", seed: int = 0, dtype: str | None = None,
           force: bool = False, shard_size: int = DEFAULT_SHARD_SIZE, per_model: Sequence[dict | None] | None = None,
           exact_ties: bool = False, vocab: str = "refuse", progress: bool = False, fsync: bool = False,
-          operator: str | None = None, threads: int | None = DEFAULT_THREADS) -> MergeResult:
+          operator: str | None = None, threads: int | None = DEFAULT_THREADS,
+          compute_dtype: str | None = None) -> MergeResult:
     """Merge ``models`` with ``method`` into the checkpoint directory ``out``.
 
     ``base`` is mergekit's ``base_model``: the reference of task vectors (task-arithmetic family, model_stock,
     nuslerp) or slerp's t=0 endpoint. ``params`` are the method's parameters with mergekit semantics: a
     per-model parameter given here applies to every model, ``per_model[i]`` overrides it for model ``i``; values
     may be gradients or filtered values as in a mergekit config. ``dtype`` is the output dtype (default: the
-    base's, else the first model's). ``vocab="truncate"`` merges models whose vocabularies differ by keeping the
-    rows of the smallest. ``exact_ties`` picks among exactly equal magnitudes as mergekit does (slow).
+    base's, else the first model's), ``compute_dtype`` what the arithmetic runs in (default float32; mergekit's
+    ``dtype``). ``vocab="truncate"`` merges models whose vocabularies differ by keeping the rows of the smallest.
+    ``exact_ties`` picks among exactly equal magnitudes as mergekit does (slow).
 
     >>> merge(["ft-a", "ft-b"], "ties", {"density": 0.5}, "out", base="base")  # doctest: +SKIP
     """
     step = Step(method=method, models=[str(m) for m in models], base=None if base is None else str(base),
                 params=dict(params or {}), model_params=list(per_model) if per_model else [],
-                name=None)
+                name=None, dtype=mkc.canonical_dtype(compute_dtype or DEFAULT_COMPUTE_DTYPE, "compute dtype"))
     return execute(Plan([step], out_dtype=dtype), out, device=device, seed=seed, force=force,
                    shard_size=shard_size, exact_ties=exact_ties, vocab=vocab, progress=progress, fsync=fsync,
                    operators=[operator] if operator else None, threads=threads)
@@ -96,11 +113,13 @@ def merge(models: Sequence[str | os.PathLike], method: str, params: dict | None,
 def merge_chain(steps: Sequence[Any], out: str | os.PathLike, *, device: str = "auto", seed: int = 0,
                 dtype: str | None = None, force: bool = False, shard_size: int = DEFAULT_SHARD_SIZE,
                 exact_ties: bool = False, vocab: str = "refuse", progress: bool = False, fsync: bool = False,
-                operators: Sequence[str] | None = None, threads: int | None = DEFAULT_THREADS) -> MergeResult:
+                operators: Sequence[str] | None = None, threads: int | None = DEFAULT_THREADS,
+                compute_dtype: str | None = None) -> MergeResult:
     """Run merges that feed each other, per tensor in memory, writing only the last result.
 
     A step is ``(models, method, params)`` or ``(models, method, params, base)``; in ``models`` (and ``base``)
-    :data:`PREVIOUS` stands for the previous step's result (float32, never rounded to the output dtype).
+    :data:`PREVIOUS` stands for the previous step's result (kept in the compute dtype, float32 unless
+    ``compute_dtype`` says otherwise, never rounded to the output dtype).
 
     >>> merge_chain([(["a", "b"], "ties", {"density": 0.5}, "base"),
     ...              ([PREVIOUS, "c"], "slerp", {"t": 0.3}, PREVIOUS)], "out")  # doctest: +SKIP
@@ -124,7 +143,10 @@ def merge_chain(steps: Sequence[Any], out: str | os.PathLike, *, device: str = "
 
         plan_steps.append(Step(method=method, models=[ref(m) for m in models],
                                base=None if base is None else ref(base), params=dict(params or {})))
-    return execute(Plan(plan_steps, out_dtype=dtype), out, device=device, seed=seed, force=force,
+    plan = Plan(plan_steps, out_dtype=dtype)
+    for st in plan.steps:
+        st.dtype = mkc.canonical_dtype(compute_dtype or st.dtype or DEFAULT_COMPUTE_DTYPE, "compute dtype")
+    return execute(plan, out, device=device, seed=seed, force=force,
                    shard_size=shard_size, exact_ties=exact_ties, vocab=vocab, progress=progress, fsync=fsync,
                    operators=operators, threads=threads)
 
@@ -155,11 +177,13 @@ def merge_chain_pairs(models: Sequence[str | os.PathLike], ops: Sequence[tuple[s
 
 
 def merge_config(config: str | os.PathLike | dict | list, out: str | os.PathLike, *, dtype: str | None = None,
-                 **kwargs) -> MergeResult:  # kwargs: those of :func:`execute`
-    """Run a mergekit YAML config (a path, YAML text or parsed dict); see :mod:`.mergekit_config`."""
+                 compute_dtype: str | None = None, **kwargs) -> MergeResult:  # kwargs: those of :func:`execute`
+    """Run a mergekit YAML config (a path, YAML text or parsed dict) as mergekit would; see
+    :mod:`.mergekit_config`. ``dtype`` overrides the written dtype, ``compute_dtype`` the config's ``dtype``."""
     plan = mkc.load(config if not isinstance(config, os.PathLike) else Path(config))
     if dtype is not None:
-        plan.out_dtype = dtype
+        plan.out_dtype = mkc.canonical_dtype(dtype, "output dtype")
+    plan.set_compute_dtype(compute_dtype)
     return execute(plan, out, **kwargs)
 
 
@@ -184,10 +208,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def _torch_dtype(name: str) -> torch.dtype:
-    canon = mkc.DTYPES.get(name)
-    if canon is None:
-        raise InvalidInput(f"unknown output dtype {name!r}; use float32, float16 or bfloat16")
-    return getattr(torch, canon)
+    return getattr(torch, mkc.canonical_dtype(name, "output dtype"))
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 @dataclass
@@ -197,6 +222,8 @@ class _TensorPlan:
     rows: dict           # checkpoint path -> rows to read (vocabulary truncation), or None
     floating: bool
     out_code: str
+    #: Per step: (compute dtype, dtype of the step's result); the last step's result is written as out_code.
+    dtypes: list = field(default_factory=list)
 
 
 class _Planned:
@@ -231,13 +258,46 @@ class _Planned:
         self.tensors = self._tensors(vocab)
         self.num_layers = (self.ref.config.get("num_hidden_layers") or self.ref.config.get("n_layer")
                            or self.ref.config.get("num_layers"))
-        out_name = plan.out_dtype
-        self.out_dtype = _torch_dtype(out_name) if out_name else getattr(torch, self.ref.dtype)
-        if self.out_dtype not in _CODES:
-            raise InvalidInput(f"output dtype {self.out_dtype} is not supported; use float32, float16 or bfloat16")
         for tp in self.tensors:
-            tp.out_code = _CODES[self.out_dtype] if tp.floating else self.ref.tensors[tp.name].dtype
+            if tp.floating:
+                tp.dtypes = self._dtypes_for(tp.name)
+                tp.out_code = _CODES[tp.dtypes[-1][1]]
+            else:
+                tp.out_code = self.ref.tensors[tp.name].dtype
+        # The dtype config.json names: the one most of the merged elements are written in.
+        weights = Counter()
+        for tp in self.tensors:
+            if tp.floating:
+                weights[tp.dtypes[-1][1]] += math.prod(tp.shape)
+        self.out_dtype = weights.most_common(1)[0][0] if weights else getattr(torch, self.ref.dtype)
         self.params = [self._params_for(tp.name) for tp in self.tensors]
+
+    def _dtypes_for(self, name: str) -> list[tuple[torch.dtype, torch.dtype]]:
+        """mergekit's dtypes of one tensor, step by step: a step computes in its ``dtype``, else in the promoted
+        dtype of its inputs (as stored, or as the earlier step left them); its result has its ``out_dtype``, else
+        that dtype. The plan's ``compute_dtype`` replaces the compute dtype only. The written dtype is the plan's
+        ``out_dtype``, else the last step's result dtype, except that an API merge without ``out_dtype`` writes
+        the reference model's dtype."""
+        steps = self.plan.steps
+        res: list[tuple[torch.dtype, torch.dtype]] = []
+        for si, st in enumerate(steps):
+            refs = list(st.models) + ([st.base] if st.base is not None else [])
+            ins = [res[r][1] if isinstance(r, int) else _TORCH_DTYPES[self.ckpts[r].tensors[name].dtype]
+                   for r in refs]
+            natural = _torch_dtype(st.dtype) if st.dtype else _promote(ins)
+            cd = _torch_dtype(self.plan.compute_dtype) if self.plan.compute_dtype else natural
+            out = _torch_dtype(st.out_dtype) if st.out_dtype else natural
+            if si == len(steps) - 1:
+                if self.plan.out_dtype:
+                    out = _torch_dtype(self.plan.out_dtype)
+                elif not st.out_dtype and not self.plan.from_config:
+                    out = getattr(torch, self.ref.dtype)
+            res.append((cd, out))
+        return res
+
+    def step_dtypes(self, si: int, which: int) -> list[torch.dtype]:
+        """The distinct compute (``which=0``) or result (1) dtypes of step ``si`` over the floating tensors."""
+        return sorted({tp.dtypes[si][which] for tp in self.tensors if tp.floating}, key=str)
 
     def _tensors(self, vocab: str) -> list[_TensorPlan]:
         ref = self.ref
@@ -295,6 +355,13 @@ class _Planned:
             except SimmergeError as e:
                 raise type(e)(f"{e} (tensor {name!r})") from None
         return res
+
+
+def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
 
 
 # ---- reading -----------------------------------------------------------------------------------------------
@@ -522,12 +589,15 @@ def _execute(plan: Plan, out, *, device, seed, force, shard_size, exact_ties, vo
     for p, ck in planned.ckpts.items():
         if out == ck.path or ck.path in out.parents:
             raise InvalidInput(f"the output {out} would overwrite or sit inside input model {ck.path}")
+    notes = recover(out)
+    for note in notes:
+        log.warning("%s", note)
     if out.exists() and not force:
         raise InvalidInput(f"{out} already exists; pass --force (force=True) to replace it")
     if out.exists() and not out.is_dir():
         raise InvalidInput(f"{out} exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = _sibling(out, "tmp")
     tmp.mkdir()
     readers = {p: _Reader(ck) for p, ck in planned.ckpts.items()}
     writer = None
@@ -540,8 +610,10 @@ def _execute(plan: Plan, out, *, device, seed, force, shard_size, exact_ties, vo
                  "gb_per_s": round((bytes_read + writer.bytes_written) / seconds / 1e9, 4) if seconds else None,
                  "n_tensors": len(planned.tensors), "n_shards": len(writer.names), "device": str(dev),
                  "peak_rss_bytes": _peak_rss()}
-        _finish_dir(tmp, planned, writer, dev, seed, exact_ties, vocab, stats, operators)
-        _commit(tmp, out, force)
+        if notes:
+            stats["recovered"] = notes
+        _finish_dir(tmp, planned, writer, dev, seed, exact_ties, vocab, stats, operators, fsync)
+        _commit(tmp, out, force, fsync)
         return MergeResult(out=out, stats=stats)
     except BaseException as e:
         if writer is not None:
@@ -583,8 +655,7 @@ def _run(planned: _Planned, readers: dict[str, _Reader], writer: _ShardWriter, d
             if not tp.floating:
                 _copy_exact(tp, data, writer)
             else:
-                _merge_tensor(tp, planned.params[k], steps, specs, data, writer, planned.out_dtype, dev, seed,
-                              exact_ties)
+                _merge_tensor(tp, planned.params[k], steps, specs, data, writer, dev, seed, exact_ties)
             del data
             for p in planned.ckpts:
                 readers[p].release(tp.name)
@@ -607,24 +678,27 @@ def _copy_exact(tp: _TensorPlan, data: dict[str, torch.Tensor], writer: _ShardWr
     writer.write(first.cpu().contiguous())
 
 
-def _merge_tensor(tp, params, steps, specs, data, writer, out_dtype, dev, seed, exact_ties) -> None:
+def _merge_tensor(tp, params, steps, specs, data, writer, dev, seed, exact_ties) -> None:
     results: list[torch.Tensor] = []
     last = len(steps) - 1
     for si, (st, spec) in enumerate(zip(steps, specs)):
-        def src(r, label):
-            if isinstance(r, int):
-                return Source(results[r], f"the result of step {r + 1}", dev)
-            return Source(data[r], r, dev)
+        compute, result = tp.dtypes[si]
 
-        models = [src(r, r) for r in st.models]
-        base = src(st.base, st.base) if st.base is not None else None
+        def src(r):
+            if isinstance(r, int):
+                return Source(results[r], f"the result of step {r + 1}", dev, compute)
+            return Source(data[r], r, dev, compute)
+
+        models = [src(r) for r in st.models]
+        base = src(st.base) if st.base is not None else None
         numel = math.prod(tp.shape)
         row_len = tp.shape[-1] if tp.shape and tp.shape[-1] > 0 else 1
         n_rows = numel // row_len if numel else 0
-        sink = _FileSink(writer, out_dtype) if si == last else TensorSink(n_rows, row_len, dev)
+        # An intermediate result is what mergekit-multi would write and read back: rounded to its result dtype.
+        sink = _FileSink(writer, result) if si == last else TensorSink(n_rows, row_len, dev, result)
         glob, mp = params[si]
         job = TensorJob(tp.name, tp.shape, models, base, glob, mp, sink, device=dev, seed=seed, step=si,
-                        exact_ties=exact_ties)
+                        exact_ties=exact_ties, dtype=compute)
         run(spec, job)
         results.append(None if si == last else sink.out.reshape(-1))
 
@@ -693,25 +767,48 @@ def _peak_rss() -> int:
 # ---- finishing ---------------------------------------------------------------------------------------------
 
 def _finish_dir(tmp: Path, planned: _Planned, writer: _ShardWriter, dev, seed, exact_ties, vocab, stats,
-                operators) -> None:
+                operators, fsync: bool) -> None:
     ref = planned.ref
     config = dict(ref.config)
-    dtype_name = str(planned.out_dtype).replace("torch.", "")
+    dtype_name = _name(planned.out_dtype)
     for key in ("torch_dtype", "dtype"):
         if key in config or key == "dtype" and "torch_dtype" not in config:
             config[key] = dtype_name
     sizes = {tp.shape[0] for tp in planned.tensors if tp.rows}
     if sizes and "vocab_size" in config:
         config["vocab_size"] = min(sizes)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    written = [_write_text(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")]
     for f in TOKENIZER_FILES + _EXTRA_FILES:
         if (ref.path / f).is_file():
             shutil.copy2(ref.path / f, tmp / f)
+            written.append(tmp / f)
     if len(writer.names) > 1:
-        (tmp / INDEX_FILE).write_text(json.dumps(writer.index(), indent=2) + "\n")
-    (tmp / "mergekit_config.yml").write_text(_mergekit_yaml(planned))
-    (tmp / "provenance.json").write_text(json.dumps(
-        _provenance(planned, dev, seed, exact_ties, vocab, stats, operators), indent=2, default=str) + "\n")
+        written.append(_write_text(tmp / INDEX_FILE, json.dumps(writer.index(), indent=2) + "\n"))
+    written.append(_write_text(tmp / "mergekit_config.yml", _mergekit_yaml(planned)))
+    written.append(_write_text(tmp / "provenance.json", json.dumps(
+        _provenance(planned, dev, seed, exact_ties, vocab, stats, operators), indent=2, default=str) + "\n"))
+    if fsync:  # the shards were fsynced by the writer as it closed them
+        for f in written:
+            _fsync_path(f)
+        _fsync_path(tmp)
+
+
+def _write_text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes its entries, e.g. a rename into it, durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _uniform(dtypes: list[torch.dtype]) -> str | None:
+    return _name(dtypes[0]) if len(dtypes) == 1 else None
 
 
 def _mergekit_yaml(planned: _Planned) -> str:
@@ -724,13 +821,17 @@ def _mergekit_yaml(planned: _Planned) -> str:
         def show(r):
             return names[r] if isinstance(r, int) else str(planned.ckpts[r].path)
 
+        # The dtypes we used, spelled out; a step whose tensors computed in several (promoted) dtypes leaves its
+        # `dtype` out, and mergekit promotes per tensor as we did.
         doc = mkc.step_doc(st, [show(r) for r in st.models], None if st.base is None else show(st.base),
-                           out_dtype=str(planned.out_dtype).replace("torch.", "") if last else "float32",
+                           dtype=_uniform(planned.step_dtypes(i, 0)),
+                           out_dtype=_uniform(planned.step_dtypes(i, 1)),
                            name=None if last else names[i])
         docs.append(doc)
     header = (f"# Written by simmerge-bandit {_version('simmerge-bandit')}. Reproduce with: "
               f"{'mergekit-multi' if len(docs) > 1 else 'mergekit-yaml'} mergekit_config.yml OUT\n"
-              f"# (random methods such as dare_* and della* draw other masks in mergekit).\n")
+              f"# dtype is the dtype the merge computed in. Random methods (dare_*, della*) draw other masks in "
+              f"mergekit.\n")
     return mkc.to_yaml(docs, header)
 
 
@@ -743,10 +844,13 @@ def _provenance(planned: _Planned, dev, seed, exact_ties, vocab, stats, operator
         def show(r):
             return {"step": r + 1} if isinstance(r, int) else {"path": str(planned.ckpts[r].path)}
 
+        computed = [_name(d) for d in planned.step_dtypes(i, 0)]
         steps.append({"method": st.method, "operator": (operators or [None] * (i + 1))[i]
                       if operators and i < len(operators) else None,
                       "params": st.params, "per_model_params": st.model_params,
-                      "models": [show(r) for r in st.models], "base": None if st.base is None else show(st.base)})
+                      "models": [show(r) for r in st.models], "base": None if st.base is None else show(st.base),
+                      "compute_dtype": computed[0] if len(computed) == 1 else computed,
+                      "result_dtype": [_name(d) for d in planned.step_dtypes(i, 1)]})
     return {
         "tool": "simmerge-bandit",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -754,7 +858,9 @@ def _provenance(planned: _Planned, dev, seed, exact_ties, vocab, stats, operator
         "inputs": [{"path": str(ck.path), "fingerprint": ck.fingerprint(), "architecture": ck.architecture,
                     "dtype": ck.dtype} for ck in planned.ckpts.values()],
         "seed": seed,
-        "output_dtype": str(planned.out_dtype).replace("torch.", ""),
+        "compute_dtype": steps[-1]["compute_dtype"],
+        "compute_dtype_option": planned.plan.compute_dtype,
+        "output_dtype": _name(planned.out_dtype),
         "device": str(dev),
         "exact_ties": exact_ties,
         "vocab": vocab,
@@ -773,17 +879,123 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
-def _commit(tmp: Path, out: Path, force: bool) -> None:
-    if out.exists():
-        if not force:
-            raise InvalidInput(f"{out} appeared while merging; pass --force to replace it")
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+# ---- putting the output in place -------------------------------------------------------------------------------
+#
+# Beside OUT live, at most for the length of one merge: .OUT.tmp-PID-X (the model being written, then after an
+# exchange the old model), .OUT.old-PID-X (the old model, between the two renames of a replacement that could not
+# exchange) and .OUT.trash-PID-X (an old model being deleted). A kill at any point leaves OUT complete (old or new)
+# or, only between the two renames, missing with .OUT.old-PID-X complete: recover() puts that back.
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system or
+    the file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _replace(tmp: Path, out: Path, fsync: bool) -> Iterator[str]:
+    """Put the complete model ``tmp`` at ``out``, one atomic file-system operation per step (each yields what it
+    did), so that stopping between any two steps is a kill at that point."""
+    parent = out.parent
+    if not out.exists():
+        os.rename(tmp, out)
+        if fsync:
+            _fsync_path(parent)
+        yield "renamed"
+        return
+    if _exchange(tmp, out):
+        if fsync:
+            _fsync_path(parent)
+        yield "exchanged"
+        old = tmp
+    else:
+        old = _sibling(out, "old")
         os.rename(out, old)
+        yield "moved the old model aside"
         try:
             os.rename(tmp, out)
         except BaseException:
             os.rename(old, out)
             raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+        if fsync:
+            _fsync_path(parent)
+        yield "renamed"
+    trash = _sibling(out, "trash")
+    try:
+        os.rename(old, trash)
+    except OSError as e:  # the new model is in place; a leftover is recover()'s to remove
+        log.warning("could not remove the replaced model %s: %s", old, e)
+        return
+    yield "discarding the old model"
+    shutil.rmtree(trash, ignore_errors=True)
+    yield "discarded the old model"
+
+
+def _commit(tmp: Path, out: Path, force: bool, fsync: bool) -> None:
+    if out.exists() and not force:
+        raise InvalidInput(f"{out} appeared while merging; pass --force to replace it")
+    for _ in _replace(tmp, out, fsync):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover(out: str | os.PathLike) -> list[str]:
+    """Repair what a killed merge into ``out`` left beside it; return one sentence per thing done.
+
+    The old model of an interrupted ``force`` replacement goes back to ``out`` when ``out`` is missing; partial
+    outputs, replaced models and half-deleted ones of processes that no longer run are removed. Every merge into
+    ``out`` calls this first (and logs what it did).
+    """
+    out = Path(out).expanduser().absolute()
+    notes: list[str] = []
+    if not out.parent.is_dir():
+        return notes
+    prefix = f".{out.name}."
+    found = []
+    for p in out.parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        kind, _, rest = p.name[len(prefix):].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind in ("tmp", "old", "trash") and pid.isdigit() and not _alive(int(pid)):
+            found.append((kind, p))
+    for kind, p in sorted(found, key=lambda kp: (kp[0] != "old", -kp[1].stat().st_mtime)):
+        if kind == "old" and not out.exists():
+            os.rename(p, out)
+            notes.append(f"restored the previous model at {out} (a --force replacement of it was interrupted)")
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        what = {"tmp": "an incomplete merge", "old": "a replaced model", "trash": "a half-deleted model"}[kind]
+        notes.append(f"removed {what} left beside {out} by an interrupted merge ({p.name})")
+    return notes

@@ -8,8 +8,12 @@ numbers interpolated over the layer index) or filtered values (``[{filter: self_
 0.5}]``), resolved per tensor exactly as mergekit does. Features we do not run (``slices``, ``modules``,
 ``tokenizer``, ``chat_template``, LoRA references, a tokenizer from another model) are refused by name.
 
-Out: :func:`to_yaml` writes the config that reproduces a merge with ``mergekit-yaml`` (``dtype: float32`` so
-mergekit computes in float32 as we do, ``out_dtype`` the written dtype; chains as ``mergekit-multi`` documents).
+``dtype`` is what mergekit computes in (its inputs are converted to it when loaded, and every operation of the
+method rounds to it), ``out_dtype`` what it writes; without ``dtype`` mergekit computes in the promoted dtype of each
+tensor's inputs, without ``out_dtype`` it writes what it computed in. A :class:`Step` keeps both, per document.
+
+Out: :func:`to_yaml` writes the config that reproduces a merge with ``mergekit-yaml`` (``dtype`` the compute dtype we
+used, ``out_dtype`` the written dtype; chains as ``mergekit-multi`` documents).
 """
 
 from __future__ import annotations
@@ -47,7 +51,11 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 class Step:
     """One merge of a plan: a method over ``models`` (paths, or the index of an earlier step's result) with an
     optional ``base``; ``params`` are mergekit settings (scalars, gradients or filtered values) for the whole
-    merge, ``model_params`` per model. ``name`` is the step's mergekit-multi name."""
+    merge, ``model_params`` per model. ``name`` is the step's mergekit-multi name.
+
+    ``dtype`` is the compute dtype (mergekit's ``dtype``; None: the promoted dtype of each tensor's inputs) and
+    ``out_dtype`` the dtype of the step's result (None: its compute dtype), both canonical names
+    (``float32``, ``float16``, ``bfloat16``)."""
 
     method: str
     models: list[Any]
@@ -55,6 +63,8 @@ class Step:
     params: dict = field(default_factory=dict)
     model_params: list[dict | None] = field(default_factory=list)
     name: str | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
 
     def __post_init__(self):
         if not self.model_params:
@@ -67,10 +77,30 @@ class Step:
 
 @dataclass
 class Plan:
-    """Steps (the last one is the output), output dtype (None = the reference model's) and the tokenizer rule."""
+    """Steps (the last one is the output) and the written dtype.
+
+    ``out_dtype`` overrides the last step's ``out_dtype``. When neither is set, a plan read from a mergekit config
+    writes what its ``dtype`` says (mergekit's rule); any other plan writes the reference model's dtype (the
+    base's, else the first model's), so that merging bf16 checkpoints in float32 still gives a bf16 checkpoint.
+    """
 
     steps: list[Step]
     out_dtype: str | None = None
+    from_config: bool = False
+    #: Computes every step in this dtype instead of its own (an option such as ``--compute-dtype``); each
+    #: step's result keeps the dtype the step alone would have given it.
+    compute_dtype: str | None = None
+
+    def set_compute_dtype(self, name: str | None) -> None:
+        """Override the compute dtype of every step (None: keep each step's)."""
+        self.compute_dtype = None if name is None else canonical_dtype(name, "compute dtype")
+
+
+def canonical_dtype(name: Any, what: str = "dtype") -> str:
+    """``float32`` / ``float16`` / ``bfloat16`` for any spelling mergekit accepts; raise :class:`InvalidInput`."""
+    if name not in DTYPES:
+        raise InvalidInput(f"unknown {what} {name!r} (use float32, float16 or bfloat16)")
+    return DTYPES[name]
 
 
 # ---- reading -----------------------------------------------------------------------------------------------
@@ -103,22 +133,19 @@ def load(source: str | Path | dict | list, *, root: Path | None = None) -> Plan:
     root = root or Path.cwd()
     names: dict[str, int] = {}
     steps: list[Step] = []
-    out_dtype = None
     for i, doc in enumerate(docs):
         if not isinstance(doc, dict):
             raise InvalidInput(f"mergekit config document {i + 1} is not a mapping")
-        step, dt = _parse_doc(doc, names, root, last=i == len(docs) - 1)
+        step = _parse_doc(doc, names, root)
         if step.name is not None:
             if step.name in names:
                 raise InvalidInput(f"mergekit config: two documents are named {step.name!r}")
             names[step.name] = len(steps)
         steps.append(step)
-        if i == len(docs) - 1:
-            out_dtype = dt
-    return Plan(steps=steps, out_dtype=out_dtype)
+    return Plan(steps=steps, from_config=True)
 
 
-def _parse_doc(doc: dict, names: dict[str, int], root: Path, last: bool) -> tuple[Step, str | None]:
+def _parse_doc(doc: dict, names: dict[str, int], root: Path) -> Step:
     for key in doc:
         if key in _UNSUPPORTED:
             raise Unsupported(f"mergekit config: {_UNSUPPORTED[key]}")
@@ -187,8 +214,10 @@ def _parse_doc(doc: dict, names: dict[str, int], root: Path, last: bool) -> tupl
             models.append(base)
             per_model.append({})
         base = None
+    dtypes = {k: canonical_dtype(doc[k], f"mergekit config: {k}") if doc.get(k) is not None else None
+              for k in ("dtype", "out_dtype")}
     step = Step(method=method, models=models, base=base, params=dict(glob), model_params=per_model,
-                name=doc.get("name"))
+                name=doc.get("name"), dtype=dtypes["dtype"], out_dtype=dtypes["out_dtype"])
     for key, setting in list(glob.items()) + [(k, v) for pm in per_model for k, v in pm.items()]:
         p = spec.param(key)
         check_setting(p, setting)
@@ -197,12 +226,7 @@ def _parse_doc(doc: dict, names: dict[str, int], root: Path, last: bool) -> tupl
             if spec.param(key).scope != "model":
                 raise InvalidInput(f"mergekit config: {method} parameter {key!r} is global; put it under the "
                                    f"top-level `parameters` (mergekit ignores it per model)")
-    out = doc.get("out_dtype") or doc.get("dtype")
-    if out is not None:
-        if out not in DTYPES:
-            raise InvalidInput(f"mergekit config: unknown dtype {out!r} (use float32, float16 or bfloat16)")
-        out = DTYPES[out]
-    return step, out
+    return step
 
 
 def check_setting(p: ParamSpec, setting: Any) -> None:
@@ -297,8 +321,10 @@ def resolve(step: Step, tensor_name: str, t: float | None) -> tuple[dict, list[d
 
 # ---- writing -----------------------------------------------------------------------------------------------
 
-def step_doc(step: Step, paths: list[str], base_path: str | None, *, out_dtype: str, name: str | None) -> dict:
-    """The mergekit document of one step (``paths``: the models' paths or earlier steps' names)."""
+def step_doc(step: Step, paths: list[str], base_path: str | None, *, dtype: str | None, out_dtype: str | None,
+             name: str | None) -> dict:
+    """The mergekit document of one step (``paths``: the models' paths or earlier steps' names); ``dtype`` /
+    ``out_dtype`` None leave the key out (mergekit then applies the same default rule as we did)."""
     spec = step.spec
     doc: dict[str, Any] = {}
     if name is not None:
@@ -328,8 +354,10 @@ def step_doc(step: Step, paths: list[str], base_path: str | None, *, out_dtype: 
     shared = {p.name: _plain(step.params.get(p.name, p.default)) for p in spec.params if p.scope == "global"}
     if shared:
         doc["parameters"] = shared
-    doc["dtype"] = "float32"
-    doc["out_dtype"] = out_dtype
+    if dtype is not None:
+        doc["dtype"] = dtype
+    if out_dtype is not None:
+        doc["out_dtype"] = out_dtype
     return doc
 
 

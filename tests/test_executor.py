@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -259,6 +261,12 @@ def test_cli_merge_config_and_catalog(tiny_models, tmp_path):
     data = json.loads(r.output)
     assert data["n_tensors"] > 0 and Path(data["out"]).is_dir()
     assert load(tmp_path / "o1")["model.norm.weight"].dtype == torch.bfloat16
+    assert json.loads((tmp_path / "o1" / "provenance.json").read_text())["compute_dtype"] == "bfloat16"
+    r = runner.invoke(cli, ["merge", str(cfg), "--out", str(tmp_path / "o1f"), "--compute-dtype", "float32",
+                            "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    prov = json.loads((tmp_path / "o1f" / "provenance.json").read_text())
+    assert prov["compute_dtype"] == "float32" and prov["output_dtype"] == "bfloat16"
     r = runner.invoke(cli, ["merge", str(cfg), "--out", str(tmp_path / "o1")])
     assert r.exit_code == 1 and "already exists" in r.output and "Traceback" not in r.output
     # catalog models and operators
@@ -274,6 +282,10 @@ def test_cli_merge_config_and_catalog(tiny_models, tmp_path):
     assert r.exit_code == 0, r.output
     prov = json.loads((tmp_path / "o2" / "provenance.json").read_text())
     assert prov["steps"][0]["operator"] == "t5" and prov["steps"][0]["base"]["path"] == str(m["base"])
+    assert prov["compute_dtype"] == "float32"
+    # the catalog merge's written config reproduces it
+    again = load(executor.merge_config(tmp_path / "o2" / "mergekit_config.yml", tmp_path / "o2b").out)
+    assert all(torch.equal(v, again[k]) for k, v in load(tmp_path / "o2").items())
     r = runner.invoke(cli, ["merge", "--models", "a,b,a", "--operator", "t5,s3", "--out", str(tmp_path / "o3")],
                       catch_exceptions=False)
     assert r.exit_code == 0, r.output
@@ -282,3 +294,152 @@ def test_cli_merge_config_and_catalog(tiny_models, tmp_path):
     assert r.exit_code != 0 and "Error" in r.output
     r = runner.invoke(cli, ["merge", "--out", str(tmp_path / "o5")])
     assert r.exit_code == 2 and "CONFIG" in r.output
+
+
+# ---- compute dtype -------------------------------------------------------------------------------------------
+
+def test_config_dtype_is_the_compute_dtype_and_compute_dtype_overrides_it(tiny_models, sd, tmp_path):
+    m = tiny_models
+    cfg = {"merge_method": "ties", "base_model": str(m["base"]), "dtype": "bfloat16",
+           "models": [{"model": str(m["ft_a"]), "parameters": {"density": 0.4, "weight": 0.7}},
+                      {"model": str(m["ft_b"]), "parameters": {"density": 0.6}}]}
+    half = load(executor.merge_config(cfg, tmp_path / "bf16").out)
+    full = executor.merge_config(cfg, tmp_path / "f32", compute_dtype="float32").out
+    diverged = 0
+    for name, t in half.items():
+        args = ([sd["ft_a"][name], sd["ft_b"][name]], sd["base"][name], {"density": [0.4, 0.6],
+                                                                          "weight": [0.7, 1.0]})
+        ref = merge_tensors("ties", *args, tensor_name=name, compute_dtype=torch.bfloat16, out_dtype=torch.bfloat16)
+        assert t.dtype == torch.bfloat16 and torch.equal(t, ref), name
+        in_f32 = merge_tensors("ties", *args, tensor_name=name, out_dtype=torch.bfloat16)
+        assert torch.equal(load(full)[name], in_f32), name
+        diverged += int((in_f32 != t).sum())
+    assert diverged > 0  # the compute dtype changes the tensors, not only their rounding at the end
+    prov = json.loads((full / "provenance.json").read_text())
+    assert prov["compute_dtype"] == "float32" and prov["compute_dtype_option"] == "float32"
+    assert prov["output_dtype"] == "bfloat16"
+    doc = yaml.safe_load((full / "mergekit_config.yml").read_text())
+    assert doc["dtype"] == "float32" and doc["out_dtype"] == "bfloat16"
+    # the written config reproduces the float32-compute merge (dtype float32, out_dtype bfloat16)
+    again = load(executor.merge_config(full / "mergekit_config.yml", tmp_path / "again").out)
+    assert all(torch.equal(again[k], load(full)[k]) for k in again)
+
+
+def test_promoted_compute_dtype_without_dtype_and_api_default(tiny_models, sd, tmp_path):
+    m = tiny_models
+    # no dtype: mergekit computes each tensor in its inputs' promoted dtype (bf16 + fp32 -> fp32) and writes it
+    cfg = {"merge_method": "linear", "models": [{"model": str(m["ft_sharded"])}, {"model": str(m["ft_a"])}]}
+    out = executor.merge_config(cfg, tmp_path / "p").out
+    assert {t.dtype for t in load(out).values()} == {torch.float32}
+    qwen = executor.merge_config({"merge_method": "linear", "models": [str(m["qwen2"]), str(m["qwen2"])]},
+                                 tmp_path / "q").out
+    assert json.loads((qwen / "provenance.json").read_text())["compute_dtype"] == "bfloat16"
+    # the API computes in float32 unless told, and writes the reference model's dtype
+    api = executor.merge([m["ft_sharded"], m["ft_a"]], "task_arithmetic", {"weight": 0.5}, tmp_path / "a",
+                         base=m["base"], compute_dtype="bfloat16", dtype="float16").out
+    prov = json.loads((api / "provenance.json").read_text())
+    assert prov["compute_dtype"] == "bfloat16" and prov["output_dtype"] == "float16"
+    name = "model.layers.0.mlp.up_proj.weight"
+    ref = merge_tensors("task_arithmetic", [sd["ft_sharded"][name], sd["ft_a"][name]], sd["base"][name],
+                        {"weight": 0.5}, compute_dtype=torch.bfloat16, out_dtype=torch.float16)
+    assert torch.equal(load(api)[name], ref)
+    with pytest.raises(InvalidInput, match="unknown compute dtype"):
+        executor.merge([m["ft_a"]], "linear", {}, tmp_path / "x", compute_dtype="int8")
+
+
+# ---- durability ----------------------------------------------------------------------------------------------
+
+def _fd_path(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name fsynced descriptors")
+def test_fsync_covers_every_file_and_the_directories(tiny_models, tmp_path, monkeypatch):
+    synced: list[str] = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append(_fd_path(fd))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    m = tiny_models
+    out = executor.merge([m["ft_a"], m["ft_b"]], "linear", {}, tmp_path / "o", shard_size=20_000, fsync=True).out
+    names = {Path(p).name for p in synced}
+    files = {p.name for p in out.iterdir()}
+    assert "model.safetensors.index.json" in files and "tokenizer.json" in files
+    assert files <= names, files - names
+    assert any(n.startswith(".o.tmp-") for n in names)   # the new directory, before it is renamed
+    assert str(tmp_path) in synced                          # the parent, after the rename
+    synced.clear()
+    executor.merge([m["ft_a"], m["ft_b"]], "linear", {}, out, fsync=True, force=True)
+    assert str(tmp_path) in synced and "model.safetensors" in {Path(p).name for p in synced}
+    synced.clear()
+    executor.merge([m["ft_a"], m["ft_b"]], "linear", {}, tmp_path / "p")
+    assert synced == []
+
+
+def _model_dir(path: Path, tag: str) -> Path:
+    path.mkdir()
+    for i in range(3):
+        (path / f"part{i}").write_text(f"{tag} {i}")
+    return path
+
+
+def _tag(path: Path) -> str | None:
+    """'old' or 'new' when ``path`` is that complete model, None when it is missing (anything else fails)."""
+    if not path.exists():
+        return None
+    texts = {p.read_text() for p in path.iterdir()}
+    tags = {t.split()[0] for t in texts}
+    assert len(texts) == 3 and len(tags) == 1, texts
+    return tags.pop()
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_force_replacement_survives_a_kill_at_every_step(tmp_path, monkeypatch, exchange):
+    """Stopping the replacement between any two of its file-system steps is a kill there: OUT then holds the
+    complete old or new model, or recover() (what the next merge into OUT runs first) puts the old one back and
+    says so; nothing is left beside OUT afterwards."""
+    dead = 4_194_304 + 17  # above Linux's largest pid: no process has it
+    monkeypatch.setattr(executor, "_sibling",
+                        lambda out, kind: out.parent / f".{out.name}.{kind}-{dead}-{os.urandom(4).hex()}")
+    if not exchange:
+        monkeypatch.setattr(executor, "_exchange", lambda a, b: False)
+    n_steps = None
+    for k in range(0, 10):
+        root = tmp_path / f"k{k}"
+        root.mkdir()
+        out = _model_dir(root / "model", "old")
+        tmp = _model_dir(executor._sibling(out, "tmp"), "new")
+        steps = executor._replace(tmp, out, fsync=False)
+        done = [s for _, s in zip(range(k), steps)]
+        if len(done) < k:  # the protocol has fewer steps: every kill point is covered
+            n_steps = len(done)
+            break
+        state = _tag(out)
+        notes = executor.recover(out)
+        if state is None:
+            assert any("restored the previous model" in n for n in notes), (k, notes)
+            assert _tag(out) == "old"
+        else:
+            assert state == ("old" if k == 0 else "new"), (k, done)
+            assert _tag(out) == state and not any("restored" in n for n in notes)
+        assert [p.name for p in root.iterdir()] == ["model"], (k, done)
+    assert n_steps == (3 if exchange else 4)
+
+
+def test_next_merge_restores_an_interrupted_replacement_and_says_so(tiny_models, tmp_path, caplog):
+    m = tiny_models
+    out = executor.merge([m["ft_a"], m["ft_b"]], "linear", {}, tmp_path / "o").out
+    before = load(out)
+    # the state a kill between the two renames leaves: OUT missing, the old model aside under a dead pid
+    os.rename(out, tmp_path / f".o.old-{4_194_304 + 3}-abcd1234")
+    junk = tmp_path / f".o.tmp-{4_194_304 + 3}-ffff0000"
+    junk.mkdir()
+    with caplog.at_level(logging.WARNING, logger="simmerge_bandit.executor"):
+        with pytest.raises(InvalidInput, match="already exists"):
+            executor.merge([m["ft_a"], m["ft_b"]], "ties", {}, out, base=m["base"])
+    assert "restored the previous model" in caplog.text and "incomplete merge" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+    assert all(torch.equal(before[k], v) for k, v in load(out).items())

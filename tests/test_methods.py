@@ -280,3 +280,49 @@ def test_pair_roles():
     assert pair_roles("nuslerp", ["a", "b"], "base") == (["a", "b"], "base")
     with pytest.raises(InvalidInput):
         pair_roles("ties", ["a", "b"], None)
+
+
+# ---- compute dtype (mergekit's `dtype`) ---------------------------------------------------------------------
+
+def test_half_precision_compute_rounds_every_operation_as_mergekit():
+    torch.manual_seed(0)
+    base = torch.randn(64, 48)
+    xs = [base + 0.01 * torch.randn(64, 48) for _ in range(2)]
+    bf = torch.bfloat16
+    out = merge_tensors("task_arithmetic", xs, base, {"weight": [0.7, 0.4], "lambda": 0.8}, compute_dtype=bf,
+                        out_dtype=bf)
+    # mergekit's sequence in bf16: inputs rounded, d_i = x_i - b, d_i *= w_i (w in bf16), sum, * lambda, b + .
+    b = base.to(bf)
+    d = torch.stack([x.to(bf) - b for x in xs]) * torch.tensor([0.7, 0.4], dtype=bf).view(2, 1, 1)
+    assert torch.equal(out, b + d.sum(dim=0) * 0.8)
+    f32 = merge_tensors("task_arithmetic", xs, base, {"weight": [0.7, 0.4], "lambda": 0.8}, out_dtype=bf)
+    assert not torch.equal(out, f32)  # computing in float32 and rounding once gives other tensors
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ties_selects_on_the_compute_dtype_magnitudes(dtype, monkeypatch):
+    torch.manual_seed(1)
+    base = torch.zeros(300, 200)  # a zero base: the output is the kept task vector itself
+    x = 0.01 * torch.randn(300, 200)
+    d = x.to(dtype).float().abs().reshape(-1)
+    k = int(0.3 * d.numel())
+    ref = torch.zeros(d.numel(), dtype=torch.bool)
+    ref[torch.sort(d, stable=True).indices[-k:]] = True  # top k, ties: the last ones in index order
+    assert int(d.unique().numel()) < d.numel() // 5       # half precision: ties everywhere
+    for sampled in (False, True):
+        if sampled:  # the streamed order statistics give the same selection as the materialized ones
+            monkeypatch.setattr(sparsify, "EXACT_SELECT_MAX", 1000)
+            monkeypatch.setattr("simmerge_bandit.methods.job.CHUNK_ELEMENTS", 7000)
+        out = merge_tensors("ties", [x], base, {"density": 0.3}, compute_dtype=dtype, out_dtype=dtype)
+        assert torch.equal(out.reshape(-1) != 0, ref), sampled
+        assert torch.equal(out.reshape(-1)[ref], x.to(dtype).reshape(-1)[ref])
+
+
+def test_half_precision_rescale_overflow_is_refused():
+    base = torch.zeros(300_000)
+    x = torch.full((300_000,), 0.5)  # L1 norm 150000 > float16's largest value
+    with pytest.raises(InvalidInput, match="overflows"):
+        merge_tensors("breadcrumbs", [x], base, {"density": 0.5, "gamma": 0.1, "rescale": True},
+                      compute_dtype=torch.float16)
+    out = merge_tensors("breadcrumbs", [x], base, {"density": 0.5, "gamma": 0.1, "rescale": True})
+    assert torch.isfinite(out).all()

@@ -1,6 +1,7 @@
 """The generic task-arithmetic engine that task_arithmetic, ties, dare_*, breadcrumbs* and della* configure.
 
-Per tensor, as mergekit's ``GeneralizedTaskArithmeticMerge`` (0.1.5):
+Per tensor, as mergekit's ``GeneralizedTaskArithmeticMerge`` (0.1.5), every operation in the compute dtype
+(the weights too are rounded to it), in mergekit's order, so that each element gets mergekit's value bit for bit:
 
 1. task vectors ``d_i = x_i - base``, each sparsified (:mod:`.sparsify`) with its model's density / gamma /
    epsilon, rescaled to its L1 norm when ``rescale``;
@@ -49,15 +50,16 @@ def kernel(spec: MethodSpec, job: TensorJob) -> None:
         s.finish_scale()
         s.begin_pass()
 
-    weights = torch.tensor([mp["weight"] for mp in job.model_params], dtype=torch.float32, device=job.device)
+    cd = job.dtype
+    weights = torch.tensor([mp["weight"] for mp in job.model_params], dtype=cd, device=job.device)
     w = weights.view(m, 1, 1)
     plain_divisor = weights.sum()
     if plain_divisor.abs() < 1e-8:
-        plain_divisor = torch.ones((), device=job.device)
+        plain_divisor = torch.ones((), dtype=cd, device=job.device)
     lam = glob["lambda"]
     for ci, (lo, hi) in enumerate(chunks):
         b = job.base_rows(lo, hi)
-        d = torch.empty((m, hi - lo, job.row_len), dtype=torch.float32, device=job.device)
+        d = torch.empty((m, hi - lo, job.row_len), dtype=cd, device=job.device)
         for i, s in enumerate(sps):
             torch.sub(job.model_rows(i, lo, hi), b, out=d[i])
             s.apply(ci, lo, hi, d[i])
@@ -65,7 +67,7 @@ def kernel(spec: MethodSpec, job: TensorJob) -> None:
         if spec.consensus == "sum":
             # sign(d) == majority  <=>  d * majority > 0 (majority is +-1, so the product is exact; 0 drops).
             # (torch.where with scalars is several times slower on the CPU than these in-place forms.)
-            majority = (d.sum(dim=0) >= 0).to(torch.float32).mul_(2).sub_(1)
+            majority = (d.sum(dim=0) >= 0).to(cd).mul_(2).sub_(1)
             keep = (d * majority) > 0
             mixed = d.mul_(keep).sum(dim=0)
             divisor = (w * keep).sum(dim=0)

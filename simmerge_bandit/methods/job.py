@@ -1,11 +1,18 @@
 """One tensor of a merge, streamed in row chunks: the machinery every method kernel runs on.
 
 A tensor is seen as ``[n_rows, row_len]`` (``row_len`` = its last dimension; a 1-D tensor is one row). Kernels
-walk it in chunks of whole rows, converting each input chunk to float32 on the compute device, so the working set
-is a few chunks (:data:`CHUNK_ELEMENTS` floats each) whatever the tensor size. Methods that need a statistic of
-the whole tensor (a magnitude threshold, an L1 norm, the angle between two models) make a first pass that only
-accumulates it, then a second pass that writes the output; inputs are memory-mapped, so the second pass costs a
-float conversion, not a read.
+walk it in chunks of whole rows, each input chunk converted to the job's compute dtype on the compute device, so
+the working set is a few chunks (:data:`CHUNK_ELEMENTS` elements each) whatever the tensor size. Methods that need
+a statistic of the whole tensor (a magnitude threshold, an L1 norm, the angle between two models) make a first pass
+that only accumulates it, then a second pass that writes the output; inputs are memory-mapped, so the second pass
+costs a conversion, not a read.
+
+The compute dtype is mergekit's ``dtype``: inputs are rounded to it when read, and kernels run mergekit's
+operations in it (each rounds to it), so a bf16 or fp16 config gives mergekit's tensors bit for bit. Whole-tensor
+sums are the one place a streamed kernel cannot run mergekit's own call: they are accumulated in float64 and
+rounded once to the compute dtype (:func:`total`), which is what a single-threaded torch sum gives; with more
+threads, torch rounds per-thread partial sums of half-precision tensors to half precision, so mergekit's own
+result then depends on its thread count.
 
 Random masks come from a generator seeded by (seed, step, tensor name, model index, chunk index). The same seed
 gives the same tensors whatever order tensors are processed in, and :func:`merge_tensors` reproduces what the
@@ -24,47 +31,62 @@ import torch
 from ..errors import InvalidInput
 from .base import MethodSpec, check_model_params
 
-#: Floats per chunk on the CPU. 1 M floats (4 MB) keeps temporaries in the allocator's free lists and the cache.
+#: Elements per chunk on the CPU. 1 M elements keeps temporaries in the allocator's free lists and the cache.
 CHUNK_ELEMENTS = 1 << 20
 #: On a GPU, chunks are larger: kernel launches, not the cache, are what costs there.
 CUDA_CHUNK_ELEMENTS = 1 << 24
+#: Compute dtypes a merge may run in (mergekit's ``dtype``).
+COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def total(x: torch.Tensor) -> float:
+    """Sum of all elements, accumulated in float64 (exact enough that rounding it to any compute dtype gives the
+    correctly rounded sum nearly always)."""
+    return float(x.sum(dtype=torch.float64))
+
+
+def scalar(value: float, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A 0-dim tensor of ``value`` rounded to ``dtype``: the form in which mergekit holds a reduced statistic."""
+    return torch.tensor(value, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 class Source:
-    """One input tensor: its data (any float dtype, CPU or device, possibly a memory-mapped view) read as
-    float32 row chunks on the compute device. ``label`` names the model in error messages."""
+    """One input tensor: its data (any float dtype, CPU or device, possibly a memory-mapped view) read as row
+    chunks in the compute dtype on the compute device. ``label`` names the model in error messages."""
 
-    def __init__(self, data: torch.Tensor, label: str, device: torch.device):
+    def __init__(self, data: torch.Tensor, label: str, device: torch.device, dtype: torch.dtype = torch.float32):
         self.data = data.reshape(-1)
         self.label = label
         self.device = device
+        self.dtype = dtype
         self._checked_to = 0
 
     def rows(self, lo: int, hi: int, row_len: int, tensor_name: str) -> torch.Tensor:
-        """Rows ``[lo, hi)`` as a float32 ``[hi - lo, row_len]`` tensor on the device; NaN/Inf are refused.
+        """Rows ``[lo, hi)`` as a ``[hi - lo, row_len]`` tensor of the compute dtype on the device; NaN/Inf are
+        refused. When the data already has that dtype and device this is a view: kernels never write into it."""
+        return self.flat(lo * row_len, hi * row_len, tensor_name).view(hi - lo, row_len)
 
-        When the data already is float32 on the device this is a view: kernels never write into their inputs.
-        """
-        raw = self.data[lo * row_len:hi * row_len]
-        x = raw.to(device=self.device, dtype=torch.float32, non_blocking=True)
+    def flat(self, lo: int, hi: int, tensor_name: str) -> torch.Tensor:
+        """Elements ``[lo, hi)`` of the flattened tensor, as :meth:`rows`."""
+        x = self.data[lo:hi].to(device=self.device, dtype=self.dtype, non_blocking=True)
         if hi > self._checked_to:
             # A sum is the cheapest pass that sees every value; only a non-finite sum costs a second look.
-            if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
+            if not math.isfinite(float(x.sum(dtype=torch.float32))) and not bool(torch.isfinite(x).all()):
                 raise InvalidInput(f"tensor {tensor_name!r} of {self.label} contains NaN or Inf values")
             self._checked_to = hi
-        return x.view(hi - lo, row_len)
+        return x
 
     def gather(self, flat_index: torch.Tensor) -> torch.Tensor:
-        """Float32 values at flat positions (used to sample a tensor before a pass)."""
+        """Values at flat positions in the compute dtype (used to sample a tensor before a pass)."""
         idx = flat_index.to(self.data.device)
-        return self.data.index_select(0, idx).to(device=self.device, dtype=torch.float32)
+        return self.data.index_select(0, idx).to(device=self.device, dtype=self.dtype)
 
 
 class TensorSink:
-    """Collects a kernel's output chunks into one float32 tensor on the device."""
+    """Collects a kernel's output chunks into one tensor of ``dtype`` on the device."""
 
-    def __init__(self, n_rows: int, row_len: int, device: torch.device):
-        self.out = torch.empty((n_rows, row_len), dtype=torch.float32, device=device)
+    def __init__(self, n_rows: int, row_len: int, device: torch.device, dtype: torch.dtype = torch.float32):
+        self.out = torch.empty((n_rows, row_len), dtype=dtype, device=device)
 
     def write(self, lo: int, hi: int, rows: torch.Tensor) -> None:
         self.out[lo:hi].copy_(rows)
@@ -81,13 +103,20 @@ class TensorJob:
 
     ``models`` are the method's non-base inputs in order (for slerp: the non-base endpoint), ``base`` the base
     input or None; ``params`` the global parameters, ``model_params`` one dict per model (validated, defaults
-    filled). ``exact_ties`` selects magnitudes the way mergekit does (a full ``torch.argsort`` per tensor: same
-    tensors even among exactly equal magnitudes, at mergekit's speed).
+    filled). ``dtype`` is the compute dtype (the sources are read in it). ``exact_ties`` selects magnitudes the
+    way mergekit does (a full ``torch.argsort`` per tensor: same tensors even among exactly equal magnitudes, at
+    mergekit's speed).
     """
 
     def __init__(self, name: str, shape: Sequence[int], models: list[Source], base: Source | None,
                  params: dict, model_params: list[dict], sink: Any, *, device: torch.device, seed: int = 0,
-                 step: int = 0, exact_ties: bool = False, chunk_elements: int | None = None):
+                 step: int = 0, exact_ties: bool = False, chunk_elements: int | None = None,
+                 dtype: torch.dtype = torch.float32):
+        if dtype not in COMPUTE_DTYPES:
+            raise InvalidInput(f"compute dtype {dtype} is not supported; use float32, float16 or bfloat16")
+        self.dtype = dtype
+        for src in [*models, *([base] if base is not None else [])]:
+            src.dtype = dtype
         self.name = name
         self.shape = tuple(int(s) for s in shape)
         self.models = models
@@ -120,6 +149,12 @@ class TensorJob:
 
     def base_rows(self, lo: int, hi: int) -> torch.Tensor:
         return self.base.rows(lo, hi, self.row_len, self.name)
+
+    def model_flat(self, i: int, lo: int, hi: int) -> torch.Tensor:
+        return self.models[i].flat(lo, hi, self.name)
+
+    def base_flat(self, lo: int, hi: int) -> torch.Tensor:
+        return self.base.flat(lo, hi, self.name)
 
     def generator(self, model: int, chunk: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
@@ -224,13 +259,13 @@ def merge_tensors(method: str, tensors: Sequence[torch.Tensor], base: torch.Tens
                   params: Mapping[str, Any] | None = None, *, seed: int = 0, tensor_name: str | None = None,
                   per_model: Sequence[Mapping[str, Any] | None] | None = None, exact_ties: bool = False,
                   device: str | torch.device | None = None, out_dtype: torch.dtype | None = None,
-                  step: int = 0) -> torch.Tensor:
+                  step: int = 0, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Merge one tensor of several models in memory, with exactly the math the executor runs.
 
     ``tensors`` are the method's inputs besides the base, in order; ``base`` the base model's tensor. For slerp
     the base is the t=0 endpoint and may also be given as one of two ``tensors`` (``merge_tensors("slerp",
-    [a, b], a, {"t": 0.3})``). Computation is float32; the result has ``out_dtype`` (default: the base's dtype,
-    else the first tensor's). ``seed`` and ``tensor_name`` seed the random masks of DARE / DELLA as the executor
+    [a, b], a, {"t": 0.3})``). Computation is in ``compute_dtype`` (float32 unless given; mergekit's ``dtype``);
+    the result has ``out_dtype`` (default: the base's dtype, else the first tensor's). ``seed`` and ``tensor_name`` seed the random masks of DARE / DELLA as the executor
     does for a tensor of that name, so ``merge(..., seed=s)`` writes ``merge_tensors(..., seed=s,
     tensor_name=name)``.
 
@@ -264,9 +299,9 @@ def merge_tensors(method: str, tensors: Sequence[torch.Tensor], base: torch.Tens
     bsrc = Source(base.detach(), "the base model", dev) if base is not None else None
     numel = math.prod(shape)
     row_len = shape[-1] if shape and shape[-1] > 0 else 1
-    sink = TensorSink(numel // row_len if numel else 0, row_len, dev)
+    sink = TensorSink(numel // row_len if numel else 0, row_len, dev, compute_dtype)
     job = TensorJob(name, shape, sources, bsrc, glob, mp, sink, device=dev, seed=seed, step=step,
-                    exact_ties=exact_ties)
+                    exact_ties=exact_ties, dtype=compute_dtype)
     run(spec, job)
     return sink.out.reshape(shape).to(out_dtype or ref.dtype)
 

@@ -1,7 +1,8 @@
 """Linear (model soup): ``sum_i w_i x_i``, divided by ``sum_i w_i`` when ``normalize`` (mergekit's ``linear``).
 
-mergekit accumulates ``result.addcmul_(x_i, w_i)`` in input order and then divides; so does this kernel, so the
-float32 results agree bit for bit. A zero weight sum with ``normalize`` is refused (mergekit would write inf/NaN).
+mergekit accumulates ``result.addcmul_(x_i, w_i)`` in float32 (float64 for float64 inputs) in input order, divides,
+and rounds the result to the compute dtype; so does this kernel, so the results agree bit for bit in every compute
+dtype. A zero weight sum with ``normalize`` is refused (mergekit would write inf/NaN).
 """
 
 import torch
@@ -11,19 +12,20 @@ from .base import MethodSpec, normalize, weight
 
 
 def merge(spec: MethodSpec, job) -> None:
-    weights = torch.tensor([mp["weight"] for mp in job.model_params], dtype=torch.float32, device=job.device)
+    acc = torch.float64 if job.dtype == torch.float64 else torch.float32
+    weights = torch.tensor([mp["weight"] for mp in job.model_params], dtype=acc, device=job.device)
     denominator = weights.sum()
     if job.params["normalize"] and float(denominator) == 0:
         raise InvalidInput("linear: the weights sum to 0, so they cannot be normalized (set normalize=false or "
                            "change the weights)")
     coefficients = [w.reshape(1, 1) for w in weights.unbind(0)]
     for lo, hi in job.chunks():
-        result = torch.zeros((hi - lo, job.row_len), dtype=torch.float32, device=job.device)
+        result = torch.zeros((hi - lo, job.row_len), dtype=acc, device=job.device)
         for i, c in enumerate(coefficients):
             result.addcmul_(job.model_rows(i, lo, hi), c)
         if job.params["normalize"]:
             result.div_(denominator)
-        job.write(lo, hi, result)
+        job.write(lo, hi, result if job.dtype == acc else result.to(job.dtype))
 
 
 SPEC = MethodSpec(

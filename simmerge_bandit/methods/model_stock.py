@@ -1,27 +1,39 @@
 """Model Stock (Jang et al. 2024): move from the base toward the fine-tuned average by the models' angle.
 
-As mergekit 0.1.5: offsets ``o_i = w_i - w_0``; ``cos`` = mean over pairs of ``<o_i, o_j> / max(|o_i| |o_j|,
-1e-6)`` (each clamped to [-1, 1]); ``t = N cos / (1 + (N - 1) cos)`` with ``t = 0`` (keep the base) where
-``|1 + (N - 1) cos| < 1e-6``; result ``t * mean(w_i) + (1 - t) w_0``. Per tensor, or per row with
-``filter_wise`` (a 1-D tensor is one row).
+As mergekit 0.1.5, every operation in the compute dtype: offsets ``o_i = w_i - w_0``; ``cos`` = mean over pairs
+of ``<o_i, o_j> / max(|o_i| |o_j|, 1e-6)`` (each clamped to [-1, 1]); ``t = N cos / (1 + (N - 1) cos)`` with ``t = 0``
+(keep the base) where ``|1 + (N - 1) cos| < 1e-6``; result ``t * mean(w_i) + (1 - t) w_0``. Per tensor, or per
+row with ``filter_wise`` (a 1-D tensor is one row). Per tensor, the norms and dot products are streamed sums
+(:func:`.job.total`) rounded to the compute dtype where mergekit's whole-tensor reductions round.
 """
+
+import math
 
 import torch
 
 from .base import MethodSpec, ParamSpec
+from .job import scalar, total
 
 
-def _t_from_cos(cos: torch.Tensor, count: int) -> torch.Tensor:
-    denominator = 1 + (count - 1) * cos
+def _t(cos_pairs: list[torch.Tensor], count: int) -> torch.Tensor:
+    """mergekit's interpolation factor from the pairwise cosines (tensors of the compute dtype)."""
+    cos_theta = torch.stack(cos_pairs).mean(dim=0).unsqueeze(-1)
+    denominator = 1 + (count - 1) * cos_theta
     singular = denominator.abs() < 1e-6
     safe = torch.where(singular, torch.ones_like(denominator), denominator)
-    return torch.where(singular, torch.zeros_like(cos), count * cos / safe)
+    return torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / safe)
+
+
+def _mix(t: torch.Tensor, w0: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
+    average = sum(ws) / len(ws)
+    return t * average + (1 - t) * w0
 
 
 def merge(spec: MethodSpec, job) -> None:
     n = len(job.models)
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     chunks = job.chunks()
+    cd, dev = job.dtype, job.device
 
     def load(lo, hi):
         w0 = job.base_rows(lo, hi)
@@ -32,27 +44,27 @@ def merge(spec: MethodSpec, job) -> None:
         for lo, hi in chunks:
             w0, ws = load(lo, hi)
             offs = [w - w0 for w in ws]
-            norms = [o.norm(dim=-1) for o in offs]
-            cos = torch.stack([((offs[i] * offs[j]).sum(dim=-1) / (norms[i] * norms[j]).clamp(min=1e-6))
-                               .clamp(-1, 1) for i, j in pairs]).mean(dim=0).unsqueeze(-1)
-            t = _t_from_cos(cos, n)
-            job.write(lo, hi, t * (sum(ws) / n) + (1 - t) * w0)
+            cos = []
+            for i, j in pairs:
+                norm_product = torch.norm(offs[i], dim=-1) * torch.norm(offs[j], dim=-1)
+                cos.append(((offs[i] * offs[j]).sum(dim=-1) / norm_product.clamp(min=1e-6)).clamp(-1, 1))
+            job.write(lo, hi, _mix(_t(cos, n), w0, ws))
         return
     sq = [0.0] * n
     dots = {p: 0.0 for p in pairs}
     for lo, hi in chunks:
         w0, ws = load(lo, hi)
-        offs = [(w - w0).reshape(-1) for w in ws]
+        offs = [w - w0 for w in ws]
         for i in range(n):
-            sq[i] += float(torch.dot(offs[i], offs[i]))
+            sq[i] += total(offs[i].double().square_()) if cd != torch.float64 else total(offs[i] * offs[i])
         for i, j in pairs:
-            dots[(i, j)] += float(torch.dot(offs[i], offs[j]))
-    norms = [v ** 0.5 for v in sq]
-    cos = sum(max(-1.0, min(1.0, dots[(i, j)] / max(norms[i] * norms[j], 1e-6))) for i, j in pairs) / len(pairs)
-    t = float(_t_from_cos(torch.tensor(cos, dtype=torch.float64), n))
+            dots[(i, j)] += total(offs[i] * offs[j])  # products rounded to the compute dtype, as mergekit's
+    norms = [scalar(math.sqrt(v), cd, dev) for v in sq]
+    cos = [(scalar(dots[(i, j)], cd, dev) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1) for i, j in pairs]
+    t = _t(cos, n)
     for lo, hi in chunks:
         w0, ws = load(lo, hi)
-        job.write(lo, hi, t * (sum(ws) / n) + (1 - t) * w0)
+        job.write(lo, hi, _mix(t, w0, ws))
 
 
 SPEC = MethodSpec(

@@ -1,12 +1,12 @@
 """SLERP: spherical interpolation between the base model (t=0) and the other model (t=1), per tensor.
 
-As mergekit 0.1.5: each tensor is one flat vector; norms at or below 1e-8 count as 1; when the normalized dot
-product has magnitude above 0.9995 (near-parallel or antiparallel) it falls back to linear interpolation;
-otherwise ``sin((1-t) theta) / sin(theta) * v0 + sin(t theta) / sin(theta) * v1``. The dot product and norms
-are accumulated in float64 over chunks (mergekit: float32 over the whole tensor); results agree to ~1e-7.
+As mergekit 0.1.5, in float32 (float64 for float64 inputs) whatever the compute dtype, the result rounded to it:
+each tensor is one flat vector; its norm is the norm of the norms of its 1 M-element pieces, norms at or below
+1e-8 count as 1; the dot product of the normalized pieces is summed piece by piece; when its magnitude is above
+0.9995 (near-parallel or antiparallel) the result is the linear interpolation; otherwise ``sin((1-t) theta) /
+sin(theta) * v0 + sin(t theta) / sin(theta) * v1``. The same torch calls on the same pieces, so the coefficients and
+the tensors are mergekit's bit for bit when both run torch with the same thread count.
 """
-
-import math
 
 import torch
 
@@ -14,33 +14,45 @@ from .base import MethodSpec, ParamSpec
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
+#: mergekit's piece size for the norms and the dot product (elements of the flattened tensor).
+PIECE = 1 << 20
 
 
-def coefficients(t: float, dot: float, norm_a: float, norm_b: float) -> tuple[float, float]:
-    """(coefficient of v0, coefficient of v1) for the raw, unnormalized vectors."""
-    norm_a = norm_a if norm_a > NORM_EPS else 1.0
-    norm_b = norm_b if norm_b > NORM_EPS else 1.0
-    cos = max(-1.0, min(1.0, dot / (norm_a * norm_b)))
-    if abs(cos) > DOT_THRESHOLD:
-        return 1 - t, t
-    theta = math.acos(cos)
-    s = math.sin(theta)
-    return math.sin((1 - t) * theta) / s, math.sin(t * theta) / s
+def coefficients(t: torch.Tensor, pieces) -> tuple[torch.Tensor, torch.Tensor]:
+    """(coefficient of v0, coefficient of v1) as ``[1, 1]`` tensors; ``pieces()`` yields (v0, v1) pieces as
+    ``[1, n]`` tensors of the working dtype, and is called twice."""
+    norms_a, norms_b = [], []
+    for x, y in pieces():
+        norms_a.append(torch.linalg.vector_norm(x, dim=1, keepdim=True))
+        norms_b.append(torch.linalg.vector_norm(y, dim=1, keepdim=True))
+    norm_a = torch.linalg.vector_norm(torch.stack(norms_a), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack(norms_b), dim=0)
+    norm_a = torch.where(norm_a > NORM_EPS, norm_a, 1)
+    norm_b = torch.where(norm_b > NORM_EPS, norm_b, 1)
+    dots = [((x / norm_a) * (y / norm_b)).sum(dim=1, keepdim=True) for x, y in pieces()]
+    dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
+    linear = dot.abs() > DOT_THRESHOLD
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    coef_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    return coef_a, coef_b
 
 
 def merge(spec: MethodSpec, job) -> None:
-    t = job.params["t"]
-    chunks = job.chunks()
-    aa = bb = ab = 0.0
-    for lo, hi in chunks:
-        a, b = job.base_rows(lo, hi), job.model_rows(0, lo, hi)
-        aa += float(torch.dot(a.reshape(-1), a.reshape(-1)))
-        bb += float(torch.dot(b.reshape(-1), b.reshape(-1)))
-        ab += float(torch.dot(a.reshape(-1), b.reshape(-1)))
-    ca, cb = coefficients(t, ab, math.sqrt(aa), math.sqrt(bb))
-    for lo, hi in chunks:
-        a, b = job.base_rows(lo, hi), job.model_rows(0, lo, hi)
-        job.write(lo, hi, ca * a + cb * b)
+    acc = torch.float64 if job.dtype == torch.float64 else torch.float32
+    t = torch.tensor([job.params["t"]], dtype=acc, device=job.device).reshape(-1, 1)
+
+    def pieces():
+        for lo in range(0, job.numel, PIECE):
+            hi = min(lo + PIECE, job.numel)
+            yield job.base_flat(lo, hi).to(acc).view(1, -1), job.model_flat(0, lo, hi).to(acc).view(1, -1)
+
+    ca, cb = coefficients(t, pieces)
+    for lo, hi in job.chunks():
+        a, b = job.base_rows(lo, hi).to(acc), job.model_rows(0, lo, hi).to(acc)
+        out = ca * a + cb * b
+        job.write(lo, hi, out if job.dtype == acc else out.to(job.dtype))
 
 
 SPEC = MethodSpec(

@@ -8,7 +8,13 @@
   where ``r`` in [0, 1] is its magnitude rank in the row.
 
 With ``density >= 1`` a task vector is left untouched (no rescaling either). With ``rescale`` the kept entries
-are multiplied by ``L1(task vector) / L1(kept)`` unless either norm is below 1e-7 (mergekit's RescaleNorm.l1).
+are multiplied by ``L1(task vector) / L1(kept)`` unless either norm is below 1e-7 (mergekit's RescaleNorm.l1):
+both norms rounded to the working dtype and divided in it, as mergekit does. The working dtype is the compute
+dtype, except for DARE and DELLA in float16 on the CPU, where mergekit masks and rescales in float32 (torch has no
+float16 ``bernoulli`` there) and rounds the result back.
+
+Magnitudes are those of the task vector in the compute dtype: in bf16 a tensor has a few thousand distinct
+magnitudes, so ties at the threshold are the rule, not the exception.
 
 Ties among exactly equal magnitudes: mergekit keeps whichever of them ``torch.argsort`` (an unstable sort) puts
 first. Here the rule is that of a stable ascending sort of the magnitudes (TIES keeps its top ``k`` ranks, so the
@@ -23,7 +29,8 @@ import math
 
 import torch
 
-from .job import TensorJob
+from ..errors import InvalidInput
+from .job import TensorJob, scalar, total
 
 #: Tensors up to this many elements get exact order statistics from the whole (materialized) key vector.
 EXACT_SELECT_MAX = 1 << 16
@@ -201,7 +208,13 @@ class Sparsifier:
         self.n = job.numel
         self._l1 = 0.0
         self._kept = 0.0
-        self.scale: float | None = None
+        self.scale: torch.Tensor | None = None
+        self.work = self.work_dtype(job)
+
+    @staticmethod
+    def work_dtype(job: TensorJob) -> torch.dtype:
+        """The dtype masks are applied and rescaled in (mergekit: the task vector's own)."""
+        return job.dtype
 
     def begin_pass(self) -> None:
         pass
@@ -214,19 +227,33 @@ class Sparsifier:
 
     def observe_kept(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> None:
         m = self._mask(ci, lo, hi, d)
-        a = d.abs()
-        self._kept += float((a * m).sum()) if m is not None else float(a.sum())
+        a = d.to(self.work).abs_() if d.dtype != self.work else d.abs()
+        self._kept += total(a * m) if m is not None else total(a)
 
     def finish_scale(self) -> None:
-        if self.rescale and self._l1 >= _RESCALE_EPS and self._kept >= _RESCALE_EPS:
-            self.scale = self._l1 / self._kept
+        """mergekit's ``rescaled_masked_tensor``: both L1 norms in the working dtype, their quotient in it."""
+        if not self.rescale:
+            return
+        before, after = scalar(self._l1, self.work), scalar(self._kept, self.work)
+        if before < _RESCALE_EPS or after < _RESCALE_EPS:
+            return
+        scale = before / after
+        if not bool(torch.isfinite(scale)):
+            raise InvalidInput(f"tensor {self.job.name!r}: the L1 norm of a task vector overflows {self.work} "
+                               f"(mergekit would write NaN here); compute in float32 (--compute-dtype float32)")
+        self.scale = scale.to(self.job.device)
 
     def apply(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> None:
         m = self._mask(ci, lo, hi, d)
+        if m is None and self.scale is None:
+            return
+        x = d.to(self.work) if d.dtype != self.work else d
         if m is not None:
-            d.mul_(m)
+            x.mul_(m)
         if self.scale is not None:
-            d.mul_(self.scale)
+            x.mul_(self.scale)
+        if x is not d:
+            d.copy_(x)
 
     def _mask(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> torch.Tensor | None:
         raise NotImplementedError
@@ -267,7 +294,8 @@ class _Selecting(Sparsifier):
         raise NotImplementedError
 
     def key(self, mags: torch.Tensor) -> torch.Tensor:
-        return mags
+        """Selection keys of magnitudes in the compute dtype: float32 (exact for every compute dtype)."""
+        return mags.float()
 
     def begin_pass(self) -> None:
         if self.sel is not None:
@@ -276,7 +304,7 @@ class _Selecting(Sparsifier):
     def observe(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> None:
         a = d.abs()
         if self.rescale:
-            self._l1 += float(a.sum())
+            self._l1 += total(a)
         if self.sel is None:
             self._abs.append(a.reshape(-1))
         elif not self._misled:
@@ -287,8 +315,10 @@ class _Selecting(Sparsifier):
 
     def finish_stats(self) -> None:
         if self.sel is None:
-            self._full_mask = self.mergekit_mask(torch.cat(self._abs))
+            w = torch.cat(self._abs)
             self._abs = []
+            # mergekit sorts float32 magnitudes on the CPU and the compute dtype's on a GPU.
+            self._full_mask = self.mergekit_mask(w.float() if w.device.type == "cpu" else w)
             return
         if self._misled or not self.sel.finish():
             # The strided sample bracketed the wrong values (structured data): redo it exactly.
@@ -352,23 +382,33 @@ class Random(Sparsifier):
         self.needs_stats = rescale
         self._saved: dict[int, torch.Tensor] = {}
 
+    @staticmethod
+    def work_dtype(job: TensorJob) -> torch.dtype:
+        # mergekit: "torch.bernoulli not implemented for float16 on CPU, upcast to float32" (and likewise for
+        # every dtype but bf16 on the CPU).
+        if job.device.type != "cpu" or job.dtype == torch.bfloat16:
+            return job.dtype
+        return torch.float32
+
     def observe(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> None:
-        a = d.abs()
-        m = self._draw(ci, d)
+        a = d.to(self.work).abs_() if d.dtype != self.work else d.abs()
+        m = self._draw(ci, lo, hi, d)
         self._saved[ci] = m
-        self._l1 += float(a.sum())
-        self._kept += float((a * m).sum())
+        self._l1 += total(a)
+        self._kept += total(a * m)
 
     def _probs(self, d: torch.Tensor):
-        return self.p["density"]
+        # mergekit draws with probabilities held in the working dtype (density 0.3 is 0.30078125 in bf16).
+        return float(scalar(self.p["density"], self.work))
 
-    def _draw(self, ci: int, d: torch.Tensor) -> torch.Tensor:
+    def _draw(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> torch.Tensor:
+        """The keep-mask of chunk ``ci`` (rows ``[lo, hi)``)."""
         u = torch.rand(d.shape, generator=self.job.generator(self.model, ci), device=d.device)
         return u < self._probs(d)
 
     def _mask(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> torch.Tensor:
         m = self._saved.pop(ci, None)
-        return m if m is not None else self._draw(ci, d)
+        return m if m is not None else self._draw(ci, lo, hi, d)
 
 
 class Della(Random):
@@ -387,12 +427,12 @@ class Della(Random):
         if length <= 1:
             # mergekit divides 0 by 0 here (and fails); a lone entry gets the middle probability.
             return torch.full(d.shape, dens, device=d.device)
-        order = torch.argsort(x.abs(), dim=dim, stable=True)
-        ranks = torch.empty_like(order)
-        shape = [1] * x.dim()
-        shape[dim] = length
-        ranks.scatter_(dim, order, torch.arange(length, device=d.device).view(shape).expand_as(order))
-        probs = (dens - eps) + ranks.to(torch.float32) / (length - 1) * (2 * eps)
+        # mergekit's ranks, in the working dtype (where bf16 rounds ranks above 256): 1 + the position in an
+        # ascending argsort, scaled to [0, 1] by the row's smallest and largest rank.
+        ranks = torch.argsort(torch.argsort(x.abs(), dim=dim), dim=dim).to(self.work) + 1
+        lo, hi = ranks.min(dim=dim, keepdim=True).values, ranks.max(dim=dim, keepdim=True).values
+        rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
+        probs = (dens - eps) + rank_norm * 2 * eps
         return probs.view(d.shape)
 
 

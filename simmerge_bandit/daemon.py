@@ -743,11 +743,10 @@ class Daemon:
 
     def _recover(self) -> None:
         """After a crash: running jobs go back to the queue, half-written merges are removed."""
-        n = self.store.fetchone("SELECT count(*) FROM eval_queue WHERE state = 'running'")[0]
+        from . import evalqueue
+
+        n = evalqueue.requeue_running(self.store)
         if n:
-            with self.store.transaction():
-                self.store.execute("UPDATE eval_queue SET state = 'queued', updated_at = current_timestamp "
-                                   "WHERE state = 'running'")
             event("requeued interrupted jobs", count=n)
         merges = self.store.artifacts / "merges"
         if merges.is_dir():
@@ -797,8 +796,9 @@ class Daemon:
         reward so far)."""
         from .search import searches
 
-        rows = [dict(r, kind="evaluation") for r in self.store.fetchdicts("SELECT * FROM eval_queue ORDER BY "
-                                                                          "created_at")]
+        from . import evalqueue
+
+        rows = [dict(r, kind="evaluation") for r in evalqueue.jobs(self.store)]
         for r in searches(self.store):
             if self._search_errors.get(r["id"]):
                 r["error"] = self._search_errors[r["id"]]
@@ -946,31 +946,11 @@ class Daemon:
             _settle(*self._ready.popleft())
 
     # ---- evaluation queue ----
-    def _next_job(self) -> str | None:
-        self.store.drain()  # not under the lock (see Store.drain)
-        with self.store.lock:
-            row = self.store.fetchone(
-                "SELECT decision_id FROM eval_queue WHERE state = 'queued' AND (not_before IS NULL OR not_before "
-                "<= current_timestamp) ORDER BY created_at LIMIT 1")
-            if row is None:
-                return None
-            if self.store.fetchone("SELECT 1 FROM rewards WHERE decision_id = ?", [row[0]]) is not None:
-                # rewarded by feedback meanwhile: the reward closes its job, which is never run
-                with self.store.transaction():
-                    self.store.execute("UPDATE eval_queue SET state = 'done', result = ?, updated_at = "
-                                       "current_timestamp WHERE decision_id = ?",
-                                       [json.dumps({"closed_by": "feedback"}), row[0]])
-                return self._next_job()
-            with self.store.transaction():
-                self.store.execute("UPDATE eval_queue SET state = 'running', attempts = attempts + 1, "
-                                   "updated_at = current_timestamp WHERE decision_id = ?", [row[0]])
-            return row[0]
-
     def _worker(self) -> None:
-        from . import pipeline
+        from . import evalqueue, pipeline
 
         while not self._stop.is_set():
-            did = self._next_job()
+            did = evalqueue.claim(self.store)
             if did is None:
                 self._stop.wait(self.poll_s)
                 continue
@@ -983,26 +963,15 @@ class Daemon:
                 else:
                     result = pipeline.run_spec(spec, device=self.device, limit=self.eval_limit)
                 pipeline.record(self.engine, spec, result)
-                with self.store.transaction():
-                    self.store.execute("UPDATE eval_queue SET state = 'done', result = ?, last_error = NULL, "
-                                       "updated_at = current_timestamp WHERE decision_id = ?",
-                                       [json.dumps(result), did])
+                evalqueue.done(self.store, did, result)
                 event("job done", id=did, reward=round(result["reward"], 4), seconds=round(result["seconds"], 2),
                       executor=self.executor, worker_pid=result.get("pid"))
             except Exception as e:  # a failing job is recorded, never fatal to the daemon
-                self._fail(did, e)
-
-    def _fail(self, did: str, err: Exception) -> None:
-        reason = str(err) if isinstance(err, SimmergeError) else f"{type(err).__name__}: {err}"
-        attempts = self.store.fetchone("SELECT attempts FROM eval_queue WHERE decision_id = ?", [did])[0]
-        final = attempts >= self.max_attempts
-        delay = self.backoff_s * (2 ** (attempts - 1))
-        with self.store.transaction():
-            self.store.execute(
-                "UPDATE eval_queue SET state = ?, last_error = ?, updated_at = current_timestamp, not_before = "
-                "current_timestamp::TIMESTAMP + to_seconds(?) WHERE decision_id = ?",
-                ["failed" if final else "queued", reason[:2000], float(delay), did])
-        event("job failed" if final else "job will retry", id=did, attempts=attempts, reason=reason[:300])
+                reason = str(e) if isinstance(e, SimmergeError) else f"{type(e).__name__}: {e}"
+                final, attempts = evalqueue.fail(self.store, did, reason, max_attempts=self.max_attempts,
+                                                 backoff_s=self.backoff_s)
+                event("job failed" if final else "job will retry", id=did, attempts=attempts,
+                      reason=reason[:300])
 
     # ---- watched folders ----
     def _watcher(self) -> None:

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import evalqueue
 from .catalog import Catalog
 from .context import context_names, contexts, pair_contexts  # noqa: F401 (re-exported)
 from .context import schema as context_schema
@@ -744,7 +745,7 @@ class Engine:
             recent.append((did, (x, rows[-1][5], z, e["propensity"], cs.feature_schema, rows[-1][-1])))
             if e["evaluate"]:
                 if queue:
-                    queued.append([did])
+                    queued.append(did)
                 if self._eval_times is not None:
                     self._eval_times.append(time.time())
             e["public"] = {
@@ -757,7 +758,7 @@ class Engine:
             self.store.insert_rows("arm_schemas", ("version", "coordinates"), self.descriptors.unrecorded(arm))
             self.store.insert_rows("vectors", ("key", "v"), vectors)
             self.store.insert_rows("decision_log", DECISION_COLUMNS, rows)
-            self.store.insert_rows("eval_queue", ("decision_id",), queued)
+            self.store.insert_rows("eval_queue", evalqueue.COLUMNS, evalqueue.enqueue_rows(queued))
         for key, _ in vectors:
             self._vectors[key] = None  # stored (a transaction that fails after this resets the engine)
         for did, fields in recent:
@@ -889,12 +890,7 @@ class Engine:
         def count(sql):
             return int(self.store.fetchone(sql)[0])
 
-        queue = {s: 0 for s in ("queued", "running", "done", "failed")}
-        # a queued job whose decision was rewarded by feedback is closed: the worker never runs it
-        for state, n in self.store.fetchall(
-                "SELECT CASE WHEN q.state = 'queued' AND r.decision_id IS NOT NULL THEN 'done' ELSE q.state END, "
-                "count(*) FROM eval_queue q LEFT JOIN rewards r ON r.decision_id = q.decision_id GROUP BY 1"):
-            queue[state] = int(n)
+        queue = evalqueue.counts(self.store)
         last = self.store.fetchdicts(
             "SELECT id, task, models, operator, policy, created_at FROM decision_log ORDER BY created_at DESC, "
             "rank LIMIT 1")

@@ -304,6 +304,23 @@ class Catalog:
             r.pop("ranges", None)  # a grid operator reads as it always did
         return r
 
+    def record_score(self, model: str, task: str, score: float) -> None:
+        """Record a known raw score of a catalog model on a task (its current data and metric), as an evaluation
+        of it would: the reward's denominator, and the ``known_score`` metadata of every candidate it is in."""
+        import math
+
+        m, t = self.model(model), self.task(task)
+        try:
+            value = float(score)
+        except (TypeError, ValueError):
+            raise InvalidInput(f"score of {model} on {task} must be a number, got {score!r}") from None
+        if not math.isfinite(value):
+            raise InvalidInput(f"score of {model} on {task} must be finite, got {score!r}")
+        with self.store.transaction():
+            self.store.execute("INSERT OR REPLACE INTO evaluations (fingerprint, task, data_hash, metric, score) "
+                               "VALUES (?,?,?,?,?)", [m["fingerprint"], task, t["data_hash"], t["metric"], value])
+            self._bump()
+
     def bump(self) -> None:
         """Move the catalog's version: for a change outside the catalog's own methods that candidates depend on
         (a newly known source score)."""

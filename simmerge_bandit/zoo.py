@@ -649,6 +649,15 @@ def register_zoo(store, directory: str | os.PathLike, *, operators: Sequence[dic
                 "name": op["name"], "method": op["method"], "params": op["params"]}))
         else:
             add("operators", op["name"], lambda: cat.add_operator(op["name"], op["method"], op["params"]))
+    if cat is not None:
+        # What the build measured (exact match on each task's eval data, the registered data) is what a catalog
+        # knows of its models: their known scores, which rewards are normalized by and candidates' contexts show.
+        known = {(fp, t) for fp, t in store.fetchall("SELECT fingerprint, task FROM evaluations")}
+        for m in manifest["models"]:
+            fp = cat.model(m["name"])["fingerprint"]
+            for t, score in m.get("scores", {}).items():
+                if (fp, t) not in known:
+                    cat.record_score(m["name"], t, score)
     return out
 
 

@@ -206,3 +206,19 @@ def test_feedback_closes_the_queued_job(home):
     eng.feedback(d["id"], 0.5)
     st = eng.status()["queue"]
     assert st["queued"] == 0 and st["done"] == 1
+
+
+def test_a_registered_zoo_knows_its_models_scores(unit_zoo, simmerge_home):
+    from simmerge_bandit.context import catalog_meta
+    from simmerge_bandit.zoo import register_zoo
+
+    zoo_dir, manifest = unit_zoo
+    with Store.open(simmerge_home) as store:
+        register_zoo(store, zoo_dir)
+        task = manifest["tasks"][0]["name"]
+        meta = catalog_meta(store, [m["name"] for m in manifest["models"]], [task])
+        for m in manifest["models"]:
+            assert meta[m["name"]].known == {task: pytest.approx(m["scores"][task])}
+        register_zoo(store, zoo_dir)  # idempotent
+        assert store.fetchone("SELECT count(*) FROM evaluations")[0] == \
+            sum(len(m["scores"]) for m in manifest["models"])

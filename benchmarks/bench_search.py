@@ -1,0 +1,906 @@
+"""Budgeted search benchmark: the best merge for a target within N merge-and-evaluate runs, against random search,
+Optuna (TPE) and CMA-ES over mergekit-evolve's genome, with real merges and evaluations on the micro-zoo.
+
+For each held-out target of the zoo (single tasks and two-task targets; held out = tasks the predictor was not
+fitted on), every method gets the same catalog, the same evaluator and the same budget, and reports the best
+*aggregate score* it found after each evaluation:
+
+- ``ours``: the engine's search loop (``simmerge_bandit.search.run_search``) with the SimMerge predictor fitted on
+  the training tasks' rows of the zoo's merge table, over the zoo's grid operators and the families below;
+- ``random``: uniform over the same candidate space (ordered pair, method, continuous parameters);
+- ``optuna``: Optuna's TPE sampler (library defaults) over the same space: a categorical pair, a categorical
+  method, the method's parameters as conditional floats;
+- ``cma-ties`` / ``cma-ta``: the ``cma`` package as mergekit-evolve drives it: one genome of per-model weights
+  (and densities for TIES) over the target's experts (the models tagged with a target task), merged n-way with
+  the zoo's base; mergekit-evolve's defaults: ``x0`` = weight 1/n and density 1, ``sigma0`` = 1/6, weights taken
+  as absolute values, densities as absolute values clipped to [0, 1], ``normalize`` on for TIES and off for task
+  arithmetic, one parameter set for all layers (``layer_granularity`` 0), the default population size.
+
+The aggregate score of a merge on a target is the weighted mean over its tasks of
+``clip(raw score / reference, 0, 2)``, where a task's reference is the best raw score of any model in the catalog
+on it. The reference is the same for every candidate, so a merge of two models that know little of the target
+cannot look good by being normalized against weak sources (which the per-merge reward, normalized against the
+merge's own sources, would allow). Every method optimizes this same number; ``ours`` receives it as its reward.
+
+Metric: best aggregate score after B evaluations divided by the best aggregate score any method found on that
+target in all its runs (every method is run once with 200 evaluations for this reference, which is reported);
+evaluations needed to reach 90% and 95% of the reference. Budgets 5, 10, 20 and 50; 10 seeds.
+
+Cost control: merges run in memory (the zoo's models are tiny) with the executor's kernels; every evaluation is
+cached on disk, keyed by (models, method, parameters rounded to 1e-3, merge seed, task). Parameters are rounded
+*before* merging, so a cached score is exactly the score of the merge it names. The merge seed is derived from
+the candidate (the same candidate gives the same merge in every method's run). Seed 0 of every method is its
+200-evaluation reference run; its first 50 evaluations are its budgeted run (random, Optuna and CMA-ES do not
+depend on the budget, so that prefix is what a 50-evaluation run does).
+
+    python benchmarks/bench_search.py --zoo DIR --merge-table TABLE.parquet   # the full run
+    python benchmarks/bench_search.py --zoo DIR --quick                        # smoke run (minutes)
+    python benchmarks/bench_search.py --table                                  # docs/search.md's tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+BUDGETS = (5, 10, 20, 50)
+REFERENCE_BUDGET = 200
+METHODS = ("ours", "random", "optuna", "cma-ties", "cma-ta")
+PEERS = ("random", "optuna", "cma-ties", "cma-ta")
+LEVELS = (0.90, 0.95)
+#: goals of issue 16 (section 3)
+GOALS = {"ours_at_10_min": 0.95, "speedup_min": 3.0}
+
+#: The continuous families of the candidate space (method -> parameter -> (low, high)) and the parameters they
+#: fix. Each range spans the zoo's grid operators of that method (zoo.REALISTIC_OPERATORS), so every grid
+#: operator is a point of the space random search and Optuna sample from. Chosen before any search was run.
+FAMILIES: dict[str, dict[str, tuple[float, float]]] = {
+    "task_arithmetic": {"lambda": (0.2, 1.0)},
+    "ties": {"density": (0.2, 0.9)},
+    "dare_ties": {"density": (0.3, 0.9)},
+    "dare_linear": {"density": (0.5, 0.95)},
+    "breadcrumbs": {"density": (0.6, 0.95)},
+    "della": {"density": (0.3, 0.7)},
+    "slerp": {"t": (0.1, 0.9)},
+}
+FIXED: dict[str, dict] = {"breadcrumbs": {"gamma": 0.01}, "della": {"epsilon": 0.15}}
+#: Methods of the space without a continuous parameter (one point each, as in the grid).
+POINTS = ("linear", "nuslerp", "model_stock")
+SPACE_METHODS = (*FAMILIES, *POINTS)
+
+#: mergekit-evolve's genome (mergekit/evo/genome.py): the parameters per model of each method, in genome order.
+GENOME_PARAMS = {"ties": ("weight", "density"), "task_arithmetic": ("weight",)}
+CMA_METHODS = {"cma-ties": "ties", "cma-ta": "task_arithmetic"}
+SIGMA0 = 1 / 6           # mergekit-evolve's --sigma0 default
+#: Policy snapshots of ours' runs: each run's state home is thrown away after it, so persisting the policy after
+#: every update (the engine's default, for crash safety) would only cost time; decisions are the same.
+SNAPSHOT_EVERY = 10_000
+MIN_DENSITY = 1e-3       # our density is in (0, 1]; mergekit's clip to [0, 1] could give 0
+WEIGHT_MAX = 10.0        # our weights' bound (methods.base.SCALE_BOUNDS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# candidates and the metric
+
+
+def _round(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return v
+    return round(float(v), 3)
+
+
+def canonical_params(method: str, params: dict) -> dict:
+    """The method's full parameter dict (defaults filled, values checked) with every number rounded to 1e-3; a
+    per-model parameter may be a list (one value per model)."""
+    from simmerge_bandit.methods import get_method
+
+    spec = get_method(method)
+    out = spec.defaults()
+    for k, v in params.items():
+        p = spec.param(k)
+        out[k] = [p.coerce(_round(x)) for x in v] if isinstance(v, (list, tuple)) else p.coerce(_round(v))
+    return {k: _round(v) if not isinstance(v, list) else v for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One merge: the models in order (the first is slerp's base), the method and its parameters."""
+
+    models: tuple[str, ...]
+    method: str
+    params_json: str
+
+    @classmethod
+    def of(cls, models: Sequence[str], method: str, params: dict) -> "Candidate":
+        return cls(tuple(models), method, json.dumps(canonical_params(method, params), sort_keys=True))
+
+    @property
+    def params(self) -> dict:
+        return json.loads(self.params_json)
+
+    def merge_seed(self) -> int:
+        h = hashlib.blake2b(json.dumps([self.models, self.method, self.params_json]).encode(), digest_size=8)
+        return int.from_bytes(h.digest(), "little") >> 33
+
+    def as_json(self) -> dict:
+        return {"models": list(self.models), "method": self.method, "params": self.params}
+
+
+def aggregate(scores: dict[str, float | None], weights: dict[str, float], refs: dict[str, float]) -> float:
+    """Weighted mean over the target's tasks of clip(raw / reference, 0, 2); a failed evaluation counts 0."""
+    total = 0.0
+    for t, w in weights.items():
+        s = scores.get(t)
+        if s is None or not math.isfinite(s):
+            continue
+        total += w * (min(max(s / refs[t], 0.0), 2.0) if refs[t] > 0 else (1.0 if s <= 0 else 2.0))
+    return total
+
+
+def best_so_far(rewards: Sequence[float]) -> list[float]:
+    out, best = [], -math.inf
+    for r in rewards:
+        best = max(best, r)
+        out.append(best)
+    return out
+
+
+def evals_to_reach(curve: Sequence[float], level: float) -> int | None:
+    """1-based number of evaluations after which the best-so-far ``curve`` is at least ``level`` (None: never)."""
+    for i, v in enumerate(curve):
+        if v >= level - 1e-12:
+            return i + 1
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the search space of a target (shared by ours' families, random search and Optuna) and mergekit-evolve's genome
+
+
+@dataclass
+class Space:
+    """Ordered pairs of experts sharing a base, at least one tagged with a target task (the engine's rule,
+    ``Engine.pairs``), times the methods of :data:`SPACE_METHODS` with the ranges of :data:`FAMILIES`."""
+
+    pairs: list[tuple[str, str]]
+    methods: tuple[str, ...] = SPACE_METHODS
+
+    @classmethod
+    def of(cls, manifest: dict, tasks: Sequence[str]) -> "Space":
+        experts = [m for m in manifest["models"] if m["base"] is not None]
+        tagged = {m["name"] for m in experts if set(m["tasks"]) & set(tasks)}
+        pairs = [(a["name"], b["name"]) for a in experts for b in experts
+                 if a["name"] != b["name"] and a["base"] == b["base"]
+                 and (not tagged or a["name"] in tagged or b["name"] in tagged)]
+        return cls(pairs)
+
+    def candidate(self, pair: tuple[str, str], method: str, values: dict) -> Candidate:
+        return Candidate.of(pair, method, {**FIXED.get(method, {}), **values})
+
+    def sample(self, rng) -> Candidate:
+        """Uniform: a pair, a method, each parameter uniform in its range."""
+        pair = self.pairs[int(rng.integers(len(self.pairs)))]
+        method = self.methods[int(rng.integers(len(self.methods)))]
+        values = {p: float(rng.uniform(lo, hi)) for p, (lo, hi) in FAMILIES.get(method, {}).items()}
+        return self.candidate(pair, method, values)
+
+    def suggest(self, trial) -> Candidate:
+        """Optuna's define-by-run encoding: categorical pair and method, the method's parameters conditional."""
+        key = trial.suggest_categorical("pair", [f"{a}|{b}" for a, b in self.pairs])
+        method = trial.suggest_categorical("method", list(self.methods))
+        values = {p: trial.suggest_float(f"{method}.{p}", lo, hi) for p, (lo, hi) in FAMILIES.get(method, {}).items()}
+        return self.candidate(tuple(key.split("|")), method, values)
+
+
+@dataclass
+class Genome:
+    """mergekit-evolve's genome for one method over ``models`` (layer_granularity 0, no filters): a flat vector
+    of ``len(models) * len(GENOME_PARAMS[method])`` values, model-major, weight first."""
+
+    models: list[str]
+    method: str
+
+    @property
+    def n_params(self) -> int:
+        return len(GENOME_PARAMS[self.method])
+
+    def x0(self) -> list[float]:
+        """mergekit-evolve's non-random initial genotype: weights 1/n, densities 1."""
+        n = len(self.models)
+        return [1 / n if j == 0 else 1.0 for _ in range(n) for j in range(self.n_params)]
+
+    def decode(self, x: Sequence[float]) -> Candidate:
+        n, k = len(self.models), self.n_params
+        if len(x) != n * k:
+            raise ValueError(f"genotype of {len(x)} values for {n} models x {k} parameters")
+        params: dict = {}
+        for j, name in enumerate(GENOME_PARAMS[self.method]):
+            vals = [abs(float(x[i * k + j])) for i in range(n)]
+            if name == "density":
+                vals = [min(max(round(v, 3), MIN_DENSITY), 1.0) for v in vals]
+            else:
+                vals = [min(v, WEIGHT_MAX) for v in vals]
+            params[name] = vals
+        # mergekit-evolve's default: normalize for ties / dare_ties / linear, not for task arithmetic
+        params["normalize"] = self.method in ("ties", "dare_ties", "linear")
+        return Candidate.of(self.models, self.method, params)
+
+
+def target_experts(manifest: dict, tasks: Sequence[str]) -> list[str]:
+    return [m["name"] for m in manifest["models"] if m["base"] is not None and set(m["tasks"]) & set(tasks)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# live evaluation with an on-disk cache
+
+
+class Evaluator:
+    """Merges candidates in memory and scores them with exact match on the zoo's eval sets; caches each
+    (candidate, task) score in a JSON-lines file."""
+
+    def __init__(self, zoo_dir: str | os.PathLike, cache_path: str | os.PathLike, *, limit: int | None = None):
+        from simmerge_bandit.tokenizer import char_tokenizer
+        from simmerge_bandit.zoo import Arch, _fresh_model, _read_jsonl, load_manifest, load_state
+
+        self.manifest = load_manifest(zoo_dir)
+        root = Path(self.manifest["root"])
+        self.by_name = {m["name"]: m for m in self.manifest["models"]}
+        self.evals = {t["name"]: _read_jsonl(root / t["eval"])[:limit] for t in self.manifest["tasks"]}
+        self.states = {m["name"]: load_state(root / m["path"]) for m in self.manifest["models"]}
+        self.tok = char_tokenizer()
+        self.shell = _fresh_model(Arch(**self.manifest["arch"]), 0)
+        self.shell.eval()
+        self.limit = limit
+        self.path = Path(cache_path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.cache: dict[str, float | None] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by an interrupted run
+                self.cache[rec["k"]] = rec["s"]
+        self.hits = self.misses = self.failures = 0
+        self.merge_s = self.eval_s = 0.0
+
+    def _key(self, c: Candidate, task: str) -> str:
+        return hashlib.blake2b(json.dumps([self.manifest["key"], self.limit, c.models, c.method, c.params_json,
+                                           c.merge_seed(), task]).encode(), digest_size=16).hexdigest()
+
+    def refs(self) -> dict[str, float]:
+        """Per task, the best raw score of any catalog model (the manifest's scores on the full eval set)."""
+        if self.limit is None:
+            return {t: max(m["scores"][t] for m in self.manifest["models"]) for t in self.evals}
+        from simmerge_bandit.evaluators.exact_match import exact_match_score
+
+        out = {}
+        for t, rows in self.evals.items():
+            best = 0.0
+            for m in self.manifest["models"]:
+                self.shell.load_state_dict(self.states[m["name"]], strict=False)
+                best = max(best, exact_match_score(self.shell, self.tok, rows)[0])
+            out[t] = best
+        return out
+
+    def scores(self, c: Candidate, tasks: Sequence[str]) -> dict[str, float | None]:
+        """Raw exact-match score of the merge on each task (None: the merge failed)."""
+        from simmerge_bandit.evaluators.exact_match import exact_match_score
+        from simmerge_bandit.methods import get_method
+        from simmerge_bandit.zoo import _merge_states
+
+        keys = {t: self._key(c, t) for t in tasks}
+        todo = [t for t in tasks if keys[t] not in self.cache]
+        self.hits += len(tasks) - len(todo)
+        if todo:
+            self.misses += len(todo)
+            t0 = time.perf_counter()
+            try:
+                base = self.by_name[c.models[0]]["base"]
+                merged = _merge_states(get_method(c.method), {"params": c.params},
+                                       [self.states[n] for n in c.models], self.states[base], c.merge_seed())
+                self.shell.load_state_dict(merged, strict=False)
+                ok = True
+            except Exception as e:  # noqa: BLE001 - a merge that fails scores nothing; counted and reported
+                ok = False
+                self.failures += 1
+                print(f"merge failed: {c.as_json()}: {type(e).__name__}: {e}", file=sys.stderr)
+            self.merge_s += time.perf_counter() - t0
+            with self.path.open("a") as f:
+                for t in todo:
+                    t1 = time.perf_counter()
+                    s = exact_match_score(self.shell, self.tok, self.evals[t])[0] if ok else None
+                    self.eval_s += time.perf_counter() - t1
+                    self.cache[keys[t]] = s
+                    f.write(json.dumps({"k": keys[t], "s": s}) + "\n")
+        return {t: self.cache[keys[t]] for t in tasks}
+
+
+@dataclass
+class TargetCase:
+    key: str
+    weights: dict[str, float]
+    split: int
+    train_tasks: list[str]
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(self.weights)
+
+
+@dataclass
+class Run:
+    """One method's run on one target: every evaluation in order."""
+
+    rewards: list[float] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)
+
+    def add(self, c: Candidate, reward: float) -> None:
+        self.candidates.append(c)
+        self.rewards.append(reward)
+
+
+Objective = Callable[[Candidate], float]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the peers
+
+
+def run_random(space: Space, objective: Objective, budget: int, seed: int) -> Run:
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 16])
+    run = Run()
+    for _ in range(budget):
+        c = space.sample(rng)
+        run.add(c, objective(c))
+    return run
+
+
+def run_optuna(space: Space, objective: Objective, budget: int, seed: int) -> Run:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    run = Run()
+    for _ in range(budget):
+        trial = study.ask()
+        c = space.suggest(trial)
+        r = objective(c)
+        study.tell(trial, r)
+        run.add(c, r)
+    return run
+
+
+def run_cma(genome: Genome, objective: Objective, budget: int, seed: int) -> Run:
+    """CMA-ES as mergekit-evolve runs it (``cma.fmin2`` with a parallel objective, minimizing the negated score),
+    through ask/tell so that evaluations are counted one by one; the last generation is cut at the budget."""
+    import cma
+
+    es = cma.CMAEvolutionStrategy(genome.x0(), SIGMA0, {"seed": seed + 1, "verbose": -9, "maxfevals": budget})
+    run = Run()
+    while len(run.rewards) < budget:
+        xs = es.ask()
+        fs = []
+        for x in xs:
+            if len(run.rewards) >= budget:
+                break
+            c = genome.decode(x)
+            r = objective(c)
+            run.add(c, r)
+            fs.append(-r)
+        if len(fs) < len(xs):
+            break
+        es.tell(xs, fs)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ours: the engine's search loop
+
+
+class Ours:
+    """The engine in a fresh state home per run: the zoo registered with its grid operators and the families of
+    :data:`FAMILIES`, signatures computed once, the predictor fitted on the training tasks' rows of the merge
+    table (per split and seed), then ``run_search`` with an evaluate that scores like every other method."""
+
+    def __init__(self, zoo_dir: Path, table_path: Path, work: Path):
+        from simmerge_bandit.zoo import load_manifest
+
+        self.zoo_dir, self.table_path, self.work = zoo_dir, table_path, work
+        self.scores = {m["name"]: m["scores"] for m in load_manifest(zoo_dir)["models"]}
+        self.families: list[str] = []
+        self.policy: str | None = None
+        self._homes: dict = {}
+
+    def _template(self) -> Path:
+        home = self.work / "template"
+        if (home / ".done").exists():
+            self.families = json.loads((home / ".done").read_text())
+            return home
+        from simmerge_bandit.catalog import Catalog
+        from simmerge_bandit.store import Store
+        from simmerge_bandit.zoo import register_zoo
+
+        shutil.rmtree(home, ignore_errors=True)
+        store = Store.open(home)
+        try:
+            register_zoo(store, self.zoo_dir)
+            cat = Catalog(store)
+            self.families = []
+            for method, ranges in FAMILIES.items():
+                if add_family(cat, f"{method}_range", method, ranges, FIXED.get(method, {})):
+                    self.families.append(f"{method}_range")
+            record_known_scores(store, self.zoo_dir)
+            # every model's signature on every task's probes, once for all the copies of this home
+            from simmerge_bandit import signals
+
+            signals.ensure_signatures(store, [m["name"] for m in cat.models()], [t["name"] for t in cat.tasks()])
+        finally:
+            store.close()
+        (home / ".done").write_text(json.dumps(self.families))
+        return home
+
+    def home(self, case: TargetCase, seed: int) -> Path:
+        """A state home with the predictor fitted on the split's training tasks with ``seed``."""
+        key = (case.split, seed)
+        if key not in self._homes:
+            import pandas as pd
+
+            from simmerge_bandit.engine import Engine, EngineConfig
+            from simmerge_bandit.store import Store
+
+            home = self.work / f"split{case.split}-seed{seed}"
+            shutil.rmtree(home, ignore_errors=True)
+            shutil.copytree(self._template(), home)
+            df = pd.read_parquet(self.table_path)
+            table = self.work / f"train-split{case.split}.parquet"
+            df[df["task"].isin(case.train_tasks)].to_parquet(table)
+            store = Store.open(home)
+            try:
+                Engine(store, EngineConfig(seed=seed)).fit_predictor(table=str(table), objective="target")
+            finally:
+                store.close()
+            self._homes[key] = home
+        return self._homes[key]
+
+    def run(self, case: TargetCase, objective_of_spec: Callable[[dict], tuple[Candidate, float, dict]],
+            budget: int, seed: int) -> Run:
+        from simmerge_bandit.engine import Engine, EngineConfig
+        from simmerge_bandit.search import default_policy, run_search
+        from simmerge_bandit.store import Store
+        from simmerge_bandit.target import Target
+
+        home = self.work / "run"
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.copytree(self.home(case, seed), home)
+        run = Run()
+
+        def evaluate(spec: dict) -> dict:
+            c, reward, scores = objective_of_spec(spec)
+            run.add(c, reward)
+            known = {t: {m["name"]: self.scores[m["name"]][t] for m in spec["models"]} for t in scores}
+            raw = sum(case.weights[t] * (scores[t] or 0.0) for t in scores)
+            return {"scores": scores, "reward": reward, "score": raw, "source_scores": known}
+
+        store = Store.open(home)
+        try:
+            engine = Engine(store, EngineConfig(seed=seed, snapshot_every=SNAPSHOT_EVERY))
+            self.policy = default_policy(engine)
+            run_search(engine, Target.of(case.tasks, case.weights), budget, evaluate=evaluate)
+        finally:
+            store.close()
+        return run
+
+
+def add_family(cat, name: str, method: str, ranges: dict, fixed: dict) -> bool:
+    """Register a family operator (a method with parameter ranges) in the catalog; False when this engine has no
+    families yet (then ours searches the grid operators alone, and the results say so)."""
+    import inspect
+
+    if "ranges" not in inspect.signature(cat.add_operator).parameters:
+        return False
+    cat.add_operator(name, method, fixed, ranges={p: tuple(r) for p, r in ranges.items()})
+    return True
+
+
+def record_known_scores(store, zoo_dir: Path) -> None:
+    """Every zoo model's raw score on every task (the manifest's, on the full eval sets) as the catalog's known
+    evaluations: what a team knows of its own checkpoints before merging any (and what the aggregate score's
+    reference is taken from)."""
+    from simmerge_bandit.catalog import Catalog
+    from simmerge_bandit.zoo import load_manifest
+
+    cat = Catalog(store)
+    tasks = {t["name"]: cat.task(t["name"]) for t in load_manifest(zoo_dir)["tasks"]}
+    with store.transaction():
+        for m in load_manifest(zoo_dir)["models"]:
+            fp = cat.model(m["name"])["fingerprint"]
+            for t, score in m["scores"].items():
+                store.execute("INSERT OR REPLACE INTO evaluations (fingerprint, task, data_hash, metric, score) "
+                              "VALUES (?,?,?,?,?)", [fp, t, tasks[t]["data_hash"], tasks[t]["metric"], score])
+        cat.bump()
+
+
+def spec_candidate(spec: dict) -> Candidate:
+    """The candidate of an engine job spec (``pipeline.job_spec``): its models and its (single) step."""
+    if len(spec["steps"]) != 1:
+        raise ValueError("the benchmark scores single-step merges only")
+    step = spec["steps"][0]
+    return Candidate.of([m["name"] for m in spec["models"]], step["method"], step["params"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# targets and summaries
+
+
+def splits_of(tasks: list[str], k: int) -> list[list[str]]:
+    """k held-out sets that together hold out every task exactly once (as benchmarks/bench_decision.py)."""
+    return [tasks[i::k] for i in range(k)]
+
+
+def target_cases(tasks: list[str], k: int) -> list[TargetCase]:
+    """Per split: each held-out task alone, then the held-out tasks together (equal weights)."""
+    out = []
+    for i, hold in enumerate(splits_of(tasks, k)):
+        train = [t for t in tasks if t not in hold]
+        for t in hold:
+            out.append(TargetCase(t, {t: 1.0}, i, train))
+        if len(hold) > 1:
+            w = 1 / len(hold)
+            out.append(TargetCase(",".join(f"{t}={w:.6g}" for t in sorted(hold)), {t: w for t in hold}, i, train))
+    return out
+
+
+def _median(xs: Sequence[float]) -> float | None:
+    import numpy as np
+
+    xs = [x for x in xs if x is not None]
+    return float(np.median(xs)) if xs else None
+
+
+def summarize(per_target: dict, budgets: Sequence[int], horizon: int) -> dict:
+    """Figures per method from ``per_target[key] = {"reference": r, "runs": {method: [rewards per seed]}}``.
+
+    - ``ratio[B]``: per target, the mean over seeds of best-after-B / reference; then the median and mean over
+      targets (and the per-target values);
+    - ``evals_to[level]``: per target, the median over seeds of the evaluations needed to reach level x the
+      reference within ``horizon`` (None = not within it in half of the seeds or more), and the share of runs
+      that reached it;
+    - ``curve``: the mean over targets and seeds of best-so-far / reference after 1..horizon evaluations, with the
+      10% and 90% quantiles over seeds of the mean over targets;
+    - ``speedup``: the best peer (highest pooled curve at ``horizon``) reaches level L there after n_peer
+      evaluations (first point of its pooled curve at L); ours after n_ours; speedup = n_peer / n_ours.
+    """
+    import numpy as np
+
+    methods = sorted({m for v in per_target.values() for m in v["runs"]}, key=lambda m: METHODS.index(m)
+                     if m in METHODS else 99)
+    out: dict = {"methods": {}}
+    for m in methods:
+        ratio = {}
+        for b in budgets:
+            vals = {k: float(np.mean([best_so_far(r[:b])[-1] / v["reference"] for r in v["runs"][m]]))
+                    for k, v in per_target.items() if m in v["runs"]}
+            ratio[str(b)] = {"median": _median(list(vals.values())), "mean": float(np.mean(list(vals.values()))),
+                             "per_target": vals}
+        evals_to = {}
+        for level in LEVELS:
+            med, reached = {}, {}
+            for k, v in per_target.items():
+                if m not in v["runs"]:
+                    continue
+                n = [evals_to_reach(best_so_far(r[:horizon]), level * v["reference"]) for r in v["runs"][m]]
+                reached[k] = sum(x is not None for x in n) / len(n)
+                med[k] = _median_censored(n)
+            evals_to[f"{level:.2f}"] = {"median_per_target": med, "reached_share": reached,
+                                        "median_over_targets": _median_censored(list(med.values())),
+                                        "reached_share_mean": float(np.mean(list(reached.values())))}
+        curves = []  # [seed][target][eval]
+        keys = [k for k, v in per_target.items() if m in v["runs"]]
+        n_seeds = min(len(per_target[k]["runs"][m]) for k in keys)
+        for s in range(n_seeds):
+            curves.append([[x / per_target[k]["reference"] for x in
+                            _pad(best_so_far(per_target[k]["runs"][m][s][:horizon]), horizon)] for k in keys])
+        arr = np.array(curves)  # seeds x targets x evals
+        pooled = arr.mean(axis=1)  # seeds x evals
+        out["methods"][m] = {"ratio": ratio, "evals_to": evals_to,
+                             "curve": {"mean": arr.mean(axis=(0, 1)).tolist(),
+                                       "q10": np.quantile(pooled, 0.1, axis=0).tolist(),
+                                       "q90": np.quantile(pooled, 0.9, axis=0).tolist()}}
+    out["speedup"] = _speedup(out["methods"], horizon)
+    return out
+
+
+def _pad(curve: list[float], n: int) -> list[float]:
+    return curve + [curve[-1]] * (n - len(curve))
+
+
+def _median_censored(xs: list[int | None]) -> int | float | None:
+    """Median where None means 'more than the horizon' (sorted after every number)."""
+    if not xs:
+        return None
+    order = sorted(xs, key=lambda x: math.inf if x is None else x)
+    n = len(order)
+    lo, hi = order[(n - 1) // 2], order[n // 2]
+    if lo is None or hi is None:
+        return None
+    return (lo + hi) / 2
+
+
+def _speedup(methods: dict, horizon: int) -> dict | None:
+    peers = [p for p in PEERS if p in methods]
+    if "ours" not in methods or not peers:
+        return None
+    best = max(peers, key=lambda p: methods[p]["curve"]["mean"][horizon - 1])
+    level = methods[best]["curve"]["mean"][horizon - 1]
+    n_peer = evals_to_reach(methods[best]["curve"]["mean"], level)
+    n_ours = evals_to_reach(methods["ours"]["curve"]["mean"], level)
+    return {"best_peer": best, "level": level, "peer_evals": n_peer, "ours_evals": n_ours,
+            "speedup": None if n_ours is None else n_peer / n_ours}
+
+
+def goals(summary: dict) -> dict:
+    ours = summary["methods"].get("ours")
+    if ours is None:
+        return {}
+    at10 = ours["ratio"].get("10", {}).get("median")
+    sp = summary.get("speedup") or {}
+    return {"ours_at_10_median": at10, "ours_at_10_met": at10 is not None and at10 >= GOALS["ours_at_10_min"],
+            "speedup": sp.get("speedup"),
+            "speedup_met": sp.get("speedup") is not None and sp["speedup"] >= GOALS["speedup_min"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report
+
+
+def markdown_table(res: dict) -> str:
+    """The benchmark page's tables (docs/search.md), from the results JSON alone."""
+    s = res["summary"]
+    budgets = [str(b) for b in res["budgets"]]
+    rows = ["| method | " + " | ".join(f"B = {b}" for b in budgets) + " | evals to 90% | evals to 95% |",
+            "|---|" + "---:|" * (len(budgets) + 2)]
+
+    def ev(m, level):
+        e = s["methods"][m]["evals_to"][level]
+        med = e["median_over_targets"]
+        text = f"> {res['horizon']}" if med is None else f"{med:g}"
+        return f"{text} ({e['reached_share_mean']:.0%} of runs)"
+
+    for m in s["methods"]:
+        r = s["methods"][m]["ratio"]
+        rows.append(f"| {m} | " + " | ".join(f"{r[b]['median']:.3f}" for b in budgets) +
+                    f" | {ev(m, '0.90')} | {ev(m, '0.95')} |")
+    rows += ["", "Best aggregate score after B evaluations / the target's reference: per target the mean over "
+             f"{res['seeds']} seeds, then the median over {len(res['targets'])} held-out targets. Evaluations "
+             f"to reach 90% / 95% of the reference: median over targets of the per-target median over seeds "
+             f"(within {res['horizon']}), and the share of runs that reached it."]
+    sp = s.get("speedup")
+    g = res.get("goals") or {}
+    if sp:
+        ours_n = sp["ours_evals"] if sp["ours_evals"] is not None else f"more than {res['horizon']}"
+        speed = f"x{sp['speedup']:.1f} fewer" if sp["speedup"] else "no speed-up"
+        rows += ["", f"Goals: at B = 10 ours reaches {g['ours_at_10_median']:.3f} of the reference (goal >= "
+                 f"{GOALS['ours_at_10_min']:.2f}: {'met' if g['ours_at_10_met'] else 'not met'}). The best peer at "
+                 f"B = {res['horizon']}, {sp['best_peer']}, reaches {sp['level']:.3f} (pooled mean curve) after "
+                 f"{sp['peer_evals']} evaluations; ours reaches it after {ours_n} ({speed}; goal: at most a third, "
+                 f"{'met' if g['speedup_met'] else 'not met'})."]
+    rows += ["", "| target | split | reference | found by | " + " | ".join(f"{m} B=10" for m in s["methods"]) + " |",
+             "|---|---:|---:|---|" + "---:|" * len(s["methods"])]
+    for t in res["targets"]:
+        k = t["key"]
+        rows.append(f"| {k} | {t['split']} | {t['reference']:.3f} | {t['reference_method']} | " +
+                    " | ".join(f"{s['methods'][m]['ratio']['10']['per_target'][k]:.3f}"
+                               if k in s["methods"][m]["ratio"].get("10", {}).get("per_target", {}) else "-"
+                               for m in s["methods"]) + " |")
+    m = res["machine"]
+    rows += ["", f"Peers: optuna {res['versions']['optuna']}, cma {res['versions']['cma']}. Zoo "
+             f"`{res['zoo']['preset']}` (seed {res['zoo']['seed']}); {res['evaluations']['computed']:,} merge "
+             f"evaluations computed, {res['evaluations']['cached']:,} served from the cache, "
+             f"{res['evaluations']['failed']} failed merges; {res['wall_s'] / 60:.0f} min on {m['cpus']} CPU cores "
+             f"(load average {m['load_before'][0]:.1f} before)."]
+    return "\n".join(rows)
+
+
+def dumps(res: dict) -> str:
+    """JSON with lists of numbers on one line each (the runs would otherwise take one line per evaluation)."""
+    import re
+
+    text = json.dumps(res, indent=1)
+    return re.sub(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]",
+                  lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = res["summary"]["methods"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, v in s.items():
+        c = v["curve"]
+        x = list(range(1, len(c["mean"]) + 1))
+        ax.plot(x, c["mean"], label=m, lw=2 if m == "ours" else 1.2)
+        ax.fill_between(x, c["q10"], c["q90"], alpha=0.15)
+    for b in res["budgets"]:
+        ax.axvline(b, color="grey", lw=0.5, ls=":")
+    ax.axhline(GOALS["ours_at_10_min"], color="grey", lw=0.5, ls="--")
+    ax.set_xlabel("evaluations (merge + evaluate)")
+    ax.set_ylabel("best aggregate score / reference")
+    ax.set_title(f"Best-so-far on {len(res['targets'])} held-out targets ({res['zoo']['preset']} zoo), "
+                 f"mean; bands: 10-90% over {res['seeds']} seeds", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# main
+
+
+def main(argv: Sequence[str] | None = None) -> None:  # noqa: C901
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--zoo", help="the built zoo directory (default: the realistic zoo in the demo's cache)")
+    ap.add_argument("--merge-table", help="the zoo's full merge table (Parquet) the predictor is fitted on "
+                                          "(default: built with zoo.build_table and cached)")
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
+    ap.add_argument("--reference-budget", type=int, default=REFERENCE_BUDGET)
+    ap.add_argument("--splits", type=int, default=3, help="task splits; each task is held out in exactly one")
+    ap.add_argument("--targets", nargs="+", help="only these target keys (default: every held-out target)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--cache", help="evaluation cache (JSON lines; default in the demo's cache dir)")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N examples of each task")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 targets, 2 seeds, budgets 5 10, "
+                                                         "reference 20, 40 examples per task")
+    ap.add_argument("--out", default=str(RESULTS / "search.json"))
+    ap.add_argument("--plot", default=str(RESULTS / "search.png"))
+    ap.add_argument("--table", action="store_true", help="print the benchmark page's tables from --out and exit")
+    args = ap.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(Path(args.out).read_text())))
+        return
+    if args.quick:
+        args.seeds, args.budgets, args.reference_budget = 2, [5, 10], 20
+        args.limit = args.limit or 40
+        if args.out == str(RESULTS / "search.json"):
+            args.out, args.plot = "/tmp/search-quick.json", "/tmp/search-quick.png"
+
+    import cma
+    import optuna
+
+    from simmerge_bandit.demo import cache_dir
+    from simmerge_bandit.zoo import build_zoo, default_operators, deterministic, load_manifest
+
+    t_start = time.time()
+    load_before = os.getloadavg()
+    zoo_dir = Path(args.zoo) if args.zoo else cache_dir() / "zoo-realistic-seed0"
+    if not (zoo_dir / "zoo.json").exists():
+        build_zoo(zoo_dir, "realistic", 0)
+    manifest = load_manifest(zoo_dir)
+    tasks = [t["name"] for t in manifest["tasks"]]
+    cases = target_cases(tasks, args.splits)
+    if args.targets:
+        unknown = set(args.targets) - {c.key for c in cases}
+        if unknown:
+            ap.error(f"unknown target(s) {sorted(unknown)}; held-out targets: {[c.key for c in cases]}")
+        cases = [c for c in cases if c.key in args.targets]
+    elif args.quick:
+        cases = [cases[0], next(c for c in cases if len(c.weights) > 1)]
+    horizon = max(args.budgets)
+    ref_budget = max(args.reference_budget, horizon)
+    cache = Path(args.cache) if args.cache else cache_dir() / f"search-evals-{manifest['key']}.jsonl"
+    ev = Evaluator(zoo_dir, cache, limit=args.limit)
+    refs = ev.refs()
+
+    ours = None
+    work = Path(tempfile.mkdtemp(prefix="simmerge-bench-search-"))
+    if "ours" in args.methods:
+        table = Path(args.merge_table) if args.merge_table else None
+        if table is None:
+            table = cache_dir() / f"merge-table-{manifest['key']}.parquet"
+            if not table.exists():
+                from simmerge_bandit.zoo import build_table
+
+                print("building the zoo's merge table for the predictor (cached)", flush=True)
+                build_table(zoo_dir).to_parquet(table)
+        ours = Ours(zoo_dir, table, work)
+
+    per_target: dict = {}
+    best_of: dict = {}  # target key -> (reward, candidate, method)
+    with deterministic(1):
+        for case in cases:
+            t0 = time.time()
+            space = Space.of(manifest, case.tasks)
+            experts = target_experts(manifest, case.tasks)
+
+            def objective(c: Candidate, case=case) -> float:
+                return aggregate(ev.scores(c, case.tasks), case.weights, refs)
+
+            def objective_of_spec(spec: dict, case=case):
+                c = spec_candidate(spec)
+                scores = ev.scores(c, case.tasks)
+                return c, aggregate(scores, case.weights, refs), scores
+
+            runs: dict[str, list[list[float]]] = {}
+            for m in args.methods:
+                if m in CMA_METHODS and len(experts) < 2:
+                    print(f"{case.key}: {m} needs at least two experts of the target (has {experts}); skipped")
+                    continue
+                runs[m] = []
+                for seed in range(args.seeds):
+                    n = ref_budget if seed == 0 else horizon
+                    if m == "random":
+                        run = run_random(space, objective, n, seed)
+                    elif m == "optuna":
+                        run = run_optuna(space, objective, n, seed)
+                    elif m in CMA_METHODS:
+                        run = run_cma(Genome(experts, CMA_METHODS[m]), objective, n, seed)
+                    else:
+                        run = ours.run(case, objective_of_spec, n, seed)
+                    runs[m].append(run.rewards)
+                    i = max(range(len(run.rewards)), key=run.rewards.__getitem__)
+                    if run.rewards[i] > best_of.get(case.key, (-math.inf,))[0]:
+                        best_of[case.key] = (run.rewards[i], run.candidates[i], m)
+                    print(f"{case.key:24s} {m:9s} seed {seed}: best@{horizon} "
+                          f"{best_so_far(run.rewards[:horizon])[-1]:.3f}  best@{n} {run.rewards[i]:.3f}  "
+                          f"({ev.misses} computed, {ev.hits} cached, {time.time() - t_start:.0f}s)", flush=True)
+            reference, best_c, by = best_of[case.key]
+            per_target[case.key] = {"reference": reference, "runs": runs}
+            print(f"{case.key}: reference {reference:.3f} ({by}: {best_c.as_json()}) in {time.time() - t0:.0f}s",
+                  flush=True)
+
+    summary = summarize(per_target, args.budgets, horizon)
+    res = {
+        "benchmark": "search", "budgets": args.budgets, "horizon": horizon, "reference_budget": ref_budget,
+        "seeds": args.seeds, "splits": splits_of(tasks, args.splits), "limit": args.limit,
+        "zoo": {"preset": manifest["preset"], "seed": manifest["seed"], "key": manifest["key"],
+                "dir": str(zoo_dir)},
+        "families": {m: {p: list(r) for p, r in v.items()} for m, v in FAMILIES.items()},
+        "fixed": FIXED, "points": list(POINTS), "task_references": refs,
+        "ours": None if ours is None else {"families": ours.families, "policy": ours.policy,
+                                           "grid": [o["name"] for o in default_operators(manifest["preset"])]},
+        "targets": [{"key": c.key, "weights": c.weights, "split": c.split, "train_tasks": c.train_tasks,
+                     "pairs": len(Space.of(manifest, c.tasks).pairs),
+                     "experts": target_experts(manifest, c.tasks),
+                     "reference": per_target[c.key]["reference"], "reference_method": best_of[c.key][2],
+                     "reference_candidate": best_of[c.key][1].as_json()} for c in cases],
+        "runs": {k: {"reference": v["reference"], "runs": {m: [[round(x, 6) for x in r] for r in rs]
+                                                          for m, rs in v["runs"].items()}}
+                 for k, v in per_target.items()},
+        "summary": summary, "goals": goals(summary),
+        "versions": {"optuna": optuna.__version__, "cma": cma.__version__},
+        "evaluations": {"computed": ev.misses, "cached": ev.hits, "failed": ev.failures,
+                        "merge_s": round(ev.merge_s, 1), "eval_s": round(ev.eval_s, 1)},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_before": load_before, "load_after": os.getloadavg(),
+                    "note": "shared 2-core machine; other engineers' jobs may run at the same time"},
+        "wall_s": round(time.time() - t_start, 1),
+    }
+    Path(args.out).write_text(dumps(res))
+    plot(res, Path(args.plot))
+    shutil.rmtree(work, ignore_errors=True)
+    print(markdown_table(res))
+    print(f"wrote {args.out} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

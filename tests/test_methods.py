@@ -140,18 +140,46 @@ def test_sampled_selection_matches_exact_selection(monkeypatch):
 
 
 def test_rank_select_misled_sample_falls_back():
-    keys = torch.cat([torch.zeros(5000), torch.arange(5000.0)])
+    keys = torch.cat([torch.ones(5000), torch.arange(1.0, 5001.0)])  # 5001 entries tie at 1
     sample = torch.full((10000,), 7.0)  # a sample that says nothing about the data
-    sel = sparsify.RankSelect(keys.numel(), 2000, 9000, sample)
-    sel.observe(keys)
+    sel = sparsify.RankSelect(keys.numel(), 2000, 9000, sample, torch.float32)
+    sel.observe(0, keys)
     assert sel.finish() is False
-    sel = sparsify.RankSelect(keys.numel(), 2000, 9000, None)
-    sel.observe(keys)
-    assert sel.finish() is True
-    m = sel.mask(keys)
     ref = torch.zeros(keys.numel(), dtype=torch.bool)
     ref[torch.sort(keys, stable=True).indices[2000:9000]] = True
-    assert torch.equal(m, ref)
+    for chunk in (10_000, 1_500, 999):  # the tie group split across chunks, and cut inside one
+        sel = sparsify.RankSelect(keys.numel(), 2000, 9000, None, torch.float32)
+        parts = keys.split(chunk)
+        for ci, part in enumerate(parts):
+            sel.observe(ci, part)
+        assert sel.finish() is True
+        got = torch.cat([sel.select(ci, part) for ci, part in enumerate(parts)])
+        assert torch.equal(got != 0, ref), chunk
+        assert torch.equal(got[ref], keys[ref])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rank_select_chunks_match_a_stable_sort(dtype):
+    """Sampled and materialized selection, chunk by chunk, keep exactly the ranks a stable ascending sort of the
+    magnitudes gives, for TIES-like (top) and breadcrumbs-like (middle, bottom) rank ranges."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(40_000, generator=g) * 0.01).to(dtype)
+    x[::7] = 0  # zeros: the smallest magnitude, tied
+    mags = x.float().abs()
+    order = torch.sort(mags, stable=True).indices
+    for r_lo, r_hi in ((26_000, 40_000), (5_000, 39_000), (0, 30_000), (12_345, 12_346), (0, 40_000)):
+        ref = torch.zeros(x.numel(), dtype=torch.bool)
+        ref[order[r_lo:r_hi]] = True
+        for sample in (None, x[::3]):
+            sel = sparsify.RankSelect(x.numel(), r_lo, r_hi, sample, dtype)
+            parts = x.split(3_001)
+            for ci, part in enumerate(parts):
+                sel.observe(ci, part)
+            assert sel.finish()
+            got = torch.cat([sel.select(ci, part) for ci, part in enumerate(parts)])
+            kept = got != 0
+            assert torch.equal(kept, ref & (x != 0)), (r_lo, r_hi, sample is None)
+            assert torch.equal(got[kept], x[kept])
 
 
 def test_slerp_hand_computed_and_parallel_fallback():

@@ -50,34 +50,75 @@ def kernel(spec: MethodSpec, job: TensorJob) -> None:
         s.finish_scale()
         s.begin_pass()
 
-    cd = job.dtype
-    weights = torch.tensor([mp["weight"] for mp in job.model_params], dtype=cd, device=job.device)
-    w = weights.view(m, 1, 1)
+    cd, dev = job.dtype, job.device
+    acc = torch.float64 if cd == torch.float64 else torch.float32
+    weights = torch.tensor([mp["weight"] for mp in job.model_params], dtype=cd, device=dev)
+    ws = list(weights.unbind(0))
+    unit = [float(x) == 1.0 for x in ws]
     plain_divisor = weights.sum()
     if plain_divisor.abs() < 1e-8:
-        plain_divisor = torch.ones((), dtype=cd, device=job.device)
+        plain_divisor = torch.ones((), dtype=cd, device=dev)
+    positive = all(float(x) > 0 for x in ws)
     lam = glob["lambda"]
     for ci, (lo, hi) in enumerate(chunks):
         b = job.base_rows(lo, hi)
-        d = torch.empty((m, hi - lo, job.row_len), dtype=cd, device=job.device)
+        ds = []
         for i, s in enumerate(sps):
-            torch.sub(job.model_rows(i, lo, hi), b, out=d[i])
-            s.apply(ci, lo, hi, d[i])
-        d.mul_(w)
+            d = s.apply(ci, lo, hi, job.model_rows(i, lo, hi) - b)
+            ds.append(d if unit[i] else d * ws[i])
         if spec.consensus == "sum":
-            # sign(d) == majority  <=>  d * majority > 0 (majority is +-1, so the product is exact; 0 drops).
-            # (torch.where with scalars is several times slower on the CPU than these in-place forms.)
-            majority = (d.sum(dim=0) >= 0).to(cd).mul_(2).sub_(1)
-            keep = (d * majority) > 0
-            mixed = d.mul_(keep).sum(dim=0)
-            divisor = (w * keep).sum(dim=0)
-            divisor.masked_fill_(divisor == 0, 1)
+            mixed, divisor = _elect(ds, ws, unit, positive, glob["normalize"], cd, acc)
         else:
-            mixed = d.sum(dim=0)
-            divisor = plain_divisor
-        del d
+            mixed, divisor = _sum(ds, cd, acc), plain_divisor
+        del ds
         if glob["normalize"]:
-            mixed /= divisor
+            mixed = mixed / divisor
         if lam != 1:
             mixed *= lam
         job.write(lo, hi, b + mixed)
+
+
+def _sum(xs: list[torch.Tensor], cd: torch.dtype, acc: torch.dtype) -> torch.Tensor:
+    """mergekit's ``stack(xs).sum(dim=0)``: accumulated in float32 (in order) and rounded once to ``cd``. Two
+    terms need no accumulator: their sum in ``cd`` is that rounding. (Sums over the first dimension of a stacked
+    tensor are several times slower on the CPU than these additions.)"""
+    if len(xs) == 1:
+        return xs[0].to(cd)
+    if len(xs) == 2 and xs[0].dtype == xs[1].dtype:
+        return (xs[0] + xs[1]).to(cd)
+    total = xs[0].to(acc) + xs[1]
+    for x in xs[2:]:
+        total += x
+    return total.to(cd)
+
+
+def _elect(ds, ws, unit, positive, normalize, cd, acc):
+    """TIES sign election, as mergekit's ``get_mask(..., "sum")``: the majority sign is that of the sum of the
+    weighted deltas (0 counts as +); entries of the other sign, and zeros, are dropped; the divisor is the sum of
+    the weights of the entries kept (0 -> 1). Returns (mixed, divisor), both in ``cd``.
+
+    Written without boolean masks: with ``maj = copysign(1, sum)``, ``relu(d_i * maj)`` is ``|d_i|`` where
+    ``d_i`` is kept and 0 elsewhere, its sign is the keep indicator, and the kept sum is ``maj`` times the sum of
+    those magnitudes (exact: multiplying by +-1 and rounding commute).
+    """
+    maj = torch.copysign(torch.ones((), dtype=ds[0].dtype, device=ds[0].device), _sum(ds, cd, acc)
+                         if len(ds) < 3 else _sum_exact_sign(ds, acc))
+    kept = [(d * maj).clamp_(min=0) for d in ds]
+    mixed = _sum(kept, cd, acc) * maj.to(cd)
+    if not normalize:
+        return mixed, None
+    ind = [torch.sign(k) if u else torch.sign(k) * w for k, w, u in zip(kept, ws, unit)]
+    divisor = _sum(ind, cd, acc)
+    if positive:  # a zero divisor comes with a zero sum there: any positive divisor gives mergekit's 0 / 1
+        divisor.clamp_(min=torch.finfo(cd).tiny)
+    else:
+        divisor = torch.where(divisor == 0, torch.ones((), dtype=cd, device=divisor.device), divisor)
+    return mixed, divisor
+
+
+def _sum_exact_sign(ds, acc):
+    """The sum of three or more deltas in the accumulation dtype (its sign is mergekit's majority sign)."""
+    total = ds[0].to(acc) + ds[1]
+    for d in ds[2:]:
+        total += d
+    return total

@@ -32,150 +32,31 @@ import torch
 from ..errors import InvalidInput
 from .job import TensorJob, scalar, total
 
-#: Tensors up to this many elements get exact order statistics from the whole (materialized) key vector.
+#: Tensors up to this many elements get exact order statistics from the whole (materialized) magnitudes.
 EXACT_SELECT_MAX = 1 << 16
 #: Elements sampled (evenly strided) from larger tensors to bracket each order statistic.
 SAMPLE_SIZE = 1 << 16
 #: More candidates than this inside a bracket means the sample misled: fall back to the materialized path.
 MAX_CANDIDATES = 1 << 23
 _RESCALE_EPS = 1e-7
+_INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
+             torch.float64: torch.int64}
 
 
-class RankSelect:
-    """Keep the elements whose rank in ascending ``key`` order lies in ``[r_lo, r_hi)``, ties in index order.
+def below(v: float, dtype: torch.dtype) -> float:
+    """The largest value of ``dtype`` under ``v`` (>= 0), or -1 for ``v = 0``: ``|x| > below(v)`` is ``|x| >= v``
+    for every ``x`` of that dtype, so ``hardshrink(x, below(v))`` keeps the magnitudes from ``v`` up."""
+    if v <= 0:
+        return -1.0
+    t = torch.tensor(v, dtype=dtype)
+    if float(t) != v:  # pragma: no cover - thresholds are values of the tensor's own dtype
+        raise ValueError(f"{v!r} is not a {dtype} value")
+    return float((t.view(_INT_VIEW[dtype]) - 1).view(dtype))
 
-    Keys arrive in chunks, in index order, once per pass: :meth:`observe` during the statistics pass, then
-    :meth:`mask` during every later pass (after :meth:`reset`).
-    """
 
-    def __init__(self, n: int, r_lo: int, r_hi: int, sample: torch.Tensor | None):
-        self.n, self.r_lo, self.r_hi = n, max(0, r_lo), min(n, r_hi)
-        self.none = self.r_lo >= self.r_hi
-        self.all = self.r_lo == 0 and self.r_hi == n
-        self.targets = [] if (self.none or self.all) else \
-            ([self.r_lo] if self.r_lo > 0 else []) + ([self.r_hi - 1] if self.r_hi < n else [])
-        self._materialize = sample is None
-        self._keys: list[torch.Tensor] = []
-        self._brackets = []
-        if not self._materialize and self.targets:
-            s = torch.sort(sample.reshape(-1)).values
-            ms = s.numel()
-            for r in self.targets:
-                q = (r + 0.5) / n
-                j, spread = q * ms, 6.0 * math.sqrt(ms * q * (1 - q)) + 16
-                lo_i, hi_i = math.floor(j - spread), math.ceil(j + spread)
-                lo_v = float(s[lo_i]) if lo_i >= 0 else -math.inf
-                hi_v = float(s[hi_i]) if hi_i < ms else math.inf
-                self._brackets.append({"lo": lo_v, "hi": hi_v, "below": 0, "inside": []})
-        self.bounds: list[tuple[float, int, int]] = []
-        self.groups: list[dict] = []
-        self._cond_lo = self._cond_hi = None
-
-    @property
-    def needs_stats(self) -> bool:
-        return bool(self.targets)
-
-    def observe(self, keys: torch.Tensor) -> None:
-        if not self.targets:
-            return
-        keys = keys.reshape(-1)
-        if self._materialize:
-            self._keys.append(keys.clone())
-            return
-        for b in self._brackets:
-            lo, hi = b["lo"], b["hi"]
-            b["below"] += _count(keys < lo)
-            cand = keys[(keys >= lo) & (keys <= hi)]
-            b["inside"].append(cand)
-            b["n_inside"] = b.get("n_inside", 0) + cand.numel()
-            if b["n_inside"] > MAX_CANDIDATES:
-                raise _Misled
-
-    def finish(self) -> bool:
-        """Compute the order statistics. False when the sample's brackets missed (observe again, materialized)."""
-        if not self.targets:
-            self._build([])
-            return True
-        if not self._materialize:
-            stats = [self._from_bracket(b, r) for b, r in zip(self._brackets, self.targets)]
-            if any(s is None for s in stats):
-                return False
-        else:
-            keys = torch.cat(self._keys) if self._keys else torch.empty(0)
-            self._keys = []
-            stats = []
-            for r in self.targets:
-                v = float(torch.kthvalue(keys.cpu(), r + 1).values)
-                stats.append((v, _count(keys < v), _count(keys == v)))
-        self._build(stats)
-        return True
-
-    @staticmethod
-    def _from_bracket(b: dict, r: int):
-        """(value at rank r, count below it, count equal to it) from the bracket's candidates, or None."""
-        below = b["below"]
-        cand = torch.cat(b["inside"]) if b["inside"] else torch.empty(0)
-        b["inside"] = []
-        pos = r - below
-        if pos < 0 or pos >= cand.numel():
-            return None
-        v = float(torch.kthvalue(cand.cpu(), pos + 1).values)
-        # Every key equal to v lies inside the (inclusive) bracket, so these counts are exact.
-        lt, eq = _count(cand < v), _count(cand == v)
-        return v, below + lt, eq
-
-    def _build(self, stats: list[tuple[float, int, int]]) -> None:
-        a = z = None
-        it = iter(stats)
-        if self.targets and self.targets[0] == self.r_lo and self.r_lo > 0:
-            a = next(it)
-        if self.r_hi < self.n and not (self.none or self.all):
-            z = next(it)
-        self._cond_lo = a[0] if a else None
-        self._cond_hi = z[0] if z else None
-        groups = []
-        if a and z and a[0] == z[0]:
-            groups.append({"v": a[0], "j0": self.r_lo - a[1], "j1": self.r_hi - a[1], "n": a[2]})
-        else:
-            if a:
-                groups.append({"v": a[0], "j0": self.r_lo - a[1], "j1": a[2], "n": a[2]})
-            if z:
-                groups.append({"v": z[0], "j0": 0, "j1": self.r_hi - z[1], "n": z[2]})
-        self.groups = groups
-        self.reset()
-
-    def reset(self) -> None:
-        for g in self.groups:
-            g["seen"] = 0
-
-    def mask(self, keys: torch.Tensor) -> torch.Tensor | None:
-        """The keep-mask of the next chunk (None = keep everything)."""
-        if self.all:
-            return None
-        shape = keys.shape
-        keys = keys.reshape(-1)
-        if self.none:
-            return torch.zeros(shape, dtype=torch.bool, device=keys.device)
-        if self._cond_lo is not None and self._cond_hi is not None:
-            m = (keys > self._cond_lo) & (keys < self._cond_hi)
-        elif self._cond_lo is not None:
-            m = keys > self._cond_lo
-        else:
-            m = keys < self._cond_hi
-        for g in self.groups:
-            eq = keys == g["v"]
-            cnt = _count(eq)
-            s = g["seen"]
-            a, b = max(g["j0"] - s, 0), min(g["j1"] - s, cnt)
-            g["seen"] = s + cnt
-            if b <= a:
-                continue
-            if a == 0 and b == cnt:
-                m |= eq
-            else:
-                idx = eq.nonzero().reshape(-1)[a:b]
-                m[idx] = True
-        return m.view(shape)
+def _kept_above(d: torch.Tensor, v: float) -> torch.Tensor:
+    """``d`` where ``|d| > v``, else 0 (one elementwise pass; no boolean mask, which costs several times more)."""
+    return torch.nn.functional.hardshrink(d, v) if v >= 0 else d
 
 
 def _count(mask: torch.Tensor) -> int:
@@ -187,6 +68,171 @@ class _Misled(Exception):
     """The sample's brackets caught too many candidates; the selection restarts on the materialized path."""
 
 
+class RankSelect:
+    """Keep the elements whose rank in ascending magnitude order lies in ``[r_lo, r_hi)``, ties in index order.
+
+    Chunks of the (signed) values arrive in index order, once per pass: :meth:`observe` during the statistics
+    pass, then :meth:`finish`, then :meth:`select` of chunk ``ci`` in any later pass. A selected chunk is the
+    chunk with the dropped entries set to 0, computed with ``hardshrink`` (entries above a magnitude); only the
+    chunk where a group of equal magnitudes is split between kept and dropped needs a boolean mask.
+    """
+
+    def __init__(self, n: int, r_lo: int, r_hi: int, sample: torch.Tensor | None, dtype: torch.dtype):
+        self.n, self.r_lo, self.r_hi, self.dtype = n, max(0, r_lo), min(n, r_hi), dtype
+        self.none = self.r_lo >= self.r_hi
+        self.all = self.r_lo == 0 and self.r_hi == n
+        self.targets = [] if (self.none or self.all) else \
+            ([self.r_lo] if self.r_lo > 0 else []) + ([self.r_hi - 1] if self.r_hi < n else [])
+        self._materialize = sample is None
+        self._mags: dict[int, torch.Tensor] = {}
+        self._brackets = []
+        if not self._materialize and self.targets:
+            s = torch.sort(sample.reshape(-1).abs().float()).values
+            ms = s.numel()
+            for r in self.targets:
+                q = (r + 0.5) / n
+                j, spread = q * ms, 6.0 * math.sqrt(ms * q * (1 - q)) + 16
+                lo_i, hi_i = math.floor(j - spread), math.ceil(j + spread)
+                lo_v = float(s[lo_i]) if lo_i >= 0 else 0.0
+                hi_v = float(s[hi_i]) if hi_i < ms else math.inf
+                self._brackets.append({"lo": lo_v, "hi": hi_v, "below": 0, "inside": {}, "zeros": {},
+                                       "n_inside": 0})
+        self.groups: list[dict] = []
+        self._lo = self._hi = None
+
+    @property
+    def needs_stats(self) -> bool:
+        return bool(self.targets)
+
+    def observe(self, ci: int, d: torch.Tensor) -> None:
+        if not self.targets:
+            return
+        d = d.reshape(-1)
+        if self._materialize:
+            self._mags[ci] = d.abs()
+            return
+        n = d.numel()
+        for b in self._brackets:
+            lo, hi = b["lo"], b["hi"]
+            at_least_lo = _kept_above(d, below(lo, d.dtype))      # |d| >= lo (zeros aside)
+            if lo > 0:
+                b["below"] += n - _count(at_least_lo)
+            inside = at_least_lo - _kept_above(d, hi) if math.isfinite(hi) else at_least_lo
+            cand = inside[inside != 0].abs_()
+            zeros = n - _count(d) if lo <= 0 else 0
+            b["inside"][ci], b["zeros"][ci] = cand, zeros
+            b["n_inside"] += cand.numel() + zeros
+            if b["n_inside"] > MAX_CANDIDATES:
+                raise _Misled
+
+    def finish(self) -> bool:
+        """Compute the order statistics. False when the sample's brackets missed (observe again, materialized)."""
+        if not self.targets:
+            self._build([], {})
+            return True
+        if not self._materialize:
+            stats = [self._from_bracket(b, r) for b, r in zip(self._brackets, self.targets)]
+            if any(s is None for s in stats):
+                return False
+            # Per chunk, how many entries hold each cut value (they all lie in the chunk's candidates).
+            per_chunk = {}
+            for (v, _, _), b in zip(stats, self._brackets):
+                per_chunk[v] = {ci: _count(c == v) + (b["zeros"][ci] if v == 0 else 0)
+                                for ci, c in b["inside"].items()}
+            self._brackets = []
+        else:
+            keys = torch.cat([self._mags[ci].float().cpu() for ci in sorted(self._mags)])
+            stats = []
+            for r in self.targets:
+                v = float(torch.kthvalue(keys, r + 1).values)
+                stats.append((v, _count(keys < v), _count(keys == v)))
+            per_chunk = {v: {ci: _count(m == v) for ci, m in self._mags.items()} for v, _, _ in stats}
+            self._mags = {}
+        self._build(stats, per_chunk)
+        return True
+
+    @staticmethod
+    def _from_bracket(b: dict, r: int):
+        """(value at rank r, count below it, count equal to it) from the bracket's candidates, or None."""
+        zeros = sum(b["zeros"].values())
+        cand = torch.cat([c.float().cpu() for c in b["inside"].values()]) if b["inside"] else torch.empty(0)
+        pos = r - b["below"]
+        if pos < 0 or pos >= cand.numel() + zeros:
+            return None
+        if pos < zeros:
+            return 0.0, b["below"], zeros
+        v = float(torch.kthvalue(cand, pos - zeros + 1).values)
+        # Every magnitude equal to v lies inside the (inclusive) bracket, so these counts are exact.
+        return v, b["below"] + zeros + _count(cand < v), _count(cand == v)
+
+    def _build(self, stats: list[tuple[float, int, int]], per_chunk: dict) -> None:
+        """Tie groups: the entries equal to a cut value, of which those with tie index in [j0, j1) are kept."""
+        a = z = None
+        it = iter(stats)
+        if self.targets and self.targets[0] == self.r_lo and self.r_lo > 0:
+            a = next(it)
+        if self.r_hi < self.n and not (self.none or self.all):
+            z = next(it)
+        self._lo = a[0] if a else None   # kept: above it (its ties by group)
+        self._hi = z[0] if z else None   # kept: under it (its ties by group)
+        groups = []
+        if a and z and a[0] == z[0]:
+            groups.append({"v": a[0], "j0": self.r_lo - a[1], "j1": self.r_hi - a[1], "n": a[2], "end": "both"})
+        else:
+            if a:
+                groups.append({"v": a[0], "j0": self.r_lo - a[1], "j1": a[2], "n": a[2], "end": "lo"})
+            if z:
+                groups.append({"v": z[0], "j0": 0, "j1": self.r_hi - z[1], "n": z[2], "end": "hi"})
+        for g in groups:  # tie index of each chunk's first tied entry
+            counts = per_chunk.get(g["v"], {})
+            g["count"], g["start"], seen = counts, {}, 0
+            for ci in sorted(counts):
+                g["start"][ci] = seen
+                seen += counts[ci]
+        self.groups = groups
+
+    def select(self, ci: int, d: torch.Tensor) -> torch.Tensor:
+        """Chunk ``ci`` of the values with every entry outside the rank range set to 0."""
+        if self.all:
+            return d
+        if self.none:
+            return torch.zeros_like(d)
+        lo_thr, hi_thr, partial = self._lo, self._hi, False
+        for g in self.groups:
+            s, c = g["start"].get(ci, 0), g["count"].get(ci, 0)
+            kept = c if (g["j0"] <= s and s + c <= g["j1"]) else 0 if (s + c <= g["j0"] or s >= g["j1"]) else None
+            if kept is None:
+                partial = True
+            elif g["end"] in ("lo", "both"):
+                lo_thr = below(g["v"], d.dtype) if kept else g["v"]
+            if kept is not None and g["end"] in ("hi", "both"):
+                hi_thr = g["v"] if kept else below(g["v"], d.dtype)
+        if partial:
+            return d * self._mask(ci, d)
+        out = _kept_above(d, lo_thr) if lo_thr is not None else d
+        if hi_thr is not None:
+            if lo_thr is not None and hi_thr <= lo_thr:
+                return torch.zeros_like(d)
+            out = out - _kept_above(d, hi_thr)
+        return out
+
+    def _mask(self, ci: int, d: torch.Tensor) -> torch.Tensor:
+        """The boolean keep-mask of a chunk where a tie group is split."""
+        keys = d.abs()
+        m = torch.ones(d.shape, dtype=torch.bool, device=d.device)
+        if self._lo is not None:
+            m &= keys > self._lo
+        if self._hi is not None:
+            m &= keys < self._hi
+        flat, km = keys.reshape(-1), m.view(-1)
+        for g in self.groups:
+            s = g["start"].get(ci, 0)
+            a, b = max(g["j0"] - s, 0), min(g["j1"] - s, g["count"].get(ci, 0))
+            if b > a:
+                km[(flat == g["v"]).nonzero().reshape(-1)[a:b]] = True
+        return m
+
+
 # ---- per-model sparsifiers -------------------------------------------------------------------------------------
 
 class Sparsifier:
@@ -194,9 +240,11 @@ class Sparsifier:
 
     1. when ``needs_stats``: ``observe`` every chunk, then ``finish_stats``;
     2. when ``needs_kept_pass``: ``observe_kept`` every chunk (the L1 norm of what is kept);
-    3. ``finish_scale``, then ``apply`` every chunk: mask and rescale the delta chunk in place.
+    3. ``finish_scale``, then ``apply`` every chunk: the masked, rescaled task-vector chunk (the input itself
+       or a new tensor; the input is not modified).
 
-    Chunks are given as (index, first row, end row, float32 delta rows); ``begin_pass`` precedes each pass.
+    Chunks are given as (index, first row, end row, task-vector rows in the compute dtype); ``begin_pass``
+    precedes each pass.
     """
 
     needs_stats = False
@@ -226,9 +274,7 @@ class Sparsifier:
         pass
 
     def observe_kept(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> None:
-        m = self._mask(ci, lo, hi, d)
-        a = d.to(self.work).abs_() if d.dtype != self.work else d.abs()
-        self._kept += total(a * m) if m is not None else total(a)
+        self._kept += total(self.masked(ci, lo, hi, d).abs_())
 
     def finish_scale(self) -> None:
         """mergekit's ``rescaled_masked_tensor``: both L1 norms in the working dtype, their quotient in it."""
@@ -243,27 +289,22 @@ class Sparsifier:
                                f"(mergekit would write NaN here); compute in float32 (--compute-dtype float32)")
         self.scale = scale.to(self.job.device)
 
-    def apply(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> None:
-        m = self._mask(ci, lo, hi, d)
-        if m is None and self.scale is None:
-            return
-        x = d.to(self.work) if d.dtype != self.work else d
-        if m is not None:
-            x.mul_(m)
+    def apply(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> torch.Tensor:
+        x = self.masked(ci, lo, hi, d)
         if self.scale is not None:
-            x.mul_(self.scale)
-        if x is not d:
-            d.copy_(x)
+            x = x * self.scale
+        return x if x.dtype == d.dtype else x.to(d.dtype)
 
-    def _mask(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> torch.Tensor | None:
+    def masked(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> torch.Tensor:
+        """The chunk masked, in the working dtype (a new tensor, or ``d`` itself when nothing is dropped)."""
         raise NotImplementedError
 
 
 class Identity(Sparsifier):
     """density >= 1: mergekit returns the task vector unchanged (and does not rescale)."""
 
-    def apply(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> None:
-        pass
+    def apply(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> torch.Tensor:
+        return d
 
 
 class _Selecting(Sparsifier):
@@ -285,31 +326,20 @@ class _Selecting(Sparsifier):
         if self.n > EXACT_SELECT_MAX:
             size = max(4096, min(SAMPLE_SIZE, self.n // 32))
             idx = (torch.arange(size, dtype=torch.float64) * (self.n / size)).long()
-            x = job.models[model].gather(idx)
-            b = job.base.gather(idx)
-            sample = self.key((x - b).abs_())
-        self.sel = RankSelect(self.n, self.r_lo, self.r_hi, sample)
+            sample = job.models[model].gather(idx) - job.base.gather(idx)
+        self.sel = RankSelect(self.n, self.r_lo, self.r_hi, sample, job.dtype)
 
     def rank_range(self) -> tuple[int, int]:
         raise NotImplementedError
 
-    def key(self, mags: torch.Tensor) -> torch.Tensor:
-        """Selection keys of magnitudes in the compute dtype: float32 (exact for every compute dtype)."""
-        return mags.float()
-
-    def begin_pass(self) -> None:
-        if self.sel is not None:
-            self.sel.reset()
-
     def observe(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> None:
-        a = d.abs()
         if self.rescale:
-            self._l1 += total(a)
+            self._l1 += total(d.abs())
         if self.sel is None:
-            self._abs.append(a.reshape(-1))
+            self._abs.append(d.abs().reshape(-1))
         elif not self._misled:
             try:
-                self.sel.observe(self.key(a))
+                self.sel.observe(ci, d)
             except _Misled:
                 self._misled = True
 
@@ -323,17 +353,16 @@ class _Selecting(Sparsifier):
         if self._misled or not self.sel.finish():
             # The strided sample bracketed the wrong values (structured data): redo it exactly.
             job, i = self.job, self.model
-            self.sel = RankSelect(self.n, self.r_lo, self.r_hi, None)
-            for lo, hi in job.chunks():
-                d = job.model_rows(i, lo, hi) - job.base_rows(lo, hi)
-                self.sel.observe(self.key(d.abs_()))
+            self.sel = RankSelect(self.n, self.r_lo, self.r_hi, None, job.dtype)
+            for ci, (lo, hi) in enumerate(job.chunks()):
+                self.sel.observe(ci, job.model_rows(i, lo, hi) - job.base_rows(lo, hi))
             self.sel.finish()
 
-    def _mask(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> torch.Tensor | None:
+    def masked(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> torch.Tensor:
         if self._full_mask is not None:
             rl = self.job.row_len
-            return self._full_mask[lo * rl:hi * rl].view(d.shape)
-        return self.sel.mask(self.key(d.abs()))
+            return d * self._full_mask[lo * rl:hi * rl].view(d.shape)
+        return self.sel.select(ci, d)
 
     def mergekit_mask(self, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -406,9 +435,11 @@ class Random(Sparsifier):
         u = torch.rand(d.shape, generator=self.job.generator(self.model, ci), device=d.device)
         return u < self._probs(d)
 
-    def _mask(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> torch.Tensor:
+    def masked(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> torch.Tensor:
         m = self._saved.pop(ci, None)
-        return m if m is not None else self._draw(ci, lo, hi, d)
+        if m is None:
+            m = self._draw(ci, lo, hi, d)
+        return (d.to(self.work) if d.dtype != self.work else d) * m
 
 
 class Della(Random):

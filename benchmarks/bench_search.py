@@ -96,6 +96,28 @@ WEIGHT_MAX = 10.0        # our weights' bound (methods.base.SCALE_BOUNDS)
 # candidates and the metric
 
 
+def _digest(obj) -> str:
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=12).hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=12).hexdigest()
+
+
+def code_digest() -> str:
+    """Hash of the code a run depends on: this script and every module of the package."""
+    return _digest([_file_digest(Path(__file__)), code_digest_of([""])])
+
+
+def code_digest_of(paths: Sequence[str]) -> str:
+    """Hash of the package's modules at ``paths`` (files or folders), without this script."""
+    import simmerge_bandit
+
+    pkg = Path(simmerge_bandit.__file__).parent
+    files = sorted(f for p in paths for f in ((pkg / p).rglob("*.py") if (pkg / p).is_dir() else [pkg / p]))
+    return _digest([_file_digest(f) for f in files])
+
+
 def _round(v):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return v
@@ -264,6 +286,8 @@ class Evaluator:
         self.shell = _fresh_model(Arch(**self.manifest["arch"]), 0)
         self.shell.eval()
         self.limit = limit
+        # the merge kernels and the metric: a change of either makes every cached score stale
+        self.code = code_digest_of(["methods", "evaluators/exact_match.py"])
         self.path = Path(cache_path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.cache: dict[str, float | None] = {}
@@ -278,8 +302,8 @@ class Evaluator:
         self.merge_s = self.eval_s = 0.0
 
     def _key(self, c: Candidate, task: str) -> str:
-        return hashlib.blake2b(json.dumps([self.manifest["key"], self.limit, c.models, c.method, c.params_json,
-                                           c.merge_seed(), task]).encode(), digest_size=16).hexdigest()
+        return hashlib.blake2b(json.dumps([self.manifest["key"], self.code, self.limit, c.models, c.method,
+                                           c.params_json, c.merge_seed(), task]).encode(), digest_size=16).hexdigest()
 
     def refs(self) -> dict[str, float]:
         """Per task, the best raw score of any catalog model (the manifest's scores on the full eval set)."""
@@ -619,10 +643,16 @@ def summarize(per_target: dict, budgets: Sequence[int], horizon: int) -> dict:
         arr = np.array(curves)  # seeds x targets x evals
         pooled = arr.mean(axis=1)  # seeds x evals
         out["methods"][m] = {"ratio": ratio, "evals_to": evals_to,
+                             "curve_per_target": {k: arr[:, j].mean(axis=0).tolist() for j, k in enumerate(keys)},
                              "curve": {"mean": arr.mean(axis=(0, 1)).tolist(),
                                        "q10": np.quantile(pooled, 0.1, axis=0).tolist(),
                                        "q90": np.quantile(pooled, 0.9, axis=0).tolist()}}
-    out["speedup"] = _speedup(out["methods"], horizon)
+    out["speedup"] = _speedup({m: v["curve"]["mean"] for m, v in out["methods"].items()}, horizon)
+    per = {k: _speedup({m: v["curve_per_target"][k] for m, v in out["methods"].items()
+                        if k in v["curve_per_target"]}, horizon) for k in per_target}
+    out["speedup_per_target"] = per
+    met = [v is not None and v["speedup"] is not None and v["speedup"] >= GOALS["speedup_min"] for v in per.values()]
+    out["speedup_targets_met"] = sum(met)
     return out
 
 
@@ -642,14 +672,16 @@ def _median_censored(xs: list[int | None]) -> int | float | None:
     return (lo + hi) / 2
 
 
-def _speedup(methods: dict, horizon: int) -> dict | None:
-    peers = [p for p in PEERS if p in methods]
-    if "ours" not in methods or not peers:
+def _speedup(curves: dict[str, list[float]], horizon: int) -> dict | None:
+    """From mean best-so-far curves per method: the best peer at ``horizon``, the level it reaches there, the
+    evaluations it needs to reach that level and those ours needs (None: not within the horizon)."""
+    peers = [p for p in PEERS if p in curves]
+    if "ours" not in curves or not peers:
         return None
-    best = max(peers, key=lambda p: methods[p]["curve"]["mean"][horizon - 1])
-    level = methods[best]["curve"]["mean"][horizon - 1]
-    n_peer = evals_to_reach(methods[best]["curve"]["mean"], level)
-    n_ours = evals_to_reach(methods["ours"]["curve"]["mean"], level)
+    best = max(peers, key=lambda p: curves[p][horizon - 1])
+    level = curves[best][horizon - 1]
+    n_peer = evals_to_reach(curves[best], level)
+    n_ours = evals_to_reach(curves["ours"], level)
     return {"best_peer": best, "level": level, "peer_evals": n_peer, "ours_evals": n_ours,
             "speedup": None if n_ours is None else n_peer / n_ours}
 
@@ -695,23 +727,37 @@ def markdown_table(res: dict) -> str:
     if sp:
         ours_n = sp["ours_evals"] if sp["ours_evals"] is not None else f"more than {res['horizon']}"
         speed = f"x{sp['speedup']:.1f} fewer" if sp["speedup"] else "no speed-up"
-        rows += ["", f"Goals: at B = 10 ours reaches {g['ours_at_10_median']:.3f} of the reference (goal >= "
+        at10 = "-" if g["ours_at_10_median"] is None else f"{g['ours_at_10_median']:.3f}"
+        rows += ["", f"Goals: at B = 10 ours reaches {at10} of the reference (goal >= "
                  f"{GOALS['ours_at_10_min']:.2f}: {'met' if g['ours_at_10_met'] else 'not met'}). The best peer at "
                  f"B = {res['horizon']}, {sp['best_peer']}, reaches {sp['level']:.3f} (pooled mean curve) after "
                  f"{sp['peer_evals']} evaluations; ours reaches it after {ours_n} ({speed}; goal: at most a third, "
-                 f"{'met' if g['speedup_met'] else 'not met'})."]
-    rows += ["", "| target | split | reference | found by | " + " | ".join(f"{m} B=10" for m in s["methods"]) + " |",
-             "|---|---:|---:|---|" + "---:|" * len(s["methods"])]
+                 f"{'met' if g['speedup_met'] else 'not met'}); the same per target (its best peer, its level): met on "
+                 f"{s['speedup_targets_met']} of {len(res['targets'])} targets."]
+    b = "10" if "10" in budgets else budgets[0]
+    rows += ["", f"Per target (B = {b}: mean over seeds of best / reference; speed-up: evaluations the target's "
+             f"best peer at B = {res['horizon']} needs to reach its level there, over those ours needs, on the "
+             f"mean curves):", "",
+             "| target | split | reference | found by | " + " | ".join(f"{m}" for m in s["methods"]) +
+             " | best peer: level, evals | ours evals | speed-up |",
+             "|---|---:|---:|---|" + "---:|" * len(s["methods"]) + "---|---:|---:|"]
     for t in res["targets"]:
         k = t["key"]
+        sp = (s.get("speedup_per_target") or {}).get(k)
+        if sp:
+            tail = (f"{sp['best_peer']}: {sp['level']:.3f}, {sp['peer_evals']} | "
+                    f"{sp['ours_evals'] if sp['ours_evals'] is not None else '> %d' % res['horizon']} | "
+                    f"{'x%.1f' % sp['speedup'] if sp['speedup'] is not None else '-'}")
+        else:
+            tail = "- | - | -"
         rows.append(f"| {k} | {t['split']} | {t['reference']:.3f} | {t['reference_method']} | " +
-                    " | ".join(f"{s['methods'][m]['ratio']['10']['per_target'][k]:.3f}"
-                               if k in s["methods"][m]["ratio"].get("10", {}).get("per_target", {}) else "-"
-                               for m in s["methods"]) + " |")
+                    " | ".join(f"{s['methods'][m]['ratio'][b]['per_target'][k]:.3f}"
+                               if k in s["methods"][m]["ratio"][b]["per_target"] else "-"
+                               for m in s["methods"]) + f" | {tail} |")
     m = res["machine"]
     rows += ["", f"Peers: optuna {res['versions']['optuna']}, cma {res['versions']['cma']}. Zoo "
-             f"`{res['zoo']['preset']}` (seed {res['zoo']['seed']}); {res['evaluations']['computed']:,} merge "
-             f"evaluations computed, {res['evaluations']['cached']:,} served from the cache, "
+             f"`{res['zoo']['preset']}` (seed {res['zoo']['seed']}); {res['evaluations']['computed']:,} (merge, task) "
+             f"scores computed, {res['evaluations']['cached']:,} served from the cache, "
              f"{res['evaluations']['failed']} failed merges; {res['wall_s'] / 60:.0f} min on {m['cpus']} CPU cores "
              f"(load average {m['load_before'][0]:.1f} before)."]
     return "\n".join(rows)
@@ -768,6 +814,8 @@ def main(argv: Sequence[str] | None = None) -> None:  # noqa: C901
     ap.add_argument("--targets", nargs="+", help="only these target keys (default: every held-out target)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--cache", help="evaluation cache (JSON lines; default in the demo's cache dir)")
+    ap.add_argument("--runs-dir", help="where each (target, method)'s finished runs are kept (default: beside "
+                                        "the cache)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N examples of each task")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 targets, 2 seeds, budgets 5 10, "
                                                          "reference 20, 40 examples per task")
@@ -824,6 +872,13 @@ def main(argv: Sequence[str] | None = None) -> None:  # noqa: C901
                 build_table(zoo_dir).to_parquet(table)
         ours = Ours(zoo_dir, table, work)
 
+    # Each (target, method)'s runs are kept beside the cache, keyed by the code and the settings, so that targets
+    # can be run by separate invocations (and an interrupted run loses at most one method of one target).
+    settings = {"code": code_digest(), "seeds": args.seeds, "horizon": horizon, "reference": ref_budget,
+                "limit": args.limit, "zoo": manifest["key"], "splits": args.splits,
+                "table": _file_digest(ours.table_path) if ours else None}
+    runs_dir = Path(args.runs_dir) if args.runs_dir else cache.with_suffix(".runs")
+    runs_dir.mkdir(parents=True, exist_ok=True)
     per_target: dict = {}
     best_of: dict = {}  # target key -> (reward, candidate, method)
     with deterministic(1):
@@ -845,27 +900,36 @@ def main(argv: Sequence[str] | None = None) -> None:  # noqa: C901
                 if m in CMA_METHODS and len(experts) < 2:
                     print(f"{case.key}: {m} needs at least two experts of the target (has {experts}); skipped")
                     continue
-                runs[m] = []
-                for seed in range(args.seeds):
-                    n = ref_budget if seed == 0 else horizon
-                    if m == "random":
-                        run = run_random(space, objective, n, seed)
-                    elif m == "optuna":
-                        run = run_optuna(space, objective, n, seed)
-                    elif m in CMA_METHODS:
-                        run = run_cma(Genome(experts, CMA_METHODS[m]), objective, n, seed)
-                    else:
-                        run = ours.run(case, objective_of_spec, n, seed)
-                    runs[m].append(run.rewards)
-                    i = max(range(len(run.rewards)), key=run.rewards.__getitem__)
-                    if run.rewards[i] > best_of.get(case.key, (-math.inf,))[0]:
-                        best_of[case.key] = (run.rewards[i], run.candidates[i], m)
-                    print(f"{case.key:24s} {m:9s} seed {seed}: best@{horizon} "
-                          f"{best_so_far(run.rewards[:horizon])[-1]:.3f}  best@{n} {run.rewards[i]:.3f}  "
-                          f"({ev.misses} computed, {ev.hits} cached, {time.time() - t_start:.0f}s)", flush=True)
+                record = runs_dir / f"{_digest([settings, case.key, m])}.json"
+                if record.exists():  # done by an earlier invocation with the same code and settings
+                    rec = json.loads(record.read_text())
+                    print(f"{case.key:24s} {m:9s} from {record}", flush=True)
+                else:
+                    rec = {"target": case.key, "method": m, "runs": [], "best": None}
+                    for seed in range(args.seeds):
+                        n = ref_budget if seed == 0 else horizon
+                        if m == "random":
+                            run = run_random(space, objective, n, seed)
+                        elif m == "optuna":
+                            run = run_optuna(space, objective, n, seed)
+                        elif m in CMA_METHODS:
+                            run = run_cma(Genome(experts, CMA_METHODS[m]), objective, n, seed)
+                        else:
+                            run = ours.run(case, objective_of_spec, n, seed)
+                        rec["runs"].append(run.rewards)
+                        i = max(range(len(run.rewards)), key=run.rewards.__getitem__)
+                        if rec["best"] is None or run.rewards[i] > rec["best"][0]:
+                            rec["best"] = [run.rewards[i], run.candidates[i].as_json()]
+                        print(f"{case.key:24s} {m:9s} seed {seed}: best@{horizon} "
+                              f"{best_so_far(run.rewards[:horizon])[-1]:.3f}  best@{n} {run.rewards[i]:.3f}  "
+                              f"({ev.misses} computed, {ev.hits} cached, {time.time() - t_start:.0f}s)", flush=True)
+                    record.write_text(json.dumps(rec))
+                runs[m] = rec["runs"]
+                if rec["best"][0] > best_of.get(case.key, (-math.inf,))[0]:
+                    best_of[case.key] = (rec["best"][0], rec["best"][1], m)
             reference, best_c, by = best_of[case.key]
             per_target[case.key] = {"reference": reference, "runs": runs}
-            print(f"{case.key}: reference {reference:.3f} ({by}: {best_c.as_json()}) in {time.time() - t0:.0f}s",
+            print(f"{case.key}: reference {reference:.3f} ({by}: {best_c}) in {time.time() - t0:.0f}s",
                   flush=True)
 
     summary = summarize(per_target, args.budgets, horizon)
@@ -882,7 +946,7 @@ def main(argv: Sequence[str] | None = None) -> None:  # noqa: C901
                      "pairs": len(Space.of(manifest, c.tasks).pairs),
                      "experts": target_experts(manifest, c.tasks),
                      "reference": per_target[c.key]["reference"], "reference_method": best_of[c.key][2],
-                     "reference_candidate": best_of[c.key][1].as_json()} for c in cases],
+                     "reference_candidate": best_of[c.key][1]} for c in cases],
         "runs": {k: {"reference": v["reference"], "runs": {m: [[round(x, 6) for x in r] for r in rs]
                                                           for m, rs in v["runs"].items()}}
                  for k, v in per_target.items()},

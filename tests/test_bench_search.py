@@ -125,8 +125,24 @@ def test_summary_figures_by_hand():
     sp = s["speedup"]
     assert (sp["best_peer"], sp["peer_evals"], sp["ours_evals"]) == ("random", 3, 1)
     assert sp["level"] == pytest.approx(0.6) and sp["speedup"] == 3.0
+    assert s["speedup_per_target"]["t"] == sp and s["speedup_targets_met"] == 1
     g = bs.goals(s)
     assert g["ours_at_10_median"] is None and not g["ours_at_10_met"] and g["speedup_met"]
+
+
+def test_table_mode_reads_the_results_alone():
+    per_target = {"t": {"reference": 1.0, "runs": {
+        "ours": [[0.5, 0.9, 1.0], [0.95, 0.95, 0.95]], "optuna": [[0.1, 0.2, 0.5], [0.3, 0.3, 0.5]]}}}
+    s = bs.summarize(per_target, [1, 3], 3)
+    res = {"summary": s, "goals": bs.goals(s), "budgets": [1, 3], "horizon": 3, "seeds": 2,
+           "targets": [{"key": "t", "split": 0, "reference": 1.0, "reference_method": "ours"}],
+           "versions": {"optuna": "x", "cma": "y"}, "zoo": {"preset": "p", "seed": 0},
+           "evaluations": {"computed": 10, "cached": 2, "failed": 0}, "wall_s": 60,
+           "machine": {"cpus": 2, "load_before": [1.0, 1.0, 1.0]}}
+    text = bs.markdown_table(res)
+    assert "| ours | 0.725 | 0.975 | 1.5 (100% of runs) | 2 (100% of runs) |" in text
+    assert "| t | 0 | 1.000 | ours | 0.725 | 0.200 | optuna: 0.500, 3 | 1 | x3.0 |" in text  # B = 1 (no B = 10)
+    assert "at B = 10 ours reaches - of the reference (goal >= 0.95: not met)" in text
 
 
 def _fake_objective(c):

@@ -1,25 +1,37 @@
-"""The demo loop end to end on the unit zoo: suggest -> merge -> evaluate -> feedback, an operator joining."""
+"""The demo end to end on the unit zoo: held-out targets, a predictor fitted on the others' merges, the engine's
+merges made, evaluated and learned from, compared with every fixed operator, the rules and the oracle."""
 
 import json
 
 from click.testing import CliRunner
 
 from simmerge_bandit.cli import cli
-from simmerge_bandit.demo import LATE_OPERATOR, run_demo
+from simmerge_bandit.demo import run_demo, split_tasks
+from simmerge_bandit.rules import RULES
 from simmerge_bandit.store import Store
 
 
-def test_demo_loop_learns_from_real_merges(tmp_path, unit_zoo_dir):
+def test_split_tasks_holds_out_every_third():
+    assert split_tasks(list("abcdef"), 0) == (["b", "c", "e", "f"], ["a", "d"])
+    assert split_tasks(list("abcdef"), 4) == (["a", "c", "d", "f"], ["b", "e"])
+
+
+def test_demo_on_held_out_targets(tmp_path, unit_zoo_dir):
     lines = []
-    res = run_demo(tmp_path / "home", rounds=4, preset="unit", zoo_dir=unit_zoo_dir, eval_limit=12,
+    res = run_demo(tmp_path / "home", rounds=3, preset="unit", zoo_dir=unit_zoo_dir, eval_limit=8,
                    echo=lines.append)
-    assert len(res["rounds"]) == 4
+    assert res["held_out"] == ["max"] and len(res["rounds"]) == 3
     for r in res["rounds"]:
-        assert 0.0 <= r["reward"] <= 2.0 and r["oracle"] >= max(r["fixed"].values()) - 1e-12
-    assert LATE_OPERATOR in res["summary"]["fixed"] and res["summary"]["fixed"][LATE_OPERATOR]["rounds"] == 2
-    assert any("joins" in ln for ln in lines) and any("oracle" in ln for ln in lines)
+        assert r["target"] == "max" and "max" in r["pair"]  # a pair with the held-out task's expert
+        assert 0.0 <= r["reward"] <= 2.0 and r["reward"] == r["fixed"][r["chosen"]]
+        assert r["oracle"] == max(r["fixed"].values())
+        assert set(r["rules"]) == set(RULES) and all(v in r["fixed"].values() for v in r["rules"].values())
+    s = res["summary"]
+    assert s["oracle"] >= max(s["fixed"].values()) and s["best_fixed_on_training"] in s["fixed"]
+    assert any("oracle" in ln for ln in lines) and any("rule: " in ln for ln in lines)
+    assert (tmp_path / "home" / "demo_regret.png").read_bytes()[:4] == b"\x89PNG"
     with Store.open(tmp_path / "home") as store:
-        assert store.fetchone("SELECT count(*) FROM rewards")[0] == 4
-        assert store.fetchone("SELECT count(*) FROM evaluations")[0] >= 2  # source scores cached
+        assert store.fetchone("SELECT count(*) FROM rewards")[0] == 3          # learned from its own merges
+        assert store.fetchone("SELECT count(*) FROM policy_state WHERE policy = 'predictor'")[0] == 1
     st = CliRunner().invoke(cli, ["--home", str(tmp_path / "home"), "status", "--json"], catch_exceptions=False)
-    assert json.loads(st.output)["counts"]["rewards"] == 4
+    assert json.loads(st.output)["counts"]["rewards"] == 3

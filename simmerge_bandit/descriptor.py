@@ -326,46 +326,60 @@ class Descriptors:
     def arm(self, name: str, params: Mapping[str, Any] | None = None) -> tuple[str, np.ndarray | None]:
         """``(arm name, descriptor)`` of a logged step: operator ``name``, and for a family the setting
         ``params`` it chose (:func:`~simmerge_bandit.families.arm_name`); a grid operator ignores ``params``."""
-        from .families import arm_name
+        schema, memo = self._current()
+        key = (name, None if params is None else json.dumps(params, sort_keys=True))
+        hit = memo.get(key)
+        return hit if hit is not None else self._describe(schema, memo, key, params)
 
+    def _current(self) -> tuple[ArmSchema, dict]:
+        """The current schema and the descriptors remembered for it and the catalog's version."""
         schema = current()
         key = (schema.version, self.catalog.version())
         memo = self._memo
         if memo is None or memo[0] != key:
             memo = self._memo = (key, {})
-        mkey = (name, None if params is None else json.dumps(params, sort_keys=True))
-        if mkey not in memo[1]:
-            try:
-                op = self.catalog.operator(name)
-                if op.get("ranges") and params is not None:
-                    op = dict(op, params=dict(params))
-                memo[1][mkey] = (arm_name(op, op["params"]), schema.describe(op))
-            except (NotFound, InvalidInput) as e:
-                log.warning("operator %r cannot be described: %s", name, e)
-                memo[1][mkey] = (name, None)
-        return memo[1][mkey]
+        return schema, memo[1]
+
+    def _describe(self, schema: ArmSchema, memo: dict, key: tuple, params) -> tuple[str, np.ndarray | None]:
+        from .families import arm_name
+
+        name = key[0]
+        try:
+            op = self.catalog.operator(name)
+            if op.get("ranges") and params is not None:
+                op = dict(op, params=dict(params))
+            memo[key] = (arm_name(op, op["params"]), schema.describe(op))
+        except (NotFound, InvalidInput) as e:
+            log.warning("operator %r cannot be described: %s", name, e)
+            memo[key] = (name, None)
+        return memo[key]
 
     def learnable(self, rows: Sequence[tuple]) -> list[tuple]:
-        """Log rows ``(seq, context, operator JSON, logged descriptor, reward, propensity[, params JSON])`` as policy
-        updates
-        ``(x, arm, z, reward, propensity)``, ``z`` recomputed from the operator (the logged one may be of another
-        schema). A row no policy can learn from (a context that is not finite, a propensity outside (0, 1], an
-        operator that cannot be described, as a home made before parameters were bounded may hold) is skipped
-        and reported once, so one bad decision never stops the policies."""
+        """Log rows ``(seq, context, operator JSON, logged descriptor, reward, propensity[, params JSON])`` as
+        policy updates ``(x, arm, z, reward, propensity)``, ``z`` recomputed from the operator and the values the
+        decision chose (the logged one may be of another schema). A row no policy can learn from (a context that
+        is not finite, a propensity outside (0, 1], an operator that cannot be described, as a home made before
+        parameters were bounded may hold) is skipped and reported once, so one bad decision never stops the
+        policies."""
         out, bad = [], []
+        schema, memo = self._current()  # once per call: the daemon folds rewards 32 at a time
         for seq, x, op, _, reward, propensity, *rest in rows:
             name = json.loads(op)[-1] if isinstance(op, str) else op[-1]
             params = rest[0] if rest else None  # the decision's chosen values (JSON [params of each step])
             if isinstance(params, str):
                 params = json.loads(params)
-            arm, z = self.arm(name, params[-1] if params else None)
+            params = params[-1] if params else None
+            key = (name, None if params is None else json.dumps(params, sort_keys=True))
+            hit = memo.get(key)
+            arm, z = hit if hit is not None else self._describe(schema, memo, key, params)
             x = np.asarray(x, dtype=np.float64)
+            propensity, reward = float(propensity), float(reward)
             reason = ("its operator cannot be described" if z is None
-                      else f"propensity {propensity!r} is not in (0, 1]" if not 0.0 < float(propensity) <= 1.0
-                      else f"reward {reward!r} is not finite" if not math.isfinite(float(reward))
+                      else f"propensity {propensity!r} is not in (0, 1]" if not 0.0 < propensity <= 1.0
+                      else f"reward {reward!r} is not finite" if not math.isfinite(reward)
                       else "its context is not finite" if not np.isfinite(x).all() else None)
             if reason is None:
-                out.append((x, arm, z, float(reward), float(propensity)))
+                out.append((x, arm, z, reward, propensity))
             elif seq not in self._reported:
                 self._reported.add(seq)
                 bad.append(f"reward #{seq} (operator {arm}): {reason}")

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .daemon import read_daemon_file
+from .daemonfile import read_daemon_file
 from .errors import AlreadyExists, Conflict, InvalidInput, NotFound, SimmergeError, StateLocked
 
 _BY_STATUS = {400: InvalidInput, 404: NotFound, 409: Conflict, 423: StateLocked}

@@ -7,12 +7,14 @@ leaves the database at the previous level. Append new migrations at the end; nev
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Callable
 
 import duckdb
 import numpy as np
+
+from .bulk import insert
+from .vectors import vector_key  # noqa: F401 (re-exported: callers import it from here)
 
 Migration = Callable[[duckdb.DuckDBPyConnection], None]
 MIGRATIONS: list[tuple[str, Migration]] = []
@@ -257,35 +259,6 @@ DECISION_LOG_COLUMNS = ("id", "batch", "rank", "task", "models", "operator", "po
                         "evaluate", "created_at", "pair_propensity", "arm_schema")
 
 
-def vector_key(v) -> int:
-    """The key of a float vector in ``vectors``: 64 bits of BLAKE2b over its float64 little-endian bytes.
-
-    Content-addressed, so the same context or descriptor logged a million times is stored once. (Two different
-    vectors share a key with probability ~n^2 / 2^65: about 3e-10 for a hundred thousand distinct vectors.)
-    """
-    raw = np.ascontiguousarray(v, dtype="<f8").tobytes()
-    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little", signed=True)
-
-
-def legacy_decision_batches(columns, rows) -> list[tuple[str, tuple, list]]:
-    """Rows for the old ``decisions`` table (contexts and descriptors inline) as rows of ``vectors`` and
-    ``decision_log``: a journal written before m0012 is replayed into the new tables."""
-    columns = tuple(columns)
-    at_x, at_z = columns.index("context"), columns.index("arm")
-    vectors: dict[int, object] = {}
-    out_rows = []
-    for row in rows:
-        row = list(row)
-        for j in (at_x, at_z):
-            v = np.asarray(row[j], dtype=np.float64)
-            key = vector_key(v)
-            vectors.setdefault(key, v)
-            row[j] = key
-        out_rows.append(row)
-    renamed = tuple({"context": "context_key", "arm": "arm_key"}.get(c, c) for c in columns)
-    return [("vectors", ("key", "v"), [[k, v] for k, v in vectors.items()]), ("decision_log", renamed, out_rows)]
-
-
 @migration
 def m0012_decision_vectors(db: duckdb.DuckDBPyConnection) -> None:
     # A decision row carried its context (42 doubles) and its operator's descriptor (25) inline: 70% of its
@@ -293,8 +266,6 @@ def m0012_decision_vectors(db: duckdb.DuckDBPyConnection) -> None:
     # `vectors` and referenced by key, a decision is ~150 bytes instead of ~700; DuckDB's write-ahead log per
     # 40,000 decisions went from 48 MB to 7 MB, its memory from 109 MB to 3 MB per 240,000 decisions, and a
     # checkpoint's transient allocation from up to +170 MB to +25 MB (measured). `decisions` stays, as a view.
-    from .journal import insert
-
     db.execute("CREATE TABLE vectors (key BIGINT PRIMARY KEY, v DOUBLE[] NOT NULL)")
     db.execute("""
         CREATE TABLE decision_log (

@@ -463,13 +463,12 @@ class Ours:
         shutil.rmtree(home, ignore_errors=True)
         store = Store.open(home)
         try:
-            register_zoo(store, self.zoo_dir)
+            register_zoo(store, self.zoo_dir)  
             cat = Catalog(store)
             self.families = []
             for method, ranges in FAMILIES.items():
                 if add_family(cat, f"{method}_range", method, ranges, FIXED.get(method, {})):
                     self.families.append(f"{method}_range")
-            record_known_scores(store, self.zoo_dir)
             # every model's signature on every task's probes, once for all the copies of this home
             from simmerge_bandit import signals
 
@@ -540,24 +539,6 @@ def add_family(cat, name: str, method: str, ranges: dict, fixed: dict) -> bool:
         return False
     cat.add_operator(name, method, fixed, ranges={p: tuple(r) for p, r in ranges.items()})
     return True
-
-
-def record_known_scores(store, zoo_dir: Path) -> None:
-    """Every zoo model's raw score on every task (the manifest's, on the full eval sets) as the catalog's known
-    evaluations: what a team knows of its own checkpoints before merging any (and what the aggregate score's
-    reference is taken from)."""
-    from simmerge_bandit.catalog import Catalog
-    from simmerge_bandit.zoo import load_manifest
-
-    cat = Catalog(store)
-    tasks = {t["name"]: cat.task(t["name"]) for t in load_manifest(zoo_dir)["tasks"]}
-    with store.transaction():
-        for m in load_manifest(zoo_dir)["models"]:
-            fp = cat.model(m["name"])["fingerprint"]
-            for t, score in m["scores"].items():
-                store.execute("INSERT OR REPLACE INTO evaluations (fingerprint, task, data_hash, metric, score) "
-                              "VALUES (?,?,?,?,?)", [fp, t, tasks[t]["data_hash"], tasks[t]["metric"], score])
-        cat.bump()
 
 
 def spec_candidate(spec: dict) -> Candidate:

@@ -1,15 +1,23 @@
-"""Merge executor benchmark: ours vs mergekit-yaml on the same configs, in the same run.
+"""Merge executor benchmark: ours vs mergekit-yaml on the same configs, in the same run, for bf16 and float32.
 
 Generates (once, under benchmarks/_work/, git-ignored) a Llama-like bf16 family of ~0.3 B parameters: a base and
-two experts (base + small noise), each sharded. For linear, ties, dare_ties and slerp it writes one mergekit
-config, runs ``simmerge merge CONFIG`` and ``mergekit-yaml CONFIG`` as separate processes, and records wall time
-and peak RSS of each (ratios mergekit / ours), our throughput (bytes read + written per second) against the
-machine's measured memory-copy bandwidth, and how far the two outputs are apart.
+two experts (base + small noise), each sharded. For every compute dtype asked for (``dtype: bfloat16``, what most
+published configs say, and ``dtype: float32``; output bf16 either way) and every method (linear, ties, dare_ties,
+slerp), it writes one mergekit config and runs ``simmerge merge CONFIG`` and ``mergekit-yaml CONFIG`` as separate
+processes, each measured by a fresh parent (wall time, peak RSS). Recorded per pair of runs: the ratios (goals on
+both dtypes: TIES >= 5x mergekit, linear >= 3x, peak RSS <= mergekit's), the load average around each run, how far
+our merge time is from this machine's memory bandwidth (bytes moved, i.e. inputs read once and output written once,
+over a 1-thread memcpy of as many bytes: the floor for one pass over the data), and how far the outputs are apart.
+``--runs N`` repeats the whole set N times (each run recorded).
 
-    python benchmarks/bench_merge.py [--mergekit PATH] [--methods linear,ties] [--layers 20] [--device cpu]
+    python benchmarks/bench_merge.py [--mergekit PATH] [--dtypes bfloat16,float32] [--methods linear,ties]
+                                     [--runs 2] [--layers 20] [--device cpu] [--out FILE]
+    python benchmarks/bench_merge.py --device cuda --no-mergekit --out benchmarks/results/merge_gpu.json
+    python benchmarks/bench_merge.py --table     # the docs/merge.md table, from benchmarks/results/merge.json
 
 mergekit: ``--mergekit``, else $SIMMERGE_MERGEKIT_YAML, else ``mergekit-yaml`` on PATH (``.ci/setup-mergekit``
-makes one). Writes benchmarks/results/merge.json (or --out).
+makes one). Our side runs with ``--threads 1`` (the CLI default), mergekit with torch's default threads. The
+machine is shared: compare ratios within one run, and read the load averages beside them.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work" / "merge"
 RESULTS = HERE / "results"
+GOALS = {"ties": 5.0, "linear": 3.0}
+BANDWIDTH_GOAL = {"ties": 10.0}
 
 
 def make_family(root: Path, layers: int, hidden: int = 1024, inter: int = 2816, vocab: int = 32000,
@@ -38,15 +48,18 @@ def make_family(root: Path, layers: int, hidden: int = 1024, inter: int = 2816, 
 
     names = ["base", "expert_a", "expert_b"]
     paths = {n: root / n for n in names}
-    if all((p / "model.safetensors.index.json").is_file() for p in paths.values()):
+    if all((p / "model.safetensors.index.json").is_file() and (p / "config.json").is_file()
+           and json.loads((p / "config.json").read_text())["num_hidden_layers"] == layers for p in paths.values()):
         return paths
     shutil.rmtree(root, ignore_errors=True)
     heads, kv, hd = 16, 4, 64
     shapes = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (heads * hd, hidden), p + "self_attn.k_proj.weight": (kv * hd, hidden),
-                       p + "self_attn.v_proj.weight": (kv * hd, hidden), p + "self_attn.o_proj.weight": (hidden, heads * hd),
+        shapes.update({p + "self_attn.q_proj.weight": (heads * hd, hidden),
+                       p + "self_attn.k_proj.weight": (kv * hd, hidden),
+                       p + "self_attn.v_proj.weight": (kv * hd, hidden),
+                       p + "self_attn.o_proj.weight": (hidden, heads * hd),
                        p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
                        p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
                        p + "post_attention_layernorm.weight": (hidden,)})
@@ -89,18 +102,17 @@ def make_family(root: Path, layers: int, hidden: int = 1024, inter: int = 2816, 
     return paths
 
 
-def configs(paths: dict[str, Path]) -> dict[str, dict]:
+def configs(paths: dict[str, Path], dtype: str) -> dict[str, dict]:
+    """One mergekit config per method, computing in ``dtype`` and writing bf16."""
     base, a, b = (str(paths[n]) for n in ("base", "expert_a", "expert_b"))
-    common = {"dtype": "float32", "out_dtype": "bfloat16"}
+    common = {"dtype": dtype, "out_dtype": "bfloat16"}
+    two = [{"model": a, "parameters": {"weight": 1.0, "density": 0.5}},
+           {"model": b, "parameters": {"weight": 1.0, "density": 0.5}}]
     return {
         "linear": {"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 1.0}},
                                                         {"model": b, "parameters": {"weight": 1.0}}], **common},
-        "ties": {"merge_method": "ties", "base_model": base,
-                 "models": [{"model": a, "parameters": {"weight": 1.0, "density": 0.5}},
-                            {"model": b, "parameters": {"weight": 1.0, "density": 0.5}}], **common},
-        "dare_ties": {"merge_method": "dare_ties", "base_model": base,
-                      "models": [{"model": a, "parameters": {"weight": 1.0, "density": 0.5}},
-                                 {"model": b, "parameters": {"weight": 1.0, "density": 0.5}}], **common},
+        "ties": {"merge_method": "ties", "base_model": base, "models": two, **common},
+        "dare_ties": {"merge_method": "dare_ties", "base_model": base, "models": two, **common},
         "slerp": {"merge_method": "slerp", "base_model": a, "models": [{"model": a}, {"model": b}],
                   "parameters": {"t": 0.3}, **common},
     }
@@ -115,26 +127,46 @@ _MEASURE = ("import json, resource, subprocess, sys, time\n"
 
 
 def measure(cmd: list[str]) -> dict:
-    """Wall time and peak RSS of one command, measured by a fresh parent process (RUSAGE_CHILDREN)."""
+    """Wall time and peak RSS of one command, measured by a fresh parent process (RUSAGE_CHILDREN), with the
+    load average just before and after."""
+    before = os.getloadavg()
     out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, check=True)
     res = json.loads(out.stdout)
     if res["rc"] != 0:
         raise RuntimeError(f"{cmd[0]} failed:\n{res['stderr']}")
+    res["load_before"], res["load_after"] = [round(x, 2) for x in before], [round(x, 2) for x in os.getloadavg()]
+    del res["stderr"], res["rc"]
     return res
 
 
-def memcpy_bandwidth(nbytes: int = 512 << 20) -> dict:
-    """Bytes moved (read + written) per second by a large copy, with torch's default threads and with one."""
+def memcpy_bandwidth(device: str, nbytes: int = 512 << 20) -> dict:
+    """Bytes moved (read + written) per second by a large copy: with 1 torch thread (what our merge uses) and
+    with torch's default thread count (best of 5); on a GPU also a device-to-device copy and a pinned
+    host-to-device upload (bytes uploaded per second)."""
     src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
     dst = torch.empty_like(src)
     dst.copy_(src)
     res = {}
-    for threads in (torch.get_num_threads(), 1):
-        old = torch.get_num_threads()
+    old = torch.get_num_threads()
+    for label, threads in (("threads_1", 1), ("threads_default", old)):
         torch.set_num_threads(threads)
         best = min(_time(lambda: dst.copy_(src)) for _ in range(5))
-        torch.set_num_threads(old)
-        res[f"threads_{threads}"] = 2 * nbytes / best / 1e9
+        res[label] = round(2 * nbytes / best / 1e9, 3)
+    torch.set_num_threads(old)
+    if device.startswith("cuda"):
+        d_src, d_dst, pinned = src.to(device), torch.empty_like(src, device=device), src.pin_memory()
+
+        def timed(fn):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            return time.perf_counter() - t
+
+        res["cuda_device_to_device"] = round(2 * nbytes / min(timed(lambda: d_dst.copy_(d_src)) for _ in range(5))
+                                             / 1e9, 3)
+        res["cuda_host_to_device_pinned"] = round(nbytes / min(timed(lambda: d_dst.copy_(pinned, non_blocking=True))
+                                                               for _ in range(5)) / 1e9, 3)
     return res
 
 
@@ -145,7 +177,7 @@ def _time(fn) -> float:
 
 
 def compare(ours: Path, theirs: Path) -> dict:
-    """Fraction of differing elements and the largest relative difference (bf16 outputs)."""
+    """Fraction of differing elements and the largest relative L2 difference of a tensor."""
     from safetensors.torch import load_file
 
     def load(d):
@@ -167,60 +199,115 @@ def compare(ours: Path, theirs: Path) -> dict:
     return {"same_tensor_names": True, "differing_fraction": diff / total, "max_tensor_rel_l2_diff": worst}
 
 
+def run_once(paths: dict[str, Path], dtypes: list[str], methods: list[str], args, simmerge: list[str],
+             memcpy: dict) -> dict:
+    import yaml
+
+    out: dict = {"load_before": [round(x, 2) for x in os.getloadavg()], "dtypes": {}}
+    for dt in dtypes:
+        cfgs = configs(paths, dt)
+        entries = {}
+        for m in methods:
+            cfg_path = args.work / f"{m}-{dt}.yml"
+            cfg_path.write_text(yaml.safe_dump(cfgs[m], sort_keys=False))
+            out_ours, out_mk = args.work / f"out_ours_{m}", args.work / f"out_mk_{m}"
+            ours = measure([*simmerge, "merge", str(cfg_path), "--out", str(out_ours), "--force", "--device",
+                            args.device, "--json"])
+            stats = json.loads((out_ours / "provenance.json").read_text())["stats"]
+            moved = stats["bytes_read"] + stats["bytes_written"]
+            floor_s = moved / (memcpy["threads_1"] * 1e9)
+            entry = {"ours": {**ours, "merge_s": stats["seconds"], "bytes_read": stats["bytes_read"],
+                              "bytes_written": stats["bytes_written"],
+                              "gb_per_s_merge": round(moved / stats["seconds"] / 1e9, 3)},
+                     "memcpy_floor_s": round(floor_s, 4),
+                     "merge_over_memcpy": round(stats["seconds"] / floor_s, 1)}
+            if args.mergekit:
+                shutil.rmtree(out_mk, ignore_errors=True)
+                mk = measure([args.mergekit, str(cfg_path), str(out_mk), "--quiet", "--random-seed", "0"]
+                             + (["--cuda"] if args.device.startswith("cuda") else []))
+                entry.update({
+                    "mergekit": mk,
+                    "speedup_wall": round(mk["wall_s"] / ours["wall_s"], 2),
+                    "rss_ratio_ours_over_mergekit": round(ours["peak_rss_bytes"] / mk["peak_rss_bytes"], 3),
+                    "outputs": compare(out_ours, out_mk),
+                })
+                shutil.rmtree(out_mk, ignore_errors=True)
+            entries[m] = entry
+            print(json.dumps({dt: {m: entry}}), flush=True)
+            shutil.rmtree(out_ours, ignore_errors=True)
+        out["dtypes"][dt] = entries
+    out["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    return out
+
+
+def markdown_table(res: dict) -> str:
+    """docs/merge.md's table: per run, compute dtype and method, ours vs mergekit (wall, peak RSS), the goal,
+    and our merge time over the memcpy floor."""
+    rows = ["| run | config dtype | method | ours (s) | mergekit (s) | speedup (goal) | peak RSS ours / mergekit "
+            "(GB) | merge time / memcpy floor | load avg (1 min) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for i, run in enumerate(res["runs"], 1):
+        for dt, entries in run["dtypes"].items():
+            for m, e in entries.items():
+                goal = GOALS.get(m)
+                mk = e.get("mergekit")
+                speed = "-" if not mk else (f"{e['speedup_wall']:.2f}x" + (
+                    f" ({'met' if e['speedup_wall'] >= goal else 'NOT met'}: >= {goal:g}x)" if goal else ""))
+                rss = f"{e['ours']['peak_rss_bytes'] / 1e9:.2f}" + (
+                    f" / {mk['peak_rss_bytes'] / 1e9:.2f}" if mk else "")
+                bw = f"{e['merge_over_memcpy']:.1f}x" + (
+                    f" (goal <= {BANDWIDTH_GOAL[m]:g}x)" if m in BANDWIDTH_GOAL else "")
+                load = f"{e['ours']['load_before'][0]:.1f}" + (f" / {mk['load_before'][0]:.1f}" if mk else "")
+                mk_wall = f"{mk['wall_s']:.2f}" if mk else "-"
+                rows.append(f"| {i} | {dt} | {m} | {e['ours']['wall_s']:.2f} | {mk_wall} | {speed} | {rss} | {bw} "
+                            f"| {load} |")
+    fam = res["family"]
+    rows.append("")
+    rows.append(f"{fam['params_per_model'] / 1e9:.2f} B parameters per model, bf16 on disk, base + 2 experts; "
+                f"{res['machine']['cpus']} CPUs, torch {res['machine']['torch']}; memcpy "
+                f"{res['memcpy_gb_per_s']['threads_1']:.1f} GB/s (1 thread, bytes read + written). Load average: "
+                f"ours / mergekit, just before each.")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mergekit", default=os.environ.get("SIMMERGE_MERGEKIT_YAML") or shutil.which("mergekit-yaml"))
+    ap.add_argument("--no-mergekit", action="store_true", help="time our side only (e.g. on a GPU machine)")
+    ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--methods", default="linear,ties,dare_ties,slerp")
+    ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--layers", type=int, default=20)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(RESULTS / "merge.json"))
+    ap.add_argument("--work", type=Path, default=WORK, help="where the family, configs and outputs go")
+    ap.add_argument("--table", action="store_true", help="print docs/merge.md's table from --out and exit")
     args = ap.parse_args(argv)
-    if not args.mergekit or not Path(args.mergekit).exists():
-        print("mergekit-yaml not found: pass --mergekit, set SIMMERGE_MERGEKIT_YAML, or run .ci/setup-mergekit",
-              file=sys.stderr)
+    if args.table:
+        print(markdown_table(json.loads(Path(args.out).read_text())))
+        return 0
+    if args.no_mergekit:
+        args.mergekit = None
+    elif not args.mergekit or not Path(args.mergekit).exists():
+        print("mergekit-yaml not found: pass --mergekit, set SIMMERGE_MERGEKIT_YAML, run .ci/setup-mergekit, or "
+              "pass --no-mergekit", file=sys.stderr)
         return 2
-    simmerge = shutil.which("simmerge") or str(Path(sys.executable).parent / "simmerge")
-    paths = make_family(WORK / "family", args.layers)
-    n_params = sum(json.loads((paths["base"] / "model.safetensors.index.json").read_text())["metadata"]
-                   ["total_size"] for _ in [0]) // 2
-    cfgs = configs(paths)
-    import yaml
-
+    found = shutil.which("simmerge") or str(Path(sys.executable).parent / "simmerge")
+    simmerge = [found] if Path(found).exists() else [sys.executable, "-m", "simmerge_bandit"]
+    args.work.mkdir(parents=True, exist_ok=True)
+    paths = make_family(args.work / ("family" if args.layers == 20 else f"family-{args.layers}"), args.layers)
+    n_params = json.loads((paths["base"] / "model.safetensors.index.json").read_text())["metadata"]["total_size"] // 2
+    memcpy = memcpy_bandwidth(args.device)
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                           "torch_threads": torch.get_num_threads(), "load_before": os.getloadavg()},
+                           "torch_threads_default": torch.get_num_threads(), "device": args.device,
+                           "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
                "family": {"params_per_model": n_params, "dtype": "bfloat16", "models": 3,
                           "bytes_per_model": n_params * 2},
-               "memcpy_gb_per_s": memcpy_bandwidth(), "methods": {}}
-    for m in args.methods.split(","):
-        cfg_path = WORK / f"{m}.yml"
-        cfg_path.write_text(yaml.safe_dump(cfgs[m], sort_keys=False))
-        out_ours, out_mk = WORK / f"out_ours_{m}", WORK / f"out_mk_{m}"
-        shutil.rmtree(out_mk, ignore_errors=True)
-        ours = measure([simmerge, "merge", str(cfg_path), "--out", str(out_ours), "--force", "--device",
-                        args.device, "--json"])
-        stats = json.loads((out_ours / "provenance.json").read_text())["stats"]
-        mk = measure([args.mergekit, str(cfg_path), str(out_mk), "--quiet", "--random-seed", "0"]
-                     + (["--cuda"] if args.device.startswith("cuda") else []))
-        moved = stats["bytes_read"] + stats["bytes_written"]
-        entry = {
-            "ours": {"wall_s": round(ours["wall_s"], 3), "peak_rss_bytes": ours["peak_rss_bytes"],
-                     "merge_s": stats["seconds"], "bytes_read": stats["bytes_read"],
-                     "bytes_written": stats["bytes_written"],
-                     "gb_per_s_wall": round(moved / ours["wall_s"] / 1e9, 3),
-                     "gb_per_s_merge": round(moved / stats["seconds"] / 1e9, 3)},
-            "mergekit": {"wall_s": round(mk["wall_s"], 3), "peak_rss_bytes": mk["peak_rss_bytes"]},
-            "speedup_wall": round(mk["wall_s"] / ours["wall_s"], 2),
-            "rss_ratio_ours_over_mergekit": round(ours["peak_rss_bytes"] / mk["peak_rss_bytes"], 3),
-            "fraction_of_memcpy_bandwidth": round(moved / stats["seconds"] / 1e9
-                                                  / results["memcpy_gb_per_s"][f"threads_{torch.get_num_threads()}"], 3),
-            "outputs": compare(out_ours, out_mk),
-            "load_after": os.getloadavg(),
-        }
-        results["methods"][m] = entry
-        print(json.dumps({m: entry}), flush=True)
-        shutil.rmtree(out_ours, ignore_errors=True)
-        shutil.rmtree(out_mk, ignore_errors=True)
-    results["machine"]["load_after"] = os.getloadavg()
+               "memcpy_gb_per_s": memcpy, "goals": {"speedup": GOALS, "merge_over_memcpy": BANDWIDTH_GOAL},
+               "runs": []}
+    for _ in range(args.runs):
+        results["runs"].append(run_once(paths, args.dtypes.split(","), args.methods.split(","), args, simmerge,
+                                        memcpy))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")

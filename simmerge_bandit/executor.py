@@ -69,6 +69,8 @@ VOCAB_CHOICES = ("refuse", "truncate")
 #: one compute thread is fastest on a small or busy machine (OpenMP threads that wait for a descheduled peer
 #: cost more than they give: 6x slower on a loaded 2-core box); raise it on an idle many-core machine.
 DEFAULT_THREADS = 1
+#: Size of the pinned buffer through which tensors are uploaded to a GPU, piece by piece.
+STAGING_BYTES = 64 << 20
 #: What an API or catalog merge computes in (a mergekit config computes in its own ``dtype``).
 DEFAULT_COMPUTE_DTYPE = "float32"
 log = logging.getLogger(__name__)
@@ -556,9 +558,7 @@ class _FileSink:
         out = rows.to(self.dtype)
         if out.device.type != "cpu":
             out = out.cpu()
-        elif out.data_ptr() == rows.data_ptr():
-            out = out.clone()  # the kernel may reuse its buffer after returning
-        self.writer.write(out.contiguous())
+        self.writer.write(out.contiguous())  # kernels do not modify what they write (TensorJob.write)
 
 
 # ---- execution ---------------------------------------------------------------------------------------------
@@ -736,7 +736,7 @@ class _Prefetcher:
     def _upload(self, raw: torch.Tensor) -> torch.Tensor:
         nbytes = raw.numel() * raw.element_size()
         dst = torch.empty(raw.numel(), dtype=raw.dtype, device=self.dev)
-        piece = 64 << 20
+        piece = STAGING_BYTES
         if self._staging is None:
             self._staging = torch.empty(piece, dtype=torch.uint8).pin_memory()
         src, dst_u8 = raw.view(torch.uint8), dst.view(torch.uint8)

@@ -26,6 +26,7 @@ import hashlib
 import math
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import InvalidInput
@@ -50,6 +51,20 @@ def scalar(value: float, dtype: torch.dtype, device: torch.device | str = "cpu")
     return torch.tensor(value, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
+_EXPONENT = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
+             torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
+
+
+def finite(x: torch.Tensor) -> bool:
+    """Whether every value is finite. On the CPU: no value has an all-ones exponent, tested on the bits with
+    numpy (one fast pass; torch's boolean ops are several times slower there)."""
+    if x.device.type == "cpu" and x.dtype in _EXPONENT and x.is_contiguous():
+        int_dtype, exp = _EXPONENT[x.dtype]
+        bits = x.view(int_dtype).numpy()
+        return not bool(np.any((bits & exp) == exp))
+    return bool(torch.isfinite(x).all())
+
+
 class Source:
     """One input tensor: its data (any float dtype, CPU or device, possibly a memory-mapped view) read as row
     chunks in the compute dtype on the compute device. ``label`` names the model in error messages."""
@@ -70,8 +85,7 @@ class Source:
         """Elements ``[lo, hi)`` of the flattened tensor, as :meth:`rows`."""
         x = self.data[lo:hi].to(device=self.device, dtype=self.dtype, non_blocking=True)
         if hi > self._checked_to:
-            # A sum is the cheapest pass that sees every value; only a non-finite sum costs a second look.
-            if not math.isfinite(float(x.sum(dtype=torch.float32))) and not bool(torch.isfinite(x).all()):
+            if not finite(x):
                 raise InvalidInput(f"tensor {tensor_name!r} of {self.label} contains NaN or Inf values")
             self._checked_to = hi
         return x
@@ -162,6 +176,8 @@ class TensorJob:
         return g
 
     def write(self, lo: int, hi: int, rows: torch.Tensor) -> None:
+        """Hand rows ``[lo, hi)`` of the result to the sink. The sink may keep ``rows`` itself until it is written
+        out, so a kernel passes a tensor it will not modify afterwards."""
         self.sink.write(lo, hi, rows)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..errors import InvalidInput
@@ -59,9 +60,34 @@ def _kept_above(d: torch.Tensor, v: float) -> torch.Tensor:
     return torch.nn.functional.hardshrink(d, v) if v >= 0 else d
 
 
-def _count(mask: torch.Tensor) -> int:
-    # count_nonzero is several times faster than summing a bool tensor (which widens it to int64 first).
-    return int(torch.count_nonzero(mask))
+class _Keys:
+    """Magnitudes as sortable keys: for 16-bit floats the bits without the sign (an integer whose order is that
+    of the magnitude), else the magnitude itself. On the CPU keys are numpy arrays: numpy compares and counts
+    tens of times faster than torch's boolean ops there (measured on torch 2.13)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.bits = dtype in (torch.bfloat16, torch.float16)
+
+    def of(self, d: torch.Tensor):
+        k = (d.view(torch.int16) & 0x7FFF) if self.bits else d.abs()
+        return k.reshape(-1).numpy() if k.device.type == "cpu" else k.reshape(-1)
+
+    def key(self, value: float):
+        """The key of a magnitude that is a value of the dtype."""
+        t = torch.tensor(value, dtype=self.dtype)
+        return int(t.view(torch.int16)) if self.bits else float(t)
+
+    def value(self, key) -> float:
+        return float(torch.tensor(int(key), dtype=torch.int16).view(self.dtype)) if self.bits else float(key)
+
+
+def _host(x) -> np.ndarray:
+    return x if isinstance(x, np.ndarray) else x.cpu().numpy()
+
+
+def _count(mask) -> int:
+    return int(np.count_nonzero(mask)) if isinstance(mask, np.ndarray) else int(torch.count_nonzero(mask))
 
 
 class _Misled(Exception):
@@ -72,31 +98,32 @@ class RankSelect:
     """Keep the elements whose rank in ascending magnitude order lies in ``[r_lo, r_hi)``, ties in index order.
 
     Chunks of the (signed) values arrive in index order, once per pass: :meth:`observe` during the statistics
-    pass, then :meth:`finish`, then :meth:`select` of chunk ``ci`` in any later pass. A selected chunk is the
-    chunk with the dropped entries set to 0, computed with ``hardshrink`` (entries above a magnitude); only the
+    pass, then :meth:`finish`, then :meth:`select` of chunk ``ci`` in any later pass. The statistics pass counts
+    the keys under a bracket of each cut (from ``sample``) and keeps the few inside it, or (no sample) keeps all
+    keys. A selected chunk is the chunk with the dropped entries set to 0, computed with ``hardshrink``; only the
     chunk where a group of equal magnitudes is split between kept and dropped needs a boolean mask.
     """
 
     def __init__(self, n: int, r_lo: int, r_hi: int, sample: torch.Tensor | None, dtype: torch.dtype):
         self.n, self.r_lo, self.r_hi, self.dtype = n, max(0, r_lo), min(n, r_hi), dtype
+        self.keys = _Keys(dtype)
         self.none = self.r_lo >= self.r_hi
         self.all = self.r_lo == 0 and self.r_hi == n
         self.targets = [] if (self.none or self.all) else \
             ([self.r_lo] if self.r_lo > 0 else []) + ([self.r_hi - 1] if self.r_hi < n else [])
         self._materialize = sample is None
-        self._mags: dict[int, torch.Tensor] = {}
+        self._stored: dict[int, np.ndarray] = {}
         self._brackets = []
         if not self._materialize and self.targets:
-            s = torch.sort(sample.reshape(-1).abs().float()).values
-            ms = s.numel()
+            s = np.sort(_host(self.keys.of(sample.to(dtype))))
+            ms = s.size
             for r in self.targets:
                 q = (r + 0.5) / n
                 j, spread = q * ms, 6.0 * math.sqrt(ms * q * (1 - q)) + 16
                 lo_i, hi_i = math.floor(j - spread), math.ceil(j + spread)
-                lo_v = float(s[lo_i]) if lo_i >= 0 else 0.0
-                hi_v = float(s[hi_i]) if hi_i < ms else math.inf
-                self._brackets.append({"lo": lo_v, "hi": hi_v, "below": 0, "inside": {}, "zeros": {},
-                                       "n_inside": 0})
+                self._brackets.append({"lo": s[lo_i].item() if lo_i >= 0 else None,
+                                       "hi": s[hi_i].item() if hi_i < ms else None,
+                                       "below": 0, "inside": {}, "n_inside": 0})
         self.groups: list[dict] = []
         self._lo = self._hi = None
 
@@ -107,21 +134,20 @@ class RankSelect:
     def observe(self, ci: int, d: torch.Tensor) -> None:
         if not self.targets:
             return
-        d = d.reshape(-1)
+        k = self.keys.of(d)
         if self._materialize:
-            self._mags[ci] = d.abs()
+            self._stored[ci] = _host(k).copy()
             return
-        n = d.numel()
         for b in self._brackets:
             lo, hi = b["lo"], b["hi"]
-            at_least_lo = _kept_above(d, below(lo, d.dtype))      # |d| >= lo (zeros aside)
-            if lo > 0:
-                b["below"] += n - _count(at_least_lo)
-            inside = at_least_lo - _kept_above(d, hi) if math.isfinite(hi) else at_least_lo
-            cand = inside[inside != 0].abs_()
-            zeros = n - _count(d) if lo <= 0 else 0
-            b["inside"][ci], b["zeros"][ci] = cand, zeros
-            b["n_inside"] += cand.numel() + zeros
+            if lo is not None:
+                b["below"] += _count(k < lo)
+            inside = (k >= lo) if lo is not None else None
+            if hi is not None:
+                inside = (k <= hi) if inside is None else inside & (k <= hi)
+            cand = _host(k[inside] if inside is not None else k).copy()
+            b["inside"][ci] = cand
+            b["n_inside"] += cand.size
             if b["n_inside"] > MAX_CANDIDATES:
                 raise _Misled
 
@@ -135,57 +161,53 @@ class RankSelect:
             if any(s is None for s in stats):
                 return False
             # Per chunk, how many entries hold each cut value (they all lie in the chunk's candidates).
-            per_chunk = {}
-            for (v, _, _), b in zip(stats, self._brackets):
-                per_chunk[v] = {ci: _count(c == v) + (b["zeros"][ci] if v == 0 else 0)
-                                for ci, c in b["inside"].items()}
+            per_chunk = {v: {ci: _count(c == v) for ci, c in b["inside"].items()}
+                         for (v, _, _), b in zip(stats, self._brackets)}
             self._brackets = []
         else:
-            keys = torch.cat([self._mags[ci].float().cpu() for ci in sorted(self._mags)])
+            keys = np.concatenate([self._stored[ci] for ci in sorted(self._stored)])
             stats = []
             for r in self.targets:
-                v = float(torch.kthvalue(keys, r + 1).values)
+                v = np.partition(keys, r)[r].item()
                 stats.append((v, _count(keys < v), _count(keys == v)))
-            per_chunk = {v: {ci: _count(m == v) for ci, m in self._mags.items()} for v, _, _ in stats}
-            self._mags = {}
+            per_chunk = {v: {ci: _count(c == v) for ci, c in self._stored.items()} for v, _, _ in stats}
+            self._stored = {}
         self._build(stats, per_chunk)
         return True
 
     @staticmethod
     def _from_bracket(b: dict, r: int):
-        """(value at rank r, count below it, count equal to it) from the bracket's candidates, or None."""
-        zeros = sum(b["zeros"].values())
-        cand = torch.cat([c.float().cpu() for c in b["inside"].values()]) if b["inside"] else torch.empty(0)
+        """(key at rank r, count below it, count equal to it) from the bracket's candidates, or None."""
+        cand = np.concatenate(list(b["inside"].values()))
         pos = r - b["below"]
-        if pos < 0 or pos >= cand.numel() + zeros:
+        if pos < 0 or pos >= cand.size:
             return None
-        if pos < zeros:
-            return 0.0, b["below"], zeros
-        v = float(torch.kthvalue(cand, pos - zeros + 1).values)
-        # Every magnitude equal to v lies inside the (inclusive) bracket, so these counts are exact.
-        return v, b["below"] + zeros + _count(cand < v), _count(cand == v)
+        v = np.partition(cand, pos)[pos].item()
+        # Every key equal to v lies inside the (inclusive) bracket, so these counts are exact.
+        return v, b["below"] + _count(cand < v), _count(cand == v)
 
-    def _build(self, stats: list[tuple[float, int, int]], per_chunk: dict) -> None:
-        """Tie groups: the entries equal to a cut value, of which those with tie index in [j0, j1) are kept."""
+    def _build(self, stats: list, per_chunk: dict) -> None:
+        """Tie groups: the entries whose key is a cut value, of which those with tie index in [j0, j1) are kept."""
         a = z = None
         it = iter(stats)
         if self.targets and self.targets[0] == self.r_lo and self.r_lo > 0:
             a = next(it)
         if self.r_hi < self.n and not (self.none or self.all):
             z = next(it)
-        self._lo = a[0] if a else None   # kept: above it (its ties by group)
-        self._hi = z[0] if z else None   # kept: under it (its ties by group)
+        self._lo = a[0] if a else None   # kept: keys above it (its ties by group)
+        self._hi = z[0] if z else None   # kept: keys under it (its ties by group)
         groups = []
         if a and z and a[0] == z[0]:
-            groups.append({"v": a[0], "j0": self.r_lo - a[1], "j1": self.r_hi - a[1], "n": a[2], "end": "both"})
+            groups.append({"v": a[0], "j0": self.r_lo - a[1], "j1": self.r_hi - a[1], "end": "both"})
         else:
             if a:
-                groups.append({"v": a[0], "j0": self.r_lo - a[1], "j1": a[2], "n": a[2], "end": "lo"})
+                groups.append({"v": a[0], "j0": self.r_lo - a[1], "j1": a[2], "end": "lo"})
             if z:
-                groups.append({"v": z[0], "j0": 0, "j1": self.r_hi - z[1], "n": z[2], "end": "hi"})
+                groups.append({"v": z[0], "j0": 0, "j1": self.r_hi - z[1], "end": "hi"})
         for g in groups:  # tie index of each chunk's first tied entry
             counts = per_chunk.get(g["v"], {})
             g["count"], g["start"], seen = counts, {}, 0
+            g["value"] = self.keys.value(g["v"])
             for ci in sorted(counts):
                 g["start"][ci] = seen
                 seen += counts[ci]
@@ -197,40 +219,42 @@ class RankSelect:
             return d
         if self.none:
             return torch.zeros_like(d)
-        lo_thr, hi_thr, partial = self._lo, self._hi, False
+        lo_thr = hi_thr = None
+        if self._lo is not None:
+            lo_thr = self.keys.value(self._lo)
+        if self._hi is not None:
+            hi_thr = self.keys.value(self._hi)
         for g in self.groups:
             s, c = g["start"].get(ci, 0), g["count"].get(ci, 0)
-            kept = c if (g["j0"] <= s and s + c <= g["j1"]) else 0 if (s + c <= g["j0"] or s >= g["j1"]) else None
-            if kept is None:
-                partial = True
-            elif g["end"] in ("lo", "both"):
-                lo_thr = below(g["v"], d.dtype) if kept else g["v"]
-            if kept is not None and g["end"] in ("hi", "both"):
-                hi_thr = g["v"] if kept else below(g["v"], d.dtype)
-        if partial:
-            return d * self._mask(ci, d)
+            if g["j0"] <= s and s + c <= g["j1"]:
+                kept = True
+            elif s + c <= g["j0"] or s >= g["j1"]:
+                kept = False
+            else:
+                return d * self._mask(ci, d)
+            if g["end"] in ("lo", "both"):
+                lo_thr = below(g["value"], d.dtype) if kept else g["value"]
+            if g["end"] in ("hi", "both"):
+                hi_thr = g["value"] if kept else below(g["value"], d.dtype)
+        if lo_thr is not None and hi_thr is not None and hi_thr <= lo_thr:
+            return torch.zeros_like(d)
         out = _kept_above(d, lo_thr) if lo_thr is not None else d
-        if hi_thr is not None:
-            if lo_thr is not None and hi_thr <= lo_thr:
-                return torch.zeros_like(d)
-            out = out - _kept_above(d, hi_thr)
-        return out
+        return out - _kept_above(d, hi_thr) if hi_thr is not None else out
 
     def _mask(self, ci: int, d: torch.Tensor) -> torch.Tensor:
         """The boolean keep-mask of a chunk where a tie group is split."""
-        keys = d.abs()
-        m = torch.ones(d.shape, dtype=torch.bool, device=d.device)
+        k = _host(self.keys.of(d))
+        m = np.ones(k.size, dtype=bool)
         if self._lo is not None:
-            m &= keys > self._lo
+            m &= k > self._lo
         if self._hi is not None:
-            m &= keys < self._hi
-        flat, km = keys.reshape(-1), m.view(-1)
+            m &= k < self._hi
         for g in self.groups:
             s = g["start"].get(ci, 0)
             a, b = max(g["j0"] - s, 0), min(g["j1"] - s, g["count"].get(ci, 0))
             if b > a:
-                km[(flat == g["v"]).nonzero().reshape(-1)[a:b]] = True
-        return m
+                m[np.flatnonzero(k == g["v"])[a:b]] = True
+        return torch.from_numpy(m).to(d.device).view(d.shape)
 
 
 # ---- per-model sparsifiers -------------------------------------------------------------------------------------

@@ -21,6 +21,9 @@ from . import sparsify
 from .base import MethodSpec
 from .job import TensorJob
 
+#: Largest size (bytes) of one tensor's task vectors kept between passes.
+DELTA_CACHE_BYTES = 256 << 20
+
 
 def kernel(spec: MethodSpec, job: TensorJob) -> None:
     """Merge one tensor with the task-arithmetic family member ``spec``."""
@@ -29,6 +32,17 @@ def kernel(spec: MethodSpec, job: TensorJob) -> None:
     sps = [sparsify.make(spec.sparsification, job, i, mp, glob["rescale"])
            for i, mp in enumerate(job.model_params)]
     chunks = job.chunks(whole=any(s.whole for s in sps))
+    # Task vectors computed by the statistics pass are kept for the later passes when they fit the budget (the
+    # subtraction is one of the costlier steps in half precision, and the inputs are then read once).
+    cache: dict | None = {} if m * job.numel * job.dtype.itemsize <= DELTA_CACHE_BYTES else None
+
+    def delta(i, ci, lo, hi, b):
+        if cache is not None and (i, ci) in cache:
+            return cache[(i, ci)]
+        d = job.model_rows(i, lo, hi) - b
+        if cache is not None:
+            cache[(i, ci)] = d
+        return d
 
     def deltas_pass(fn, which):
         for s in which:
@@ -36,7 +50,7 @@ def kernel(spec: MethodSpec, job: TensorJob) -> None:
         for ci, (lo, hi) in enumerate(chunks):
             b = job.base_rows(lo, hi)
             for s in which:
-                fn(s, ci, lo, hi, job.model_rows(s.model, lo, hi) - b)
+                fn(s, ci, lo, hi, delta(s.model, ci, lo, hi, b))
 
     stats = [s for s in sps if s.needs_stats]
     if stats:
@@ -64,7 +78,7 @@ def kernel(spec: MethodSpec, job: TensorJob) -> None:
         b = job.base_rows(lo, hi)
         ds = []
         for i, s in enumerate(sps):
-            d = s.apply(ci, lo, hi, job.model_rows(i, lo, hi) - b)
+            d = s.apply(ci, lo, hi, cache.pop((i, ci)) if cache and (i, ci) in cache else job.model_rows(i, lo, hi) - b)
             ds.append(d if unit[i] else d * ws[i])
         if spec.consensus == "sum":
             mixed, divisor = _elect(ds, ws, unit, positive, glob["normalize"], cd, acc)
@@ -107,7 +121,9 @@ def _elect(ds, ws, unit, positive, normalize, cd, acc):
     mixed = _sum(kept, cd, acc) * maj.to(cd)
     if not normalize:
         return mixed, None
-    ind = [torch.sign(k) if u else torch.sign(k) * w for k, w, u in zip(kept, ws, unit)]
+    # The keep indicators in the accumulation dtype (sign() of a half-precision tensor is several times slower),
+    # weighted by the weights as the compute dtype holds them; their sum rounded to it, as mergekit's.
+    ind = [k.to(acc).sign_() if u else k.to(acc).sign_().mul_(w) for k, w, u in zip(kept, ws, unit)]
     divisor = _sum(ind, cd, acc)
     if positive:  # a zero divisor comes with a zero sum there: any positive divisor gives mergekit's 0 / 1
         divisor.clamp_(min=torch.finfo(cd).tiny)

@@ -115,12 +115,16 @@ class RankSelect:
         self._stored: dict[int, np.ndarray] = {}
         self._brackets = []
         if not self._materialize and self.targets:
-            s = np.sort(_host(self.keys.of(sample.to(dtype))))
+            s = _host(self.keys.of(sample.to(dtype)))
             ms = s.size
+            bounds = []
             for r in self.targets:
                 q = (r + 0.5) / n
                 j, spread = q * ms, 6.0 * math.sqrt(ms * q * (1 - q)) + 16
-                lo_i, hi_i = math.floor(j - spread), math.ceil(j + spread)
+                bounds.append((math.floor(j - spread), math.ceil(j + spread)))
+            inner = sorted({i for pair in bounds for i in pair if 0 <= i < ms})
+            s = np.partition(s, inner) if inner else s  # the sample's order statistics at the bracket ends
+            for lo_i, hi_i in bounds:
                 self._brackets.append({"lo": s[lo_i].item() if lo_i >= 0 else None,
                                        "hi": s[hi_i].item() if hi_i < ms else None,
                                        "below": 0, "inside": {}, "n_inside": 0})
@@ -298,7 +302,7 @@ class Sparsifier:
         pass
 
     def observe_kept(self, ci: int, lo: int, hi: int, d: torch.Tensor) -> None:
-        self._kept += total(self.masked(ci, lo, hi, d).abs_())
+        self._kept += total(self.masked(ci, lo, hi, d).abs())  # (masked may return d itself: not in place)
 
     def finish_scale(self) -> None:
         """mergekit's ``rescaled_masked_tensor``: both L1 norms in the working dtype, their quotient in it."""

@@ -36,25 +36,24 @@ def intermediates_dir(store) -> Path:
 
 def materialize(engine, models: Sequence[str], operators: Sequence[str]) -> tuple[Path, str]:
     """The merge ``((m0 op0 m1) op1 m2) ...`` on disk (merged now unless already there) and its base's name."""
-    from . import executor
+    from .recipe import build
 
-    cat = engine.catalog
-    rows = [cat.model(m) for m in models]
-    bases = {r["base"] for r in rows}
-    if len(bases) != 1 or None in bases:
+    if len(operators) != len(models) - 1:
+        raise InvalidInput(f"{len(models)} models need {len(models) - 1} operators, got {len(operators)}")
+    try:
+        r = build(engine.catalog, models, operators)
+    except InvalidInput:
+        r = None
+    if r is None or r.base is None:
         raise InvalidInput(f"a chain's models must share one base; {', '.join(models)} do not")
-    base = cat.model(bases.pop())
-    ops = [cat.operator(o) for o in operators]
-    if len(ops) != len(rows) - 1:
-        raise InvalidInput(f"{len(rows)} models need {len(rows) - 1} operators, got {len(ops)}")
     seed = int(engine.config.seed)
-    key = hashlib.blake2b(json.dumps([[r["fingerprint"] for r in rows], [[o["method"], o["params"]] for o in ops],
-                                      base["fingerprint"], seed], sort_keys=True).encode(), digest_size=10).hexdigest()
+    steps = [[s["method"], s["params"]] for s in r.steps]
+    key = hashlib.blake2b(json.dumps([[m["fingerprint"] for m in r.models], steps, r.base["fingerprint"], seed],
+                                     sort_keys=True).encode(), digest_size=10).hexdigest()
     out = intermediates_dir(engine.store) / key
     if not out.is_dir():            # the executor renames a finished merge into place, so a folder is complete
-        executor.merge_chain_pairs([r["path"] for r in rows], [(o["method"], o["params"]) for o in ops], out,
-                                   base=base["path"], seed=seed, force=True)
-    return out, base["name"]
+        r.merge(out, seed=seed, force=True)
+    return out, r.base["name"]
 
 
 def intermediate_features(engine, models: Sequence[str], operators: Sequence[str], others: Sequence[str],

@@ -33,11 +33,12 @@ class _Group(click.Group):
 
 
 class Ctx:
-    """Per-invocation state: the home, and a store opened on first use."""
+    """Per-invocation state: the home, and the road to its state (:meth:`backend`), chosen on first use."""
 
     def __init__(self, home: str | None):
         self.home = resolve_home(home)
         self._store = None
+        self._backend = None
 
     def store(self):
         if self._store is None:
@@ -51,6 +52,16 @@ class Ctx:
         from .client import Client
 
         return Client.find(self.home)
+
+    def backend(self):
+        """The state's operations for this invocation (:mod:`.backend`): through the daemon when one runs for the
+        home, else on the store. Chosen once, so every command answers the same either way."""
+        if self._backend is None:
+            from .backend import LocalBackend, RemoteBackend
+
+            cl = self.client()
+            self._backend = RemoteBackend(cl) if cl else LocalBackend(self.store())
+        return self._backend
 
     def close(self) -> None:
         if self._store is not None:
@@ -151,12 +162,7 @@ def model_add(c: Ctx, path: str, name: str | None, base: str | None, tasks: tupl
     Headers are read without loading tensors; a content fingerprint is stored. With --base, every tensor name
     and shape must match the base model.
     """
-    cl = c.client()
-    if cl:
-        m = cl.call("POST", "/v1/models", {"path": str(Path(path).expanduser().resolve()), "name": name,
-                                            "base": base, "tasks": list(tasks)})
-    else:
-        m = _model_summary(_catalog(c).add_model(path, name=name, base=base, tasks=list(tasks)))
+    m = _model_summary(c.backend().add_model(path, name=name, base=base, tasks=list(tasks)))
     emit([m], as_json, lambda d: click.echo(f"added model {m['name']} ({m['architecture']}, {m['dtype']}, "
                                               f"{m['n_params']:,} parameters)"))
 
@@ -166,7 +172,7 @@ def model_add(c: Ctx, path: str, name: str | None, base: str | None, tasks: tupl
 @pass_ctx
 def model_list(c: Ctx, as_json: bool) -> None:
     """List registered models."""
-    rows = [_model_summary(m) for m in _catalog(c).models()]
+    rows = [_model_summary(m) for m in c.backend().models()]
     emit(rows, as_json, lambda d: table(d, ["name", "base", "architecture", "dtype", "n_params"]))
 
 
@@ -176,7 +182,7 @@ def model_list(c: Ctx, as_json: bool) -> None:
 @pass_ctx
 def model_show(c: Ctx, name: str, as_json: bool) -> None:
     """Show one model, with its tensors and config."""
-    m = _catalog(c).model(name)
+    m = c.backend().model(name)
 
     def human(d):
         for k, v in _model_summary(m).items():
@@ -196,8 +202,8 @@ def model_show(c: Ctx, name: str, as_json: bool) -> None:
 @pass_ctx
 def model_remove(c: Ctx, name: str, as_json: bool) -> None:
     """Remove a model from the catalog (its files are not touched)."""
-    _catalog(c).remove_model(name)
-    emit([{"name": name, "removed": True}], as_json, lambda d: click.echo(f"removed model {name}"))
+    res = c.backend().remove_model(name)
+    emit([res], as_json, lambda d: click.echo(f"removed model {name}"))
 
 
 @cli.group(cls=_Group)
@@ -243,16 +249,8 @@ def task_add(c: Ctx, name, data, probes, metric, eval_command, metric_path, no_i
                          lambda v: read_jsonl(v, need=("prompt", "answer")))
         if probes is None:
             probes = _ask_file("Probe file (empty: use the data's prompts)", read_prompts, optional=True)
-    cl = c.client()
-    if cl:
-        if probes is not None and Path(probes).expanduser().exists():
-            probes = str(Path(probes).expanduser().resolve())
-        t = cl.call("POST", "/v1/tasks", {"name": name, "data": str(Path(data).expanduser().resolve()),
-                                          "probes": probes, "metric": metric, "eval_command": eval_command,
-                                          "metric_path": metric_path})
-    else:
-        t = _catalog(c).add_task(name, data, probes=probes, metric=metric, eval_command=eval_command,
-                                 metric_path=metric_path)
+    t = c.backend().add_task(name, data, probes=probes, metric=metric, eval_command=eval_command,
+                             metric_path=metric_path)
     emit([t], as_json, lambda d: click.echo(f"added task {t['name']} ({t['n_examples']} examples, probe set "
                                               f"{t['probe_set']})"))
 
@@ -262,7 +260,7 @@ def task_add(c: Ctx, name, data, probes, metric, eval_command, metric_path, no_i
 @pass_ctx
 def task_list(c: Ctx, as_json: bool) -> None:
     """List tasks."""
-    emit(_catalog(c).tasks(), as_json, lambda d: table(d, ["name", "n_examples", "probe_set", "metric"]))
+    emit(c.backend().tasks(), as_json, lambda d: table(d, ["name", "n_examples", "probe_set", "metric"]))
 
 
 @task.command("show")
@@ -271,7 +269,7 @@ def task_list(c: Ctx, as_json: bool) -> None:
 @pass_ctx
 def task_show(c: Ctx, name: str, as_json: bool) -> None:
     """Show one task."""
-    t = _catalog(c).task(name)
+    t = c.backend().task(name)
     emit([t], as_json, lambda d: [click.echo(f"{k:12} {v}") for k, v in t.items()])
 
 
@@ -287,7 +285,7 @@ def probe() -> None:
 @pass_ctx
 def probe_add(c: Ctx, name: str, file: str, as_json: bool) -> None:
     """Add probe set NAME from FILE (one prompt per line, or JSON lines with 'prompt')."""
-    p = _catalog(c).add_probe_set(name, file)
+    p = c.backend().add_probe_set(name, file)
     emit([p], as_json, lambda d: click.echo(f"added probe set {name} ({p['n_prompts']} prompts)"))
 
 
@@ -296,7 +294,7 @@ def probe_add(c: Ctx, name: str, file: str, as_json: bool) -> None:
 @pass_ctx
 def probe_list(c: Ctx, as_json: bool) -> None:
     """List probe sets."""
-    emit(_catalog(c).probe_sets(), as_json, lambda d: table(d, ["name", "n_prompts", "hash"]))
+    emit(c.backend().probe_sets(), as_json, lambda d: table(d, ["name", "n_prompts", "hash"]))
 
 
 @cli.group(cls=_Group)
@@ -387,14 +385,7 @@ def operator_add(c: Ctx, name, method, params, ranges, no_input, as_json) -> Non
         asked, asked_ranges = _ask_params(get_method(method))
         parsed = {**{k: v for k, v in asked.items() if k not in box}, **parsed}
         box = {**{k: v for k, v in asked_ranges.items() if k not in parsed}, **box}
-    cl = c.client()
-    if cl:
-        body = {"name": name, "method": method, "params": parsed}
-        if box:
-            body["ranges"] = box
-        op = cl.call("POST", "/v1/operators", body)
-    else:
-        op = _catalog(c).add_operator(name, method, parsed, ranges=box or None)
+    op = c.backend().add_operator(name, method, parsed, ranges=box or None)
 
     def human(_):
         fixed = ", ".join(f"{k}={v}" for k, v in op["params"].items() if k not in op.get("ranges", {}))
@@ -410,7 +401,7 @@ def operator_add(c: Ctx, name, method, params, ranges, no_input, as_json) -> Non
 @pass_ctx
 def operator_list(c: Ctx, show_all: bool, as_json: bool) -> None:
     """List operators (active ones unless --all)."""
-    rows = _catalog(c).operators(active_only=not show_all)
+    rows = c.backend().operators(all=show_all)
     emit(rows, as_json, lambda d: table(d, ["name", "method", "params", "status"]))
 
 
@@ -420,7 +411,7 @@ def operator_list(c: Ctx, show_all: bool, as_json: bool) -> None:
 @pass_ctx
 def operator_show(c: Ctx, name: str, as_json: bool) -> None:
     """Show one operator."""
-    op = _catalog(c).operator(name)
+    op = c.backend().operator(name)
     emit([op], as_json, lambda d: [click.echo(f"{k:10} {v}") for k, v in op.items()])
 
 
@@ -430,8 +421,7 @@ def operator_show(c: Ctx, name: str, as_json: bool) -> None:
 @pass_ctx
 def operator_retire(c: Ctx, name: str, as_json: bool) -> None:
     """Stop suggesting operator NAME; its history stays."""
-    cl = c.client()
-    op = cl.call("POST", "/v1/operators/retire", {"name": name}) if cl else _catalog(c).retire_operator(name)
+    op = c.backend().retire_operator(name)
     emit([op], as_json, lambda d: click.echo(f"retired operator {name}"))
 
 
@@ -516,28 +506,16 @@ def merge_cmd(c: Ctx, config, out, models, operators, device, seed, dtype, compu
     if config:
         res = executor.merge_config(config, out, dtype=dtype, **common)
     elif models and operators:
-        cat = _catalog(c)
-        rows = [cat.model(n.strip()) for n in models.split(",") if n.strip()]
-        ops = [cat.operator(n.strip()) for n in operators.split(",") if n.strip()]
-        family = next((o for o in ops if o.get("ranges")), None)
-        if family is not None:
+        from . import recipe
+
+        r = recipe.build(c.backend(), models.split(","), operators.split(","))
+        if r.families:
+            family = r.families[0]
             raise click.UsageError(f"operator {family['name']} is a family (the engine chooses its "
                                    f"{', '.join(sorted(family['ranges']))} per suggestion): merge a suggestion's "
                                    f"values with a grid operator (`operator add NAME --method {family['method']} "
                                    f"--param ...`) or a mergekit config")
-        bases = {r["base"] for r in rows}
-        if len(bases) > 1:
-            raise click.UsageError(f"the models do not share one base ({', '.join(sorted(map(str, bases)))})")
-        base_name = bases.pop()
-        base = cat.model(base_name)["path"] if base_name else None
-        paths = [r["path"] for r in rows]
-        names = [o["name"] for o in ops]
-        if len(ops) == 1:
-            res = executor.merge_pair(paths, ops[0]["method"], ops[0]["params"], out, base=base, dtype=dtype,
-                                      operator=names[0], **common)
-        else:
-            res = executor.merge_chain_pairs(paths, [(o["method"], o["params"]) for o in ops], out, base=base,
-                                             dtype=dtype, operators=names, **common)
+        res = r.merge(out, dtype=dtype, **common)
     else:
         raise click.UsageError("give a mergekit CONFIG.yml, or --models A,B with --operator NAME")
     data = {"out": str(res.out), **res.stats}
@@ -602,8 +580,7 @@ def zoo_register(c: Ctx, directory: str, as_json: bool) -> None:
     """
     from .zoo import register_zoo
 
-    cl = c.client()
-    res = register_zoo(None if cl else c.store(), directory, client=cl)
+    res = register_zoo(c.backend(), directory)
 
     def human(r):
         for kind in ("models", "tasks", "operators"):
@@ -726,9 +703,7 @@ def evaluate_cmd(c: Ctx, model: str, task_name: str, metric: str | None, limit: 
     """
     from .evaluators import evaluate_named
 
-    cl = c.client()
-    res, what = evaluate_named(None if cl else c.store(), model, task_name, metric=metric, limit=limit,
-                               timeout=timeout, client=cl)
+    res, what = evaluate_named(c.backend(), model, task_name, metric=metric, limit=limit, timeout=timeout)
     out = {**what, **res.to_dict()}
 
     def human(r):
@@ -774,24 +749,12 @@ def signatures_compute(c: Ctx, tasks: tuple[str, ...], all_tasks: bool, models: 
     cached for the same weights, probes and signature version are reused, so a second run loads nothing. A model
     whose files changed on disk is re-fingerprinted first. Example: simmerge signatures compute --task copy
     """
-    from .signals import ensure_signatures
-
     if not tasks and not all_tasks:
         raise click.UsageError("say which tasks: --task NAME (repeatable) or --all")
-    cat = _catalog(c)
-    task_names = [t["name"] for t in cat.tasks()] if all_tasks else list(dict.fromkeys(tasks))
-    if not task_names:
-        raise click.ClickException("no tasks in the catalog: add one with `simmerge task add`")
-    for t in task_names:
-        cat.task(t)
-    names = list(dict.fromkeys(models)) or [m["name"] for m in cat.models()]
-    if not names:
-        raise click.ClickException("no models in the catalog: add one with `simmerge model add`")
-    loads = ensure_signatures(c.store(), names, task_names, progress=not no_progress and not as_json,
-                              device=device, threads=threads)
-    row = {"tasks": task_names, "models": len(names), "loaded": loads}
-    emit(row, as_json, lambda d: click.echo(f"signatures up to date for {len(names)} models x {len(task_names)} "
-                                            f"task(s); {loads} model(s) loaded"))
+    row = c.backend().compute_signatures(None if all_tasks else list(tasks), list(models) or None, device=device,
+                                         threads=threads, progress=not no_progress and not as_json)
+    emit(row, as_json, lambda d: click.echo(f"signatures up to date for {d['models']} models x {len(d['tasks'])} "
+                                            f"task(s); {d['loaded']} model(s) loaded"))
 
 
 @signatures.command("list")
@@ -799,9 +762,7 @@ def signatures_compute(c: Ctx, tasks: tuple[str, ...], all_tasks: bool, models: 
 @pass_ctx
 def signatures_list(c: Ctx, as_json: bool) -> None:
     """List cached signatures (model, part, status, why absent, seconds it took)."""
-    from .signals import list_signatures
-
-    rows = list_signatures(c.store())
+    rows = c.backend().signatures()
     for r in rows:
         r["fingerprint"] = r["fingerprint"][:12]
         r["context"] = r["context"][:12]
@@ -840,13 +801,10 @@ def features_cmd(c: Ctx, model_a: str, model_b: str, task: str, exact: bool, dev
     computed (no tokenizer, different vocabularies, no base) is listed as absent with the reason.
     Example: simmerge features copy upper --task copy --json
     """
-    from .signals import pair_features
-
-    pf = pair_features(c.store(), model_a, model_b, task, exact=exact, device=device)
-    data = pf.to_json()
+    data = c.backend().features(model_a, model_b, task, exact=exact, device=device)
 
     def human(d):
-        click.echo(f"features of ({model_a}, {model_b}) for task {task} ({pf.mode}, schema "
+        click.echo(f"features of ({model_a}, {model_b}) for task {task} ({d['mode']}, schema "
                    f"v{d['schema_version']})")
         table([{"feature": k, "value": v} for k, v in d["features"].items()], ["feature", "value"])
         if d["absent"]:
@@ -905,14 +863,7 @@ def suggest(c: Ctx, tasks: tuple[str, ...], weights: tuple[str, ...], top: int, 
 
     w = parse_weights(weights)
     Target.of(list(tasks), w)  # refuse a malformed target here, before any call
-    cl = c.client()
-    if cl:
-        body = {"tasks": list(tasks), "top": top, "policy": policy, "chain": chain}
-        if w:
-            body["weights"] = w
-        rows = cl.call("POST", "/v1/suggest", body)
-    else:
-        rows = _engine(c).suggest(list(tasks), top=top, policy=policy, chain=chain, weights=w or None)
+    rows = c.backend().suggest(list(tasks), top=top, policy=policy, chain=chain, weights=w or None)
     emit(rows, as_json, _print_suggestions)
 
 
@@ -927,9 +878,7 @@ def feedback(c: Ctx, decision_id: str, value: str, as_json: bool) -> None:
     VALUE is the merged model's score divided by the best source model's score on the task, in [0, 2].
     Sending the same value again is a no-op; a different value for the same id is refused.
     """
-    cl = c.client()
-    res = cl.call("POST", "/v1/feedback", {"id": decision_id, "reward": _number(value)}) if cl else \
-        _engine(c).feedback(decision_id, value)
+    res = c.backend().feedback(decision_id, _number(value))
     emit(res, as_json, lambda r: click.echo(f"{r['status']}: reward {r['reward']:g} for {r['id']}"))
 
 
@@ -969,33 +918,13 @@ def search_cmd(c: Ctx, tasks, weights, budget, policy, device, limit, as_json) -
     (its path is printed). Rerun with the same tasks and policy, it resumes from the log. With a daemon running
     the search runs there as a job (see `GET /v1/jobs`), and this command follows it.
     """
-    import time
-
     from .target import Target, parse_weights
 
     w = parse_weights(weights)
     Target.of(list(tasks), w)
-    cl = c.client()
-    if cl:
-        body = {"tasks": list(tasks), "weights": w or None, "budget": budget, "policy": policy, "limit": limit}
-        res = cl.call("POST", "/v1/search", body)
-        seen = -1
-        while res["state"] == "running":
-            if not as_json and len(res["evaluations"]) != seen:
-                seen = len(res["evaluations"])
-                _print_best(res)
-            time.sleep(1.0)
-            res = cl.call("POST", "/v1/search", body)
-        if res["state"] == "failed":
-            raise click.ClickException(f"search {res['id']} failed: {res.get('error') or 'see the daemon log'}")
-        emit(res, as_json, _print_best)
-        return
     from tqdm.auto import tqdm
 
-    from .search import run_search
-
-    eng = _engine(c)
-    target = eng.target(list(tasks), w or None)
+    be = c.backend()
     bar = tqdm(total=budget, desc="search", unit="eval", disable=as_json, leave=False)
 
     def progress(res: dict) -> None:
@@ -1006,23 +935,16 @@ def search_cmd(c: Ctx, tasks, weights, budget, policy, device, limit, as_json) -
             _print_best(res)
 
     try:
-        res = run_search(eng, target, budget, policy=policy, device=device, limit=limit, progress=progress)
+        res = be.search(list(tasks), budget, weights=w or None, policy=policy, limit=limit, device=device,
+                        progress=progress)
     except KeyboardInterrupt:
         bar.close()
-        from .search import describe, search_id
-
-        res = describe(eng, search_id(target, policy or _search_policy(eng)))
+        res = be.search_report(list(tasks), weights=w or None, policy=policy)
         click.echo("interrupted; rerun the same command to resume", err=True)
         emit(res, as_json, _print_best)
-        raise SystemExit(130)
+        raise SystemExit(130) from None
     bar.close()
     emit(res, as_json, _print_best)
-
-
-def _search_policy(eng) -> str:
-    from .search import default_policy
-
-    return default_policy(eng)
 
 
 @cli.command()
@@ -1030,8 +952,7 @@ def _search_policy(eng) -> str:
 @pass_ctx
 def status(c: Ctx, as_json: bool) -> None:
     """Counts of models, tasks, operators, decisions and rewards; evaluation queue and budget."""
-    cl = c.client()
-    st = cl.call("GET", "/v1/status") if cl else _engine(c).status()
+    st = c.backend().status()
 
     def human(s):
         click.echo("  ".join(f"{k}: {v}" for k, v in s["counts"].items()))
@@ -1064,9 +985,7 @@ def policy_list(as_json: bool) -> None:
 @pass_ctx
 def policy_rebuild(c: Ctx, name: str | None, as_json: bool) -> None:
     """Rebuild a policy's state from the decision log alone and replace its snapshot."""
-    eng = _engine(c)
-    pol = eng.rebuild(name)
-    res = {"name": name or eng.config.default_policy, "n_updates": pol.n_updates, "version": str(pol.version)}
+    res = c.backend().rebuild_policy(name)
     emit(res, as_json, lambda r: click.echo(f"rebuilt {r['name']} from {r['n_updates']} rewards"))
 
 @cli.group(cls=_Group)
@@ -1100,7 +1019,7 @@ def predictor_fit(c: Ctx, table: str | None, online_weight: float | None, model:
     """
     if objective and not table:
         raise click.BadParameter("--objective applies to a merge table; give --table", param_hint="--objective")
-    res = _engine(c).fit_predictor(table, online_weight=online_weight, model=model, objective=objective)
+    res = c.backend().fit_predictor(table, online_weight=online_weight, model=model, objective=objective)
     emit(res, as_json, lambda r: click.echo(f"fitted predictor on {r.get('n')} merges from {r['source']} "
                                               f"(training rmse {r.get('rmse', float('nan')):.4f})"))
 
@@ -1161,7 +1080,7 @@ def replay_cmd(c: Ctx, log, policies, estimators, ci, n_boot, alpha, seed, actio
 
     actions = [a.strip() for a in action_set.split(",")] if action_set else None
     if log is None:
-        data = rp.load_engine_log(c.store())
+        data = rp.log_from_frame(c.backend().replay_log(), source="engine decision log")
     else:
         data = rp.load_log(log, actions=actions)
     ev = rp.evaluate(data, list(policies), list(estimators) or ["replay", "ips", "snips", "dr"], alpha=alpha,

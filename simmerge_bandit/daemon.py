@@ -12,6 +12,7 @@ commit); the other calls run on a small fixed pool; the evaluation worker and th
 from __future__ import annotations
 
 import collections
+import functools
 import gc
 import hmac
 import ipaddress
@@ -32,6 +33,7 @@ from urllib.parse import urlparse
 import threadpoolctl
 
 from . import eventlog
+from .backend import OPERATIONS, LocalBackend, check_budget, query_body
 from .daemonfile import read_daemon_file, write_daemon_file
 from .errors import InvalidInput, NotFound, SimmergeError
 from .eventlog import event, events, log  # noqa: F401 (re-exported)
@@ -169,6 +171,7 @@ class Daemon:
         self._batcher = _Batcher(self.engine, snapshot_s=self.snapshot_s, after_batch=self._wake,
                                  idle_checkpoint_s=self.idle_checkpoint_s)
         self._pool = ThreadPoolExecutor(self.pool_threads, thread_name_prefix="api")
+        self.backend = _DaemonBackend(self)
         self._routes = self._make_routes()
         self.server = _HttpServer(self.host, self.port, self._dispatch)
         self.port = self.server.port
@@ -251,22 +254,6 @@ class Daemon:
                       "SELECT coalesce(sum(memory_usage_bytes), 0) FROM duckdb_memory()")[0])})
         return st
 
-    def suggest(self, body: dict) -> list[dict]:
-        top = body.get("top", 5)
-        if not isinstance(top, int) or isinstance(top, bool):
-            raise InvalidInput("missing or invalid field 'top'")
-        chain = body.get("chain")
-        if chain is not None and (not isinstance(chain, int) or isinstance(chain, bool)):
-            raise InvalidInput("invalid field 'chain'")
-        return self.engine.suggest(_target_tasks(body), top=top, policy=body.get("policy"), chain=chain,
-                                   weights=_weights(body))
-
-    def feedback(self, body: dict) -> dict:
-        did = _need(body, "id", str)
-        if "reward" not in body:
-            raise InvalidInput("missing field 'reward'")
-        return self.engine.feedback(did, body["reward"])
-
     @staticmethod
     def _log_decisions(rows: list[dict]) -> list[tuple[str, dict]]:
         return [("decision", {"id": r["id"], "task": r["task"], "models": ",".join(r["models"]),
@@ -279,31 +266,20 @@ class Daemon:
     def jobs(self) -> list[dict]:
         """Evaluation jobs (``kind: evaluation``), then searches (``kind: search``, with their progress and best
         reward so far)."""
-        from . import evalqueue
-        from .search import searches
-
-        rows = [dict(r, kind="evaluation") for r in evalqueue.jobs(self.store)]
-        for r in searches(self.store):
-            if self._search_errors.get(r["id"]):
+        rows = LocalBackend.op_jobs(self.backend)
+        for r in rows:
+            if r["kind"] == "search" and self._search_errors.get(r["id"]):
                 r["error"] = self._search_errors[r["id"]]
-            rows.append(dict(r, kind="search"))
         return rows
 
-    def search(self, body: dict) -> dict:
-        """Start (or resume) a budgeted search as a job, or report on it if it runs: the same body again answers
+    def search(self, tasks: str | list[str], budget: int, weights: dict | None = None, policy: str | None = None,
+               limit: int | None = None) -> dict:
+        """Start (or resume) a budgeted search as a job, or report on it if it runs: the same call again answers
         its progress (every evaluation so far and the best)."""
         from .search import default_policy, describe, run_search, search_id
 
-        target = self.engine.target(_target_tasks(body), _weights(body))
-        budget = body.get("budget")
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-            raise InvalidInput("field 'budget' must be a positive integer")
-        limit = body.get("limit")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise InvalidInput("field 'limit' must be a positive integer")
-        policy = body.get("policy")
-        if policy is not None and not isinstance(policy, str):
-            raise InvalidInput("field 'policy' must be a policy name")
+        check_budget(budget, limit)
+        target = self.engine.target(tasks, weights)
         policy = policy or default_policy(self.engine)
         self.engine.policy(policy)  # an unknown policy is refused now, not in the job
         sid = search_id(target, policy)
@@ -345,39 +321,13 @@ class Daemon:
 
     # ---- HTTP ----
     def _make_routes(self) -> dict[tuple[str, str], _Route]:
-        """``(method, path) -> route``. Suggest and feedback go through the batcher (feedback first within a
-        batch) and are logged once committed; the other calls run on the pool, catalog changes under the engine
-        lock."""
-        cat = self.engine.catalog
-
-        def locked(fn: Callable[[dict], Any]) -> Callable[[dict], Any]:
-            def run(b: dict) -> Any:
-                with self.engine.lock:
-                    return fn(b)
-            return run
-
-        def public(m: dict) -> dict:
-            return {k: v for k, v in m.items() if k not in ("tensors", "config")}
-
-        return {
-            ("GET", "/v1/status"): _Route(lambda b: self.status()),
-            ("POST", "/v1/suggest"): _Route(self.suggest, batched=True, log=self._log_decisions, order=1),
-            ("POST", "/v1/feedback"): _Route(self.feedback, batched=True, log=self._log_reward, order=0),
-            ("GET", "/v1/operators"): _Route(lambda b: cat.operators(active_only=not b.get("all"))),
-            ("POST", "/v1/operators"): _Route(locked(lambda b: cat.add_operator(
-                _need(b, "name", str), _need(b, "method", str), b.get("params") or {}, ranges=b.get("ranges")))),
-            ("POST", "/v1/operators/retire"): _Route(locked(lambda b: cat.retire_operator(_need(b, "name", str)))),
-            ("GET", "/v1/tasks"): _Route(lambda b: cat.tasks()),
-            ("POST", "/v1/tasks"): _Route(locked(lambda b: cat.add_task(
-                _need(b, "name", str), _need(b, "data", str), probes=b.get("probes"),
-                metric=b.get("metric") or "exact_match", eval_command=b.get("eval_command"),
-                metric_path=b.get("metric_path")))),
-            ("GET", "/v1/models"): _Route(lambda b: [public(m) for m in cat.models()]),
-            ("POST", "/v1/models"): _Route(locked(lambda b: public(cat.add_model(
-                _need(b, "path", str), name=b.get("name"), base=b.get("base"), tasks=b.get("tasks"))))),
-            ("GET", "/v1/jobs"): _Route(lambda b: self.jobs()),
-            ("POST", "/v1/search"): _Route(self.search),
-        }
+        """``(method, path) -> route``, one per operation of the backend's table: suggest and feedback go through
+        the batcher (feedback first within a batch) and are logged once committed; the other calls run on the
+        pool, catalog changes under the engine lock."""
+        log_lines = {"suggest": self._log_decisions, "feedback": self._log_reward}
+        return {(op.method, op.path): _Route(functools.partial(self.backend.serve, op.name), batched=op.batched,
+                                             log=log_lines.get(op.name), order=op.order)
+                for op in OPERATIONS.values()}
 
     def _dispatch(self, method: str, target: str, headers: dict[str, str], raw: bytes):
         """Answer one request: ``(status, JSON payload)`` now, or a future of it. Runs on the server's loop; the
@@ -385,7 +335,8 @@ class Daemon:
         auth = headers.get("authorization", "")
         if not hmac.compare_digest(auth.encode(), f"Bearer {self.token}".encode()):
             return 401, {"error": "missing or wrong bearer token (see daemon.json)"}
-        path = urlparse(target).path.rstrip("/")
+        url = urlparse(target)
+        path = url.path.rstrip("/")
         route = self._routes.get((method, path))
         if route is None:
             known = any(p == path for _, p in self._routes)
@@ -394,6 +345,8 @@ class Daemon:
             body = json.loads(raw) if raw else {}
             if not isinstance(body, dict):
                 raise ValueError("expected a JSON object")
+            if url.query:  # a GET's parameters (each value JSON text)
+                body = {**body, **query_body(url.query)}
         except ValueError as e:
             return 400, {"error": f"invalid JSON body: {e}"}
         shutting_down = 503, {"error": "daemon is shutting down"}
@@ -430,36 +383,27 @@ class Daemon:
             _settle(*self._ready.popleft())
 
 
-def _target_tasks(body: dict) -> str | list[str]:
-    """A suggestion's target tasks: ``"tasks": [names]``, or ``"task": name`` (one task, as before)."""
-    tasks = body.get("tasks")
-    if tasks is None:
-        return _need(body, "task", str)
-    if "task" in body:
-        raise InvalidInput("give 'task' or 'tasks', not both")
-    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
-        raise InvalidInput("field 'tasks' must be a non-empty list of task names")
-    return tasks
-
-
-def _weights(body: dict) -> dict | None:
-    w = body.get("weights")
-    if w is None:
-        return None
-    if not isinstance(w, dict) or not all(isinstance(k, str) for k in w):
-        raise InvalidInput("field 'weights' must be an object {task: weight}")
-    return w
-
-
-def _need(body: dict, key: str, typ) -> Any:
-    v = body.get(key)
-    if not isinstance(v, typ):
-        raise InvalidInput(f"missing or invalid field {key!r}")
-    return v
-
-
 def _answer(op: Callable[[dict], Any], body: dict, where: str) -> tuple[int, Any]:
     try:
         return 200, op(body)
     except Exception as e:  # a user's error answers its status; anything else 500, and the daemon keeps serving
         return _status_of(e, where)
+
+
+class _DaemonBackend(LocalBackend):
+    """The operations as the daemon answers them: on its engine and store (catalog changes under the engine's
+    lock), status with the daemon's own figures, jobs with the searches' errors, and a search started as a job
+    (the same call again reports on it)."""
+
+    def __init__(self, daemon: Daemon):
+        super().__init__(daemon.store, engine=daemon.engine)
+        self.daemon = daemon
+
+    def op_status(self) -> dict:
+        return self.daemon.status()
+
+    def op_jobs(self) -> list[dict]:
+        return self.daemon.jobs()
+
+    def op_search(self, tasks, budget, weights=None, policy=None, limit=None) -> dict:
+        return self.daemon.search(tasks, budget, weights=weights, policy=policy, limit=limit)

@@ -27,17 +27,15 @@ def merges_dir(store) -> Path:
 def job_spec(engine, decision_id: str) -> dict[str, Any]:
     """Everything :func:`run_spec` needs, as plain data: the decision's merge and every task of its target (with
     its weight), and the source scores already known per task."""
+    from .recipe import build
     from .target import Target
 
     d = engine.decision(decision_id)
     cat = engine.catalog
     target = Target.parse(d["task"])
+    # a family's steps merge with the values the engine chose for this decision
+    r = build(cat, d["models"], d["operator"], d.get("params"))
     models = [cat.model(m) for m in d["models"]]
-    bases = {m["base"] for m in models}
-    base = cat.model(bases.pop()) if len(bases) == 1 and None not in bases else None
-    ops = [cat.operator(o) for o in d["operator"]]
-    if d.get("params"):  # a family's step: the values the engine chose for this decision
-        ops = [dict(o, params=p) for o, p in zip(ops, d["params"])]
     tasks, known = [], {}
     for name, weight in target.items:
         task = cat.task(name)
@@ -53,9 +51,7 @@ def job_spec(engine, decision_id: str) -> dict[str, Any]:
     return {
         "decision": decision_id,
         "target": target.key,
-        "models": [{"name": m["name"], "path": m["path"], "fingerprint": m["fingerprint"]} for m in models],
-        "base": None if base is None else {"name": base["name"], "path": base["path"]},
-        "steps": [{"method": o["method"], "params": o["params"], "operator": o["name"]} for o in ops],
+        **r.as_json(),
         "tasks": tasks,
         "source_scores": known,
         "out": str(merges_dir(engine.store) / decision_id),
@@ -65,18 +61,10 @@ def job_spec(engine, decision_id: str) -> dict[str, Any]:
 
 def merge_spec(spec: dict[str, Any], *, device: str = "auto") -> Path:
     """Run the merge (or chain) of a job spec into ``spec["out"]`` (atomic; replaces a leftover)."""
-    from . import executor
+    from .recipe import Recipe
 
-    paths = [m["path"] for m in spec["models"]]
-    base = spec["base"]["path"] if spec["base"] else None
-    steps = spec["steps"]
     out = Path(spec["out"])
-    if len(steps) == 1:
-        executor.merge_pair(paths, steps[0]["method"], steps[0]["params"], out, base=base, device=device,
-                            seed=spec["seed"], force=True)
-    else:
-        executor.merge_chain_pairs(paths, [(s["method"], s["params"]) for s in steps], out, base=base,
-                                   device=device, seed=spec["seed"], force=True)
+    Recipe.from_json(spec).merge(out, device=device, seed=spec["seed"], force=True)
     return out
 
 

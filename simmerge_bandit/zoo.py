@@ -592,38 +592,35 @@ def register_zoo(store, directory: str | os.PathLike, *, operators: Sequence[dic
     Tasks are registered with ``eval.jsonl`` as data, ``probes.jsonl`` as probe set and metric ``exact_match``;
     experts with ``base`` and the tasks they were trained on. Idempotent: what is already registered from the
     same zoo is skipped; a different model under a zoo model's name is an error (nothing is changed then).
-    With ``client`` (the daemon's API client) registration goes through the daemon. Returns the names added and
+    ``store`` is a :class:`~.store.Store` or a :class:`~.backend.Backend` (the CLI's: through the daemon when one
+    runs); ``client`` (the daemon's API client) is the older way to say the latter. Returns the names added and
     skipped per kind.
     """
+    from .backend import RemoteBackend, as_backend
     from .errors import AlreadyExists, NotFound
 
+    be = RemoteBackend(client) if client is not None else as_backend(store)
     manifest = load_manifest(directory)
     root = Path(manifest["root"])
     ops = list(operators) if operators is not None else default_operators(manifest.get("preset"))
     out: dict[str, dict[str, list[str]]] = {k: {"added": [], "skipped": []} for k in ("models", "tasks", "operators")}
-    cat = None
-    if client is None:
-        from .catalog import Catalog
-
-        cat = Catalog(store)
-        # Check every model first, so that a clash changes nothing.
-        for m in manifest["models"]:
-            try:
-                have = cat.model(m["name"])
-            except NotFound:
-                continue
-            if Path(have["path"]).resolve() != (root / m["path"]).resolve():
-                raise AlreadyExists(f"model {m['name']!r} is already registered from {have['path']}, not from this "
-                                    f"zoo; use another home")
+    # Check every model first, so that a clash changes nothing.
+    for m in manifest["models"]:
+        try:
+            have = be.model(m["name"])
+        except NotFound:
+            continue
+        if Path(have["path"]).resolve() != (root / m["path"]).resolve():
+            raise AlreadyExists(f"model {m['name']!r} is already registered from {have['path']}, not from this "
+                                f"zoo; use another home")
 
     def add(kind: str, name: str, fn) -> None:
-        if cat is not None:
-            try:
-                {"models": cat.model, "tasks": cat.task, "operators": cat.operator}[kind](name)
-                out[kind]["skipped"].append(name)
-                return
-            except NotFound:
-                pass
+        try:
+            {"models": be.model, "tasks": be.task, "operators": be.operator}[kind](name)
+            out[kind]["skipped"].append(name)
+            return
+        except NotFound:
+            pass
         try:
             fn()
             out[kind]["added"].append(name)
@@ -634,33 +631,18 @@ def register_zoo(store, directory: str | os.PathLike, *, operators: Sequence[dic
     for m in ordered:
         path = str((root / m["path"]).resolve())
         tasks = m["tasks"] if m["base"] is not None else []
-        if client is not None:
-            add("models", m["name"], lambda: client.call("POST", "/v1/models", {
-                "path": path, "name": m["name"], "base": m["base"], "tasks": tasks}))
-        else:
-            add("models", m["name"], lambda: cat.add_model(path, name=m["name"], base=m["base"], tasks=tasks))
+        add("models", m["name"], lambda: be.add_model(path, name=m["name"], base=m["base"], tasks=tasks))
     for t in manifest["tasks"]:
         data, probes = str(root / t["eval"]), str(root / t["probes"])
-        if client is not None:
-            add("tasks", t["name"], lambda: client.call("POST", "/v1/tasks", {
-                "name": t["name"], "data": data, "probes": probes, "metric": "exact_match"}))
-        else:
-            add("tasks", t["name"], lambda: cat.add_task(t["name"], data, probes=probes, metric="exact_match"))
+        add("tasks", t["name"], lambda: be.add_task(t["name"], data, probes=probes, metric="exact_match"))
     for op in ops:
-        if client is not None:
-            add("operators", op["name"], lambda: client.call("POST", "/v1/operators", {
-                "name": op["name"], "method": op["method"], "params": op["params"]}))
-        else:
-            add("operators", op["name"], lambda: cat.add_operator(op["name"], op["method"], op["params"]))
-    if cat is not None:
-        # What the build measured (exact match on each task's eval data, the registered data) is what a catalog
-        # knows of its models: their known scores, which rewards are normalized by and candidates' contexts show.
-        known = {(fp, t) for fp, t in store.fetchall("SELECT fingerprint, task FROM evaluations")}
-        for m in manifest["models"]:
-            fp = cat.model(m["name"])["fingerprint"]
-            for t, score in m.get("scores", {}).items():
-                if (fp, t) not in known:
-                    cat.record_score(m["name"], t, score)
+        add("operators", op["name"], lambda: be.add_operator(op["name"], op["method"], op["params"]))
+    # What the build measured (exact match on each task's eval data, the registered data) is what a catalog knows
+    # of its models: their known scores, which rewards are normalized by and candidates' contexts show. A score
+    # known already (an evaluation since) is kept.
+    for m in manifest["models"]:
+        for t, score in m.get("scores", {}).items():
+            be.record_score(m["name"], t, score, replace=False)
     return out
 
 

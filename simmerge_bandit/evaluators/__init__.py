@@ -58,41 +58,26 @@ def evaluate(model: LoadedModel | str | os.PathLike, task: Mapping[str, Any] | T
     return get_evaluator(name).evaluate(model, data, limit=limit, **options)
 
 
-def evaluate_named(store, model: str, task: str, *, metric: str | None = None, limit: int | None = None,
+def evaluate_named(catalog, model: str, task: str, *, metric: str | None = None, limit: int | None = None,
                    client=None, **options: Any) -> tuple[EvalResult, dict]:
     """Evaluate a catalog model (by name) or a checkpoint directory on a catalog task (by name).
 
-    The catalog is read from ``store``, or through the daemon's API with ``client`` (when a daemon holds the
-    state). Returns the result and what was evaluated (model label, path, task, metric).
+    ``catalog`` is where the names are looked up: a :class:`~simmerge_bandit.backend.Backend` (the CLI's, through
+    the daemon when one holds the state) or a :class:`~simmerge_bandit.store.Store`; ``client`` (the daemon's API
+    client) is the older way to say the former. Returns the result and what was evaluated (model label, path,
+    task, metric).
     """
+    from ..backend import RemoteBackend, as_backend
     from ..errors import NotFound
 
-    if client is not None:
-        tasks = {t["name"]: t for t in client.call("GET", "/v1/tasks")}
-        if task not in tasks:
-            raise NotFound(f"no task named {task!r}")
-        trow = tasks[task]
-
-        def model_path(name: str) -> str:
-            for m in client.call("GET", "/v1/models"):
-                if m["name"] == name:
-                    return m["path"]
-            raise NotFound(f"no model named {name!r}")
-    else:
-        from ..catalog import Catalog
-
-        cat = Catalog(store)
-        trow = cat.task(task)
-
-        def model_path(name: str) -> str:
-            return cat.model(name)["path"]
-
+    be = RemoteBackend(client) if client is not None else as_backend(catalog)
+    trow = be.task(task)
     p = Path(model).expanduser()
     if p.is_dir():
         path, label = p.resolve(), str(p)
     else:
         try:
-            path, label = Path(model_path(model)), model
+            path, label = Path(be.model(model)["path"]), model
         except NotFound:
             raise NotFound(f"no model named {model!r} in the catalog and no checkpoint directory at that path") \
                 from None

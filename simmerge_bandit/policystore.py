@@ -28,11 +28,17 @@ class PolicyStore:
     engine's ``store``, ``config``, ``lock``, ``descriptors`` and the state set up in ``Engine.__init__``)."""
 
     def _make(self, name: str):
-        """A fresh policy. ``NAME@predictor`` is NAME warm-started from the fitted SimMerge predictor: it learns
+        """A fresh policy of a policy spec (:mod:`.policyspec`: ``NAME``, ``NAME:key=value,...``,
+        ``fixed:OPERATOR``). ``NAME@predictor`` is NAME warm-started from the fitted SimMerge predictor: it learns
         the residual ``reward - prediction``, so with no rewards it ranks like the predictor."""
         from .policies import from_snapshot, make_policy
+        from .policyspec import parse_policy
 
-        if name.endswith("@predictor"):
+        spec = parse_policy(name)
+        params = {"seed": self.config.seed, **spec.params}
+        if spec.action is not None:
+            params["operator"] = spec.action
+        if spec.warm:
             stored = self._stored("predictor")
             if stored is None:
                 raise InvalidInput(f"{name}: no fitted predictor yet; run `simmerge predictor fit` first")
@@ -41,12 +47,12 @@ class PolicyStore:
                 raise InvalidInput(f"{name}: the fitted predictor reads operators in an arm schema that cannot be "
                                    "mapped to today's (a method or parameter was removed); refit it with "
                                    "`simmerge predictor fit`")
-            return make_policy(name[: -len("@predictor")], seed=self.config.seed, prior=prior)
-        if name == "predictor" and (meta := self._stored_meta(name)) is not None:
+            return make_policy(spec.base, prior=prior, **params)
+        if spec.base == "predictor" and (meta := self._stored_meta("predictor")) is not None:
             # the fit chose its parameters (online_weight); a fresh or rebuilt predictor keeps them
-            params = {k: v for k, v in meta.get("params", {}).items() if k != "prior"}
-            return make_policy(name, **{**params, "seed": self.config.seed})
-        return make_policy(name, seed=self.config.seed)
+            fitted = {k: v for k, v in meta.get("params", {}).items() if k != "prior"}
+            return make_policy(spec.base, **{**fitted, **params})
+        return make_policy(spec.base, **params)
 
     def _stored_meta(self, name: str) -> dict | None:
         """The JSON half of a policy's saved snapshot (without reading its arrays), or None."""

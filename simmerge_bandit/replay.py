@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -33,12 +33,12 @@ import numpy as np
 
 from . import estimators as est
 from .errors import InvalidInput, NotFound
+from .policyspec import DIRECT_POLICIES, PolicySpec, parse_policy  # noqa: F401 (the one parser; re-exported)
 
 ACTION, REWARD, PROPENSITY, TIMESTAMP = "action", "reward", "propensity", "timestamp"
 REQUIRED = (ACTION, REWARD, PROPENSITY)
 #: columns whose name starts with this describe the logged action rather than the context
 ARM_FEATURE_PREFIX = "a_"
-DIRECT_POLICIES = ("uniform", "fixed")
 
 
 # ---- the log ----
@@ -347,48 +347,6 @@ def _arm_features(norm, feat_cols, action_idx, arms, fail) -> tuple[np.ndarray, 
 
 
 # ---- target policies ----
-
-@dataclass(frozen=True)
-class PolicySpec:
-    """A parsed ``--policy`` value: ``uniform``, ``fixed:ACTION`` or ``NAME[:key=value,...]``."""
-
-    text: str
-    name: str
-    action: str | None = None
-    params: dict = field(default_factory=dict)
-
-    @property
-    def direct(self) -> bool:
-        """Whether the policy is evaluated from its action probabilities alone (``uniform``, ``fixed:ACTION``)."""
-        return self.name in DIRECT_POLICIES
-
-
-def parse_policy(text: str) -> PolicySpec:
-    """Parse a policy spec; parameter values are read as JSON where they parse (numbers, true/false)."""
-    text = text.strip()
-    name, _, rest = text.partition(":")
-    name = name.strip()
-    if not name:
-        raise InvalidInput(f"empty policy name in {text!r}")
-    if name == "fixed":
-        if not rest:
-            raise InvalidInput("fixed needs an action, e.g. fixed:17")
-        return PolicySpec(text, "fixed", action=rest)
-    if name == "uniform":
-        if rest:
-            raise InvalidInput("uniform takes no parameters")
-        return PolicySpec(text, "uniform")
-    params = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, val = item.partition("=")
-        if not eq or not key.strip():
-            raise InvalidInput(f"policy parameter {item!r} in {text!r} is not key=value")
-        try:
-            params[key.strip()] = json.loads(val)
-        except ValueError:
-            params[key.strip()] = val
-    return PolicySpec(text, name, params=params)
-
 
 def make_learned_policy(spec: PolicySpec, *, seed: int | None = 0):
     """Build a learned policy by name through the policies registry (``seed`` unless the spec sets one)."""

@@ -50,9 +50,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -61,6 +61,9 @@ REFERENCE_BUDGET = 200
 METHODS = ("ours", "random", "optuna", "cma-ties", "cma-ta")
 PEERS = ("random", "optuna", "cma-ties", "cma-ta")
 LEVELS = (0.90, 0.95)
+#: Version of this script's search logic (the peers, the candidate space, the engine adapter, the metric's
+#: inputs): finished runs are reused across invocations only under the same version (bump it when they change).
+BENCH_VERSION = 1
 #: goals of issue 16 (section 3)
 GOALS = {"ours_at_10_min": 0.95, "speedup_min": 3.0}
 
@@ -104,9 +107,10 @@ def _file_digest(path: Path) -> str:
     return hashlib.blake2b(Path(path).read_bytes(), digest_size=12).hexdigest()
 
 
-def code_digest() -> str:
-    """Hash of the code a run depends on: this script and every module of the package."""
-    return _digest([_file_digest(Path(__file__)), code_digest_of([""])])
+def run_code(method: str) -> list:
+    """What a method's runs depend on: :data:`BENCH_VERSION` (this script's search logic) and the package's code:
+    the merge kernels and the metric for a peer, every module for ours (the engine)."""
+    return [BENCH_VERSION, code_digest_of([""] if method == "ours" else ["methods", "evaluators/exact_match.py"])]
 
 
 def code_digest_of(paths: Sequence[str]) -> str:
@@ -146,7 +150,7 @@ class Candidate:
     params_json: str
 
     @classmethod
-    def of(cls, models: Sequence[str], method: str, params: dict) -> "Candidate":
+    def of(cls, models: Sequence[str], method: str, params: dict) -> Candidate:
         return cls(tuple(models), method, json.dumps(canonical_params(method, params), sort_keys=True))
 
     @property
@@ -201,7 +205,7 @@ class Space:
     methods: tuple[str, ...] = SPACE_METHODS
 
     @classmethod
-    def of(cls, manifest: dict, tasks: Sequence[str]) -> "Space":
+    def of(cls, manifest: dict, tasks: Sequence[str]) -> Space:
         experts = [m for m in manifest["models"] if m["base"] is not None]
         tagged = {m["name"] for m in experts if set(m["tasks"]) & set(tasks)}
         pairs = [(a["name"], b["name"]) for a in experts for b in experts
@@ -275,7 +279,13 @@ class Evaluator:
 
     def __init__(self, zoo_dir: str | os.PathLike, cache_path: str | os.PathLike, *, limit: int | None = None):
         from simmerge_bandit.tokenizer import char_tokenizer
-        from simmerge_bandit.zoo import Arch, _fresh_model, _read_jsonl, load_manifest, load_state
+        from simmerge_bandit.zoo import (
+            Arch,
+            _fresh_model,
+            _read_jsonl,
+            load_manifest,
+            load_state,
+        )
 
         self.manifest = load_manifest(zoo_dir)
         root = Path(self.manifest["root"])
@@ -463,7 +473,7 @@ class Ours:
         shutil.rmtree(home, ignore_errors=True)
         store = Store.open(home)
         try:
-            register_zoo(store, self.zoo_dir)  
+            register_zoo(store, self.zoo_dir)  # the zoo's measured scores become the known scores
             cat = Catalog(store)
             self.families = []
             for method, ranges in FAMILIES.items():
@@ -559,16 +569,26 @@ def splits_of(tasks: list[str], k: int) -> list[list[str]]:
 
 
 def target_cases(tasks: list[str], k: int) -> list[TargetCase]:
-    """Per split: each held-out task alone, then the held-out tasks together (equal weights)."""
+    """Per split: each held-out task alone, then one two-task target (equal weights): the split's first two
+    held-out tasks, or, when a split holds out one task, that task with the next split's first task (a target
+    that touches the held-out task belongs to its split, as a case does in benchmarks/bench_decision.py: the
+    predictor has seen the other task, never this one). Training tasks: all but the split's held-out ones."""
     out = []
-    for i, hold in enumerate(splits_of(tasks, k)):
+    holdouts = splits_of(tasks, k)
+    for i, hold in enumerate(holdouts):
         train = [t for t in tasks if t not in hold]
         for t in hold:
             out.append(TargetCase(t, {t: 1.0}, i, train))
-        if len(hold) > 1:
-            w = 1 / len(hold)
-            out.append(TargetCase(",".join(f"{t}={w:.6g}" for t in sorted(hold)), {t: w for t in hold}, i, train))
+        pair = hold[:2] if len(hold) > 1 else [hold[0], holdouts[(i + 1) % len(holdouts)][0]]
+        if len(set(pair)) == 2:
+            out.append(TargetCase(",".join(f"{t}=0.5" for t in sorted(pair)), {t: 0.5 for t in pair}, i, train))
     return out
+
+
+def skill_tasks(manifest: dict) -> list[str]:
+    """The tasks some expert is tagged with, in the zoo's order (a target needs experts to merge)."""
+    tagged = {t for m in manifest["models"] if m["base"] is not None for t in m["tasks"]}
+    return [t["name"] for t in manifest["tasks"] if t["name"] in tagged]
 
 
 def _median(xs: Sequence[float]) -> float | None:
@@ -783,7 +803,7 @@ def plot(res: dict, path: Path) -> None:
 # main
 
 
-def main(argv: Sequence[str] | None = None) -> None:  # noqa: C901
+def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--zoo", help="the built zoo directory (default: the realistic zoo in the demo's cache)")
     ap.add_argument("--merge-table", help="the zoo's full merge table (Parquet) the predictor is fitted on "
@@ -817,7 +837,12 @@ def main(argv: Sequence[str] | None = None) -> None:  # noqa: C901
     import optuna
 
     from simmerge_bandit.demo import cache_dir
-    from simmerge_bandit.zoo import build_zoo, default_operators, deterministic, load_manifest
+    from simmerge_bandit.zoo import (
+        build_zoo,
+        default_operators,
+        deterministic,
+        load_manifest,
+    )
 
     t_start = time.time()
     load_before = os.getloadavg()
@@ -825,8 +850,9 @@ def main(argv: Sequence[str] | None = None) -> None:  # noqa: C901
     if not (zoo_dir / "zoo.json").exists():
         build_zoo(zoo_dir, "realistic", 0)
     manifest = load_manifest(zoo_dir)
-    tasks = [t["name"] for t in manifest["tasks"]]
-    cases = target_cases(tasks, args.splits)
+    tasks = skill_tasks(manifest)
+    n_splits = min(args.splits, len(tasks))
+    cases = target_cases(tasks, n_splits)
     if args.targets:
         unknown = set(args.targets) - {c.key for c in cases}
         if unknown:
@@ -855,9 +881,10 @@ def main(argv: Sequence[str] | None = None) -> None:  # noqa: C901
 
     # Each (target, method)'s runs are kept beside the cache, keyed by the code and the settings, so that targets
     # can be run by separate invocations (and an interrupted run loses at most one method of one target).
-    settings = {"code": code_digest(), "seeds": args.seeds, "horizon": horizon, "reference": ref_budget,
-                "limit": args.limit, "zoo": manifest["key"], "splits": args.splits,
-                "table": _file_digest(ours.table_path) if ours else None}
+    settings = {"seeds": args.seeds, "horizon": horizon, "reference": ref_budget,
+                "limit": args.limit, "zoo": manifest["key"], "splits": n_splits,
+                "families": FAMILIES, "fixed": FIXED}
+    table_digest = _file_digest(ours.table_path) if ours else None
     runs_dir = Path(args.runs_dir) if args.runs_dir else cache.with_suffix(".runs")
     runs_dir.mkdir(parents=True, exist_ok=True)
     per_target: dict = {}
@@ -881,7 +908,8 @@ def main(argv: Sequence[str] | None = None) -> None:  # noqa: C901
                 if m in CMA_METHODS and len(experts) < 2:
                     print(f"{case.key}: {m} needs at least two experts of the target (has {experts}); skipped")
                     continue
-                record = runs_dir / f"{_digest([settings, case.key, m])}.json"
+                key = [settings, case.key, m, run_code(m), table_digest if m == "ours" else None]
+                record = runs_dir / f"{_digest(key)}.json"
                 if record.exists():  # done by an earlier invocation with the same code and settings
                     rec = json.loads(record.read_text())
                     print(f"{case.key:24s} {m:9s} from {record}", flush=True)
@@ -916,7 +944,7 @@ def main(argv: Sequence[str] | None = None) -> None:  # noqa: C901
     summary = summarize(per_target, args.budgets, horizon)
     res = {
         "benchmark": "search", "budgets": args.budgets, "horizon": horizon, "reference_budget": ref_budget,
-        "seeds": args.seeds, "splits": splits_of(tasks, args.splits), "limit": args.limit,
+        "seeds": args.seeds, "splits": splits_of(tasks, n_splits), "limit": args.limit,
         "zoo": {"preset": manifest["preset"], "seed": manifest["seed"], "key": manifest["key"],
                 "dir": str(zoo_dir)},
         "families": {m: {p: list(r) for p, r in v.items()} for m, v in FAMILIES.items()},

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_search as bs  # noqa: E402
+import bench_search as bs
 
 MANIFEST = {"models": [
     {"name": "base", "base": None, "tasks": ["x", "y", "z"]},
@@ -177,12 +177,19 @@ def test_cma_climbs_from_mergekit_evolves_start():
 
 
 def test_targets_hold_out_every_task_once_with_pairs():
+    from simmerge_bandit.target import Target
+
     cases = bs.target_cases(["a", "b", "c", "d", "e", "f"], 3)
     assert [c.key for c in cases] == ["a", "d", "a=0.5,d=0.5", "b", "e", "b=0.5,e=0.5", "c", "f", "c=0.5,f=0.5"]
     assert all(not set(c.weights) & set(c.train_tasks) for c in cases)
-    from simmerge_bandit.target import Target
-
     assert all(Target.parse(c.key).weights == pytest.approx(c.weights) for c in cases)
+    # one task per split: the pair is the held-out task with the next split's (which that split trains on)
+    cases = bs.target_cases(["copy", "shift", "dsum"], 3)
+    assert [(c.key, c.train_tasks) for c in cases] == [
+        ("copy", ["shift", "dsum"]), ("copy=0.5,shift=0.5", ["shift", "dsum"]),
+        ("shift", ["copy", "dsum"]), ("dsum=0.5,shift=0.5", ["copy", "dsum"]),
+        ("dsum", ["copy", "shift"]), ("copy=0.5,dsum=0.5", ["copy", "shift"])]
+    assert bs.skill_tasks({**MANIFEST, "tasks": [{"name": n} for n in ("w", "z", "x")]}) == ["z", "x"]
 
 
 def test_committed_page_shows_the_committed_results():

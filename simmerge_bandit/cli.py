@@ -1,7 +1,11 @@
 """The ``simmerge`` command line: parse, call the library, print.
 
 Library code raises :mod:`~simmerge_bandit.errors`; this module is the only place they become click errors
-(one line, no traceback, non-zero exit).
+(one line, no traceback, non-zero exit). Every command reaches the state through one backend
+(:meth:`Ctx.backend`: the daemon's API when a daemon runs, else the store), so it answers the same either way.
+
+Why one module of this size: it is every command's options, help text and printing, and nothing else (each
+command's work is one call into the library); one file keeps the whole command tree and its conventions in view.
 """
 
 from __future__ import annotations
@@ -104,6 +108,68 @@ def _fmt(v: Any) -> str:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+# ---- registries: the names a choice or a help text lists come from them, read when click first needs them (a
+# registry's import may pull in torch; starting the CLI must not) ----
+
+def _metric_names() -> list[str]:
+    from .evaluators import evaluator_names
+
+    return evaluator_names()
+
+
+def _method_names() -> list[str]:
+    from .methods import method_names
+
+    return method_names()
+
+
+def _policy_names() -> list[str]:
+    from .policies import policy_names
+
+    return [f"{n}:OPERATOR" if n == "fixed" else n for n in policy_names()]
+
+
+def _estimator_names() -> list[str]:
+    from .estimators import ESTIMATORS
+
+    return list(ESTIMATORS)
+
+
+_REGISTRIES: dict[str, Callable[[], list[str]]] = {"metrics": _metric_names, "methods": _method_names,
+                                                   "policies": _policy_names, "estimators": _estimator_names}
+
+
+class RegistryChoice(click.Choice):
+    """A choice among a registry's names (``metrics``, ``methods``, ``policies``, ``estimators``), read when click
+    first needs them, so a method or policy registered at run time is a valid choice."""
+
+    def __init__(self, registry: str):
+        self.registry = registry
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(_REGISTRIES[self.registry]())
+
+
+class RegistryOption(click.Option):
+    """An option whose help names a registry's entries: ``{policies}`` in the help text becomes the registered
+    policies when the help is shown."""
+
+    def get_help_record(self, ctx: click.Context):
+        template = self.help
+        if template:
+            text = template
+            for key, names in _REGISTRIES.items():
+                if "{" + key + "}" in text:
+                    text = text.replace("{" + key + "}", ", ".join(names()))
+            self.help = text
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.help = template
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -228,8 +294,8 @@ def _ask_file(label: str, check, optional: bool = False):
 @click.option("--data", type=click.Path(), help='JSON lines of {"prompt": ..., "answer": ...}.')
 @click.option("--probes", help="Probe prompts (a file of lines or JSON lines with 'prompt', or a probe set name). "
                                "Default: the first 64 prompts of --data.")
-@click.option("--metric", type=click.Choice(["exact_match", "loglik", "external"]), default="exact_match",
-              show_default=True, help="How merges are scored on this task.")
+@click.option("--metric", type=RegistryChoice("metrics"), default="exact_match", show_default=True,
+              help="How merges are scored on this task.")
 @click.option("--eval-command", help="External evaluator command template (with --metric external).")
 @click.option("--metric-path", help="Dotted path of the score in the external evaluator's JSON output.")
 @no_input_option
@@ -352,7 +418,8 @@ def _parse_ranges(texts: tuple[str, ...]) -> dict[str, list[float]]:
 
 @operator.command("add")
 @click.argument("name", required=False)
-@click.option("--method", help="Merge method (see `simmerge operator methods`).")
+@click.option("--method", cls=RegistryOption,
+              help="Merge method: {methods} (parameters: `simmerge operator methods`).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="A method parameter; repeatable.")
 @click.option("--range", "ranges", multiple=True, metavar="KEY=MIN:MAX",
               help="A parameter the engine chooses inside [MIN, MAX] per suggestion (the operator is then a "
@@ -686,8 +753,7 @@ def _print_zoo_stats(s: dict) -> None:
 @cli.command("evaluate")
 @click.argument("model")
 @click.option("--task", "task_name", required=True, help="Name of a registered task.")
-@click.option("--metric", type=click.Choice(["exact_match", "loglik", "external"]),
-              help="Override the task's metric.")
+@click.option("--metric", type=RegistryChoice("metrics"), help="Override the task's metric.")
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N examples.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=3600.0, show_default=True,
               help="Time limit in seconds for an external evaluation command.")
@@ -846,7 +912,9 @@ def _print_suggestions(rows: list[dict]) -> None:
 @click.option("--weight", "weights", multiple=True, metavar="TASK=W",
               help="Relative weight of a target task (default 1 each); repeatable.")
 @click.option("--top", default=5, show_default=True, help="How many suggestions to return.")
-@click.option("--policy", default=None, help="Policy name (default: linucb-hybrid). See `simmerge policy list`.")
+@click.option("--policy", default=None, cls=RegistryOption,
+              help="Policy (default: linucb-hybrid): {policies}; NAME@predictor warm-starts NAME from the fitted "
+                   "predictor; NAME:key=value,... sets parameters.")
 @click.option("--chain", type=int, default=None, help="Suggest chains of N models ((a op1 b) op2 c ...).")
 @json_option
 @pass_ctx
@@ -903,8 +971,9 @@ def _print_best(res: dict) -> None:
 @click.option("--budget", type=click.IntRange(min=1), required=True,
               help="How many merge-and-evaluate runs to spend (those of an earlier run of the same search count).")
 @click.option("--policy", default=None,
+              cls=RegistryOption,
               help="Policy that chooses each merge (default: linucb-hybrid@predictor when a predictor is fitted, "
-                   "else linucb-hybrid).")
+                   "else linucb-hybrid): {policies}, or NAME@predictor.")
 @click.option("--device", default="auto", show_default=True, help="Device for merges and evaluations.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Evaluate on the first N examples of each task only (faster, noisier).")
@@ -1027,8 +1096,8 @@ def predictor_fit(c: Ctx, table: str | None, online_weight: float | None, model:
 # ---- replay and simulate ----
 
 _POLICY_HELP = ("Target policy; repeat for several. uniform, fixed:ACTION (the action as the log writes it, e.g. "
-                "fixed:17), or a learned policy by name (linucb, linucb-hybrid, lints, egreedy, vw, predictor) "
-                "with optional parameters, e.g. linucb:alpha=0.5.")
+                "fixed:17), or a learned policy by name ({policies}) with optional parameters, e.g. "
+                "linucb:alpha=0.5.")
 
 
 def _split_list(values: tuple[str, ...]) -> list[str]:
@@ -1047,8 +1116,8 @@ def _interval(row: dict, key: str) -> str:
 
 @cli.command("replay")
 @click.argument("log", required=False, type=click.Path(dir_okay=False))
-@click.option("--policy", "policies", multiple=True, required=True, help=_POLICY_HELP)
-@click.option("--estimator", "estimators", multiple=True, type=click.Choice(["replay", "ips", "snips", "dr"]),
+@click.option("--policy", "policies", multiple=True, required=True, cls=RegistryOption, help=_POLICY_HELP)
+@click.option("--estimator", "estimators", multiple=True, type=RegistryChoice("estimators"),
               help="Estimator; repeat for several (default: all four). replay is unbiased only on uniform logs.")
 @click.option("--ci", type=click.Choice(["normal", "bootstrap"]), default="normal", show_default=True,
               help="Confidence interval: analytic normal, or a percentile bootstrap over events.")
@@ -1110,8 +1179,9 @@ def replay_cmd(c: Ctx, log, policies, estimators, ci, n_boot, alpha, seed, actio
 @cli.command("simulate")
 @click.argument("table_path", metavar="TABLE", type=click.Path(dir_okay=False))
 @click.option("--policy", "policies", multiple=True, required=True,
-              help="Policy; repeat for several. uniform, fixed:OPERATOR, or a learned policy by name (linucb, "
-                   "linucb-hybrid, lints, egreedy, vw, predictor) with optional parameters, e.g. lints:v=0.5.")
+              cls=RegistryOption,
+              help="Policy; repeat for several. uniform, fixed:OPERATOR, or a learned policy by name ({policies}) "
+                   "with optional parameters, e.g. lints:v=0.5.")
 @click.option("--objective", type=click.Choice(["task", "target"]), default="task", show_default=True,
               help="task: a case is (task, pair), worth the merge's normalized score on the task. target: a case "
                    "is a pair, worth the mean of its normalized scores over its sources' tagged tasks (tags from "
@@ -1243,7 +1313,8 @@ def demo(ctx: click.Context, rounds: int, seed: int, policy: str, preset: str, p
 @click.option("--eval-window", default=86400.0, show_default=True, help="Budget window in seconds.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where merge and evaluation jobs run (ray needs the [ray] extra).")
-@click.option("--policy", default="linucb-hybrid", show_default=True, help="Default policy for suggestions.")
+@click.option("--policy", default="linucb-hybrid", show_default=True, cls=RegistryOption,
+              help="Default policy for suggestions: {policies}, or NAME@predictor.")
 @click.option("--device", default="auto", show_default=True, help="Device for merges and evaluations.")
 @click.option("--eval-limit", type=int, default=None, help="Evaluate on at most this many examples per task.")
 @click.option("--max-attempts", default=3, show_default=True, help="Tries per job before it is marked failed.")

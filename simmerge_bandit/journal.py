@@ -23,6 +23,10 @@ Files: ``$SIMMERGE_HOME/journal/<segment number>.log``, a new segment every 32 M
 goes once every record in it is in DuckDB. A record is a 28-byte header (magic, payload length, CRC-32 of the payload,
 record number, time) and a pickle of ``[(table, columns, rows), ...]``. The pickle is read back through an
 unpickler that builds only numpy arrays and plain values.
+
+Why one module of this size: the record format, the writer, the syncer hand-off, the ingest thread and the replay
+after a crash are one protocol; each part's correctness depends on the others' (record numbers, the durable mark in
+``meta.journal_seq``, segment retirement), and splitting them would spread one invariant over several files.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from .errors import AlreadyExists, InvalidInput, NotFound
 from .methods import get_method
 from .store import Store
 
+#: The built-in metrics (add_task checks the evaluator registry, which may hold more).
 METRICS = ("exact_match", "loglik", "external")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
 #: Without --probes, a task's probe set is made of the first prompts of its data file (answers dropped).
@@ -202,8 +203,10 @@ class Catalog:
         check_name("task", name)
         if self._exists("tasks", name):
             raise AlreadyExists(f"task {name!r} already exists")
-        if metric not in METRICS:
-            raise InvalidInput(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+        from .evaluators import evaluator_names
+
+        if metric not in (known := evaluator_names()):  # the registry: an evaluator added at run time is known
+            raise InvalidInput(f"unknown metric {metric!r}; known: {', '.join(known)}")
         if metric == "external" and not (eval_command and metric_path):
             raise InvalidInput("metric 'external' needs an eval command and a metric path")
         rows = read_jsonl(data, need=("prompt", "answer"))

@@ -14,6 +14,7 @@ Reward normalization (merged score / best source's score, clipped to [0, 2]) liv
 from __future__ import annotations
 
 import os
+import pkgutil
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,12 +23,42 @@ from ..errors import InvalidInput
 from .base import EvalResult, Evaluator, LoadedModel, TaskData, load_model, read_examples
 from .normalize import normalize_score
 
+#: The built-in evaluators in the order they are listed; modules found beside them are listed after, by name.
 _MODULES = ("exact_match", "loglik", "external")
+#: Modules of this package that hold machinery, not an evaluator (``_private`` ones are skipped too).
+_HELPERS = frozenset({"base", "normalize"})
 
 REGISTRY: dict[str, Evaluator] = {}
-for _m in _MODULES:
-    _ev = import_module(f"{__name__}.{_m}").EVALUATOR
-    REGISTRY[_ev.name] = _ev
+
+
+def evaluator_modules() -> list[str]:
+    """The modules of this package expected to define ``EVALUATOR`` (adding an evaluator is adding its file)."""
+    found = sorted(m.name for m in pkgutil.iter_modules(__path__)
+                   if m.name not in _HELPERS and not m.name.startswith("_"))
+    return [*(m for m in _MODULES if m in found), *(m for m in found if m not in _MODULES)]
+
+
+for _m in evaluator_modules():
+    _ev = getattr(import_module(f"{__name__}.{_m}"), "EVALUATOR", None)
+    if _ev is not None:
+        REGISTRY[_ev.name] = _ev
+
+
+def register(evaluator: Evaluator) -> Evaluator:
+    """Add an evaluator while the process runs (a module of this package needs no call); refused when its name is
+    taken by another one."""
+    name = getattr(evaluator, "name", None)
+    if not isinstance(name, str) or not name or not callable(getattr(evaluator, "evaluate", None)):
+        raise InvalidInput(f"an evaluator has a name and an evaluate() method, got {evaluator!r}")
+    if name in REGISTRY and REGISTRY[name] is not evaluator:
+        raise InvalidInput(f"an evaluator named {name!r} is registered already")
+    REGISTRY[name] = evaluator
+    return evaluator
+
+
+def unregister(name: str) -> Evaluator:
+    """Remove an evaluator added with :func:`register`."""
+    return REGISTRY.pop(get_evaluator(name).name)
 
 
 def evaluator_names() -> list[str]:
@@ -86,4 +117,5 @@ def evaluate_named(catalog, model: str, task: str, *, metric: str | None = None,
 
 
 __all__ = ["EvalResult", "Evaluator", "LoadedModel", "REGISTRY", "TaskData", "evaluate", "evaluate_named",
-           "evaluator_names", "get_evaluator", "load_model", "normalize_score", "read_examples"]
+           "evaluator_modules", "evaluator_names", "get_evaluator", "load_model", "normalize_score", "read_examples",
+           "register", "unregister"]

@@ -50,16 +50,16 @@ def test_json_bodies_are_checked_against_the_implementation_signature():
 def _setup_home(home: Path, tiny_models, tmp_path: Path) -> None:
     with Store.open(home) as store:
         cat = Catalog(store)
-        cat.add_model(tiny_models["base"], name="base")
-        cat.add_model(tiny_models["ft_a"], name="ft_a", base="base", tasks=["double"])
-        cat.add_model(tiny_models["ft_b"], name="ft_b", base="base")
+        cat.add_model(tiny_models["base"], name="tbase")  # the zoo registered later has its own "base"
+        cat.add_model(tiny_models["ft_a"], name="ft_a", base="tbase", tasks=["double"])
+        cat.add_model(tiny_models["ft_b"], name="ft_b", base="tbase")
         rows = [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(6)]
         cat.add_task("double", write_jsonl(tmp_path / "d.jsonl", rows))
         cat.add_operator("lin", "linear")
         cat.add_operator("ties5", "ties", {"density": 0.5})
 
 
-def _suite(home: Path, files: dict[str, Path], tiny_models) -> list[tuple[str, int, object]]:
+def _suite(home: Path, files: dict[str, Path], tiny_models, zoo_dir: Path) -> list[tuple[str, int, object]]:
     """Every state command once, in an order where each sees what the earlier ones did: (command, exit code,
     JSON answer or error line)."""
     runner = CliRunner()
@@ -71,12 +71,13 @@ def _suite(home: Path, files: dict[str, Path], tiny_models) -> list[tuple[str, i
             answer = json.loads(res.output)
         except ValueError:
             answer = res.output.strip().splitlines()[-1] if res.output.strip() else ""
-        out.append((re.sub(r"\b[0-9a-f]{16}\b", "ID", " ".join(args).replace(str(home), "<home>")), res.exit_code, answer))
+        label = " ".join(args).replace(str(home), "<home>").replace(str(zoo_dir), "<zoo>")
+        out.append((re.sub(r"\b[0-9a-f]{16}\b", "ID", label), res.exit_code, answer))
         return answer
 
     run("model", "list", "--json")
     run("model", "show", "ft_a", "--json")
-    run("model", "add", str(tiny_models["ft_b"]), "--name", "ft_c", "--base", "base", "--json")
+    run("model", "add", str(tiny_models["ft_b"]), "--name", "ft_c", "--base", "tbase", "--json")
     run("model", "remove", "ft_c", "--json")
     run("model", "show", "ghost", "--json")
     run("task", "add", "copy", "--data", str(files["data"]), "--no-input", "--json")
@@ -104,6 +105,8 @@ def _suite(home: Path, files: dict[str, Path], tiny_models) -> list[tuple[str, i
     run("merge", "--models", "ft_a,ft_b", "--operator", "lin", "--out", str(home.parent / f"{home.name}-merged"),
         "--device", "cpu", "--json")
     run("evaluate", "ft_a", "--task", "double", "--limit", "2", "--json")
+    run("zoo", "register", str(zoo_dir), "--json")
+    run("model", "list", "--json")
     run("status", "--json")
     return out
 
@@ -127,13 +130,13 @@ def _normal(value, home: Path, ids: dict):
     return value
 
 
-def test_every_cli_command_answers_the_same_with_and_without_a_daemon(tiny_models, tmp_path):
+def test_every_cli_command_answers_the_same_with_and_without_a_daemon(tiny_models, unit_zoo_dir, tmp_path):
     files = {"data": write_jsonl(tmp_path / "copy.jsonl", [{"prompt": f"{c}=", "answer": c} for c in "abcdef"]),
              "probes": write_jsonl(tmp_path / "probes.jsonl", [{"prompt": p} for p in ("a", "b b", "c c c")])}
     local_home, remote_home = tmp_path / "local" / "home", tmp_path / "remote" / "home"
     for h in (local_home, remote_home):
         _setup_home(h, tiny_models, tmp_path)
-    local = _suite(local_home, files, tiny_models)
+    local = _suite(local_home, files, tiny_models, unit_zoo_dir)
 
     # the daemon's worker must not run the evaluations suggest queues (the local run leaves them queued), and
     # every reward is learned before the next suggestion (as in this process)
@@ -146,7 +149,7 @@ def test_every_cli_command_answers_the_same_with_and_without_a_daemon(tiny_model
         while not (remote_home / "daemon.json").exists():
             assert proc.poll() is None and time.time() < deadline, (remote_home / "daemon.log").read_text()
             time.sleep(0.1)
-        remote = _suite(remote_home, files, tiny_models)
+        remote = _suite(remote_home, files, tiny_models, unit_zoo_dir)
         st = remote[-1][2]
         assert "pid" in st and "uptime_s" in st, "the last status did not come from the daemon"
     finally:
@@ -160,5 +163,36 @@ def test_every_cli_command_answers_the_same_with_and_without_a_daemon(tiny_model
         lnorm, rnorm = _normal(lans, local_home, {}), _normal(rans, remote_home, {})
         assert (lcode, lnorm) == (rcode, rnorm), cmd
     codes = dict((c, code) for c, code, _ in local)
+    assert codes["zoo register <zoo> --json"] == 0
     assert codes["model show ghost --json"] == codes["feedback nope 0.5 --json"] == 1
     assert local[-1][2]["counts"]["rewards"] == 1
+    with Store.open(remote_home) as store:  # the zoo's measured scores went through the daemon too
+        assert store.fetchone("SELECT count(*) FROM evaluations")[0] > 0
+
+
+class _FakeClient:
+    """Answers POST /v1/search from a script of states."""
+
+    def __init__(self, states):
+        self.states, self.calls = list(states), []
+
+    def call(self, method, path, body=None):
+        self.calls.append((method, path, body))
+        return self.states.pop(0)
+
+
+def test_a_search_in_the_daemon_is_followed_until_it_ends(monkeypatch):
+    monkeypatch.setattr(be.RemoteBackend, "POLL_S", 0.0)
+    step = {"id": "s1", "budget": 2, "best": None}
+    client = _FakeClient([{**step, "state": "running", "evaluations": []},
+                          {**step, "state": "running", "evaluations": [1]},
+                          {**step, "state": "running", "evaluations": [1]},
+                          {**step, "state": "done", "evaluations": [1, 2]}])
+    seen = []
+    res = be.RemoteBackend(client).search(["a"], 2, progress=lambda r: seen.append(len(r["evaluations"])))
+    assert res["state"] == "done" and seen == [0, 1]
+    assert {(m, p) for m, p, _ in client.calls} == {("POST", be.OPERATIONS["search"].path)}
+    assert client.calls[0][2] == {"tasks": ["a"], "weights": None, "budget": 2, "policy": None, "limit": None}
+    failed = _FakeClient([{**step, "state": "failed", "evaluations": [], "error": "merge failed: disk full"}])
+    with pytest.raises(be.SearchFailed, match="search s1 failed: merge failed: disk full"):
+        be.RemoteBackend(failed).search(["a"], 2)

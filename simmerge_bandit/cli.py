@@ -189,12 +189,6 @@ def cli(ctx: click.Context, home: str | None) -> None:
 
 # ---- catalog: models, tasks, operators, probe sets ----
 
-def _catalog(c: Ctx):
-    from .catalog import Catalog
-
-    return Catalog(c.store())
-
-
 def _interactive(no_input: bool) -> bool:
     """Prompting is allowed only on a terminal and without --no-input."""
     return not no_input and sys.stdin.isatty()
@@ -882,12 +876,6 @@ def features_cmd(c: Ctx, model_a: str, model_b: str, task: str, exact: bool, dev
 
 
 # ---- engine: suggest, feedback, policy, predictor, status ----
-
-def _engine(c: Ctx, **config):
-    from .engine import Engine, EngineConfig
-
-    return Engine(c.store(), EngineConfig(**config))
-
 
 def _number(value: str):
     """Parse a CLI number, passing the text through when it is not one (the engine refuses it clearly)."""

@@ -6,10 +6,10 @@ signatures and features, the decision log for replay); :class:`LocalBackend` run
 running daemon. :func:`open_backend` chooses once per caller: the daemon when one holds the home, else the store.
 Either way an operation gives the same answer.
 
-:data:`OPERATIONS` is the one table of operations: name, HTTP method and path, whether it goes through the daemon's
-group commit, whether it changes the catalog. The daemon builds its routes from it (a route calls the local
+:data:`.api.OPERATIONS` is the one table of operations: name, HTTP method and path, whether it goes through the
+daemon's group commit, whether it changes the catalog. The daemon builds its routes from it (a route calls the local
 implementation, ``LocalBackend.op_<name>``, with the JSON body checked against that method's signature), and the
-remote backend finds its routes in it, so a route's path is written here only.
+remote backend finds its routes in it, so a route's path is written there only.
 
 >>> be = open_backend("~/.simmerge")                    # doctest: +SKIP
 >>> be.add_operator("ties_d0.5", "ties", {"density": 0.5})  # doctest: +SKIP
@@ -23,10 +23,10 @@ import inspect
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
+from .api import OPERATIONS, Operation, api_markdown, api_reference  # noqa: F401 (re-exported)
 from .errors import InvalidInput, NotFound, SimmergeError
 from .jsonargs import parse_body, query_body  # noqa: F401 (re-exported)
 
@@ -38,51 +38,6 @@ PathArg = Annotated[str, PATH]
 
 class SearchFailed(SimmergeError):
     """A search that the daemon ran as a job failed."""
-
-
-@dataclass(frozen=True)
-class Operation:
-    """One operation on the state: its :class:`Backend` method, and how the daemon serves it."""
-
-    name: str
-    method: str              # HTTP method of its route
-    path: str                # its route
-    batched: bool = False    # through the daemon's group commit (it appends to the decision log)
-    order: int = 0           # within a batch (feedback before suggest: a batch ranks with its own rewards)
-    locked: bool = False     # changes what candidates depend on: runs under the engine's lock in the daemon
-
-
-OPERATIONS: dict[str, Operation] = {op.name: op for op in (
-    # catalog
-    Operation("models", "GET", "/v1/models"),
-    Operation("model", "GET", "/v1/model"),
-    Operation("add_model", "POST", "/v1/models", locked=True),
-    Operation("remove_model", "POST", "/v1/models/remove", locked=True),
-    Operation("tasks", "GET", "/v1/tasks"),
-    Operation("task", "GET", "/v1/task"),
-    Operation("add_task", "POST", "/v1/tasks", locked=True),
-    Operation("probe_sets", "GET", "/v1/probes"),
-    Operation("add_probe_set", "POST", "/v1/probes", locked=True),
-    Operation("operators", "GET", "/v1/operators"),
-    Operation("operator", "GET", "/v1/operator"),
-    Operation("add_operator", "POST", "/v1/operators", locked=True),
-    Operation("retire_operator", "POST", "/v1/operators/retire", locked=True),
-    Operation("record_score", "POST", "/v1/scores", locked=True),
-    # engine
-    Operation("suggest", "POST", "/v1/suggest", batched=True, order=1),
-    Operation("feedback", "POST", "/v1/feedback", batched=True, order=0),
-    Operation("status", "GET", "/v1/status"),
-    Operation("jobs", "GET", "/v1/jobs"),
-    Operation("search", "POST", "/v1/search"),
-    Operation("search_report", "POST", "/v1/search/report"),
-    Operation("rebuild_policy", "POST", "/v1/policies/rebuild", locked=True),
-    Operation("fit_predictor", "POST", "/v1/predictor/fit", locked=True),
-    Operation("replay_log", "GET", "/v1/replay/log"),
-    # signals
-    Operation("compute_signatures", "POST", "/v1/signatures", locked=True),
-    Operation("signatures", "GET", "/v1/signatures"),
-    Operation("features", "POST", "/v1/features", locked=True),
-)}
 
 
 def public_model(m: dict) -> dict:
@@ -489,4 +444,5 @@ def as_backend(target) -> Backend:
 
 
 __all__ = ["Backend", "LocalBackend", "NotFound", "OPERATIONS", "Operation", "RemoteBackend", "SearchFailed",
-           "as_backend", "open_backend", "parse_body", "public_model", "query_body"]
+           "api_markdown", "api_reference", "as_backend", "open_backend", "parse_body", "public_model",
+           "query_body"]

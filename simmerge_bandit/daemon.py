@@ -33,7 +33,8 @@ from urllib.parse import urlparse
 import threadpoolctl
 
 from . import eventlog
-from .backend import OPERATIONS, LocalBackend, check_budget, query_body
+from .api import OPERATIONS
+from .backend import LocalBackend, check_budget, query_body
 from .daemonfile import read_daemon_file, write_daemon_file
 from .errors import InvalidInput, NotFound, SimmergeError
 from .eventlog import event, events, log  # noqa: F401 (re-exported)

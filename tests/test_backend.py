@@ -31,6 +31,9 @@ def test_every_operation_has_a_method_an_implementation_and_its_own_route():
     assert len(set(routes)) == len(routes)
     for name in be.OPERATIONS:
         assert callable(getattr(be.LocalBackend, f"op_{name}", None)), name
+    ref = {r["operation"]: r for r in be.api_reference()}  # what docs/daemon.md can show, from the same table
+    assert [f["name"] for f in ref["add_model"]["fields"]] == ["path", "name", "base", "tasks"]
+    assert ref["feedback"]["batched"] and "`POST /v1/feedback`" in be.api_markdown()
 
 
 def test_json_bodies_are_checked_against_the_implementation_signature():

@@ -118,20 +118,24 @@ class CandidateIndex:
     def pairs(self, target: str | Target) -> list[tuple[str, str]]:
         """Ordered pairs of distinct catalog models that share a base model.
 
-        When some models are tagged as fine-tuned for a task of the target, only pairs with at least one of them
-        are candidates: merging two models that know nothing of the target teaches nothing about merging for it.
+        When some models are tagged as fine-tuned for tasks of the target, the candidates are the pairs whose
+        tags together cover every task of the target (a merge for {A, B} merges what knows A with what knows B),
+        or, when no pair covers it, the pairs with at least one tagged model: merging two models that know
+        nothing of the target teaches nothing about merging for it.
         """
         target = self.target(target)
         want = set(target.tasks)
         by_base: dict[str, list[str]] = {}
-        experts = set()
+        tags_of: dict[str, set[str]] = {}
         for name, base, tags in self.store.fetchall("SELECT name, base, tasks FROM models ORDER BY added_at, name"):
             if base:
                 by_base.setdefault(base, []).append(name)
-                if want & set(json.loads(tags) if tags else []):
-                    experts.add(name)
-        return [(a, b) for names in by_base.values() for a in names for b in names
-                if a != b and (not experts or a in experts or b in experts)]
+                tags_of[name] = want & set(json.loads(tags) if tags else [])
+        pairs = [(a, b) for names in by_base.values() for a in names for b in names if a != b]
+        if not any(tags_of.values()):
+            return pairs
+        covering = [(a, b) for a, b in pairs if tags_of[a] | tags_of[b] == want]
+        return covering or [(a, b) for a, b in pairs if tags_of[a] or tags_of[b]]
 
     def _catalog_key(self, task: str) -> tuple:
         """What a task's candidate set depends on; a change of any of it (a model's weights, an operator, the

@@ -140,8 +140,10 @@ def test_suggest_for_a_two_task_target_logs_its_key_and_context(home):
     logged = home.fetchone("SELECT task, feature_schema FROM decisions WHERE id = ?", [rows[0]["id"]])
     assert logged == (rows[0]["task"], "3")
     cs = eng.candidates(rows[0]["task"])
-    # pairs with at least one model tagged with a target task: ft_c is untagged, so (ft_c, ft_c) pairs only
-    assert all({"ft_a", "ft_b"} & set(p) for p in cs.pairs)
+    # the pairs whose tags cover the whole target: the double expert with the triple expert
+    assert sorted(cs.pairs) == [("ft_a", "ft_b"), ("ft_b", "ft_a")]
+    # one task: every pair with its expert; no pair covers {double, quadruple}: pairs with a tagged model
+    assert sorted(eng.pairs("double")) == [("ft_a", "ft_b"), ("ft_a", "ft_c"), ("ft_b", "ft_a"), ("ft_c", "ft_a")]
     names = cs.names
     i = cs.pairs.index(("ft_a", "ft_b")) * len(cs.operators)
     x = dict(zip(names, cs.X[i]))

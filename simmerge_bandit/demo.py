@@ -8,7 +8,7 @@ operator, the catalog-metadata rules and the oracle; a few minutes on 2 CPU core
    full merge table, cached beside the zoo), scored on the target objective: the mean of a merge's normalized
    scores over the union of its sources' tasks.
 4. For a number of rounds, asks the engine (hybrid LinUCB warm-started from the predictor) for the best merge for
-   a held-out target (each held-out task, then both together): it picks the pair and the operator. Its merge is
+   a held-out target (each held-out task, alone and with each training task): it picks the pair and the operator. Its merge is
    made and evaluated on every target task the way a user's would be (the streaming executor writes a
    checkpoint, the evaluator scores it), and the engine learns from that reward. Every operator is also merged
    and evaluated on the same pair (in memory, with the executor's kernels: the same arithmetic), so the engine's
@@ -42,6 +42,14 @@ def split_tasks(tasks: list[str], seed: int) -> tuple[list[str], list[str]]:
     """(training, held-out): every third task is held out, starting at ``seed % 3``."""
     held = tasks[seed % 3::3]
     return [t for t in tasks if t not in held], held
+
+
+def held_out_targets(held: list[str], train: list[str]) -> list:
+    """The targets the demo asks for: each held-out task alone, then with each training task (a merge that must
+    keep a skill the engine has seen merged and one it has not)."""
+    from .target import Target
+
+    return [Target.of([h]) for h in held] + [Target.of([h, t]) for h in held for t in train]
 
 
 def _write_parquet(rows: list[dict], path: Path) -> None:
@@ -128,16 +136,19 @@ def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: i
         register_zoo(store, zoo_dir)
         cat = Catalog(store)
         operators = [{"name": o["name"], "method": o["method"], "params": o["params"]} for o in cat.operators()]
-        tasks = [t["name"] for t in manifest["tasks"]]
+        # tasks some expert is tagged with (a task no expert is tuned for is no merge target)
+        tasks = [t["name"] for t in manifest["tasks"]
+                 if any(t["name"] in m["tasks"] for m in manifest["models"] if m["base"] is not None)]
         train, held = split_tasks(tasks, seed)
-        echo(f"registered {len(cat.models())} models, {len(tasks)} tasks, {len(operators)} operators; "
-             f"held out: {', '.join(held)} (the engine has never seen a merge scored on them)")
+        echo(f"registered {len(cat.models())} models, {len(cat.tasks())} tasks ({len(tasks)} with experts), "
+             f"{len(operators)} operators; held out: {', '.join(held)} (the engine has never seen a merge scored "
+             f"on {'it' if len(held) == 1 else 'them'})")
         table = training_table(zoo_dir, manifest, train, operators, echo=echo)
         engine = Engine(store, EngineConfig(default_policy=policy, eval_budget=rounds, seed=seed))
         fit = engine.fit_predictor(table=str(table), objective="target")
         echo(f"predictor fitted on {fit.get('n')} training merges (target objective)")
         rules = fitted_rules(table, by_name, operators)
-        targets = [Target.of([t]) for t in held] + ([Target.of(held)] if len(held) > 1 else [])
+        targets = held_out_targets(held, train)
         scored: dict[tuple, dict[str, float]] = {}
         out_rounds = []
         for r in range(rounds):
@@ -167,6 +178,7 @@ def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: i
             echo(f"round {r + 1:2d}  {target.key:26s} {' + '.join(pair):22s} {s['operator']:22s} "
                  f"reward {reward:.3f}   (best: {best} {values[best]:.3f})")
         summary = _summary(out_rounds, rules["fixed"].fitted().get("operator") if "fixed" in rules else None)
+        summary["policy"] = policy
         _print_summary(summary, echo)
         png = Path(plot) if plot else home / "demo_regret.png"
         try:
@@ -197,7 +209,7 @@ def _print_summary(s: dict, echo) -> None:
     echo("")
     echo("held-out targets, same pairs (the engine's), mean normalized score on the target:")
     echo(f"{'':34s} {'score':>7s}")
-    echo(f"{'engine (' + POLICY + ')':34s} {s['engine']:7.3f}")
+    echo(f"{'engine (' + s.get('policy', POLICY) + ')':34s} {s['engine']:7.3f}")
     for n, v in sorted(s["rules"].items(), key=lambda kv: -kv[1]):
         label = f"rule: {n}" + (" (best fixed op on training)" if n == "fixed" else "")
         echo(f"{label:34s} {v:7.3f}")

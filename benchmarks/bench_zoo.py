@@ -13,6 +13,16 @@ Measures, on this machine (2 CPU cores shared with other work; the load averages
 5. determinism: two fresh builds of the unit preset give byte-identical weights.
 
 Usage: ``python benchmarks/bench_zoo.py [--seed 0] [--skip-table]``. Takes about 15-20 minutes on 2 busy cores.
+
+The realistic preset (``--realistic``): build and full table (every ordered pair of experts and ``--triples``
+3-way merges, the preset's operator set) for one seed, with build and table seconds and the statistics on
+both objectives, merged into ``results/zoo_realistic_stats.json`` under that seed; the table is committed as
+``results/zoo_realistic_table_seed<N>.parquet``. Seed 0 is where the preset was tuned; seed 1 is the check seed
+(nothing was tuned on it). ``--table`` prints the markdown table of docs/zoo.md from the committed JSON.
+
+    python benchmarks/bench_zoo.py --realistic --seed 0 --work /work/zoos
+    python benchmarks/bench_zoo.py --realistic --seed 1 --work /work/zoos
+    python benchmarks/bench_zoo.py --table
 """
 
 from __future__ import annotations
@@ -43,8 +53,8 @@ def timed(fn, *args, **kwargs):
 
 def short(stats: dict) -> dict:
     keys = ("n_cases", "n_operators", "median_spread", "max_best_share", "max_best_share_operator",
-            "oracle_mean", "best_fixed_mean", "best_fixed_operator", "oracle_gap", "checks", "ok")
-    return {k: stats[k] for k in keys if k in stats}
+            "oracle_mean", "best_fixed_mean", "best_fixed_operator", "oracle_gap")
+    return {**{k: stats["two_way"][k] for k in keys}, "checks": stats["checks"], "ok": stats["ok"]}
 
 
 def peer_generation(root: Path, manifest: dict) -> dict:
@@ -121,13 +131,138 @@ def determinism() -> dict:
     return {"unit_preset_byte_identical": same}
 
 
+REALISTIC_JSON = RESULTS / "zoo_realistic_stats.json"
+CHECK_SEED = 1
+
+
+def realistic(seed: int, work: Path, triples: int, jobs: int) -> dict:
+    """Build (or reuse the cached build of) the realistic zoo for ``seed``, table it, and return the record."""
+    from simmerge_bandit.zoo import build_table, build_zoo, get_preset, load_manifest, recipe_key, table_stats
+
+    d = work / f"realistic-seed{seed}"
+    rec: dict = {"seed": seed, "zoo_dir": str(d), "load_start": load(), "cpu_count": os.cpu_count(),
+                 "threads_build": 1, "table_jobs": jobs, "triples": triples,
+                 "tuned_on": seed != CHECK_SEED}
+    manifest, took = timed(build_zoo, d, "realistic", seed, progress=False)
+    # A cached build returns at once; the manifest keeps the seconds of the build that made it.
+    rec.update({"build_seconds": manifest["build_seconds"], "build_cached": took < manifest["build_seconds"] / 2,
+                "recipe_key": recipe_key(get_preset("realistic"), seed), "zoo_key": manifest["key"]})
+    print(f"realistic seed {seed}: built in {rec['build_seconds']:.0f}s"
+          + (" (cached)" if rec["build_cached"] else ""), flush=True)
+    df, rec["table_seconds"] = timed(build_table, d, n_triples=triples, seed=seed, progress=False, jobs=jobs)
+    out = RESULTS / f"zoo_realistic_table_seed{seed}.parquet"
+    df.to_parquet(out, index=False, compression="zstd")
+    rec.update({"table": out.name, "table_rows": len(df), "table_bytes": out.stat().st_size,
+                "table_merges": int(df.drop_duplicates(["model_a", "model_b", "model_c", "operator"]).shape[0]),
+                "n_failed": int((df.status != "ok").sum())})
+    print(f"table: {len(df)} rows, {rec['table_merges']} merges in {rec['table_seconds']:.0f}s", flush=True)
+    manifest = load_manifest(d)
+    rec["models"] = {x["name"]: {"tasks": x["tasks"], "steps": x["steps"], "lr": x["lr"], "replay": x["replay"],
+                                 "scores": x["scores"]} for x in manifest["models"]}
+    rec["stats"] = {o: table_stats(df, manifest, objective=o) for o in ("target", "task")}
+    rec["load_end"] = load()
+    return rec
+
+
+def _fmt(x, pct: bool = False) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "**no**"
+    return f"{x:.0%}" if pct else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def markdown_table(report: dict) -> str:
+    """The figures of docs/zoo.md, from a ``zoo_realistic_stats.json`` report."""
+    seeds = sorted(report["seeds"], key=int)
+    recs = [report["seeds"][s] for s in seeds]
+    goals = report["goals"]
+
+    def row(label, goal, get, pct=False, check=None):
+        cells = []
+        for r in recs:
+            v = get(r)
+            c = r["stats"]["target"]["checks"].get(check) if check else None
+            cells.append(_fmt(v, pct) + ("" if c in (None, True) else " (not met)"))
+        return f"| {label} | {goal} | " + " | ".join(cells) + " |"
+
+    def g(key, op, pct=False):
+        return f"{op} {goals[key]:.0%}" if pct else f"{op} {goals[key]}"
+
+    t = lambda r: r["stats"]["target"]             # noqa: E731
+    two = lambda r: t(r)["two_way"]                 # noqa: E731
+    three = lambda r: t(r)["three_way"] or {}      # noqa: E731
+    head = ("| figure | goal | " + " | ".join(f"seed {s}" + (" (check seed)" if not report["seeds"][s]["tuned_on"]
+                                                              else "") for s in seeds) + " |")
+    lines = [head, "|---|---|" + "---|" * len(seeds),
+             row("build seconds (1 thread)", "<= 600", lambda r: round(r["build_seconds"])),
+             row("table seconds", "<= 900", lambda r: f"{round(r['table_seconds'])} ({r['table_jobs']} processes)"),
+             row("expert - base, own tasks: min", g("min_expert_margin", ">="), lambda r: t(r)["expert_margin"]["min"],
+                 check="min_expert_margin"),
+             row("expert - base, own tasks: median", g("median_expert_margin", ">="),
+                 lambda r: t(r)["expert_margin"]["median"], check="median_expert_margin"),
+             row("largest drop below the base elsewhere", g("max_off_task_drop", "<="),
+                 lambda r: t(r)["expert_margin"]["off_task_max_drop"], check="max_off_task_drop"),
+             row("2-way cases (ordered pairs)", "", lambda r: two(r)["n_cases"]),
+             row("operators", "", lambda r: two(r)["n_operators"]),
+             row("oracle retention (2-way)", g("oracle_mean", ">="), lambda r: two(r)["oracle_mean"],
+                 check="oracle_mean"),
+             row("best fixed operator", "", lambda r: f"{two(r)['best_fixed_operator']} "
+                                                      f"{two(r)['best_fixed_mean']:.3f}"),
+             row("oracle gap", g("oracle_gap", ">="), lambda r: two(r)["oracle_gap"], check="oracle_gap"),
+             row("oracle gap, noise-corrected", g("oracle_gap_nc", ">="), lambda r: two(r)["oracle_gap_nc"],
+                 check="oracle_gap_nc"),
+             row("median best-worst spread", g("median_spread", ">="), lambda r: two(r)["median_spread"],
+                 check="median_spread"),
+             row("most frequent best operator", g("max_best_share", "<=", pct=True),
+                 lambda r: f"{two(r)['max_best_share_operator']} {two(r)['max_best_share']:.0%}",
+                 check="max_best_share"),
+             row("best metadata rule: share of the gap closed (in-sample)", g("max_rule_share", "<=", pct=True),
+                 lambda r: f"{two(r)['best_rule']} {two(r)['best_rule_share']:.0%}", check="max_rule_share")]
+    for name in ("tag", "weaker", "stronger", "lookup"):
+        lines.append(row(f"rule {name}: mean (share of gap)", "",
+                         lambda r, n=name: f"{two(r)['rules'][n]['mean']:.3f} ({two(r)['rules'][n]['gap_share']:.0%})"))
+    lines += [row("3-way cases", "", lambda r: three(r).get("n_cases")),
+              row("3-way oracle retention", "", lambda r: three(r).get("oracle_mean")),
+              row("3-way best fixed operator", "", lambda r: f"{three(r)['best_fixed_operator']} "
+                                                            f"{three(r)['best_fixed_mean']:.3f}" if three(r) else None),
+              row("3-way oracle gap (noise-corrected)", "",
+                  lambda r: f"{three(r)['oracle_gap']:.3f} ({three(r)['oracle_gap_nc']:.3f})" if three(r) else None),
+              row("per-task objective: oracle / best fixed / gap", "",
+                  lambda r: "{oracle_mean:.3f} / {best_fixed_mean:.3f} / {oracle_gap:.3f}".format(
+                      **r["stats"]["task"]["two_way"])),
+              row("all goals met", "", lambda r: t(r)["ok"])]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=None, help="where to build the zoos (default: a temporary directory)")
     ap.add_argument("--skip-table", action="store_true", help="only time the builds")
-    ap.add_argument("--triples", type=int, default=20, help="random expert triples added to the table")
+    ap.add_argument("--triples", type=int, default=None,
+                    help="random expert triples added to the table (default: 20 for bench, 30 for realistic)")
+    ap.add_argument("--realistic", action="store_true", help="the realistic preset on --seed (see above)")
+    ap.add_argument("--jobs", type=int, default=2, help="processes (one thread each) of the realistic table")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of the committed realistic JSON")
     args = ap.parse_args()
+
+    if args.table:
+        print(markdown_table(json.loads(REALISTIC_JSON.read_text())))
+        return
+    if args.realistic:
+        from simmerge_bandit.zoo import TARGET_GOALS
+
+        work = Path(args.work or "/work/zoos")
+        rec = realistic(args.seed, work, 30 if args.triples is None else args.triples, args.jobs)
+        report = json.loads(REALISTIC_JSON.read_text()) if REALISTIC_JSON.is_file() else {}
+        report.update({"preset": "realistic", "goals": TARGET_GOALS,
+                       "check_seed": CHECK_SEED, "rules_fit": rec["stats"]["target"]["two_way"].get("rules_fit")})
+        report.setdefault("seeds", {})[str(args.seed)] = rec
+        REALISTIC_JSON.write_text(json.dumps(report, indent=1, default=str))
+        print(markdown_table(report))
+        return
+    args.triples = 20 if args.triples is None else args.triples
 
     import torch
 

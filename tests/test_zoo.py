@@ -261,6 +261,19 @@ def test_table_row_matches_an_independent_merge_and_evaluation(unit_zoo, unit_ta
     assert exact_match_score(model.eval(), char_tokenizer(), rows)[0] == row.score
 
 
+def test_table_in_two_processes_is_the_same_table(unit_zoo, unit_table):
+    root, _ = unit_zoo
+    ops = [o for o in default_operators() if o["name"] in ("linear", "ties_d0.5", "dare_ties_d0.6", "slerp_t0.3")]
+    cases = table_cases(unit_zoo[1], n_triples=1)[-3:]                  # two pairs and the triple
+    two = build_table(root, operators=ops, cases=cases, jobs=2, progress=False)
+    one = unit_table[unit_table.apply(lambda r: (r.model_a, r.model_b) + ((r.model_c,) if pd.notna(r.model_c)
+                                                                          else ()) in cases, axis=1)]
+    one = one.reset_index(drop=True)
+    assert len(one) == 25
+    timing = ["merge_seconds", "eval_seconds"]
+    pd.testing.assert_frame_equal(two.drop(columns=timing), one.drop(columns=timing))
+
+
 def test_slerp_order_keeps_model_a_at_t0(unit_zoo):
     root, m = unit_zoo
     ops = [{"name": "slerp_t0", "method": "slerp", "params": {"t": 0.0}}]
@@ -472,3 +485,40 @@ def test_register_and_evaluate_go_through_a_running_daemon(unit_zoo, simmerge_ho
     store = Store.open(simmerge_home)
     assert [r["name"] for r in Catalog(store).models()][0] == "base"
     store.close()
+
+
+# ---- the realistic preset's committed figures ----
+
+def _bench_zoo():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_zoo", RESULTS.parent / "bench_zoo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_docs_zoo_table_is_the_committed_json():
+    """docs/zoo.md shows exactly what `bench_zoo.py --table` prints from the committed realistic JSON."""
+    bench = _bench_zoo()
+    report = json.loads(bench.REALISTIC_JSON.read_text())
+    doc = (RESULTS.parent.parent / "docs" / "zoo.md").read_text()
+    block = doc.split("<!-- zoo-table:start -->\n", 1)[1].split("<!-- zoo-table:end -->", 1)[0]
+    assert block.strip() == bench.markdown_table(report).strip()
+
+
+def test_committed_realistic_tables_match_their_stats():
+    """Each committed realistic table comes from today's preset and gives the committed statistics."""
+    bench = _bench_zoo()
+    report = json.loads(bench.REALISTIC_JSON.read_text())
+    assert "0" in report["seeds"]
+    for seed, rec in report["seeds"].items():
+        path = RESULTS / rec["table"]
+        assert path.stat().st_size < 2_000_000
+        assert rec["recipe_key"] == recipe_key(get_preset("realistic"), int(seed))
+        df = pd.read_parquet(path)
+        fresh = table_stats(df, objective="target")["two_way"]
+        committed = rec["stats"]["target"]["two_way"]
+        for k in ("oracle_mean", "best_fixed_mean", "oracle_gap", "oracle_gap_nc", "median_spread",
+                  "max_best_share", "best_rule_share"):
+            assert fresh[k] == pytest.approx(committed[k]), k

@@ -21,8 +21,10 @@ def test_demo_on_held_out_targets(tmp_path, unit_zoo_dir):
     res = run_demo(tmp_path / "home", rounds=3, preset="unit", zoo_dir=unit_zoo_dir, eval_limit=8,
                    echo=lines.append)
     assert res["held_out"] == ["max"] and len(res["rounds"]) == 3
+    # the held-out task alone, then with each training task (sort, dsum)
+    assert [r["target"] for r in res["rounds"]] == ["max", "max=0.5,sort=0.5", "dsum=0.5,max=0.5"]
     for r in res["rounds"]:
-        assert r["target"] == "max" and "max" in r["pair"]  # a pair with the held-out task's expert
+        assert "max" in r["pair"]  # a pair with the held-out task's expert
         assert 0.0 <= r["reward"] <= 2.0 and r["reward"] == r["fixed"][r["chosen"]]
         assert r["oracle"] == max(r["fixed"].values())
         assert set(r["rules"]) == set(RULES) and all(v in r["fixed"].values() for v in r["rules"].values())

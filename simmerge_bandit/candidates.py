@@ -32,6 +32,9 @@ def _schema() -> str:
 
 @dataclass
 class CandidateSet:
+    """One target's candidates, pair-major (every pair with every operator setting, in order): contexts ``X``,
+    descriptors ``Z``, arm names, and which pair and operator each row is."""
+
     task: str                # the target's key (a task name for a single-task target)
     pairs: list[tuple[str, str]]
     operators: list[dict]

@@ -37,9 +37,9 @@ from .api import OPERATIONS
 from .backend import LocalBackend, check_budget, query_body
 from .daemonfile import read_daemon_file, write_daemon_file
 from .errors import InvalidInput, NotFound, SimmergeError
-from .eventlog import event, events, log  # noqa: F401 (re-exported)
+from .eventlog import _JsonFormatter, _TextFormatter, event, events, log  # noqa: F401 (re-exported)
 from .groupcommit import _Batcher, _Call
-from .httpserver import _BadRequest, _HttpConnection, _HttpServer, _status_of  # noqa: F401
+from .httpserver import _PHRASES, _BadRequest, _HttpConnection, _HttpServer, _status_of  # noqa: F401
 from .httpserver import settle as _settle
 from .paths import daemon_file, resolve_home
 from .proctune import limit_malloc_arenas as _limit_malloc_arenas

@@ -45,6 +45,7 @@ from .policystore import PolicyStore
 from .predictorfit import PredictorFitting
 from .store import Store
 from .target import Target
+from .vectors import vector_key  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 

@@ -857,7 +857,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         unknown = set(args.targets) - {c.key for c in cases}
         if unknown:
             ap.error(f"unknown target(s) {sorted(unknown)}; held-out targets: {[c.key for c in cases]}")
-        cases = [c for c in cases if c.key in args.targets]
+        by_key = {c.key: c for c in cases}
+        cases = [by_key[k] for k in dict.fromkeys(args.targets)]  # in the order given
     elif args.quick:
         cases = [cases[0], next(c for c in cases if len(c.weights) > 1)]
     horizon = max(args.budgets)

@@ -50,7 +50,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,8 +110,10 @@ def _file_digest(path: Path) -> str:
 
 def run_code(method: str) -> list:
     """What a method's runs depend on: :data:`BENCH_VERSION` (this script's search logic) and the package's code:
-    the merge kernels and the metric for a peer, every module for ours (the engine)."""
-    return [BENCH_VERSION, code_digest_of([""] if method == "ours" else ["methods", "evaluators/exact_match.py"])]
+    the merge kernels and the metric for a peer, every module and this script for ours (the engine)."""
+    if method == "ours":  # its adapter is this script: any change of it counts
+        return [BENCH_VERSION, code_digest_of([""]), _file_digest(Path(__file__))]
+    return [BENCH_VERSION, code_digest_of(["methods", "evaluators/exact_match.py"])]
 
 
 def code_digest_of(paths: Sequence[str]) -> str:
@@ -505,7 +508,8 @@ class Ours:
             df[df["task"].isin(case.train_tasks)].to_parquet(table)
             store = Store.open(home)
             try:
-                Engine(store, EngineConfig(seed=seed)).fit_predictor(table=str(table), objective="target")
+                with predictor_init_seed(seed):
+                    Engine(store, EngineConfig(seed=seed)).fit_predictor(table=str(table), objective="target")
             finally:
                 store.close()
             self._homes[key] = home
@@ -538,6 +542,30 @@ class Ours:
         finally:
             store.close()
         return run
+
+
+@contextmanager
+def predictor_init_seed(seed: int) -> Iterator[None]:
+    """Fits in the block initialise the predictor's network with ``seed`` (its ``init_seed``).
+
+    ``Engine.fit_predictor`` takes no ``init_seed`` (the engine's seed is the policies' exploration seed), so
+    without this every seed of ours would fit the same network and the bands over seeds would cover none of the
+    randomness of a fit: seed s of ours is the fit replicate s with exploration seed s.
+    """
+    import simmerge_bandit.policies as policies
+
+    make = policies.make_policy
+
+    def seeded(name, **kw):
+        if name == "predictor":
+            kw.setdefault("init_seed", seed)
+        return make(name, **kw)
+
+    policies.make_policy = seeded
+    try:
+        yield
+    finally:
+        policies.make_policy = make
 
 
 def add_family(cat, name: str, method: str, ranges: dict, fixed: dict) -> bool:

@@ -920,12 +920,12 @@ def _replace(tmp: Path, out: Path, fsync: bool) -> Iterator[str]:
     if not out.exists():
         os.rename(tmp, out)
         if fsync:
-            _fsync_path(parent)
+            _fsync_committed(parent, out)
         yield "renamed"
         return
     if _exchange(tmp, out):
         if fsync:
-            _fsync_path(parent)
+            _fsync_committed(parent, out)
         yield "exchanged"
         old = tmp
     else:
@@ -938,7 +938,7 @@ def _replace(tmp: Path, out: Path, fsync: bool) -> Iterator[str]:
             os.rename(old, out)
             raise
         if fsync:
-            _fsync_path(parent)
+            _fsync_committed(parent, out)
         yield "renamed"
     trash = _sibling(out, "trash")
     try:
@@ -949,6 +949,14 @@ def _replace(tmp: Path, out: Path, fsync: bool) -> Iterator[str]:
     yield "discarding the old model"
     shutil.rmtree(trash, ignore_errors=True)
     yield "discarded the old model"
+
+
+def _fsync_committed(parent: Path, out: Path) -> None:
+    try:
+        _fsync_path(parent)
+    except OSError as e:
+        raise SimmergeError(f"the merged model is at {out}, but making its rename durable failed (fsync of "
+                            f"{parent}: {e.strerror or e})") from None
 
 
 def _commit(tmp: Path, out: Path, force: bool, fsync: bool) -> None:

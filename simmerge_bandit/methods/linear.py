@@ -19,10 +19,12 @@ def merge(spec: MethodSpec, job) -> None:
                            "change the weights)")
     coefficients = [w.reshape(1, 1) for w in weights.unbind(0)]
     for lo, hi in job.chunks():
-        # mergekit starts from zeros: 0 + x * c is x * c (an exact zero's sign aside), one pass fewer.
-        result = job.model_rows(0, lo, hi) * coefficients[0]
+        # mergekit starts from zeros: 0 + x * c is x * c (an exact zero's sign aside), one pass fewer. Inputs are
+        # converted to the accumulation dtype first: the same values as mixed-dtype ops, which are slower.
+        x = job.model_rows(0, lo, hi)
+        result = x.to(acc).mul_(coefficients[0]) if x.dtype != acc else x * coefficients[0]
         for i, c in enumerate(coefficients[1:], 1):
-            result.addcmul_(job.model_rows(i, lo, hi), c)
+            result.addcmul_(job.model_rows(i, lo, hi).to(acc), c)
         if job.params["normalize"]:
             result.div_(denominator)
         job.write(lo, hi, result if job.dtype == acc else result.to(job.dtype))

@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import InvalidInput
 from .base import Candidates, Policy, Ranking
 
-_MODULES = ("linucb", "linucb_hybrid", "lints", "egreedy", "vw", "predictor", "random_policy", "fixed")
+_MODULES = ("linucb", "linucb_hybrid", "lints", "egreedy", "vw", "predictor", "random_policy", "fixed", "gp_ucb")
 #: Modules of this package that hold machinery, not a policy (``_private`` ones are skipped too).
 _HELPERS = frozenset({"base"})
 

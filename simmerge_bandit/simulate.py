@@ -583,7 +583,7 @@ def simulate(table: MergeTable, policies: Iterable[str | PolicySpec], *, rounds:
              late_operators: Mapping[str, int] | None = None, standardize: bool | None = None, alpha: float = 0.05,
              seed: int = 0, policy_factory: Callable[[PolicySpec, int], Any] | None = None,
              pretrain_rows: int | None = None, predictor_params: Mapping[str, Any] | None = None,
-             progress: Callable[[str], None] | None = None) -> Simulation:
+             progress: Callable[[str], None] | None = None, pretrain_cache: dict | None = None) -> Simulation:
     """Simulate each policy exactly on the table (see the module docstring for the protocol).
 
     ``seeds`` is a count (seeds ``seed .. seed+S-1``) or an explicit list. ``late_operators`` maps an operator to
@@ -594,6 +594,9 @@ def simulate(table: MergeTable, policies: Iterable[str | PolicySpec], *, rounds:
     ``predictor_params`` are the SimMerge predictor's parameters wherever one is built: ``predictor`` policies
     (their own spec parameters win) and the prior of ``NAME@predictor`` warm starts. Each seed is an independent
     replication: a predictor's networks are initialised from the seed (``init_seed``) unless a parameter fixes it.
+    ``pretrain_cache``: a dict kept by the caller across calls on the same table, in which each online policy's
+    state after the training rows is kept (by policy, seed, training cases and rows) and reused, e.g. by runs of
+    several budgets: the same state as pretraining again (restored from its snapshot), without the cost.
 
     With ``holdout_tasks`` the pool is every case scored on a held-out task and the training cases are the others
     (on the target objective a case whose target mixes training and held-out tasks is in the pool only).
@@ -689,9 +692,17 @@ def simulate(table: MergeTable, policies: Iterable[str | PolicySpec], *, rounds:
                         cs, ks = np.repeat(train, K), np.tile(np.arange(K), len(train))
                         policy.fit(X[cs], table.Z[ks], [table.operators[k] for k in ks], table.R[cs, ks])
                     else:
-                        for j in order if pretrain_rows is None else order[:pretrain_rows]:
-                            c, k = train[j // K], j % K
-                            policy.update(X[c], table.operators[k], table.Z[k], float(table.R[c, k]), 1.0)
+                        key = (spec.text, int(s), int(seed), pretrain_rows, len(table.contexts),
+                               hash(train.tobytes()), hash(X.tobytes()))
+                        kept = None if pretrain_cache is None else pretrain_cache.get(key)
+                        if kept is not None:
+                            policy = _restored(policy, kept)
+                        else:
+                            for j in order if pretrain_rows is None else order[:pretrain_rows]:
+                                c, k = train[j // K], j % K
+                                policy.update(X[c], table.operators[k], table.Z[k], float(table.R[c, k]), 1.0)
+                            if pretrain_cache is not None:
+                                pretrain_cache[key] = _kept(policy)
                 chosen = np.empty(rounds, dtype=int)
                 for t in range(rounds):
                     c, ops = stream[t], avail_at[t]
@@ -710,6 +721,24 @@ def simulate(table: MergeTable, policies: Iterable[str | PolicySpec], *, rounds:
                                            final_chosen))
     return Simulation(table, table.operators[best_fixed], rounds, budget, seed_list, pool, runs,
                       oracle_final, fixed_final, alpha)
+
+
+def _kept(policy):
+    """A pretrained policy's state: its snapshot, or a deep copy for a policy without one (a peer library's)."""
+    import copy
+
+    return ("snapshot", policy.snapshot()) if callable(getattr(policy, "snapshot", None)) \
+        else ("copy", copy.deepcopy(policy))
+
+
+def _restored(policy, kept):
+    import copy
+
+    how, state = kept
+    if how == "copy":
+        return copy.deepcopy(state)
+    policy.restore({k: v.copy() for k, v in state[0].items()}, state[1])
+    return policy
 
 
 def _warm_started(spec: PolicySpec, seed: int, X: np.ndarray, table: MergeTable, train: np.ndarray,

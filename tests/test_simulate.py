@@ -379,8 +379,6 @@ def test_cli_simulate_target_objective(tmp_path):
     assert out["results"][0]["final_score"] == pytest.approx(1.4 / 3)
 
 
-@pytest.mark.xfail(strict=True, reason="the committed bench_decision.py adapter still ranks by the UCB bonus; "
-                   "the fix is in its rewrite, not committed yet (issue 15)")
 def test_mabwiser_peer_recommends_by_its_mean_estimate_not_its_bonus():
     """Arm a: one reward 1 at x=1, so beta .5, width sqrt(1/2): UCB 1.207. Arm b: four rewards .9 at x=1, so beta
     3.6/5 = .72, width sqrt(1/5): UCB 1.167. Exploring picks a; the recommendation is b."""

@@ -784,11 +784,16 @@ def markdown_table(res: dict) -> str:
                                if k in s["methods"][m]["ratio"][b]["per_target"] else "-"
                                for m in s["methods"]) + f" | {tail} |")
     m = res["machine"]
+    costs = res.get("costs") or []
+    timed = [c for c in costs if c.get("wall_s") is not None]
+    spent = (f"the runs took {sum(c['wall_s'] for c in timed) / 60:.0f} min in all ({len(timed)} of {len(costs)} "
+             f"(target, method) runs timed; {sum(c['computed'] for c in timed):,} (merge, task) scores computed "
+             f"in them, the rest served from the cache)" if timed else "the runs were not timed")
     rows += ["", f"Peers: optuna {res['versions']['optuna']}, cma {res['versions']['cma']}. Zoo "
-             f"`{res['zoo']['preset']}` (seed {res['zoo']['seed']}); {res['evaluations']['computed']:,} (merge, task) "
-             f"scores computed, {res['evaluations']['cached']:,} served from the cache, "
-             f"{res['evaluations']['failed']} failed merges; {res['wall_s'] / 60:.0f} min on {m['cpus']} CPU cores "
-             f"(load average {m['load_before'][0]:.1f} before)."]
+             f"`{res['zoo']['preset']}` (seed {res['zoo']['seed']}); {res['evaluations'].get('cache_entries', 0):,} "
+             f"distinct (merge, task) scores in the cache, {res['evaluations']['failed']} failed merges; {spent}, on "
+             f"{m['cpus']} shared CPU cores (load average {m['load_before'][0]:.1f} when the results were "
+             f"assembled)."]
     return "\n".join(rows)
 
 
@@ -917,6 +922,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs_dir = Path(args.runs_dir) if args.runs_dir else cache.with_suffix(".runs")
     runs_dir.mkdir(parents=True, exist_ok=True)
     per_target: dict = {}
+    costs: list[dict] = []  # per (target, method): the invocation that ran it measured its cost
     best_of: dict = {}  # target key -> (reward, candidate, method)
     with deterministic(1):
         for case in cases:
@@ -944,6 +950,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     print(f"{case.key:24s} {m:9s} from {record}", flush=True)
                 else:
                     rec = {"target": case.key, "method": m, "runs": [], "best": None}
+                    t_rec, counts = time.time(), (ev.misses, ev.hits, ev.merge_s, ev.eval_s)
                     for seed in range(args.seeds):
                         n = ref_budget if seed == 0 else horizon
                         if m == "random":
@@ -961,8 +968,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                         print(f"{case.key:24s} {m:9s} seed {seed}: best@{horizon} "
                               f"{best_so_far(run.rewards[:horizon])[-1]:.3f}  best@{n} {run.rewards[i]:.3f}  "
                               f"({ev.misses} computed, {ev.hits} cached, {time.time() - t_start:.0f}s)", flush=True)
+                    rec["cost"] = {"wall_s": round(time.time() - t_rec, 1), "computed": ev.misses - counts[0],
+                                   "cached": ev.hits - counts[1], "merge_s": round(ev.merge_s - counts[2], 1),
+                                   "eval_s": round(ev.eval_s - counts[3], 1), "load_end": os.getloadavg()}
                     record.write_text(json.dumps(rec))
                 runs[m] = rec["runs"]
+                costs.append({"target": case.key, "method": m, **(rec.get("cost") or {"wall_s": None})})
                 if rec["best"][0] > best_of.get(case.key, (-math.inf,))[0]:
                     best_of[case.key] = (rec["best"][0], rec["best"][1], m)
             reference, best_c, by = best_of[case.key]
@@ -991,7 +1002,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "summary": summary, "goals": goals(summary),
         "versions": {"optuna": optuna.__version__, "cma": cma.__version__},
         "evaluations": {"computed": ev.misses, "cached": ev.hits, "failed": ev.failures,
-                        "merge_s": round(ev.merge_s, 1), "eval_s": round(ev.eval_s, 1)},
+                        "merge_s": round(ev.merge_s, 1), "eval_s": round(ev.eval_s, 1),
+                        "cache_entries": len(ev.cache)},
+        "costs": costs,
+        "runs_wall_s": round(sum(c["wall_s"] for c in costs if c["wall_s"] is not None), 1),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_before": load_before, "load_after": os.getloadavg(),
                     "note": "shared 2-core machine; other engineers' jobs may run at the same time"},

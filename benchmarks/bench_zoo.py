@@ -235,6 +235,31 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+FRONTIER_JSON = RESULTS / "zoo_realistic_frontier.json"
+
+
+def frontier_table(frontier: dict) -> str:
+    """The variants explored before the realistic recipe was chosen (seed 0), from ``zoo_realistic_frontier.json``."""
+    tasks = sorted({t for b in frontier["bases"].values() for t in b["scores"]})
+    lines = ["| base (mixture, steps) | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for name, b in frontier["bases"].items():
+        cells = [f"{b['scores'][t]:.2f}" if t in b["scores"] else "" for t in tasks]
+        lines.append(f"| {name} ({len(b['tasks'])} tasks, {b['steps']}) | " + " | ".join(cells) + " |")
+    lines += ["", "| expert from base bD | lr | steps | replay | gain on own tasks | largest drop elsewhere |",
+              "|---|---|---|---|---|---|"]
+    for name, e in frontier["experts"].items():
+        gain = ", ".join(f"{t} {m:+.3f}" for t, m in e["own_margin"].items())
+        lines.append(f"| {name} | {e['lr']:g} | {e['steps']} | {e['replay']} | {gain} | "
+                     f"{e['largest_drop_elsewhere']:.3f} |")
+    lines += ["", "| table of 4 experts from base bD | lr | replay | 2-way cases | oracle | best fixed | gap (nc) "
+                  "| best rule's share |", "|---|---|---|---|---|---|---|---|"]
+    for name, t in frontier["tables"].items():
+        lines.append(f"| {name} | {t['lr']:g} | {t['replay']} | {t['n_cases']} | {t['oracle_mean']:.3f} | "
+                     f"{t['best_fixed_operator']} {t['best_fixed_mean']:.3f} | {t['oracle_gap']:.3f} "
+                     f"({t['oracle_gap_nc']:.3f}) | {t['best_rule_share']:.0%} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -245,10 +270,14 @@ def main() -> None:
     ap.add_argument("--realistic", action="store_true", help="the realistic preset on --seed (see above)")
     ap.add_argument("--jobs", type=int, default=2, help="processes (one thread each) of the realistic table")
     ap.add_argument("--table", action="store_true", help="print the markdown table of the committed realistic JSON")
+    ap.add_argument("--frontier", action="store_true", help="print the tables of the explored variants")
     args = ap.parse_args()
 
     if args.table:
         print(markdown_table(json.loads(REALISTIC_JSON.read_text())))
+        return
+    if args.frontier:
+        print(frontier_table(json.loads(FRONTIER_JSON.read_text())))
         return
     if args.realistic:
         from simmerge_bandit.zoo import TARGET_GOALS

@@ -93,21 +93,25 @@ def test_replay_is_validated_and_leaves_old_recipe_hashes_alone():
             Preset("bad", Arch(), ("max",), (base, bad) if bad.parent else (bad,)).check()
 
 
-def test_replay_rehearses_the_parents_mixture(tmp_path):
-    arch = Arch(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=32)
-    base = Recipe("base", ("max", "sort"), None, 3, 1e-3, batch_size=4, full_loss=True)
+def test_replay_rehearses_the_parents_mixture():
+    from simmerge_bandit.zoo import Replay, _batch, _Encoded
 
-    def build(replay):
-        p = Preset("tiny", arch, ("max", "sort"), (base, Recipe("x", ("max",), "base", 3, 1e-3, batch_size=8,
-                                                                replay=replay)), n_train=20, n_eval=4, n_probes=2)
-        return build_zoo(tmp_path / f"r{replay}", p, progress=False)
+    tok = char_tokenizer()
+    own = _Encoded(tok, task_rows("max", 20, 0))
+    parent = _Encoded(tok, task_rows("sort", 20, 0))
+    plain, rehearsing = Recipe("x", ("max",), "base", 1, 1e-3, batch_size=8), \
+        Recipe("x", ("max",), "base", 1, 1e-3, batch_size=8, replay=0.25)
 
-    plain, rehearsed = build(0.0), build(0.5)
-    assert plain["recipe_key"] != rehearsed["recipe_key"] and rehearsed["models"][1]["replay"] == 0.5
-    assert (tmp_path / "r0.0/models/base/model.safetensors").read_bytes() == \
-        (tmp_path / "r0.5/models/base/model.safetensors").read_bytes()
-    assert not torch.equal(load_state(tmp_path / "r0.0/models/x")["lm_head.weight"],
-                           load_state(tmp_path / "r0.5/models/x")["lm_head.weight"])
+    def draw(recipe, replay):
+        return _batch([own], recipe, torch.Generator().manual_seed(0), tok.pad_token_id, replay)
+
+    # Without replay in the recipe, offering the parent's mixture changes nothing: old recipes draw what they drew.
+    for a, b in zip(draw(plain, None), draw(plain, Replay([parent], True))):
+        assert torch.equal(a, b)
+    ids, labels = draw(rehearsing, Replay([parent], True))
+    tags = [tok.decode(row[row != tok.pad_token_id][:4].tolist()) for row in ids]
+    assert tags == ["max:"] * 6 + ["srt:"] * 2                  # round(0.25 * 8) rows from the parent's mixture
+    assert (labels[6:, 2] != -100).all() and (labels[:6, 2] == -100).all()   # trained as the parent (whole text)
 
 
 def test_eval_halves_are_a_fixed_even_partition():
@@ -505,6 +509,9 @@ def test_docs_zoo_table_is_the_committed_json():
     doc = (RESULTS.parent.parent / "docs" / "zoo.md").read_text()
     block = doc.split("<!-- zoo-table:start -->\n", 1)[1].split("<!-- zoo-table:end -->", 1)[0]
     assert block.strip() == bench.markdown_table(report).strip()
+    frontier = json.loads(bench.FRONTIER_JSON.read_text())
+    block = doc.split("<!-- zoo-frontier:start -->\n", 1)[1].split("<!-- zoo-frontier:end -->", 1)[0]
+    assert block.strip() == bench.frontier_table(frontier).strip()
 
 
 def test_committed_realistic_tables_match_their_stats():

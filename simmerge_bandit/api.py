@@ -18,38 +18,48 @@ class Operation:
     batched: bool = False    # through the daemon's group commit (it appends to the decision log)
     order: int = 0           # within a batch (feedback before suggest: a batch ranks with its own rewards)
     locked: bool = False     # changes what candidates depend on: runs under the engine's lock in the daemon
+    #: How long a client waits for the answer (after connecting, which waits CONNECT_S at most): seconds for
+    #: status, tens of seconds for suggest and feedback; operations that read checkpoints or replay the log get
+    #: minutes. A search is a job, polled with short calls.
+    timeout_s: float = 30.0
+
+
+#: How long a client waits to connect to the daemon.
+CONNECT_S = 3.0
+#: The read timeout of operations that read weights, run forward passes or replay the whole log.
+LONG_S = 600.0
 
 
 OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     # catalog
     Operation("models", "GET", "/v1/models"),
     Operation("model", "GET", "/v1/model"),
-    Operation("add_model", "POST", "/v1/models", locked=True),
+    Operation("add_model", "POST", "/v1/models", locked=True, timeout_s=LONG_S),
     Operation("remove_model", "POST", "/v1/models/remove", locked=True),
     Operation("tasks", "GET", "/v1/tasks"),
     Operation("task", "GET", "/v1/task"),
-    Operation("add_task", "POST", "/v1/tasks", locked=True),
+    Operation("add_task", "POST", "/v1/tasks", locked=True, timeout_s=120.0),
     Operation("probe_sets", "GET", "/v1/probes"),
-    Operation("add_probe_set", "POST", "/v1/probes", locked=True),
+    Operation("add_probe_set", "POST", "/v1/probes", locked=True, timeout_s=120.0),
     Operation("operators", "GET", "/v1/operators"),
     Operation("operator", "GET", "/v1/operator"),
     Operation("add_operator", "POST", "/v1/operators", locked=True),
     Operation("retire_operator", "POST", "/v1/operators/retire", locked=True),
     Operation("record_score", "POST", "/v1/scores", locked=True),
     # engine
-    Operation("suggest", "POST", "/v1/suggest", batched=True, order=1),
+    Operation("suggest", "POST", "/v1/suggest", batched=True, order=1, timeout_s=60.0),
     Operation("feedback", "POST", "/v1/feedback", batched=True, order=0),
-    Operation("status", "GET", "/v1/status"),
+    Operation("status", "GET", "/v1/status", timeout_s=10.0),
     Operation("jobs", "GET", "/v1/jobs"),
     Operation("search", "POST", "/v1/search"),
     Operation("search_report", "POST", "/v1/search/report"),
-    Operation("rebuild_policy", "POST", "/v1/policies/rebuild", locked=True),
-    Operation("fit_predictor", "POST", "/v1/predictor/fit", locked=True),
-    Operation("replay_log", "GET", "/v1/replay/log"),
+    Operation("rebuild_policy", "POST", "/v1/policies/rebuild", locked=True, timeout_s=LONG_S),
+    Operation("fit_predictor", "POST", "/v1/predictor/fit", locked=True, timeout_s=LONG_S),
+    Operation("replay_log", "GET", "/v1/replay/log", timeout_s=LONG_S),
     # signals
-    Operation("compute_signatures", "POST", "/v1/signatures", locked=True),
+    Operation("compute_signatures", "POST", "/v1/signatures", locked=True, timeout_s=LONG_S),
     Operation("signatures", "GET", "/v1/signatures"),
-    Operation("features", "POST", "/v1/features", locked=True),
+    Operation("features", "POST", "/v1/features", locked=True, timeout_s=LONG_S),
 )}
 
 

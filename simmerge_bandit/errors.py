@@ -42,6 +42,12 @@ class StateLocked(SimmergeError):
     http_status = 423
 
 
+class Forbidden(SimmergeError):
+    """The daemon was not started to allow this through its API (e.g. external evaluation commands)."""
+
+    http_status = 403
+
+
 class Conflict(SimmergeError):
     """The request contradicts what is already recorded (e.g. a different reward for the same decision)."""
 

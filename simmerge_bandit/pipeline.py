@@ -24,9 +24,14 @@ def merges_dir(store) -> Path:
     return d
 
 
-def job_spec(engine, decision_id: str) -> dict[str, Any]:
+def job_spec(engine, decision_id: str, *, catalog_reference: bool = False) -> dict[str, Any]:
     """Everything :func:`run_spec` needs, as plain data: the decision's merge and every task of its target (with
-    its weight), and the source scores already known per task."""
+    its weight), and the source scores already known per task.
+
+    ``catalog_reference``: also ``reference`` per task, the best known score of any catalog model on it (same data
+    and metric). A merge is then normalized against the better of that and its own sources, so merges of
+    different pairs are on one scale for the target (what a search compares); without it, against its own
+    sources only (the engine's reward: how much of its sources' skills a merge keeps)."""
     from .recipe import build
     from .target import Target
 
@@ -48,6 +53,15 @@ def job_spec(engine, decision_id: str) -> dict[str, Any]:
                 [m["fingerprint"], task["name"], task["data_hash"], task["metric"]])
             if row is not None:
                 known[name][m["name"]] = row[0]
+    reference = {}
+    if catalog_reference:
+        for t in tasks:
+            row = engine.store.fetchone(
+                "SELECT max(e.score) FROM evaluations e JOIN models m ON m.fingerprint = e.fingerprint "
+                "WHERE e.task = ? AND e.data_hash = ? AND e.metric = ? AND isfinite(e.score)",
+                [t["name"], t["data_hash"], t["metric"]])
+            if row is not None and row[0] is not None:
+                reference[t["name"]] = float(row[0])
     return {
         "decision": decision_id,
         "target": target.key,
@@ -56,6 +70,7 @@ def job_spec(engine, decision_id: str) -> dict[str, Any]:
         "source_scores": known,
         "out": str(merges_dir(engine.store) / decision_id),
         "seed": int(decision_id[:8], 16) % (2**31),
+        **({"reference": reference} if catalog_reference else {}),
     }
 
 
@@ -70,7 +85,8 @@ def merge_spec(spec: dict[str, Any], *, device: str = "auto") -> Path:
 
 def score_merge(spec: dict[str, Any], out: Path, *, limit: int | None = None) -> dict[str, Any]:
     """Evaluate the merged checkpoint ``out`` on every task of the spec's target (and each source whose score on
-    a task is unknown), normalize per task and aggregate with the target's weights."""
+    a task is unknown), normalize per task (against the best source, or the spec's catalog ``reference`` where it
+    is higher) and aggregate with the target's weights."""
     from .evaluators import evaluate, normalize_score
 
     scores, normalized, sources = {}, {}, {}
@@ -86,7 +102,9 @@ def score_merge(spec: dict[str, Any], out: Path, *, limit: int | None = None) ->
                 if not r.ok:
                     raise EvaluationFailed(f"evaluation of source {m['name']} on {name} failed: {r.reason}")
                 src[m["name"]] = r.score
-        norm = normalize_score(res.score, src.values())
+        ref = spec.get("reference", {}).get(name)
+        ref = spec.get("reference", {}).get(name)
+        norm = normalize_score(res.score, [*src.values(), *([ref] if ref is not None else [])])
         if norm is None:
             raise EvaluationFailed(f"no usable source scores on {name} to normalize against")
         scores[name], normalized[name], sources[name] = res.score, norm, src

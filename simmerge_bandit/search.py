@@ -139,7 +139,7 @@ def run_search(engine, target: Target, budget: int, *, policy: str | None = None
                         "operator": [s["operator"]] if isinstance(s["operator"], str) else s["operator"],
                         "params": None, "reward": None, "scores": None}
                 steps.append(step)
-            spec = pipeline.job_spec(engine, did)
+            spec = pipeline.job_spec(engine, did, catalog_reference=True)
             spec["out"] = str(folder / did)
             step["params"] = [x["params"] for x in spec["steps"]]
             try:

@@ -144,3 +144,35 @@ def test_daemon_runs_a_search_as_a_job(home):
         assert call(info, "POST", "/v1/search", {"tasks": ["ghost"], "budget": 1})[0] == 404
     finally:
         assert stop(proc) == 0
+
+
+def test_search_rewards_share_one_scale_the_best_known_score_in_the_catalog(home):
+    """Two merges of different pairs are compared on one scale: each task's score over the best score any catalog
+    model has on it (not over the merge's own sources, which would let two weak sources look perfect)."""
+    with Store.open(home) as store:
+        cat = Catalog(store)
+        cat.record_score("ft_a", "double", 0.8)
+        cat.record_score("base", "double", 0.2)
+        cat.record_score("base", "triple", 0.1)
+        cat.record_score("ft_b", "triple", 0.4)
+        eng = Engine(store, EngineConfig(seed=0))
+        s = eng.suggest(Target.of(["double"]), top=1, policy="random", queue=False)[0]
+        plain = pipeline.job_spec(eng, s["id"])
+        spec = pipeline.job_spec(eng, s["id"], catalog_reference=True)
+        assert "reference" not in plain and spec["reference"] == {"double": pytest.approx(0.8)}
+        # a merge scoring 0.3 whose own sources scored 0.2 and 0.3 keeps "all" of them, but 0.3 / 0.8 of the best
+        spec["source_scores"] = plain["source_scores"] = {"double": {m["name"]: 0.2 for m in spec["models"]}}
+        spec["source_scores"]["double"][spec["models"][0]["name"]] = 0.3
+        plain["source_scores"] = json.loads(json.dumps(spec["source_scores"]))
+
+        class Fixed:
+            ok, score, reason = True, 0.3, None
+
+        import simmerge_bandit.evaluators as evaluators
+        real = evaluators.evaluate
+        evaluators.evaluate = lambda *a, **k: Fixed()
+        try:
+            assert pipeline.score_merge(plain, store.home)["reward"] == pytest.approx(1.0)
+            assert pipeline.score_merge(spec, store.home)["reward"] == pytest.approx(0.3 / 0.8)
+        finally:
+            evaluators.evaluate = real

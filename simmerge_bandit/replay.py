@@ -517,12 +517,19 @@ def load_engine_log(store) -> BanditLog:
 
 
 def engine_log_frame(store) -> dict[str, list]:
-    """The engine's rewarded choices as replay columns: action = operator, context = x, ``a_*`` = z.
+    """The engine's rewarded choices as replay columns: action = arm (the operator, or a family's setting),
+    context = x, ``a_*`` = z.
 
     Only rank-0 decisions enter: they are the ones drawn from the policy's distribution, so their ``propensity``
     is a real selection probability (lower ranks are listed, not drawn). Chains (several operators) are left
     out, and so are decisions from another feature schema than the latest decision's, whose contexts would not line
     up.
+
+    Every decision's descriptor ``z`` is that of its operator (with the values a family's decision chose) in the
+    current arm schema (:class:`~.descriptor.Descriptors`), as the engine learns from the log, whatever schema
+    version it was logged in: a home whose log spans several versions (a method or parameter added since) replays
+    all of its decisions. A decision whose operator cannot be described any more (its method is not registered) is
+    left out, with a warning.
 
     The engine draws a (pair, operator) candidate while a target policy here picks the operator for the logged
     pair, so the propensity is the operator's given its pair: the candidate's propensity over the pair's
@@ -531,31 +538,47 @@ def engine_log_frame(store) -> dict[str, list]:
     propensity, which makes IPS and DR on them too large by about the number of candidate pairs (SNIPS is not
     affected when all rows are of that kind).
     """
+    import logging
+
+    from .catalog import Catalog
+    from .descriptor import Descriptors
+
     rows = store.fetchall(
-        "SELECT d.operator, d.context, d.arm, least(1.0, d.propensity / coalesce(d.pair_propensity, 1.0)), r.reward, "
-        "d.created_at, d.feature_schema "
+        "SELECT d.operator, d.context, d.params, least(1.0, d.propensity / coalesce(d.pair_propensity, 1.0)), "
+        "r.reward, d.created_at, d.feature_schema "
         "FROM decisions d JOIN rewards r ON r.decision_id = d.id WHERE d.rank = 0 ORDER BY d.created_at, d.id")
     newest = rows[-1][6] if rows else None     # the schema the engine writes now
+    describe = Descriptors(store, Catalog(store))
     frame: dict[str, list] = {ACTION: [], REWARD: [], PROPENSITY: [], TIMESTAMP: []}
     width = None
-    for op, x, z, prop, reward, created, schema in rows:
+    lost: dict[str, int] = {}
+    for op, x, params, prop, reward, created, schema in rows:
         ops = json.loads(op) if isinstance(op, str) else list(op)
         if len(ops) != 1 or schema != newest:
+            continue
+        steps = json.loads(params) if isinstance(params, str) else params
+        arm, z = describe.arm(ops[0], steps[-1] if steps else None)
+        if z is None:
+            lost[ops[0]] = lost.get(ops[0], 0) + 1
             continue
         if width is None:
             width = (len(x), len(z))
             frame.update({f"x{j}": [] for j in range(width[0])})
             frame.update({f"{ARM_FEATURE_PREFIX}{j}": [] for j in range(width[1])})
-        if (len(x), len(z)) != width:
+        if len(x) != width[0]:  # (one feature schema gives one width; a log edited by hand may not)
             continue
-        frame[ACTION].append(ops[0])
+        frame[ACTION].append(arm)
         frame[REWARD].append(reward)
         frame[PROPENSITY].append(prop)
         frame[TIMESTAMP].append(created)
         for j, v in enumerate(x):
             frame[f"x{j}"].append(v)
         for j, v in enumerate(z):
-            frame[f"{ARM_FEATURE_PREFIX}{j}"].append(v)
+            frame[f"{ARM_FEATURE_PREFIX}{j}"].append(float(v))
+    if lost:
+        logging.getLogger(__name__).warning(
+            "replay leaves out %d decision(s) whose operator cannot be described now: %s", sum(lost.values()),
+            ", ".join(f"{k} ({n})" for k, n in sorted(lost.items())))
     return frame
 
 

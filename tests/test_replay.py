@@ -226,12 +226,17 @@ def test_engine_log_without_rewards_is_refused():
 
 
 def test_engine_log_rank0_rewarded_choices(tmp_path):
+    from simmerge_bandit.catalog import Catalog
+    from simmerge_bandit.descriptor import operator_descriptor
+
     store = _engine_store()
     try:
+        cat = Catalog(store)     # the engine logs only catalog operators; replay describes them in today's schema
+        ops = {"linear": cat.add_operator("linear", "linear"), "ties": cat.add_operator("ties", "ties")}
         rng = np.random.default_rng(0)
         for i in range(30):
             op = "ties" if i % 2 else "linear"
-            z = [1.0, 0.0] if op == "ties" else [0.0, 1.0]
+            z = [1.0, 0.0] if op == "ties" else [0.0, 1.0]     # as logged (an older schema's width)
             for rank in (0, 1):
                 did = f"d{i}-{rank}"
                 x = [float(rng.normal()), 1.0]
@@ -249,7 +254,7 @@ def test_engine_log_rank0_rewarded_choices(tmp_path):
         store.close()
     assert len(log) == 30                                # rank 1 rows were listed, not drawn
     assert log.arms == ["linear", "ties"]
-    assert log.Z.tolist() == [[0.0, 1.0], [1.0, 0.0]]
+    np.testing.assert_array_equal(log.Z, [operator_descriptor(ops["linear"]), operator_descriptor(ops["ties"])])
     assert log.context_names == ["x0", "x1"]
     assert np.all(log.propensities == 0.25)
     (r,) = rp.evaluate(log, ["fixed:ties"], ["snips"]).results()

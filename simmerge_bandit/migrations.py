@@ -395,6 +395,19 @@ def m0015_searches_and_families(db: duckdb.DuckDBPyConnection) -> None:
         FROM decision_log d JOIN vectors x ON x.key = d.context_key JOIN vectors z ON z.key = d.arm_key""")
 
 
+@migration
+def m0016_merge_table_halves_and_tags(db: duckdb.DuckDBPyConnection) -> None:
+    # `simmerge zoo table` writes each merge's raw score on the two fixed halves of the task's eval examples (so
+    # an operator can be chosen on one half and scored on the other) and each source's tagged tasks (JSON lists:
+    # the default target of a merge, the union of its sources' tasks, rebuilt from the table alone). The index is
+    # dropped around the ALTERs: DuckDB releases before 1.1 refuse to alter a table that an index depends on.
+    db.execute("DROP INDEX IF EXISTS merge_table_case")
+    for column, kind in (("score_h0", "DOUBLE"), ("score_h1", "DOUBLE"), ("tasks_a", "VARCHAR"),
+                         ("tasks_b", "VARCHAR"), ("tasks_c", "VARCHAR")):
+        db.execute(f"ALTER TABLE merge_table ADD COLUMN {column} {kind}")
+    db.execute("CREATE INDEX merge_table_case ON merge_table (zoo_key, model_a, model_b, task)")
+
+
 def applied(db: duckdb.DuckDBPyConnection) -> list[str]:
     db.execute("CREATE TABLE IF NOT EXISTS _migrations (name VARCHAR PRIMARY KEY, "
                "applied_at TIMESTAMP NOT NULL DEFAULT current_timestamp)")

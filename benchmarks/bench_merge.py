@@ -15,6 +15,12 @@ over a 1-thread memcpy of as many bytes: the floor for one pass over the data), 
     python benchmarks/bench_merge.py --device cuda --no-mergekit --out benchmarks/results/merge_gpu.json
     python benchmarks/bench_merge.py --table     # the docs/merge.md table, from benchmarks/results/merge.json
 
+The report (``--out``) holds ``machine``, ``family``, ``memcpy_gb_per_s``, ``goals`` and ``runs``: each run
+``{"load_before", "load_after", "dtypes": {config dtype: {method: entry}}}``. :func:`runs_of` also reads the
+report this script wrote before bf16 configs were measured (``methods`` at the top: one run, every config
+``dtype: float32``), so ``--table`` and the README's headline (:func:`headline`, used by ``simmerge_bandit.docgen``)
+work on either; nothing here needs torch unless a merge is run.
+
 mergekit: ``--mergekit``, else $SIMMERGE_MERGEKIT_YAML, else ``mergekit-yaml`` on PATH (``.ci/setup-mergekit``
 makes one). Our side runs with ``--threads 1`` (the CLI default), mergekit with torch's default threads. The
 machine is shared: compare ratios within one run, and read the load averages beside them.
@@ -32,18 +38,19 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work" / "merge"
 RESULTS = HERE / "results"
 GOALS = {"ties": 5.0, "linear": 3.0}
 BANDWIDTH_GOAL = {"ties": 10.0}
+#: The config dtype of every measurement in a report of the old format (before bf16 configs were measured).
+OLD_FORMAT_DTYPE = "float32"
 
 
 def make_family(root: Path, layers: int, hidden: int = 1024, inter: int = 2816, vocab: int = 32000,
                 shard_bytes: int = 200_000_000) -> dict[str, Path]:
     """Base + 2 experts, bf16, sharded; deterministic. Reused when already there."""
+    import torch
     from safetensors.torch import save_file
 
     names = ["base", "expert_a", "expert_b"]
@@ -143,6 +150,8 @@ def memcpy_bandwidth(device: str, nbytes: int = 512 << 20) -> dict:
     """Bytes moved (read + written) per second by a large copy: with 1 torch thread (what our merge uses) and
     with torch's default thread count (best of 5); on a GPU also a device-to-device copy and a pinned
     host-to-device upload (bytes uploaded per second)."""
+    import torch
+
     src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -240,13 +249,42 @@ def run_once(paths: dict[str, Path], dtypes: list[str], methods: list[str], args
     return out
 
 
+def runs_of(res: dict) -> list[dict]:
+    """The runs of a report, in the format this script writes: ``[{"load_before", "load_after", "dtypes":
+    {config dtype: {method: entry}}}]``.
+
+    A report of the old format (``methods`` at the top, no ``runs``) is one run whose configs all said
+    ``dtype: float32`` (:data:`OLD_FORMAT_DTYPE`); its entries get ``memcpy_floor_s`` and ``merge_over_memcpy``
+    from their bytes and merge time over the 1-thread memcpy, as :func:`run_once` computes them, and have no load
+    average per measurement (the run's are kept)."""
+    if "runs" in res:
+        return res["runs"]
+    if "methods" not in res:
+        raise ValueError("not a merge benchmark report: it has neither 'runs' nor 'methods'")
+    bandwidth = res["memcpy_gb_per_s"]["threads_1"] * 1e9
+    entries = {}
+    for m, e in res["methods"].items():
+        floor_s = (e["ours"]["bytes_read"] + e["ours"]["bytes_written"]) / bandwidth
+        entries[m] = {**{k: v for k, v in e.items() if k not in ("load_after", "fraction_of_memcpy_bandwidth")},
+                      "memcpy_floor_s": round(floor_s, 4),
+                      "merge_over_memcpy": round(e["ours"]["merge_s"] / floor_s, 1)}
+    machine = res.get("machine", {})
+    return [{"load_before": machine.get("load_before"), "load_after": machine.get("load_after"),
+             "dtypes": {OLD_FORMAT_DTYPE: entries}}]
+
+
+def _load(e: dict, side: str) -> str:
+    before = e.get(side, {}).get("load_before")
+    return f"{before[0]:.1f}" if before else "-"
+
+
 def markdown_table(res: dict) -> str:
     """docs/merge.md's table: per run, compute dtype and method, ours vs mergekit (wall, peak RSS), the goal,
     and our merge time over the memcpy floor."""
     rows = ["| run | config dtype | method | ours (s) | mergekit (s) | speedup (goal) | peak RSS ours / mergekit "
             "(GB) | merge time / memcpy floor | load avg (1 min) |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for i, run in enumerate(res["runs"], 1):
+    for i, run in enumerate(runs_of(res), 1):
         for dt, entries in run["dtypes"].items():
             for m, e in entries.items():
                 goal = GOALS.get(m)
@@ -257,7 +295,7 @@ def markdown_table(res: dict) -> str:
                     f" / {mk['peak_rss_bytes'] / 1e9:.2f}" if mk else "")
                 bw = f"{e['merge_over_memcpy']:.1f}x" + (
                     f" (goal <= {BANDWIDTH_GOAL[m]:g}x)" if m in BANDWIDTH_GOAL else "")
-                load = f"{e['ours']['load_before'][0]:.1f}" + (f" / {mk['load_before'][0]:.1f}" if mk else "")
+                load = _load(e, "ours") + (f" / {_load(e, 'mergekit')}" if mk else "")
                 mk_wall = f"{mk['wall_s']:.2f}" if mk else "-"
                 rows.append(f"| {i} | {dt} | {m} | {e['ours']['wall_s']:.2f} | {mk_wall} | {speed} | {rss} | {bw} "
                             f"| {load} |")
@@ -267,7 +305,48 @@ def markdown_table(res: dict) -> str:
                 f"{res['machine']['cpus']} CPUs, torch {res['machine']['torch']}; memcpy "
                 f"{res['memcpy_gb_per_s']['threads_1']:.1f} GB/s (1 thread, bytes read + written). Load average: "
                 f"ours / mergekit, just before each.")
+    if "runs" not in res:
+        rows.append("")
+        rows.append(f"Recorded before bf16 configs were measured (the report's old format): one run, every config "
+                    f"`dtype: {OLD_FORMAT_DTYPE}`, no load average per measurement; `python benchmarks/bench_merge.py`"
+                    f" records both dtypes.")
     return "\n".join(rows)
+
+
+def _median_run(entries: list[dict]) -> dict:
+    """The run whose speedup is the median (the lower middle one of an even number: the less flattering)."""
+    ranked = sorted(entries, key=lambda e: e.get("speedup_wall", 0.0))
+    return ranked[(len(ranked) - 1) // 2]
+
+
+def headline(res: dict, method: str = "ties") -> tuple[str, str]:
+    """The README's headline row for the merge executor: ``(figure, baseline)`` for ``method`` on each config
+    dtype measured (bf16 first: what most published configs say), each the median run by speedup."""
+    per_dtype: dict[str, list[dict]] = {}
+    for run in runs_of(res):
+        for dt, entries in run["dtypes"].items():
+            if method in entries:
+                per_dtype.setdefault(dt, []).append(entries[method])
+    if not per_dtype:
+        raise ValueError(f"the report has no {method} measurement")
+    order = sorted(per_dtype, key=lambda dt: (dt != "bfloat16", dt))
+    gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+    ours, theirs = [], []
+    for dt in order:
+        e = _median_run(per_dtype[dt])
+        n = len(per_dtype[dt])
+        ours.append(f"`dtype: {dt}` config {e['ours']['wall_s']:.1f} s, peak RSS {gb(e['ours']['peak_rss_bytes'])}"
+                    + (f" (median of {n} runs)" if n > 1 else ""))
+        mk = e.get("mergekit")
+        if mk is None:
+            theirs.append(f"`dtype: {dt}` not measured")
+            continue
+        wall = f"{mk['wall_s']:.0f}" if mk["wall_s"] >= 100 else f"{mk['wall_s']:.1f}"
+        theirs.append(f"`dtype: {dt}` {wall} s ({e['speedup_wall']:.1f}x slower), peak RSS "
+                      f"{gb(mk['peak_rss_bytes'])}")
+    label = method.upper() if method == "ties" else method
+    return (f"{label} merge of base + 2 experts ({res['family'].get('params_per_model', 0) / 1e9:.2f} B parameters "
+            f"each): " + "; ".join(ours), "mergekit: " + "; ".join(theirs))
 
 
 def main(argv=None) -> int:
@@ -294,6 +373,8 @@ def main(argv=None) -> int:
         return 2
     found = shutil.which("simmerge") or str(Path(sys.executable).parent / "simmerge")
     simmerge = [found] if Path(found).exists() else [sys.executable, "-m", "simmerge_bandit"]
+    import torch
+
     args.work.mkdir(parents=True, exist_ok=True)
     paths = make_family(args.work / ("family" if args.layers == 20 else f"family-{args.layers}"), args.layers)
     n_params = json.loads((paths["base"] / "model.safetensors.index.json").read_text())["metadata"]["total_size"] // 2

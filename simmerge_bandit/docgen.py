@@ -285,6 +285,8 @@ DOC_BLOCKS: list[DocBlock] = [
     DocBlock(ROOT / "docs" / "signals.md", "feature_schema", feature_schema_markdown),
     DocBlock(ROOT / "docs" / "signals.md", "signals_exact", signals_exact_markdown),
     DocBlock(ROOT / "docs" / "python.md", "python_api", python_api_markdown),
+    DocBlock(ROOT / "docs" / "merge.md", "bench_merge", BenchTable("bench_merge", ("benchmarks/bench_merge.py",
+                                                                                   "--table")).render),
 ]
 
 
@@ -307,13 +309,22 @@ class Headline:
         return f"| {self.what} | {figure} | {baseline} | [{self.source}](benchmarks/README.md#{self.link}) |"
 
 
+def bench_script(name: str):
+    """A benchmark script of ``benchmarks/`` as a module, for what it says about its own report's format (the
+    script that writes a JSON is the one place that reads it)."""
+    import importlib.util
+
+    mod = sys.modules.get(f"_simmerge_bench_{name}")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(f"_simmerge_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
 def _merge(d: dict) -> tuple[str, str]:
-    t = d["methods"]["ties"]
-    gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
-    return (f"TIES merge of base + 2 experts ({d['family'].get('params_per_model', 0) / 1e9:.2f} B parameters "
-            f"each): {t['ours']['wall_s']:.1f} s, peak RSS {gb(t['ours']['peak_rss_bytes'])}",
-            f"mergekit: {t['mergekit']['wall_s']:.0f} s ({t['speedup_wall']:.1f}x slower), peak RSS "
-            f"{gb(t['mergekit']['peak_rss_bytes'])}")
+    return bench_script("bench_merge").headline(d)
 
 
 def _signals(d: dict) -> tuple[str, str]:

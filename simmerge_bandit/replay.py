@@ -19,6 +19,10 @@ Target policies by name: ``fixed:ACTION`` and ``uniform`` are evaluated directly
 probabilities; every learned policy (``linucb``, ``linucb-hybrid``, ``lints``, ``egreedy``, ``vw``,
 ``predictor``; parameters as ``linucb:alpha=0.5,l2=2``) is run through the log in time order and updated only on
 the events where it chose the logged action (Li et al. 2011), since only there do we know what it would have seen.
+
+Why one module of this size: reading a log, running target policies through it and estimating their value are one
+pipeline over one validated :class:`BanditLog` (its arms, contexts and descriptors); the estimators are
+:mod:`.estimators`, the policy specs :mod:`.policyspec`.
 """
 
 from __future__ import annotations

@@ -34,6 +34,11 @@ Reported per policy, mean and interval over seeds: the mean normalized score of 
 the oracle (the best operator of each drawn pair), the share of the best-fixed-operator -> oracle gap it closed
 (best fixed = the operator with the highest mean score on the training pairs), and the same numbers for its final
 greedy choice on every pool pair after the run (``final_*``).
+
+Why one module of this size: reading a table into a :class:`MergeTable` (which columns are keys, pair features,
+operator features, outcomes) and running policies on it are one contract, since the simulation is exact only for
+the columns classified as outcomes, and the two are only ever used together (``simmerge simulate``, the decision
+benchmark).
 """
 
 from __future__ import annotations

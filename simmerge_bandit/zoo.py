@@ -19,6 +19,12 @@ retrains only the models whose recipe changed).
 >>> manifest = build_zoo("/tmp/zoo", preset="test")      # doctest: +SKIP
 >>> [m["name"] for m in manifest["models"]][:3]           # doctest: +SKIP
 ['base', 'add', 'rev']
+
+Why one module of this size: a zoo directory and its full merge table are one reproducible artifact. The build
+key (recipe digest and code version), the presets, the deterministic training loop, the manifest and the table's
+columns change together or cached builds and tables silently stop matching the code that reads them; the tasks
+are :mod:`.zoo_tasks`. The table's statistics (:func:`case_matrix`, :func:`table_stats`) read those columns and are
+the part that could move to a module of their own.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ first. Here the rule is that of a stable ascending sort of the magnitudes (TIES 
 last tied entries in index order; breadcrumbs its middle ranks), which needs no sort: exact order statistics come
 from a strided sample, one counting pass and a selection among the few candidates near the threshold.
 ``exact_ties`` reproduces mergekit's choice by running the same full argsort (and costs as much).
+
+Why one module of this size: the four sparsifiers share one selection engine (:class:`RankSelect`: exact order
+statistics without a sort, ties resolved as a stable sort would), and the threshold rule above is correct only as a
+whole; keeping them beside it keeps that rule in one place.
 """
 
 from __future__ import annotations

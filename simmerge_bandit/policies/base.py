@@ -5,6 +5,11 @@ from ``update`` calls with the reward of one candidate. :meth:`Policy.rank` turn
 :class:`Ranking` whose ``choice`` is drawn from ``propensity`` with the policy's own seeded generator. Every
 policy mixes an exploration floor into that distribution, so each candidate has a probability > 0 of being
 chosen and logged decisions support off-policy evaluation.
+
+Why one module of this size: it is the one contract every policy module imports (:class:`Candidates`,
+:class:`Ranking`, :class:`Policy` with its exploration floor, snapshot and clone rules) plus the few numerical
+kernels several policies share (Sherman-Morrison updates, batched quadratic forms); split, each policy would import
+one interface from several places.
 """
 
 from __future__ import annotations

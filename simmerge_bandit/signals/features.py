@@ -23,6 +23,10 @@ How each family is estimated (see :mod:`.schema` for the definitions):
 * Activation cosine and CKA: dot products of stored unit vectors (projected token states; centered Gram matrices).
 * Task vectors: per-layer-group count-sketch dot products, normalized by the sketch norms; sign agreement and
   top-20% overlap from the shared coordinate sample; norms exact.
+
+Why one module of this size: every feature family's vectorized estimator works on the same stacks of signatures,
+the same grouping of comparable models and the same blocks of pairs (and the cache of stacks); the definitions of
+the features are :mod:`.schema`.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ import math
 import mmap
 import os
 import queue
+import re
 import resource
 import shutil
 import sys
@@ -589,16 +590,23 @@ def _execute(plan: Plan, out, *, device, seed, force, shard_size, exact_ties, vo
     for p, ck in planned.ckpts.items():
         if out == ck.path or ck.path in out.parents:
             raise InvalidInput(f"the output {out} would overwrite or sit inside input model {ck.path}")
-    notes = recover(out)
+    try:
+        notes = recover(out)
+    except OSError as e:  # an unreadable or read-only parent: said in one line below, when writing fails too
+        notes = [f"could not look for leftovers of interrupted merges beside {out} ({e.strerror or e})"]
     for note in notes:
         log.warning("%s", note)
     if out.exists() and not force:
         raise InvalidInput(f"{out} already exists; pass --force (force=True) to replace it")
     if out.exists() and not out.is_dir():
         raise InvalidInput(f"{out} exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(out, "tmp")
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:  # a read-only file system, a parent that is a file, no permission
+        raise SimmergeError(f"cannot write the merged model at {out}: {e.strerror or e}"
+                            f"{f' ({e.filename})' if e.filename else ''}; nothing was written") from None
     readers = {p: _Reader(ck) for p, ck in planned.ckpts.items()}
     writer = None
     try:
@@ -978,25 +986,30 @@ def _alive(pid: int) -> bool:
     return True
 
 
+#: What :func:`_sibling` names: ``.NAME.KIND-PID-HEX8``.
+_SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|trash)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
 def recover(out: str | os.PathLike) -> list[str]:
-    """Repair what a killed merge into ``out`` left beside it; return one sentence per thing done.
+    """Repair what killed merges left in ``out``'s parent; return one sentence per thing done.
 
     The old model of an interrupted ``force`` replacement goes back to ``out`` when ``out`` is missing; partial
-    outputs, replaced models and half-deleted ones of processes that no longer run are removed. Every merge into
-    ``out`` calls this first (and logs what it did).
+    outputs, replaced models and half-deleted ones of processes that no longer run are removed. Partial outputs
+    and half-deleted models of other names in the same parent go too (nothing else would ever remove them); a
+    replaced model of another name waits for a merge into that name, which may have to put it back. Every merge
+    into ``out`` calls this first (and logs what it did).
     """
     out = Path(out).expanduser().absolute()
     notes: list[str] = []
     if not out.parent.is_dir():
         return notes
-    prefix = f".{out.name}."
     found = []
     for p in out.parent.iterdir():
-        if not p.name.startswith(prefix):
+        m = _SIBLING.match(p.name)
+        if m is None or (m["name"] != out.name and m["kind"] == "old"):
             continue
-        kind, _, rest = p.name[len(prefix):].partition("-")
-        pid = rest.split("-", 1)[0]
-        if kind in ("tmp", "old", "trash") and pid.isdigit() and not _alive(int(pid)):
+        kind, pid = m["kind"], int(m["pid"])
+        if not _alive(pid):
             found.append((kind, p))
     for kind, p in sorted(found, key=lambda kp: (kp[0] != "old", -kp[1].stat().st_mtime)):
         if kind == "old" and not out.exists():
@@ -1005,5 +1018,5 @@ def recover(out: str | os.PathLike) -> list[str]:
             continue
         shutil.rmtree(p, ignore_errors=True)
         what = {"tmp": "an incomplete merge", "old": "a replaced model", "trash": "a half-deleted model"}[kind]
-        notes.append(f"removed {what} left beside {out} by an interrupted merge ({p.name})")
+        notes.append(f"removed {what} left in {out.parent} by an interrupted merge ({p.name})")
     return notes

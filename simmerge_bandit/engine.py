@@ -173,6 +173,9 @@ class Engine(CandidateIndex, PolicyStore, PredictorFitting, DecisionLog):
         with self.lock:
             pol = self.policy(name)
             cs = self.candidates(target.key)
+            if chain and chain > 2 and chain > (n := len({m for p in cs.pairs for m in p})):
+                raise InvalidInput(f"--chain {chain}: the candidates for {target.key} hold {n} models, so a chain "
+                                   f"has at most {n}")
             if exclude:
                 cs = cs.without(exclude)
             ranking = pol.rank(cs.ranked, reuse=not exclude)

@@ -28,6 +28,8 @@ class Operation:
 CONNECT_S = 3.0
 #: The read timeout of operations that read weights, run forward passes or replay the whole log.
 LONG_S = 600.0
+#: The largest request body the daemon reads (413 beyond it); a task's file sent as its text counts.
+MAX_BODY = 16 << 20
 
 
 OPERATIONS: dict[str, Operation] = {op.name: op for op in (

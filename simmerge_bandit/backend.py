@@ -70,10 +70,11 @@ class Backend:
         return self._do("model", name=name)
 
     def add_model(self, path: str | os.PathLike, name: str | None = None, base: str | None = None,
-                  tasks: list[str] | None = None) -> dict:
+                  tasks: list[str] | None = None, allow_duplicate: bool = False) -> dict:
         """Register a checkpoint directory (see :meth:`.Catalog.add_model`); the new model as :meth:`models`
         lists it."""
-        return self._do("add_model", path=_abs(path), name=name, base=base, tasks=list(tasks or []))
+        return self._do("add_model", path=_abs(path), name=name, base=base, tasks=list(tasks or []),
+                        allow_duplicate=bool(allow_duplicate))
 
     def remove_model(self, name: str) -> dict:
         """Forget a model (its files stay): ``{"name", "removed": true}``."""
@@ -241,8 +242,9 @@ class LocalBackend(Backend):
         return self.catalog.model(name)
 
     def op_add_model(self, path: PathArg, name: str | None = None, base: str | None = None,
-                     tasks: list[str] | None = None) -> dict:
-        return public_model(self.catalog.add_model(path, name=name, base=base, tasks=tasks or None))
+                     tasks: list[str] | None = None, allow_duplicate: bool = False) -> dict:
+        return public_model(self.catalog.add_model(path, name=name, base=base, tasks=tasks or None,
+                                                   allow_duplicate=allow_duplicate))
 
     def op_remove_model(self, name: str) -> dict:
         self.catalog.remove_model(name)
@@ -254,16 +256,30 @@ class LocalBackend(Backend):
     def op_task(self, name: str) -> dict:
         return self.catalog.task(name)
 
-    def op_add_task(self, name: str, data: PathArg, probes: str | None = None, metric: str | None = None,
-                    eval_command: str | None = None, metric_path: str | None = None) -> dict:
-        return self.catalog.add_task(name, data, probes=probes, metric=metric or "exact_match",
-                                     eval_command=eval_command, metric_path=metric_path)
+    def op_add_task(self, name: str, data: PathArg | None = None, probes: str | None = None,
+                    metric: str | None = None, eval_command: str | None = None, metric_path: str | None = None,
+                    data_content: str | None = None, probes_content: str | None = None) -> dict:
+        from .catalog import Upload
+
+        if (data is None) == (data_content is None):
+            raise InvalidInput("give the task's data as 'data' (a file) or as 'data_content' (its text), once")
+        if probes is not None and probes_content is not None:
+            raise InvalidInput("give 'probes' or 'probes_content', not both")
+        return self.catalog.add_task(name, Upload(data_content, "data_content") if data is None else data,
+                                     probes=probes if probes_content is None else Upload(probes_content,
+                                                                                         "probes_content"),
+                                     metric=metric or "exact_match", eval_command=eval_command,
+                                     metric_path=metric_path)
 
     def op_probe_sets(self) -> list[dict]:
         return self.catalog.probe_sets()
 
-    def op_add_probe_set(self, name: str, file: PathArg) -> dict:
-        return self.catalog.add_probe_set(name, file)
+    def op_add_probe_set(self, name: str, file: PathArg | None = None, content: str | None = None) -> dict:
+        from .catalog import Upload
+
+        if (file is None) == (content is None):
+            raise InvalidInput("give the prompts as 'file' (a file) or as 'content' (its text), once")
+        return self.catalog.add_probe_set(name, file if content is None else Upload(content, "content"))
 
     def op_operators(self, all: bool = False) -> list[dict]:  # noqa: A002
         return self.catalog.operators(active_only=not all)
@@ -396,6 +412,43 @@ class RemoteBackend(Backend):
             query = urlencode({k: json.dumps(v) for k, v in args.items() if v is not None})
             return self.client.call("GET", route.path + (f"?{query}" if query else ""))
         return self.client.call(route.method, route.path, args)
+
+    def add_task(self, name: str, data: str | os.PathLike, probes: str | None = None, metric: str = "exact_match",
+                 eval_command: str | None = None, metric_path: str | None = None) -> dict:
+        """As :meth:`Backend.add_task`; the files go to the daemon as their text (checked here first, so errors
+        name the local file), or as paths when they lie in a directory the daemon serves (``--serve-dir``)."""
+        from .catalog import read_jsonl, read_prompts
+
+        args = {"name": name, "metric": metric, "eval_command": eval_command, "metric_path": metric_path}
+        read_jsonl(data, need=("prompt", "answer"))
+        args.update(self._send_file(data, "data", "data_content"))
+        if probes is not None and Path(str(probes)).expanduser().exists():
+            read_prompts(probes)
+            args.update(self._send_file(probes, "probes", "probes_content"))
+        else:
+            args["probes"] = probes
+        return self._do("add_task", **args)
+
+    def add_probe_set(self, name: str, file: str | os.PathLike) -> dict:
+        from .catalog import read_prompts
+
+        read_prompts(file)
+        return self._do("add_probe_set", name=name, **self._send_file(file, "file", "content"))
+
+    def _send_file(self, path: str | os.PathLike, field: str, content_field: str) -> dict:
+        """``{field: path}`` when the daemon serves the file's directory, else ``{content_field: its text}``
+        (within the daemon's request size limit)."""
+        from .api import MAX_BODY
+
+        real = Path(os.path.realpath(Path(path).expanduser()))
+        if any(real.is_relative_to(d) for d in self.client.serve_dirs):
+            return {field: str(real)}
+        text = real.read_text(encoding="utf-8")
+        if len(json.dumps(text).encode()) > MAX_BODY - (64 << 10):
+            raise InvalidInput(f"{path}: too large to send to the daemon (its requests hold at most "
+                               f"{MAX_BODY >> 20} MiB); start it with --serve-dir {real.parent} to let it read the "
+                               f"file there, or stop it and run this command without a daemon")
+        return {content_field: text}
 
     def search(self, tasks: list[str], budget: int, weights: dict | None = None, policy: str | None = None,
                limit: int | None = None, device: str = "auto",

@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,41 +36,105 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
-def read_jsonl(path: str | Path, *, need: tuple[str, ...]) -> list[dict]:
-    """Read a JSON-lines file whose objects have string fields ``need``; errors name the line."""
-    p = Path(path).expanduser()
+class Upload(str):
+    """A file's content sent instead of its path (the daemon's API reads no file outside the directories it
+    serves); ``label`` names it in error messages.
+
+    >>> read_jsonl(Upload('{"prompt": "1+1=", "answer": "2"}\\n', "data"), need=("prompt", "answer"))
+    [{'prompt': '1+1=', 'answer': '2'}]
+    """
+
+    label: str
+
+    def __new__(cls, text: str, label: str = "uploaded content") -> "Upload":
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a JSON escape: not text a file could hold
+            raise InvalidInput(f"{label}: not valid UTF-8 text") from None
+        self = super().__new__(cls, text)
+        self.label = label
+        return self
+
+
+class ProbeSetName(str):
+    """The name of a registered probe set, never a file (a plain ``str`` is a file when one exists there)."""
+
+
+def _lines(source: str | Path | Upload):
+    """``(label, lines)`` of a file or an :class:`Upload`, split as a text file reads (universal newlines); a file
+    that is not UTF-8 text is :class:`InvalidInput` when its bad bytes are read."""
+    if isinstance(source, Upload):
+        return source.label, io.StringIO(source, newline=None)
+    p = _existing(source)
+
+    def read():
+        try:
+            with open(p, encoding="utf-8") as fh:
+                yield from fh
+        except UnicodeDecodeError as e:
+            raise _not_text(p, e) from None
+
+    return str(p), read()
+
+
+def _existing(source: str | Path) -> Path:
+    p = Path(source).expanduser()
     if not p.is_file():
         raise InvalidInput(f"{p}: no such file")
+    return p
+
+
+def _not_text(p: Path, e: UnicodeDecodeError) -> InvalidInput:
+    return InvalidInput(f"{p}: not UTF-8 text (byte {e.object[e.start]:#04x}); expected JSON lines or one prompt per "
+                        f"line")
+
+
+def read_jsonl(path: str | Path | Upload, *, need: tuple[str, ...]) -> list[dict]:
+    """Read a JSON-lines file (or :class:`Upload`) whose objects have string fields ``need``; errors name the
+    line."""
+    label, lines = _lines(path)
     rows = []
-    with open(p, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise InvalidInput(f"{p}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise InvalidInput(f"{p}:{i}: expected a JSON object")
-            for key in need:
-                if not isinstance(obj.get(key), str):
-                    raise InvalidInput(f"{p}:{i}: missing string field {key!r}")
-            rows.append(obj)
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise InvalidInput(f"{label}:{i}: not valid JSON ({getattr(e, 'msg', e)})") from None
+        except RecursionError:
+            raise InvalidInput(f"{label}:{i}: JSON nested too deeply") from None
+        if not isinstance(obj, dict):
+            raise InvalidInput(f"{label}:{i}: expected a JSON object")
+        for key in need:
+            if not isinstance(obj.get(key), str):
+                raise InvalidInput(f"{label}:{i}: missing string field {key!r}")
+            if not obj[key].isascii():
+                try:
+                    obj[key].encode("utf-8")
+                except UnicodeEncodeError:  # "\ud800": JSON allows it, no text file can hold it
+                    raise InvalidInput(f"{label}:{i}: field {key!r} holds a lone surrogate escape") from None
+        rows.append(obj)
     if not rows:
-        raise InvalidInput(f"{p}: empty file (expected JSON lines with {', '.join(need)})")
+        raise InvalidInput(f"{label}: empty file (expected JSON lines with {', '.join(need)})")
     return rows
 
 
-def read_prompts(path: str | Path) -> list[str]:
+def read_prompts(path: str | Path | Upload) -> list[str]:
     """Probe prompts: JSON lines with a "prompt" field, or plain text with one prompt per line."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise InvalidInput(f"{p}: no such file")
-    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if isinstance(path, Upload):
+        label, text = path.label, str(path)
+    else:
+        p = _existing(path)
+        label = str(p)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise _not_text(p, e) from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines:
-        raise InvalidInput(f"{p}: empty probe set (expected one prompt per line or JSON lines with 'prompt')")
+        raise InvalidInput(f"{label}: empty probe set (expected one prompt per line or JSON lines with 'prompt')")
     if lines[0].lstrip().startswith("{"):
-        return [r["prompt"] for r in read_jsonl(p, need=("prompt",))]
+        return [r["prompt"] for r in read_jsonl(path, need=("prompt",))]
     return lines
 
 
@@ -77,9 +143,15 @@ def _hash_prompts(prompts: list[str]) -> str:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a copy into the home: mode 0600 whatever the source's (a private file stays private), in folders
+    made 0700."""
+    for d in reversed([d for d in (path.parent, *path.parent.parents) if not d.exists()]):
+        d.mkdir(mode=0o700, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        os.fchmod(fd, 0o600)  # an earlier .tmp left with another mode
+        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     tmp.replace(path)
 
 
@@ -91,11 +163,12 @@ class Catalog:
 
     # ---- models ----
     def add_model(self, path: str | Path, name: str | None = None, base: str | None = None,
-                  tasks: list[str] | None = None) -> dict:
+                  tasks: list[str] | None = None, allow_duplicate: bool = False) -> dict:
         """Register a checkpoint directory; with ``base``, its tensors must match the base's.
 
         ``tasks`` names the tasks the model was fine-tuned for (need not be registered yet); suggestions for a task
-        then pair at least one of its experts.
+        then pair at least one of its experts. A directory already registered under another name is refused unless
+        ``allow_duplicate`` (two names for one model would be suggested as a pair that merges a model with itself).
         """
         ck = read_checkpoint(path)
         name = check_name("model", name or ck.path.name)
@@ -103,6 +176,11 @@ class Catalog:
             check_name("task", t)
         if self._exists("models", name):
             raise AlreadyExists(f"model {name!r} already exists")
+        other = self.store.fetchone("SELECT name FROM models WHERE path = ? ORDER BY added_at LIMIT 1",
+                                    [str(ck.path)])
+        if other is not None and not allow_duplicate:
+            raise AlreadyExists(f"{ck.path} is already registered as model {other[0]!r}; pass --allow-duplicate "
+                                f"to register it again as {name!r}")
         shapes = ck.shapes()
         if base is not None:
             b = self.model(base)
@@ -161,7 +239,7 @@ class Catalog:
         return r
 
     # ---- probe sets ----
-    def add_probe_set(self, name: str, path: str | Path) -> dict:
+    def add_probe_set(self, name: str, path: str | Path | Upload) -> dict:
         """Register a named probe set from a file of prompts (one per line, or JSON lines with ``prompt``)."""
         check_name("probe set", name)
         if self._exists("probe_sets", name):
@@ -193,12 +271,13 @@ class Catalog:
         return read_prompts(self.probe_set(name)["path"])
 
     # ---- tasks ----
-    def add_task(self, name: str, data: str | Path, probes: str | Path | None = None, metric: str = "exact_match",
-                 eval_command: str | None = None, metric_path: str | None = None) -> dict:
+    def add_task(self, name: str, data: str | Path | Upload, probes: str | Path | Upload | None = None,
+                 metric: str = "exact_match", eval_command: str | None = None, metric_path: str | None = None) -> dict:
         """Register a task from a JSON-lines file of {"prompt", "answer"} and an optional probe file.
 
-        ``probes`` may be a file or the name of an existing probe set. Without it the task's probe set is the
-        first prompts of the data (answers are never used as probes).
+        ``probes`` may be a file or the name of an existing probe set (a :class:`ProbeSetName` is always a name);
+        ``data`` and ``probes`` may be :class:`Upload` content instead of files. Without probes the task's probe
+        set is the first prompts of the data (answers are never used as probes).
         """
         check_name("task", name)
         if self._exists("tasks", name):
@@ -211,8 +290,10 @@ class Catalog:
             raise InvalidInput("metric 'external' needs an eval command and a metric path")
         rows = read_jsonl(data, need=("prompt", "answer"))
         rows = [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows]
-        if probes is not None and not Path(str(probes)).expanduser().exists() and self._exists("probe_sets",
-                                                                                             str(probes)):
+        if isinstance(probes, ProbeSetName):
+            probe_name, prompts = str(self.probe_set(probes)["name"]), None
+        elif (isinstance(probes, str) and not isinstance(probes, Upload) and not Path(probes).expanduser().exists()
+              and self._exists("probe_sets", probes)):
             probe_name, prompts = str(probes), None
         else:
             probe_name = f"{name}.probes"

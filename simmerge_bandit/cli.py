@@ -214,15 +214,20 @@ def model() -> None:
 @click.option("--base", help="Name of the registered base model this one was fine-tuned from.")
 @click.option("--task", "tasks", multiple=True, help="A task this model was fine-tuned for; repeatable. "
                                                       "Suggestions for a task pair at least one of its experts.")
+@click.option("--allow-duplicate", is_flag=True,
+              help="Register PATH even if it is already registered under another name.")
 @json_option
 @pass_ctx
-def model_add(c: Ctx, path: str, name: str | None, base: str | None, tasks: tuple[str, ...], as_json: bool) -> None:
+def model_add(c: Ctx, path: str, name: str | None, base: str | None, tasks: tuple[str, ...], allow_duplicate: bool,
+              as_json: bool) -> None:
     """Register the checkpoint directory PATH (config.json + *.safetensors, sharded or not).
 
     Headers are read without loading tensors; a content fingerprint is stored. With --base, every tensor name
-    and shape must match the base model.
+    and shape must match the base model. A directory already registered under another name is refused unless
+    --allow-duplicate.
     """
-    m = _model_summary(c.backend().add_model(path, name=name, base=base, tasks=list(tasks)))
+    m = _model_summary(c.backend().add_model(path, name=name, base=base, tasks=list(tasks),
+                                             allow_duplicate=allow_duplicate))
     emit([m], as_json, lambda d: click.echo(f"added model {m['name']} ({m['architecture']}, {m['dtype']}, "
                                               f"{m['n_params']:,} parameters)"))
 
@@ -923,7 +928,7 @@ def suggest(c: Ctx, tasks: tuple[str, ...], weights: tuple[str, ...], top: int, 
     emit(rows, as_json, _print_suggestions)
 
 
-@cli.command()
+@cli.command(context_settings={"ignore_unknown_options": True})  # VALUE may be -0.1: a value, refused by range
 @click.argument("decision_id")
 @click.argument("value", type=str)
 @json_option
@@ -1308,6 +1313,12 @@ def demo(ctx: click.Context, rounds: int, seed: int, policy: str, preset: str, p
 @click.option("--max-attempts", default=3, show_default=True, help="Tries per job before it is marked failed.")
 @click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --host (the API is token-protected, "
                                                    "not encrypted).")
+@click.option("--allow-eval-commands", is_flag=True,
+              help="Accept tasks with an --eval-command (a shell command the daemon runs) through the API; without "
+                   "it only the CLI without a daemon registers them.")
+@click.option("--serve-dir", "serve_dirs", multiple=True, type=click.Path(file_okay=False),
+              help="A directory whose files the API may name by path (task data, probes, merge tables); "
+                   "repeatable. Other files are sent as their text.")
 @click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
 @click.option("--memory-limit", default="1GB", show_default=True,
               help="Cap on DuckDB's buffer pool, which otherwise keeps the growing decision log in memory.")
@@ -1319,16 +1330,19 @@ def demo(ctx: click.Context, rounds: int, seed: int, policy: str, preset: str, p
                    "the meantime rank without it. 0: before the next suggestion.")
 @pass_ctx
 def daemon(c: Ctx, host, port, watch, eval_budget, eval_window, executor, policy, device, eval_limit,
-           max_attempts, allow_remote, log_json, memory_limit, checkpoint_wal, learn_interval_ms) -> None:
+           max_attempts, allow_remote, allow_eval_commands, serve_dirs, log_json, memory_limit, checkpoint_wal,
+           learn_interval_ms) -> None:
     """Run the long-lived engine: owns the state, serves the JSON API on loopback, watches folders for new
     checkpoints, and runs the evaluations it asks for. Writes daemon.json (pid, port, token; mode 0600).
-    Stops cleanly on SIGTERM / SIGINT."""
+    Stops cleanly on SIGTERM / SIGINT. Whoever can read daemon.json can do what the API offers: see the
+    security model in docs/daemon.md."""
     from .daemon import Daemon
 
     Daemon(c.home, host=host, port=port, watch=list(watch), eval_budget=eval_budget, eval_window_s=eval_window,
            executor=executor, allow_remote=allow_remote, log_json=log_json, max_attempts=max_attempts,
            device=device, eval_limit=eval_limit, policy=policy, memory_limit=memory_limit,
-           checkpoint_wal=checkpoint_wal, learn_interval_s=learn_interval_ms / 1000.0).run()
+           checkpoint_wal=checkpoint_wal, learn_interval_s=learn_interval_ms / 1000.0,
+           allow_eval_commands=allow_eval_commands, serve_dirs=list(serve_dirs)).run()
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,8 @@ class Client:
         if self.host in ("0.0.0.0", "::"):
             self.host = "127.0.0.1"
         self.port, self.token, self.pid = int(info["port"]), info["token"], info["pid"]
+        #: Directories the daemon reads files from (``--serve-dir``): files there are sent as paths, others as text.
+        self.serve_dirs = [Path(d) for d in info.get("serve_dirs") or []]
         self.timeout = timeout  # overrides every operation's own read timeout when given
         self.home = home
 
@@ -63,7 +64,7 @@ class Client:
         try:
             try:
                 conn.connect()
-            except socket.timeout:
+            except TimeoutError:
                 raise DaemonError(f"{self._who()} did not accept a connection within {CONNECT_S:g} s; "
                                   f"{self._advice()}") from None
             conn.sock.settimeout(read_s)
@@ -72,7 +73,7 @@ class Client:
             conn.request(method, path, body=payload, headers=headers)
             resp = conn.getresponse()
             data = json.loads(resp.read() or b"null")
-        except socket.timeout:
+        except TimeoutError:
             raise DaemonError(f"{self._who()} did not answer {what} within {read_s:g} s; {self._advice()}") from None
         except (OSError, ValueError, http.client.HTTPException) as e:
             raise DaemonError(f"cannot reach {self._who()}: {e}; {self._advice()}") from None

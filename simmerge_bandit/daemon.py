@@ -36,7 +36,7 @@ from . import eventlog
 from .api import OPERATIONS
 from .backend import LocalBackend, check_budget, query_body
 from .daemonfile import read_daemon_file, write_daemon_file
-from .errors import InvalidInput, NotFound, SimmergeError
+from .errors import Forbidden, InvalidInput, NotFound, SimmergeError
 from .eventlog import _JsonFormatter, _TextFormatter, event, events, log  # noqa: F401 (re-exported)
 from .groupcommit import _Batcher, _Call
 from .httpserver import _PHRASES, _BadRequest, _HttpConnection, _HttpServer, _status_of  # noqa: F401
@@ -80,12 +80,18 @@ class Daemon:
                  device: str = "auto", eval_limit: int | None = None, policy: str = "linucb-hybrid",
                  snapshot_every: int = 10_000, snapshot_s: float = 60.0, pool_threads: int = 4,
                  memory_limit: str = "1GB", checkpoint_wal: str = "8MB", idle_checkpoint_s: float = 5.0,
-                 learn_interval_s: float = 0.1):
+                 learn_interval_s: float = 0.1, allow_eval_commands: bool = False,
+                 serve_dirs: list[str] | None = None):
         self.home = resolve_home(home)
         self.host, self.port = host, port
         self.watch = [Path(w).expanduser().resolve() for w in (watch or [])]
         self.eval_budget, self.eval_window_s = eval_budget, eval_window_s
         self.executor, self.allow_remote, self.log_json = executor, allow_remote, log_json
+        # What a token holder may not do unless the daemon was started to allow it (docs/daemon.md, "Security
+        # model"): register a task whose evaluation is a shell command, and have task files read from server paths
+        # (only under these directories; elsewhere files are sent as their text).
+        self.allow_eval_commands = allow_eval_commands
+        self.serve_dirs = [Path(os.path.realpath(Path(d).expanduser())) for d in (serve_dirs or [])]
         self.max_attempts, self.backoff_s = max_attempts, backoff_s
         self.stable_s, self.poll_s = stable_s, poll_s
         self.device, self.eval_limit, self.policy = device, eval_limit, policy
@@ -122,6 +128,9 @@ class Daemon:
         for w in self.watch:
             if not w.is_dir():
                 raise InvalidInput(f"--watch {w}: not a directory")
+        for d in self.serve_dirs:
+            if not d.is_dir():
+                raise InvalidInput(f"--serve-dir {d}: not a directory")
         for flag, size in (("--memory-limit", self.memory_limit), ("--checkpoint-wal", self.checkpoint_wal)):
             if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", size):
                 raise InvalidInput(f"{flag} {size!r}: use a size such as 512MB or 2GB")
@@ -135,6 +144,13 @@ class Daemon:
         from .store import Store
 
         self.check()
+        # The port first: one taken is a one-line error before any state is touched.
+        try:
+            self.server = _HttpServer(self.host, self.port, self._dispatch)
+        except OSError as e:
+            raise InvalidInput(f"cannot listen on {self.host}:{self.port}: {e.strerror or e}; choose another --port "
+                               f"(0 takes any free port)") from None
+        self.port = self.server.port
         _limit_malloc_arenas()
         if self.executor == "ray":
             try:
@@ -174,11 +190,10 @@ class Daemon:
         self._pool = ThreadPoolExecutor(self.pool_threads, thread_name_prefix="api")
         self.backend = _DaemonBackend(self)
         self._routes = self._make_routes()
-        self.server = _HttpServer(self.host, self.port, self._dispatch)
-        self.port = self.server.port
         self.token = secrets.token_urlsafe(32)
         write_daemon_file(self.home, {"pid": os.getpid(), "port": self.port, "host": self.host,
-                                      "token": self.token, "started": self._started})
+                                      "token": self.token, "started": self._started,
+                                      "serve_dirs": [str(d) for d in self.serve_dirs]})
         from .watcher import FolderWatcher
         from .worker import EvalWorker
 
@@ -348,8 +363,10 @@ class Daemon:
                 raise ValueError("expected a JSON object")
             if url.query:  # a GET's parameters (each value JSON text)
                 body = {**body, **query_body(url.query)}
-        except ValueError as e:
+        except ValueError as e:  # (UnicodeDecodeError too: bytes that are not UTF-8)
             return 400, {"error": f"invalid JSON body: {e}"}
+        except RecursionError:
+            return 400, {"error": "invalid JSON body: nested too deeply"}
         shutting_down = 503, {"error": "daemon is shutting down"}
         if self._stop.is_set():
             return shutting_down
@@ -408,3 +425,39 @@ class _DaemonBackend(LocalBackend):
 
     def op_search(self, tasks, budget, weights=None, policy=None, limit=None) -> dict:
         return self.daemon.search(tasks, budget, weights=weights, policy=policy, limit=limit)
+
+    # ---- what a token holder may not do unless the daemon allows it ----
+    def op_add_task(self, name, data=None, probes=None, metric=None, eval_command=None, metric_path=None,
+                    data_content=None, probes_content=None) -> dict:
+        from .catalog import ProbeSetName
+
+        if eval_command is not None and not self.daemon.allow_eval_commands:
+            raise Forbidden("this daemon does not take external evaluation commands through its API (it was not "
+                            "started with --allow-eval-commands); restart it with that flag, or stop it and add the "
+                            "task with the CLI")
+        if data is not None:
+            data = self._served(data, "data", "send the file's text as 'data_content'")
+        if probes is not None:  # a path (the client sends absolute ones), else a probe set's name, never a file
+            probes = (self._served(probes, "probes", "send the file's text as 'probes_content'") if "/" in probes
+                      else ProbeSetName(probes))
+        return super().op_add_task(name, data, probes, metric, eval_command, metric_path, data_content,
+                                   probes_content)
+
+    def op_add_probe_set(self, name, file=None, content=None) -> dict:
+        if file is not None:
+            file = self._served(file, "file", "send the file's text as 'content'")
+        return super().op_add_probe_set(name, file, content)
+
+    def op_fit_predictor(self, table=None, online_weight=None, model=None, objective=None) -> dict:
+        if table is not None:
+            table = self._served(table, "table", "start the daemon with --serve-dir naming the table's directory")
+        return super().op_fit_predictor(table, online_weight, model, objective)
+
+    def _served(self, value: str, field: str, instead: str) -> str:
+        """``value``'s real path when it lies in a directory the daemon serves, else one error that says the same
+        whether or not something exists there (a token holder learns nothing about the server's files)."""
+        real = Path(os.path.realpath(value)) if os.path.isabs(value) else None
+        if real is None or not any(real.is_relative_to(d) for d in self.daemon.serve_dirs):
+            raise InvalidInput(f"field {field!r}: this daemon reads files only under the directories it serves "
+                               f"(--serve-dir); {instead}")
+        return str(real)

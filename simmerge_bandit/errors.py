@@ -54,6 +54,12 @@ class Conflict(SimmergeError):
     http_status = 409
 
 
+class CorruptState(SimmergeError):
+    """The state database cannot be read (the message names the file and how to restore it)."""
+
+    http_status = 500
+
+
 class Unsupported(SimmergeError):
     """A feature (e.g. of a mergekit config) that this version does not implement."""
 

@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any, Awaitable, Callable
 
+from .api import MAX_BODY
 from .errors import SimmergeError
 from .eventlog import event
 
@@ -43,7 +44,7 @@ class _HttpServer:
     await per header line cost the loop thread about a fifth of the daemon's CPU under load).
     """
 
-    MAX_BODY = 16 << 20
+    MAX_BODY = MAX_BODY
     MAX_HEADERS = 100
     MAX_LINE = 64 << 10  # the request line and headers together
 

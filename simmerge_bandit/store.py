@@ -19,7 +19,7 @@ import duckdb
 
 from . import journal as _journal
 from . import migrations
-from .errors import StateLocked
+from .errors import CorruptState, StateLocked
 from .paths import artifacts_dir, daemon_file, resolve_home, state_path
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,17 @@ def _lock_message(home: Path, err: Exception) -> str:
     except (OSError, ValueError):
         pass
     return f"state {state_path(home)} is locked for writing by {holder}; stop it or use the daemon"
+
+
+def _is_corruption(err: Exception) -> bool:
+    return isinstance(err, duckdb.IOException) or re.search(r"corrupt|checksum", str(err), re.I) is not None
+
+
+def _corrupt(home: Path, err: Exception) -> CorruptState:
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return CorruptState(f"state {state_path(home)} cannot be read ({reason}); move it aside and put back a backup "
+                        f"copy of it (rewards a daemon acknowledged since then are replayed from "
+                        f"{Store.journal_dir(home)} if still there), or move it aside to start an empty state")
 
 
 class Store:
@@ -70,19 +81,30 @@ class Store:
     def open(cls, home: str | os.PathLike | None = None, *, upto: str | None = None) -> "Store":
         """Open (creating if needed) and migrate the store in ``home`` (see :func:`paths.resolve_home`)."""
         home_path = resolve_home(home)
-        home_path.mkdir(parents=True, exist_ok=True)
-        artifacts_dir(home_path).mkdir(exist_ok=True)
+        # Private: the home holds the daemon's token and copies of task files (docs/daemon.md, security model).
+        home_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        artifacts_dir(home_path).mkdir(mode=0o700, exist_ok=True)
+        path = state_path(home_path)
         try:
-            db = duckdb.connect(str(state_path(home_path)))
+            db = duckdb.connect(str(path))
         except duckdb.IOException as e:
             if "lock" in str(e).lower():
                 raise StateLocked(_lock_message(home_path, e)) from None
+            raise _corrupt(home_path, e) from None
+        except duckdb.Error as e:
+            raise _corrupt(home_path, e) if _is_corruption(e) else e from None
+        try:
+            os.chmod(path, 0o600)
+            migrations.migrate(db, upto=upto)
+            if upto is None:
+                n = _journal.replay(db, cls.journal_dir(home_path))  # what a daemon acknowledged before it died
+                if n:
+                    log.info("replayed %d journal records into %s", n, path)
+        except duckdb.Error as e:
+            db.close()
+            if _is_corruption(e):
+                raise _corrupt(home_path, e) from None
             raise
-        migrations.migrate(db, upto=upto)
-        if upto is None:
-            n = _journal.replay(db, cls.journal_dir(home_path))  # what a daemon acknowledged before it died
-            if n:
-                log.info("replayed %d journal records into %s", n, state_path(home_path))
         return cls(home_path, db)
 
     @staticmethod

@@ -32,7 +32,7 @@ def test_every_operation_has_a_method_an_implementation_and_its_own_route():
     for name in be.OPERATIONS:
         assert callable(getattr(be.LocalBackend, f"op_{name}", None)), name
     ref = {r["operation"]: r for r in be.api_reference()}  # what docs/daemon.md can show, from the same table
-    assert [f["name"] for f in ref["add_model"]["fields"]] == ["path", "name", "base", "tasks"]
+    assert [f["name"] for f in ref["add_model"]["fields"]] == ["path", "name", "base", "tasks", "allow_duplicate"]
     assert ref["feedback"]["batched"] and "`POST /v1/feedback`" in be.api_markdown()
 
 
@@ -80,7 +80,8 @@ def _suite(home: Path, files: dict[str, Path], tiny_models, zoo_dir: Path) -> li
 
     run("model", "list", "--json")
     run("model", "show", "ft_a", "--json")
-    run("model", "add", str(tiny_models["ft_b"]), "--name", "ft_c", "--base", "tbase", "--json")
+    run("model", "add", str(tiny_models["ft_b"]), "--name", "ft_c", "--base", "tbase", "--json")  # refused: ft_b
+    run("model", "add", str(tiny_models["ft_b"]), "--name", "ft_c", "--base", "tbase", "--allow-duplicate", "--json")
     run("model", "remove", "ft_c", "--json")
     run("model", "show", "ghost", "--json")
     run("task", "add", "copy", "--data", str(files["data"]), "--no-input", "--json")

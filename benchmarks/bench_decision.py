@@ -563,9 +563,18 @@ def main() -> None:
     ap.add_argument("--plot", default=str(RESULTS / "decision.png"))
     ap.add_argument("--table", action="store_true", help="print the docs' tables from --out and exit")
     ap.add_argument("--no-cv", action="store_true", help="default choices instead of cross-validation (quick look)")
+    ap.add_argument("--merge", nargs="+", metavar="FILE",
+                    help="combine the configurations of these result files (runs of --only in parallel processes) "
+                         "into --out, a later file's configuration replacing an earlier one's, and plot; no run")
     args = ap.parse_args()
     if args.table:
         print(tables(json.loads(Path(args.out).read_text())))
+        return
+    if args.merge:
+        merged = merge_results([json.loads(Path(f).read_text()) for f in args.merge])
+        Path(args.out).write_text(json.dumps(merged, indent=1, default=float))
+        plot(merged, Path(args.plot))
+        print(f"{len(merged['configs'])} configurations -> {args.out}, {args.plot}")
         return
     configs = CONFIGS if not args.only else [(p, int(s), o) for p, s, o in (x.split(":") for x in args.only)]
     out_path = Path(args.out)
@@ -595,6 +604,21 @@ def main() -> None:
         plot(out, Path(args.plot))
     except ImportError as e:  # the plot is a convenience; the JSON is the result
         print("plot skipped:", e, file=sys.stderr)
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """One result document from several (each written by this script): configurations in :data:`CONFIGS`
+    order, a later part's configuration replacing an earlier one's, disclosures kept once each."""
+    out: dict = {"benchmark": "decision-v2", "configs": [], "disclosures": []}
+    for part in parts:
+        if part.get("benchmark") != "decision-v2":
+            raise SystemExit("--merge: not a decision-v2 result file")
+        for c in part["configs"]:
+            key = (c["preset"], c["zoo_seed"], c["objective"])
+            out["configs"] = [x for x in out["configs"] if (x["preset"], x["zoo_seed"], x["objective"]) != key] + [c]
+        out["disclosures"] += [d for d in part.get("disclosures", []) if d not in out["disclosures"]]
+    out["configs"].sort(key=lambda c: CONFIGS.index((c["preset"], c["zoo_seed"], c["objective"])))
+    return out
 
 
 # ---- reporting ----

@@ -1,0 +1,44 @@
+"""The decision benchmark's bookkeeping: combining runs of several processes, pooling over splits."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decision.py"
+
+
+@pytest.fixture(scope="module")
+def bd():
+    spec = importlib.util.spec_from_file_location("bench_decision_under_test", PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _config(preset, seed, objective, tag):
+    return {"preset": preset, "zoo_seed": seed, "objective": objective, "tag": tag}
+
+
+def test_merge_keeps_every_configuration_once_in_the_benchmark_order(bd):
+    a = {"benchmark": "decision-v2", "configs": [_config("bench", 0, "target", "a"),
+                                                  _config("realistic", 0, "task", "a")], "disclosures": ["x"]}
+    b = {"benchmark": "decision-v2", "configs": [_config("realistic", 0, "target", "b"),
+                                                  _config("bench", 0, "target", "b")], "disclosures": ["x", "y"]}
+    out = bd.merge_results([a, b])
+    assert [(c["preset"], c["zoo_seed"], c["objective"], c["tag"]) for c in out["configs"]] == [
+        ("realistic", 0, "target", "b"), ("realistic", 0, "task", "a"), ("bench", 0, "target", "b")]
+    assert out["disclosures"] == ["x", "y"]
+    with pytest.raises(SystemExit):
+        bd.merge_results([{"benchmark": "decision-v1", "configs": []}])
+
+
+def test_pooled_share_of_the_gap_weights_splits_by_their_pool(bd):
+    # two splits of 10 and 30 pool cases; oracle .9/.8, fixed .8/.6 -> pooled oracle .825, fixed .65
+    finals = np.array([[0.85, 0.7], [0.85, 0.7]])          # two seeds, identical
+    row = bd.pooled_values(finals, np.array([10.0, 30.0]), np.array([0.9, 0.8]), np.array([0.8, 0.6]))
+    pooled_final = 0.25 * 0.85 + 0.75 * 0.7
+    assert row["final_score"] == pytest.approx(pooled_final)
+    assert row["final_gap_closed"] == pytest.approx((pooled_final - 0.65) / (0.825 - 0.65))
+    assert row["per_split_final_gap_closed"] == pytest.approx([0.5, 0.5])

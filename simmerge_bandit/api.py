@@ -58,6 +58,7 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("rebuild_policy", "POST", "/v1/policies/rebuild", locked=True, timeout_s=LONG_S),
     Operation("fit_predictor", "POST", "/v1/predictor/fit", locked=True, timeout_s=LONG_S),
     Operation("replay_log", "GET", "/v1/replay/log", timeout_s=LONG_S),
+    Operation("store_merge_table", "POST", "/v1/merge-table", locked=True, timeout_s=120.0),
     # signals
     Operation("compute_signatures", "POST", "/v1/signatures", locked=True, timeout_s=LONG_S),
     Operation("signatures", "GET", "/v1/signatures"),

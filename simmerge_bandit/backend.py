@@ -15,6 +15,10 @@ remote backend finds its routes in it, so a route's path is written there only.
 >>> be.add_operator("ties_d0.5", "ties", {"density": 0.5})  # doctest: +SKIP
 >>> be.suggest(["add"], top=3)[0]["operator"]           # doctest: +SKIP
 'ties_d0.5'
+
+Why one module of this size: the interface, the local implementation and the remote one are one contract,
+operation by operation (each :class:`Backend` method, its ``op_`` twin, and a remote override where files travel),
+read side by side; the table of operations is :mod:`.api`, the JSON checks :mod:`.jsonargs`.
 """
 
 from __future__ import annotations
@@ -171,6 +175,14 @@ class Backend:
         """The engine's rewarded choices as replay columns (:func:`.replay.engine_log_frame`; timestamps as ISO
         text), checked to hold at least one."""
         return self._do("replay_log")
+
+    def store_merge_table(self, table, zoo_key: str) -> dict:
+        """Write a merge table (a DataFrame as :func:`.zoo.build_table` makes it) into the state's ``merge_table``,
+        replacing the rows of the same zoo build (``zoo_key``): ``{"zoo_key", "rows"}``. It travels as JSON
+        columns and rows (NaN as null), within the daemon's request size."""
+        columns = [str(c) for c in table.columns]
+        values = [[None if isinstance(v, float) and v != v else v for v in table[c].tolist()] for c in columns]
+        return self._do("store_merge_table", zoo_key=zoo_key, columns=columns, rows=[list(r) for r in zip(*values)])
 
     # ---- signals ----
     def compute_signatures(self, tasks: list[str] | None = None, models: list[str] | None = None,
@@ -357,6 +369,20 @@ class LocalBackend(Backend):
         frame[replay.TIMESTAMP] = [t.isoformat(timespec="microseconds") if hasattr(t, "isoformat") else t
                                    for t in frame[replay.TIMESTAMP]]
         return frame
+
+    def op_store_merge_table(self, zoo_key: str, columns: list[str], rows: list[list[Any]]) -> dict:
+        from .zoo import TABLE_COLUMNS, store_table
+
+        missing = [c for c in TABLE_COLUMNS if c not in columns]
+        if missing:
+            raise InvalidInput(f"not a merge table: no column {', '.join(missing)}")
+        if any(len(r) != len(columns) for r in rows):
+            raise InvalidInput(f"every row of a merge table must have {len(columns)} values, one per column")
+        try:
+            import pandas as pd
+        except ImportError:
+            raise InvalidInput("writing a merge table needs pandas: pip install pandas") from None
+        return {"zoo_key": zoo_key, "rows": store_table(self.store, pd.DataFrame(rows, columns=columns), zoo_key)}
 
     # ---- signals ----
     def op_compute_signatures(self, tasks: list[str] | None = None, models: list[str] | None = None,

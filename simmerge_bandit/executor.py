@@ -22,6 +22,10 @@ and ``provenance.json`` (operator, inputs with fingerprints, seed, compute dtype
 Python API: :func:`merge` (one method over N models), :func:`merge_chain` (((a op1 b) op2 c) in memory, per
 tensor), :func:`merge_config` (a mergekit YAML), and :func:`merge_pair` / :func:`merge_chain_pairs` (the
 catalog's ordered-pair convention, :func:`~.methods.pair_roles`).
+
+Why one module of this size: planning the output shards, the prefetch and writer threads, the device staging
+buffers and the publish / :func:`recover` protocol share one invariant (the target holds the complete old or the
+complete new model) and buffers whose lifetimes overlap; the arithmetic per tensor is :mod:`.methods`.
 """
 
 from __future__ import annotations

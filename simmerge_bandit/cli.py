@@ -1319,6 +1319,9 @@ def demo(ctx: click.Context, rounds: int, seed: int, policy: str, preset: str, p
 @click.option("--serve-dir", "serve_dirs", multiple=True, type=click.Path(file_okay=False),
               help="A directory whose files the API may name by path (task data, probes, merge tables); "
                    "repeatable. Other files are sent as their text.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=None,
+              help="Open connections at most (default: half the process's file descriptor limit, at most 4096); "
+                   "beyond it the connection idle the longest is closed.")
 @click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
 @click.option("--memory-limit", default="1GB", show_default=True,
               help="Cap on DuckDB's buffer pool, which otherwise keeps the growing decision log in memory.")
@@ -1330,8 +1333,8 @@ def demo(ctx: click.Context, rounds: int, seed: int, policy: str, preset: str, p
                    "the meantime rank without it. 0: before the next suggestion.")
 @pass_ctx
 def daemon(c: Ctx, host, port, watch, eval_budget, eval_window, executor, policy, device, eval_limit,
-           max_attempts, allow_remote, allow_eval_commands, serve_dirs, log_json, memory_limit, checkpoint_wal,
-           learn_interval_ms) -> None:
+           max_attempts, allow_remote, allow_eval_commands, serve_dirs, max_connections, log_json, memory_limit,
+           checkpoint_wal, learn_interval_ms) -> None:
     """Run the long-lived engine: owns the state, serves the JSON API on loopback, watches folders for new
     checkpoints, and runs the evaluations it asks for. Writes daemon.json (pid, port, token; mode 0600).
     Stops cleanly on SIGTERM / SIGINT. Whoever can read daemon.json can do what the API offers: see the
@@ -1342,7 +1345,8 @@ def daemon(c: Ctx, host, port, watch, eval_budget, eval_window, executor, policy
            executor=executor, allow_remote=allow_remote, log_json=log_json, max_attempts=max_attempts,
            device=device, eval_limit=eval_limit, policy=policy, memory_limit=memory_limit,
            checkpoint_wal=checkpoint_wal, learn_interval_s=learn_interval_ms / 1000.0,
-           allow_eval_commands=allow_eval_commands, serve_dirs=list(serve_dirs)).run()
+           allow_eval_commands=allow_eval_commands, serve_dirs=list(serve_dirs),
+           max_connections=max_connections).run()
 
 
 def main() -> None:

@@ -81,7 +81,7 @@ class Daemon:
                  snapshot_every: int = 10_000, snapshot_s: float = 60.0, pool_threads: int = 4,
                  memory_limit: str = "1GB", checkpoint_wal: str = "8MB", idle_checkpoint_s: float = 5.0,
                  learn_interval_s: float = 0.1, allow_eval_commands: bool = False,
-                 serve_dirs: list[str] | None = None):
+                 serve_dirs: list[str] | None = None, max_connections: int | None = None):
         self.home = resolve_home(home)
         self.host, self.port = host, port
         self.watch = [Path(w).expanduser().resolve() for w in (watch or [])]
@@ -92,6 +92,7 @@ class Daemon:
         # (only under these directories; elsewhere files are sent as their text).
         self.allow_eval_commands = allow_eval_commands
         self.serve_dirs = [Path(os.path.realpath(Path(d).expanduser())) for d in (serve_dirs or [])]
+        self.max_connections = max_connections  # None: half the process's file descriptors (httpserver)
         self.max_attempts, self.backoff_s = max_attempts, backoff_s
         self.stable_s, self.poll_s = stable_s, poll_s
         self.device, self.eval_limit, self.policy = device, eval_limit, policy
@@ -146,7 +147,8 @@ class Daemon:
         self.check()
         # The port first: one taken is a one-line error before any state is touched.
         try:
-            self.server = _HttpServer(self.host, self.port, self._dispatch)
+            self.server = _HttpServer(self.host, self.port, self._dispatch, max_connections=self.max_connections,
+                                      authorize=self._authorized)
         except OSError as e:
             raise InvalidInput(f"cannot listen on {self.host}:{self.port}: {e.strerror or e}; choose another --port "
                                f"(0 takes any free port)") from None
@@ -345,11 +347,14 @@ class Daemon:
                                              log=log_lines.get(op.name), order=op.order)
                 for op in OPERATIONS.values()}
 
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        return hmac.compare_digest(headers.get("authorization", "").encode("utf-8", "replace"),
+                                   f"Bearer {self.token}".encode())
+
     def _dispatch(self, method: str, target: str, headers: dict[str, str], raw: bytes):
         """Answer one request: ``(status, JSON payload)`` now, or a future of it. Runs on the server's loop; the
         work runs elsewhere (the batcher, the pool)."""
-        auth = headers.get("authorization", "")
-        if not hmac.compare_digest(auth.encode(), f"Bearer {self.token}".encode()):
+        if not self._authorized(headers):
             return 401, {"error": "missing or wrong bearer token (see daemon.json)"}
         url = urlparse(target)
         path = url.path.rstrip("/")

@@ -47,21 +47,84 @@ class _HttpServer:
     MAX_BODY = MAX_BODY
     MAX_HEADERS = 100
     MAX_LINE = 64 << 10  # the request line and headers together
+    #: A request whose bytes have started to arrive must be complete within this many seconds (else 408).
+    REQUEST_S = 30.0
+    #: A connection with no request in progress is closed after this many seconds (a keep-alive client between
+    #: calls; long, for benchmark clients that wait through a run).
+    IDLE_S = 600.0
+    #: Accept errors (out of file descriptors) are logged at most once per this many seconds, with their count.
+    ACCEPT_LOG_S = 10.0
 
-    def __init__(self, host: str, port: int, handle: Callable[..., Any]):
+    def __init__(self, host: str, port: int, handle: Callable[..., Any], *, max_connections: int | None = None,
+                 authorize: Callable[[dict[str, str]], bool] | None = None):
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        self.sock = socket.create_server((host, port), family=family)
+        self.sock = socket.create_server((host, port), family=family, backlog=1024)
         self.port = self.sock.getsockname()[1]
         self.handle = handle
+        #: Checked as soon as a request's headers are in, before its body is awaited.
+        self.authorize = authorize
+        # Open connections beyond this make room by closing the one idle the longest (never one being answered):
+        # idle connections by the thousand cannot starve a caller of file descriptors or of the loop.
+        self.max_connections = max_connections or default_max_connections()
         self.loop = asyncio.new_event_loop()
-        self._conns: set[_HttpConnection] = set()
+        self.loop.set_exception_handler(self._loop_error)
+        self._accept_errors, self._accept_logged = 0, 0.0
+        self._conns: dict[_HttpConnection, None] = {}  # oldest first (a dict keeps insertion order)
         self._server: asyncio.base_events.Server | None = None
         self._thread = threading.Thread(target=self._run, name="http", daemon=True)
 
     def start(self) -> None:
         self._server = self.loop.run_until_complete(
-            self.loop.create_server(lambda: _HttpConnection(self), sock=self.sock))
+            self.loop.create_server(lambda: _HttpConnection(self), sock=self.sock, backlog=1024))
+        self.loop.call_soon(self._sweep)
         self._thread.start()
+
+    def _loop_error(self, loop, context: dict) -> None:
+        """The loop's errors, logged without a traceback each; accept errors (EMFILE under a flood of
+        connections) once per :attr:`ACCEPT_LOG_S` with their count (each used to log a traceback)."""
+        msg = context.get("message", "")
+        if "accept" in msg:
+            self._accept_errors += 1
+            now = time.monotonic()
+            if now - self._accept_logged >= self.ACCEPT_LOG_S:
+                exc = context.get("exception")
+                event("accept failing", count=self._accept_errors, reason=f"{msg}: {exc}",
+                      connections=len(self._conns))
+                self._accept_logged, self._accept_errors = now, 0
+            return
+        exc = context.get("exception")
+        event("event loop error", reason=f"{msg}: {type(exc).__name__}: {exc}" if exc else msg)
+
+    def _admit(self, conn: "_HttpConnection") -> None:
+        """Take a new connection; beyond :attr:`max_connections` close the oldest that never sent a byte, else
+        the one idle the longest, else (every one is being answered) the new one."""
+        self._conns[conn] = None
+        if len(self._conns) <= self.max_connections:
+            return
+        idle = None
+        for c in self._conns:  # oldest first: a flood of silent connections is found at the front
+            if c is conn or c.busy:
+                continue
+            if not c.spoke:
+                c.abort()
+                return
+            if idle is None or c.last_seen < idle.last_seen:
+                idle = c
+        (idle or conn).abort()
+
+    def _sweep(self) -> None:
+        """Once a second: close connections whose request is incomplete after :attr:`REQUEST_S` (408) and idle
+        ones after :attr:`IDLE_S`."""
+        now = time.monotonic()
+        for c in list(self._conns):
+            if c.busy or c.closed:
+                continue
+            if c.request_started is not None and now - c.request_started > self.REQUEST_S:
+                c.refuse(408, f"request not complete within {self.REQUEST_S:g} s")
+            elif c.request_started is None and now - c.last_seen > self.IDLE_S:
+                c.abort()
+        if self._server is not None and self._server.is_serving():
+            self.loop.call_later(1.0, self._sweep)
 
     def stop_accepting(self) -> None:
         self.loop.call_soon_threadsafe(self._server.close)
@@ -112,17 +175,37 @@ class _HttpConnection(asyncio.Protocol):
         self.eof = False        # the client has finished sending
         self.keep = True        # the request being answered: keep the connection open after it
         self.target = ""
+        self.last_seen = time.monotonic()   # when bytes last arrived or an answer was written
+        self.request_started: float | None = None  # when the first byte of an incomplete request arrived
+        self.authorized = False  # the incomplete request's headers passed the token check
+        self.spoke = False       # has sent a byte
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self.server._conns.add(self)
+        self.server._admit(self)
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        self.server._conns.discard(self)
+        self.server._conns.pop(self, None)
+
+    def abort(self) -> None:
+        """Drop the connection now (nothing is being answered on it)."""
+        self.closed = True
+        self.transport.abort()
+        self.server._conns.pop(self, None)
+
+    def refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` with ``message`` and close."""
+        self.transport.write(_HttpServer.response(status, {"error": message}, keep=False))
+        self.transport.close()
+        self.closed = True
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
+        self.spoke = True
+        self.last_seen = time.monotonic()
+        if self.request_started is None:
+            self.request_started = self.last_seen
         if self.busy:
             if len(self.buf) > self.PAUSE_AT and not self.paused:
                 self.transport.pause_reading()
@@ -140,9 +223,7 @@ class _HttpConnection(asyncio.Protocol):
             try:
                 request = self._parse()
             except _BadRequest as e:
-                self.transport.write(_HttpServer.response(e.status, {"error": str(e)}, keep=False))
-                self.transport.close()
-                self.closed = True
+                self.refuse(e.status, str(e))
                 return
             if request is None:
                 if self.eof:  # nothing more will come: what is left in the buffer is an incomplete request
@@ -154,6 +235,8 @@ class _HttpConnection(asyncio.Protocol):
                     self.paused = False
                 return
             self.busy = True
+            self.request_started = time.monotonic() if self.buf else None  # a pipelined one is under way
+            self.authorized = False
             method, target, headers, body, self.keep = request
             self.target = target
             try:
@@ -189,6 +272,7 @@ class _HttpConnection(asyncio.Protocol):
             return
         self.transport.write(_HttpServer.response(status, payload, self.keep))
         self.busy = False
+        self.last_seen = time.monotonic()
         if not self.keep:
             self.transport.close()
             self.closed = True
@@ -228,6 +312,11 @@ class _HttpConnection(asyncio.Protocol):
         if not 0 <= length <= srv.MAX_BODY:
             raise _BadRequest(413, f"request body must be at most {srv.MAX_BODY} bytes")
         start = end + sep
+        if len(buf) < start + length and not self.authorized and srv.authorize is not None:
+            # the token before the body: a caller without it cannot make the daemon wait for or hold 16 MiB
+            if not srv.authorize(headers):
+                raise _BadRequest(401, "missing or wrong bearer token (see daemon.json)")
+            self.authorized = True
         if len(buf) < start + length:
             if length and not self.continued and headers.get("expect", "").lower() == "100-continue":
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl asks before large bodies
@@ -239,6 +328,15 @@ class _HttpConnection(asyncio.Protocol):
         conn = headers.get("connection", "").lower()
         keep = conn != "close" if version == "HTTP/1.1" else conn == "keep-alive"
         return method, target, headers, body, keep
+
+
+def default_max_connections() -> int:
+    """Half the file descriptors the process may open (the rest are the state's, the models', the journal's),
+    at most 4096."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(16, min(4096, (soft if soft != resource.RLIM_INFINITY else 8192) // 2))
 
 
 def settle(fut: asyncio.Future, value: Any) -> None:

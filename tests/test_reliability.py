@@ -286,3 +286,60 @@ def test_binary_data_corrupt_state_and_a_taken_port_are_one_line(simmerge_home, 
         res = runner.invoke(cli, ["status"], catch_exceptions=False)
         line = _one_line(res)
         assert res.exit_code == 1 and f"state {state} cannot be read" in line and "backup" in line, line
+
+
+# ---- a flood of connections without a token ----
+
+def test_the_daemon_answers_through_a_flood_of_idle_and_half_sent_connections(simmerge_home):
+    import subprocess
+    import sys
+
+    from simmerge_bandit.client import Client
+
+    Store.open(simmerge_home).close()
+    log = open(simmerge_home / "daemon.log", "ab")
+    code = ("import sys; from simmerge_bandit.httpserver import _HttpServer; _HttpServer.REQUEST_S = 1.0; "
+            "from simmerge_bandit.daemon import Daemon; "
+            "Daemon(sys.argv[1], port=0, device='cpu', poll_s=3600, max_connections=200).run()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(simmerge_home)], stdout=log, stderr=log)
+    socks = []
+    try:
+        deadline = time.time() + 90
+        while not (simmerge_home / "daemon.json").exists():
+            assert proc.poll() is None and time.time() < deadline, (simmerge_home / "daemon.log").read_text()
+            time.sleep(0.1)
+        client = Client.find(simmerge_home)
+        port = client.port
+        # a token-less caller announcing 16 MiB is refused before its body is awaited
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"POST /v1/tasks HTTP/1.1\r\nContent-Length: 16000000\r\n\r\n")
+        s.settimeout(10)
+        assert s.recv(100).startswith(b"HTTP/1.1 401")
+        s.close()
+        half = []
+        for _ in range(20):  # requests that never complete
+            h = socket.create_connection(("127.0.0.1", port))
+            h.sendall(b"POST /v1/feedback HTTP/1.1\r\nAuthorization: Bearer x")
+            half.append(h)
+        took = []
+        for i in range(2000):  # idle connections: ten times the cap
+            socks.append(socket.create_connection(("127.0.0.1", port)))
+            if i % 500 == 499:
+                t0 = time.monotonic()
+                assert client.call("GET", "/v1/status")["counts"]["decisions"] == 0
+                took.append(time.monotonic() - t0)
+        assert max(took) < 5, took
+        if Path(f"/proc/{proc.pid}/fd").is_dir():  # the cap holds the daemon's descriptors, not the flood
+            assert len(os.listdir(f"/proc/{proc.pid}/fd")) < 200 + 150
+        time.sleep(2.5)  # past REQUEST_S and a sweep
+        for h in half:
+            h.settimeout(10)
+            assert h.recv(100).startswith(b"HTTP/1.1 408")
+        assert client.call("GET", "/v1/status")["pid"] == proc.pid
+    finally:
+        for s in socks:
+            s.close()
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+    text = (simmerge_home / "daemon.log").read_text()
+    assert "Traceback" not in text and len(text) < 20_000, text[-2000:]

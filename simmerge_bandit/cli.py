@@ -683,21 +683,21 @@ def zoo_table(c: Ctx, directory: str, out: str, operator_names: tuple[str, ...],
     """
     import time
 
-    from .zoo import build_table, load_manifest, resolve_operators, store_table, table_stats
+    from .zoo import build_table, load_manifest, table_stats
 
     if not out.endswith(".parquet"):
         raise click.BadParameter("the table is written as Parquet; give a path ending in .parquet",
                                  param_hint="--out")
     names = [n.strip() for part in operator_names for n in part.split(",") if n.strip()]
-    store = c.store()
+    be = c.backend()
     manifest = load_manifest(directory)
-    ops = resolve_operators(names or None, store, preset=manifest.get("preset"))
+    ops = _zoo_operators(be, names, manifest.get("preset"))
     t0 = time.perf_counter()
     df = build_table(directory, operators=ops, n_triples=triples, seed=seed, progress=not as_json)
     took = time.perf_counter() - t0
     Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)
     df.to_parquet(out, index=False)
-    n = store_table(store, df, manifest["key"])
+    n = be.store_merge_table(df, manifest["key"])["rows"]
     both = {o: table_stats(df, manifest, objective=o) for o in ("target", "task")}
     stats = {**both[objective], "seconds": round(took, 1)}
     if stats_out:
@@ -709,6 +709,23 @@ def zoo_table(c: Ctx, directory: str, out: str, operator_names: tuple[str, ...],
         _print_zoo_stats(s)
 
     emit(stats, as_json, human)
+
+
+def _zoo_operators(be, names: list[str], preset: str | None) -> list[dict]:
+    """The operators named (each from the catalog when it is there, else from the zoo's default set), or the
+    preset's default set; the catalog is read through the backend, so this works with a daemon running."""
+    from .errors import NotFound
+    from .zoo import resolve_operators
+
+    out = []
+    for n in names:
+        try:
+            op = be.operator(n)
+        except NotFound:
+            out += resolve_operators([n], None, preset=preset)
+            continue
+        out.append({"name": op["name"], "method": op["method"], "params": op["params"]})
+    return out or resolve_operators(None, None, preset=preset)
 
 
 def _print_zoo_stats(s: dict) -> None:

@@ -29,7 +29,7 @@ def test_merge_keeps_every_configuration_once_in_the_benchmark_order(bd):
     out = bd.merge_results([a, b])
     assert [(c["preset"], c["zoo_seed"], c["objective"], c["tag"]) for c in out["configs"]] == [
         ("realistic", 0, "target", "b"), ("realistic", 0, "task", "a"), ("bench", 0, "target", "b")]
-    assert out["disclosures"] == ["x", "y"]
+    assert out["disclosures"] == bd.DISCLOSURES + ["x", "y"]
     with pytest.raises(SystemExit):
         bd.merge_results([{"benchmark": "decision-v1", "configs": []}])
 

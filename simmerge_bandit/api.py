@@ -40,7 +40,7 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("remove_model", "POST", "/v1/models/remove", locked=True),
     Operation("tasks", "GET", "/v1/tasks"),
     Operation("task", "GET", "/v1/task"),
-    Operation("add_task", "POST", "/v1/tasks", locked=True, timeout_s=120.0),
+    Operation("add_task", "POST", "/v1/tasks", timeout_s=120.0),  # takes the lock to record it (LocalBackend)
     Operation("probe_sets", "GET", "/v1/probes"),
     Operation("add_probe_set", "POST", "/v1/probes", locked=True, timeout_s=120.0),
     Operation("operators", "GET", "/v1/operators"),

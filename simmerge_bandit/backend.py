@@ -277,11 +277,22 @@ class LocalBackend(Backend):
             raise InvalidInput("give the task's data as 'data' (a file) or as 'data_content' (its text), once")
         if probes is not None and probes_content is not None:
             raise InvalidInput("give 'probes' or 'probes_content', not both")
-        return self.catalog.add_task(name, Upload(data_content, "data_content") if data is None else data,
-                                     probes=probes if probes_content is None else Upload(probes_content,
-                                                                                         "probes_content"),
-                                     metric=metric or "exact_match", eval_command=eval_command,
-                                     metric_path=metric_path)
+        metric = metric or "exact_match"
+        self.catalog.check_new_task(name, metric, eval_command, metric_path)
+        # The rows are streamed into the home first, outside the engine's lock: a large file does not hold up
+        # suggestions; only recording the task (which changes the candidates) takes the lock.
+        staged = self.catalog.stage_task_data(Upload(data_content, "data_content") if data is None else data)
+        with self._engine_lock():
+            return self.catalog.add_task(name, staged,
+                                         probes=probes if probes_content is None else Upload(probes_content,
+                                                                                             "probes_content"),
+                                         metric=metric, eval_command=eval_command, metric_path=metric_path)
+
+    def _engine_lock(self):
+        """The engine's lock when an engine exists (a daemon's), else nothing to wait for."""
+        import contextlib
+
+        return self._engine.lock if self._engine is not None else contextlib.nullcontext()
 
     def op_probe_sets(self) -> list[dict]:
         return self.catalog.probe_sets()

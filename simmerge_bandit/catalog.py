@@ -12,8 +12,9 @@ import io
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from .checkpoint import check_compatible, read_checkpoint
 from .errors import AlreadyExists, InvalidInput, NotFound
@@ -25,6 +26,9 @@ METRICS = ("exact_match", "loglik", "external")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
 #: Without --probes, a task's probe set is made of the first prompts of its data file (answers dropped).
 DEFAULT_PROBES = 64
+#: The largest task data file (docs/daemon.md, limits). Its rows are streamed into the home's copy, never held
+#: in memory together, but the copy and its parse take disk and time in proportion.
+MAX_DATA_BYTES = 1 << 30
 
 
 def check_name(kind: str, name: str) -> str:
@@ -92,8 +96,13 @@ def _not_text(p: Path, e: UnicodeDecodeError) -> InvalidInput:
 def read_jsonl(path: str | Path | Upload, *, need: tuple[str, ...]) -> list[dict]:
     """Read a JSON-lines file (or :class:`Upload`) whose objects have string fields ``need``; errors name the
     line."""
+    return list(iter_jsonl(path, need=need))
+
+
+def iter_jsonl(path: str | Path | Upload, *, need: tuple[str, ...]) -> Iterator[dict]:
+    """:func:`read_jsonl` one row at a time (a file is read as the rows are taken)."""
     label, lines = _lines(path)
-    rows = []
+    n = 0
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -113,10 +122,10 @@ def read_jsonl(path: str | Path | Upload, *, need: tuple[str, ...]) -> list[dict
                     obj[key].encode("utf-8")
                 except UnicodeEncodeError:  # "\ud800": JSON allows it, no text file can hold it
                     raise InvalidInput(f"{label}:{i}: field {key!r} holds a lone surrogate escape") from None
-        rows.append(obj)
-    if not rows:
+        n += 1
+        yield obj
+    if not n:
         raise InvalidInput(f"{label}: empty file (expected JSON lines with {', '.join(need)})")
-    return rows
 
 
 def read_prompts(path: str | Path | Upload) -> list[str]:
@@ -142,11 +151,29 @@ def _hash_prompts(prompts: list[str]) -> str:
     return hashlib.blake2b(json.dumps(prompts).encode(), digest_size=16).hexdigest()
 
 
+def _private_dirs(d: Path) -> None:
+    """Make ``d`` and its missing parents, each 0700."""
+    for p in reversed([p for p in (d, *d.parents) if not p.exists()]):
+        p.mkdir(mode=0o700, exist_ok=True)
+
+
+@dataclass
+class StagedData:
+    """A task's rows copied into the home (a hidden file of ``artifacts/tasks``), before the task is recorded."""
+
+    path: Path
+    n_rows: int
+    data_hash: str
+    prompts: list[str]  # the first DEFAULT_PROBES prompts (the default probe set)
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     """Write a copy into the home: mode 0600 whatever the source's (a private file stays private), in folders
     made 0700."""
-    for d in reversed([d for d in (path.parent, *path.parent.parents) if not d.exists()]):
-        d.mkdir(mode=0o700, exist_ok=True)
+    _private_dirs(path.parent)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -271,14 +298,9 @@ class Catalog:
         return read_prompts(self.probe_set(name)["path"])
 
     # ---- tasks ----
-    def add_task(self, name: str, data: str | Path | Upload, probes: str | Path | Upload | None = None,
-                 metric: str = "exact_match", eval_command: str | None = None, metric_path: str | None = None) -> dict:
-        """Register a task from a JSON-lines file of {"prompt", "answer"} and an optional probe file.
-
-        ``probes`` may be a file or the name of an existing probe set (a :class:`ProbeSetName` is always a name);
-        ``data`` and ``probes`` may be :class:`Upload` content instead of files. Without probes the task's probe
-        set is the first prompts of the data (answers are never used as probes).
-        """
+    def check_new_task(self, name: str, metric: str = "exact_match", eval_command: str | None = None,
+                       metric_path: str | None = None) -> None:
+        """The checks of :meth:`add_task` that need no file: a valid new name, a known metric."""
         check_name("task", name)
         if self._exists("tasks", name):
             raise AlreadyExists(f"task {name!r} already exists")
@@ -288,8 +310,64 @@ class Catalog:
             raise InvalidInput(f"unknown metric {metric!r}; known: {', '.join(known)}")
         if metric == "external" and not (eval_command and metric_path):
             raise InvalidInput("metric 'external' needs an eval command and a metric path")
-        rows = read_jsonl(data, need=("prompt", "answer"))
-        rows = [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows]
+
+    def stage_task_data(self, data: str | Path | Upload) -> StagedData:
+        """Stream a task's data file (or :class:`Upload`) into a hidden copy in the home, checking every row: the
+        slow part of :meth:`add_task`, which needs no lock (the daemon runs it outside its engine's lock)."""
+        import uuid
+
+        if not isinstance(data, Upload):
+            p = _existing(data)
+            if p.stat().st_size > MAX_DATA_BYTES:
+                raise InvalidInput(f"{p}: {p.stat().st_size / 2**20:.0f} MiB; a task's data file may hold at most "
+                                   f"{MAX_DATA_BYTES >> 20} MiB (evaluate on a sample of it)")
+        folder = self.store.artifacts / "tasks"
+        _private_dirs(folder)
+        from .paths import pid_alive
+
+        for old in folder.glob(".data.tmp-*"):  # left by a process killed while copying
+            pid = old.name.split("-")[1]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                old.unlink(missing_ok=True)
+        tmp = folder / f".data.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+        digest, n, prompts = hashlib.blake2b(digest_size=16), 0, []
+        try:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as fh:
+                for r in iter_jsonl(data, need=("prompt", "answer")):
+                    line = json.dumps({"prompt": r["prompt"], "answer": r["answer"]}, ensure_ascii=False) + "\n"
+                    fh.write(line)
+                    digest.update(line.encode("utf-8"))
+                    n += 1
+                    if len(prompts) < DEFAULT_PROBES:
+                        prompts.append(r["prompt"])
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return StagedData(tmp, n, digest.hexdigest(), prompts)
+
+    def add_task(self, name: str, data: str | Path | Upload | StagedData, probes: str | Path | Upload | None = None,
+                 metric: str = "exact_match", eval_command: str | None = None, metric_path: str | None = None) -> dict:
+        """Register a task from a JSON-lines file of {"prompt", "answer"} and an optional probe file.
+
+        ``probes`` may be a file or the name of an existing probe set (a :class:`ProbeSetName` is always a name);
+        ``data`` and ``probes`` may be :class:`Upload` content instead of files, and ``data`` what
+        :meth:`stage_task_data` made of it (moved into place here). Without probes the task's probe set is the
+        first prompts of the data (answers are never used as probes). The data's rows are streamed, never held in
+        memory together; a file over :data:`MAX_DATA_BYTES` is refused.
+        """
+        try:
+            self.check_new_task(name, metric, eval_command, metric_path)
+            staged = data if isinstance(data, StagedData) else self.stage_task_data(data)
+        except BaseException:
+            if isinstance(data, StagedData):
+                data.discard()
+            raise
+        try:
+            return self._add_task(name, staged, probes, metric, eval_command, metric_path)
+        finally:
+            staged.discard()  # moved into place, unless the task could not be added
+
+    def _add_task(self, name: str, staged: StagedData, probes, metric, eval_command, metric_path) -> dict:
         if isinstance(probes, ProbeSetName):
             probe_name, prompts = str(self.probe_set(probes)["name"]), None
         elif (isinstance(probes, str) and not isinstance(probes, Upload) and not Path(probes).expanduser().exists()
@@ -297,12 +375,13 @@ class Catalog:
             probe_name, prompts = str(probes), None
         else:
             probe_name = f"{name}.probes"
-            prompts = read_prompts(probes) if probes is not None else [r["prompt"] for r in rows[:DEFAULT_PROBES]]
+            prompts = read_prompts(probes) if probes is not None else staged.prompts
             if self._exists("probe_sets", probe_name):
                 raise AlreadyExists(f"probe set {probe_name!r} already exists")
         dest = self.store.artifacts / "tasks" / name / "data.jsonl"
-        _write_jsonl(dest, rows)
-        data_hash = hashlib.blake2b(dest.read_bytes(), digest_size=16).hexdigest()
+        _private_dirs(dest.parent)
+        os.replace(staged.path, dest)
+        data_hash, n_rows = staged.data_hash, staged.n_rows
         with self.store.transaction():
             self._bump()
             if prompts is not None:
@@ -310,7 +389,7 @@ class Catalog:
             self.store.execute(
                 "INSERT INTO tasks (name, data_path, data_hash, n_examples, probe_set, metric, eval_command, "
                 "metric_path) VALUES (?,?,?,?,?,?,?,?)",
-                [name, str(dest), data_hash, len(rows), probe_name, metric, eval_command, metric_path])
+                [name, str(dest), data_hash, n_rows, probe_name, metric, eval_command, metric_path])
         return self.task(name)
 
     def tasks(self) -> list[dict]:

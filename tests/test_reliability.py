@@ -343,3 +343,61 @@ def test_the_daemon_answers_through_a_flood_of_idle_and_half_sent_connections(si
         assert proc.wait(timeout=60) == 0
     text = (simmerge_home / "daemon.log").read_text()
     assert "Traceback" not in text and len(text) < 20_000, text[-2000:]
+
+
+# ---- large task files ----
+
+def test_task_data_is_streamed_limited_and_copied_outside_the_engine_lock(simmerge_home, tmp_path, monkeypatch):
+    import hashlib
+    import tracemalloc
+
+    from simmerge_bandit import catalog as catalog_mod
+    from simmerge_bandit.backend import LocalBackend
+    from simmerge_bandit.engine import Engine
+
+    big = tmp_path / "big.jsonl"
+    with open(big, "w") as fh:
+        for i in range(40_000):
+            fh.write(json.dumps({"prompt": f"question {i} " + "x" * 40, "answer": str(i), "extra": i}) + "\n")
+    size = big.stat().st_size
+    with Store.open(simmerge_home) as store:
+        cat = catalog_mod.Catalog(store)
+        tracemalloc.start()
+        t = cat.add_task("big", big)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < size / 4, (peak, size)  # the rows were never held together
+        copy = Path(t["data_path"]).read_bytes()
+        assert t["n_examples"] == 40_000 and t["data_hash"] == hashlib.blake2b(copy, digest_size=16).hexdigest()
+        assert copy.count(b"\n") == 40_000 and b"extra" not in copy
+        assert len(cat.probe_prompts(t["probe_set"])) == catalog_mod.DEFAULT_PROBES
+        assert [p.name for p in (simmerge_home / "artifacts" / "tasks").iterdir()] == ["big"]
+
+        # the copy is made outside the engine's lock: suggestions go on while a large file is read
+        be = LocalBackend(store, engine=Engine(store))
+        reading, go_on = threading.Event(), threading.Event()
+        real_iter = catalog_mod.iter_jsonl
+
+        def slow_iter(path, *, need):
+            for i, row in enumerate(real_iter(path, need=need)):
+                if i == 1:
+                    reading.set()
+                    go_on.wait(30)
+                yield row
+
+        monkeypatch.setattr(catalog_mod, "iter_jsonl", slow_iter)
+        th = threading.Thread(target=be.serve, args=("add_task", {"name": "big2", "data": str(big)}))
+        th.start()
+        assert reading.wait(30)
+        free = be.engine.lock.acquire(timeout=2)
+        if free:
+            be.engine.lock.release()
+        go_on.set()
+        th.join(60)
+        assert free and be.task("big2")["n_examples"] == 40_000
+
+    # a file over the limit is one line, and nothing is registered
+    monkeypatch.setattr(catalog_mod, "MAX_DATA_BYTES", size - 1)
+    res = CliRunner().invoke(cli, ["task", "add", "big3", "--data", str(big), "--no-input"], catch_exceptions=False)
+    assert res.exit_code == 1 and "at most" in _one_line(res)
+    assert "big3" not in CliRunner().invoke(cli, ["task", "list"]).output

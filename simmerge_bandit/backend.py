@@ -271,7 +271,7 @@ class LocalBackend(Backend):
     def op_add_task(self, name: str, data: PathArg | None = None, probes: str | None = None,
                     metric: str | None = None, eval_command: str | None = None, metric_path: str | None = None,
                     data_content: str | None = None, probes_content: str | None = None) -> dict:
-        from .catalog import Upload
+        from .taskfiles import Upload
 
         if (data is None) == (data_content is None):
             raise InvalidInput("give the task's data as 'data' (a file) or as 'data_content' (its text), once")
@@ -298,7 +298,7 @@ class LocalBackend(Backend):
         return self.catalog.probe_sets()
 
     def op_add_probe_set(self, name: str, file: PathArg | None = None, content: str | None = None) -> dict:
-        from .catalog import Upload
+        from .taskfiles import Upload
 
         if (file is None) == (content is None):
             raise InvalidInput("give the prompts as 'file' (a file) or as 'content' (its text), once")
@@ -454,7 +454,7 @@ class RemoteBackend(Backend):
                  eval_command: str | None = None, metric_path: str | None = None) -> dict:
         """As :meth:`Backend.add_task`; the files go to the daemon as their text (checked here first, so errors
         name the local file), or as paths when they lie in a directory the daemon serves (``--serve-dir``)."""
-        from .catalog import read_jsonl, read_prompts
+        from .taskfiles import read_jsonl, read_prompts
 
         args = {"name": name, "metric": metric, "eval_command": eval_command, "metric_path": metric_path}
         read_jsonl(data, need=("prompt", "answer"))
@@ -467,7 +467,7 @@ class RemoteBackend(Backend):
         return self._do("add_task", **args)
 
     def add_probe_set(self, name: str, file: str | os.PathLike) -> dict:
-        from .catalog import read_prompts
+        from .taskfiles import read_prompts
 
         read_prompts(file)
         return self._do("add_probe_set", name=name, **self._send_file(file, "file", "content"))

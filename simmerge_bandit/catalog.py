@@ -8,18 +8,19 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from .checkpoint import check_compatible, read_checkpoint
 from .errors import AlreadyExists, InvalidInput, NotFound
 from .methods import get_method
 from .store import Store
+# the file readers are used here and re-exported (callers import read_jsonl and read_prompts from this module)
+from .taskfiles import ProbeSetName, Upload, existing_file, iter_jsonl, read_jsonl, read_prompts  # noqa: F401
 
 #: The built-in metrics (add_task checks the evaluator registry, which may hold more).
 METRICS = ("exact_match", "loglik", "external")
@@ -38,113 +39,6 @@ def check_name(kind: str, name: str) -> str:
         raise InvalidInput(f"invalid {kind} name {name!r}: use 1-128 letters, digits and . _ - : @ +, "
                            f"starting with a letter or digit")
     return name
-
-
-class Upload(str):
-    """A file's content sent instead of its path (the daemon's API reads no file outside the directories it
-    serves); ``label`` names it in error messages.
-
-    >>> read_jsonl(Upload('{"prompt": "1+1=", "answer": "2"}\\n', "data"), need=("prompt", "answer"))
-    [{'prompt': '1+1=', 'answer': '2'}]
-    """
-
-    label: str
-
-    def __new__(cls, text: str, label: str = "uploaded content") -> "Upload":
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate from a JSON escape: not text a file could hold
-            raise InvalidInput(f"{label}: not valid UTF-8 text") from None
-        self = super().__new__(cls, text)
-        self.label = label
-        return self
-
-
-class ProbeSetName(str):
-    """The name of a registered probe set, never a file (a plain ``str`` is a file when one exists there)."""
-
-
-def _lines(source: str | Path | Upload):
-    """``(label, lines)`` of a file or an :class:`Upload`, split as a text file reads (universal newlines); a file
-    that is not UTF-8 text is :class:`InvalidInput` when its bad bytes are read."""
-    if isinstance(source, Upload):
-        return source.label, io.StringIO(source, newline=None)
-    p = _existing(source)
-
-    def read():
-        try:
-            with open(p, encoding="utf-8") as fh:
-                yield from fh
-        except UnicodeDecodeError as e:
-            raise _not_text(p, e) from None
-
-    return str(p), read()
-
-
-def _existing(source: str | Path) -> Path:
-    p = Path(source).expanduser()
-    if not p.is_file():
-        raise InvalidInput(f"{p}: no such file")
-    return p
-
-
-def _not_text(p: Path, e: UnicodeDecodeError) -> InvalidInput:
-    return InvalidInput(f"{p}: not UTF-8 text (byte {e.object[e.start]:#04x}); expected JSON lines or one prompt per "
-                        f"line")
-
-
-def read_jsonl(path: str | Path | Upload, *, need: tuple[str, ...]) -> list[dict]:
-    """Read a JSON-lines file (or :class:`Upload`) whose objects have string fields ``need``; errors name the
-    line."""
-    return list(iter_jsonl(path, need=need))
-
-
-def iter_jsonl(path: str | Path | Upload, *, need: tuple[str, ...]) -> Iterator[dict]:
-    """:func:`read_jsonl` one row at a time (a file is read as the rows are taken)."""
-    label, lines = _lines(path)
-    n = 0
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise InvalidInput(f"{label}:{i}: not valid JSON ({getattr(e, 'msg', e)})") from None
-        except RecursionError:
-            raise InvalidInput(f"{label}:{i}: JSON nested too deeply") from None
-        if not isinstance(obj, dict):
-            raise InvalidInput(f"{label}:{i}: expected a JSON object")
-        for key in need:
-            if not isinstance(obj.get(key), str):
-                raise InvalidInput(f"{label}:{i}: missing string field {key!r}")
-            if not obj[key].isascii():
-                try:
-                    obj[key].encode("utf-8")
-                except UnicodeEncodeError:  # "\ud800": JSON allows it, no text file can hold it
-                    raise InvalidInput(f"{label}:{i}: field {key!r} holds a lone surrogate escape") from None
-        n += 1
-        yield obj
-    if not n:
-        raise InvalidInput(f"{label}: empty file (expected JSON lines with {', '.join(need)})")
-
-
-def read_prompts(path: str | Path | Upload) -> list[str]:
-    """Probe prompts: JSON lines with a "prompt" field, or plain text with one prompt per line."""
-    if isinstance(path, Upload):
-        label, text = path.label, str(path)
-    else:
-        p = _existing(path)
-        label = str(p)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise _not_text(p, e) from None
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        raise InvalidInput(f"{label}: empty probe set (expected one prompt per line or JSON lines with 'prompt')")
-    if lines[0].lstrip().startswith("{"):
-        return [r["prompt"] for r in read_jsonl(path, need=("prompt",))]
-    return lines
 
 
 def _hash_prompts(prompts: list[str]) -> str:
@@ -317,7 +211,7 @@ class Catalog:
         import uuid
 
         if not isinstance(data, Upload):
-            p = _existing(data)
+            p = existing_file(data)
             if p.stat().st_size > MAX_DATA_BYTES:
                 raise InvalidInput(f"{p}: {p.stat().st_size / 2**20:.0f} MiB; a task's data file may hold at most "
                                    f"{MAX_DATA_BYTES >> 20} MiB (evaluate on a sample of it)")

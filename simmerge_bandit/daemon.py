@@ -434,7 +434,7 @@ class _DaemonBackend(LocalBackend):
     # ---- what a token holder may not do unless the daemon allows it ----
     def op_add_task(self, name, data=None, probes=None, metric=None, eval_command=None, metric_path=None,
                     data_content=None, probes_content=None) -> dict:
-        from .catalog import ProbeSetName
+        from .taskfiles import ProbeSetName
 
         if eval_command is not None and not self.daemon.allow_eval_commands:
             raise Forbidden("this daemon does not take external evaluation commands through its API (it was not "

@@ -457,11 +457,9 @@ class RemoteBackend(Backend):
         from .taskfiles import read_jsonl, read_prompts
 
         args = {"name": name, "metric": metric, "eval_command": eval_command, "metric_path": metric_path}
-        read_jsonl(data, need=("prompt", "answer"))
-        args.update(self._send_file(data, "data", "data_content"))
+        args.update(self._send_file(data, "data", "data_content", lambda p: read_jsonl(p, need=("prompt", "answer"))))
         if probes is not None and Path(str(probes)).expanduser().exists():
-            read_prompts(probes)
-            args.update(self._send_file(probes, "probes", "probes_content"))
+            args.update(self._send_file(probes, "probes", "probes_content", read_prompts))
         else:
             args["probes"] = probes
         return self._do("add_task", **args)
@@ -469,22 +467,28 @@ class RemoteBackend(Backend):
     def add_probe_set(self, name: str, file: str | os.PathLike) -> dict:
         from .taskfiles import read_prompts
 
-        read_prompts(file)
-        return self._do("add_probe_set", name=name, **self._send_file(file, "file", "content"))
+        return self._do("add_probe_set", name=name, **self._send_file(file, "file", "content", read_prompts))
 
-    def _send_file(self, path: str | os.PathLike, field: str, content_field: str) -> dict:
-        """``{field: path}`` when the daemon serves the file's directory, else ``{content_field: its text}``
-        (within the daemon's request size limit)."""
+    def _send_file(self, path: str | os.PathLike, field: str, content_field: str,
+                   check: Callable[[str], Any]) -> dict:
+        """``{field: path}`` when the daemon serves the file's directory (it reads and checks the file there), else
+        ``{content_field: its text}``, checked here first (errors name the local file) and within the daemon's
+        request size limit."""
         from .api import MAX_BODY
+        from .taskfiles import existing_file
 
-        real = Path(os.path.realpath(Path(path).expanduser()))
+        real = Path(os.path.realpath(existing_file(path)))
         if any(real.is_relative_to(d) for d in self.client.serve_dirs):
             return {field: str(real)}
+        too_large = InvalidInput(f"{path}: too large to send to the daemon (its requests hold at most "
+                                 f"{MAX_BODY >> 20} MiB); start it with --serve-dir {real.parent} to let it read the "
+                                 f"file there, or stop it and run this command without a daemon")
+        if real.stat().st_size > MAX_BODY:
+            raise too_large
+        check(str(path))
         text = real.read_text(encoding="utf-8")
         if len(json.dumps(text).encode()) > MAX_BODY - (64 << 10):
-            raise InvalidInput(f"{path}: too large to send to the daemon (its requests hold at most "
-                               f"{MAX_BODY >> 20} MiB); start it with --serve-dir {real.parent} to let it read the "
-                               f"file there, or stop it and run this command without a daemon")
+            raise too_large
         return {content_field: text}
 
     def search(self, tasks: list[str], budget: int, weights: dict | None = None, policy: str | None = None,

@@ -401,3 +401,35 @@ def test_task_data_is_streamed_limited_and_copied_outside_the_engine_lock(simmer
     res = CliRunner().invoke(cli, ["task", "add", "big3", "--data", str(big), "--no-input"], catch_exceptions=False)
     assert res.exit_code == 1 and "at most" in _one_line(res)
     assert "big3" not in CliRunner().invoke(cli, ["task", "list"]).output
+
+
+def test_the_cli_sends_task_files_as_text_paths_where_served_and_refuses_them_over_the_body_limit(tmp_path,
+                                                                                                   monkeypatch):
+    from simmerge_bandit.backend import RemoteBackend
+    from simmerge_bandit.errors import InvalidInput
+
+    class Recorder:
+        serve_dirs = []
+
+        def __init__(self):
+            self.sent = []
+
+        def call(self, method, path, body=None):
+            self.sent.append(body)
+            return {"name": body["name"]}
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(_rows(50))
+    client = Recorder()
+    be = RemoteBackend(client)
+    be.add_task("t", data, probes=str(data))
+    assert client.sent[-1]["data_content"] == data.read_text() and "data" not in client.sent[-1]
+    assert client.sent[-1]["probes_content"] == data.read_text()
+    client.serve_dirs = [tmp_path]
+    be.add_task("t", data)
+    assert client.sent[-1]["data"] == str(data.resolve()) and "data_content" not in client.sent[-1]
+    client.serve_dirs = []
+    monkeypatch.setattr(api, "MAX_BODY", 1000)
+    with pytest.raises(InvalidInput, match="too large to send to the daemon .* --serve-dir"):
+        be.add_task("t", data)
+    assert len(client.sent) == 2

@@ -300,7 +300,7 @@ def test_the_daemon_answers_through_a_flood_of_idle_and_half_sent_connections(si
     log = open(simmerge_home / "daemon.log", "ab")
     code = ("import sys; from simmerge_bandit.httpserver import _HttpServer; _HttpServer.REQUEST_S = 1.0; "
             "from simmerge_bandit.daemon import Daemon; "
-            "Daemon(sys.argv[1], port=0, device='cpu', poll_s=3600, max_connections=200).run()")
+            "Daemon(sys.argv[1], port=0, device='cpu', poll_s=3600, max_connections=100).run()")
     proc = subprocess.Popen([sys.executable, "-c", code, str(simmerge_home)], stdout=log, stderr=log)
     socks = []
     try:
@@ -322,15 +322,15 @@ def test_the_daemon_answers_through_a_flood_of_idle_and_half_sent_connections(si
             h.sendall(b"POST /v1/feedback HTTP/1.1\r\nAuthorization: Bearer x")
             half.append(h)
         took = []
-        for i in range(2000):  # idle connections: ten times the cap
+        for i in range(1000):  # idle connections: ten times the cap
             socks.append(socket.create_connection(("127.0.0.1", port)))
-            if i % 500 == 499:
+            if i % 250 == 249:
                 t0 = time.monotonic()
                 assert client.call("GET", "/v1/status")["counts"]["decisions"] == 0
                 took.append(time.monotonic() - t0)
         assert max(took) < 5, took
         if Path(f"/proc/{proc.pid}/fd").is_dir():  # the cap holds the daemon's descriptors, not the flood
-            assert len(os.listdir(f"/proc/{proc.pid}/fd")) < 200 + 150
+            assert len(os.listdir(f"/proc/{proc.pid}/fd")) < 100 + 150
         time.sleep(2.5)  # past REQUEST_S and a sweep
         for h in half:
             h.settimeout(10)
@@ -357,7 +357,7 @@ def test_task_data_is_streamed_limited_and_copied_outside_the_engine_lock(simmer
 
     big = tmp_path / "big.jsonl"
     with open(big, "w") as fh:
-        for i in range(40_000):
+        for i in range(20_000):
             fh.write(json.dumps({"prompt": f"question {i} " + "x" * 40, "answer": str(i), "extra": i}) + "\n")
     size = big.stat().st_size
     with Store.open(simmerge_home) as store:
@@ -366,10 +366,10 @@ def test_task_data_is_streamed_limited_and_copied_outside_the_engine_lock(simmer
         t = cat.add_task("big", big)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        assert peak < size / 4, (peak, size)  # the rows were never held together
+        assert peak < 2 << 20, (peak, size)  # the rows were never held together (that took 11 MB for these 2 MB)
         copy = Path(t["data_path"]).read_bytes()
-        assert t["n_examples"] == 40_000 and t["data_hash"] == hashlib.blake2b(copy, digest_size=16).hexdigest()
-        assert copy.count(b"\n") == 40_000 and b"extra" not in copy
+        assert t["n_examples"] == 20_000 and t["data_hash"] == hashlib.blake2b(copy, digest_size=16).hexdigest()
+        assert copy.count(b"\n") == 20_000 and b"extra" not in copy
         assert len(cat.probe_prompts(t["probe_set"])) == catalog_mod.DEFAULT_PROBES
         assert [p.name for p in (simmerge_home / "artifacts" / "tasks").iterdir()] == ["big"]
 
@@ -394,7 +394,7 @@ def test_task_data_is_streamed_limited_and_copied_outside_the_engine_lock(simmer
             be.engine.lock.release()
         go_on.set()
         th.join(60)
-        assert free and be.task("big2")["n_examples"] == 40_000
+        assert free and be.task("big2")["n_examples"] == 20_000
 
     # a file over the limit is one line, and nothing is registered
     monkeypatch.setattr(catalog_mod, "MAX_DATA_BYTES", size - 1)

@@ -50,8 +50,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -508,8 +507,10 @@ class Ours:
             df[df["task"].isin(case.train_tasks)].to_parquet(table)
             store = Store.open(home)
             try:
-                with predictor_init_seed(seed):
-                    Engine(store, EngineConfig(seed=seed)).fit_predictor(table=str(table), objective="target")
+                # seed s of ours is the fit replicate s with exploration seed s: the bands over seeds cover the
+                # randomness of a fit, not only of the exploration
+                Engine(store, EngineConfig(seed=seed)).fit_predictor(table=str(table), objective="target",
+                                                                     init_seed=seed)
             finally:
                 store.close()
             self._homes[key] = home
@@ -542,30 +543,6 @@ class Ours:
         finally:
             store.close()
         return run
-
-
-@contextmanager
-def predictor_init_seed(seed: int) -> Iterator[None]:
-    """Fits in the block initialise the predictor's network with ``seed`` (its ``init_seed``).
-
-    ``Engine.fit_predictor`` takes no ``init_seed`` (the engine's seed is the policies' exploration seed), so
-    without this every seed of ours would fit the same network and the bands over seeds would cover none of the
-    randomness of a fit: seed s of ours is the fit replicate s with exploration seed s.
-    """
-    import simmerge_bandit.policies as policies
-
-    make = policies.make_policy
-
-    def seeded(name, **kw):
-        if name == "predictor":
-            kw.setdefault("init_seed", seed)
-        return make(name, **kw)
-
-    policies.make_policy = seeded
-    try:
-        yield
-    finally:
-        policies.make_policy = make
 
 
 def add_family(cat, name: str, method: str, ranges: dict, fixed: dict) -> bool:

@@ -166,10 +166,11 @@ class Backend:
         return self._do("rebuild_policy", name=name)
 
     def fit_predictor(self, table: str | os.PathLike | None = None, online_weight: float | None = None,
-                      model: str | None = None, objective: str | None = None) -> dict:
+                      model: str | None = None, objective: str | None = None,
+                      init_seed: int | None = None) -> dict:
         """Fit the SimMerge predictor (see :meth:`.Engine.fit_predictor`)."""
         return self._do("fit_predictor", table=_abs(table), online_weight=online_weight, model=model,
-                        objective=objective)
+                        objective=objective, init_seed=init_seed)
 
     def replay_log(self) -> dict:
         """The engine's rewarded choices as replay columns (:func:`.replay.engine_log_frame`; timestamps as ISO
@@ -369,8 +370,10 @@ class LocalBackend(Backend):
         return {"name": name or eng.config.default_policy, "n_updates": pol.n_updates, "version": str(pol.version)}
 
     def op_fit_predictor(self, table: PathArg | None = None, online_weight: float | None = None,
-                         model: str | None = None, objective: str | None = None) -> dict:
-        return self.engine.fit_predictor(table, online_weight=online_weight, model=model, objective=objective)
+                         model: str | None = None, objective: str | None = None,
+                         init_seed: int | None = None) -> dict:
+        return self.engine.fit_predictor(table, online_weight=online_weight, model=model, objective=objective,
+                                         init_seed=init_seed)
 
     def op_replay_log(self) -> dict:
         from . import replay

@@ -1087,10 +1087,13 @@ def predictor() -> None:
               help="With --table: target scores each merge on the union of its models' tagged tasks (the mean of "
                    "its normalized scores on them); task takes each (pair, task) row as its own case. Default: "
                    "target when the catalog's tags allow it, else task.")
+@click.option("--init-seed", type=click.IntRange(min=0), default=None,
+              help="Seed of the networks' initialisation and batch order; another value gives an independent "
+                   "replicate of the fit. Default: the previous fit's, else 0.")
 @json_option
 @pass_ctx
 def predictor_fit(c: Ctx, table: str | None, online_weight: float | None, model: str | None, objective: str | None,
-                  as_json: bool) -> None:
+                  init_seed: int | None, as_json: bool) -> None:
     """Fit the predictor (features + operator -> normalized score) and save it as policy `predictor`.
 
     Use it with `suggest --policy predictor` (zero evaluations), or warm-start a bandit with
@@ -1098,7 +1101,8 @@ def predictor_fit(c: Ctx, table: str | None, online_weight: float | None, model:
     """
     if objective and not table:
         raise click.BadParameter("--objective applies to a merge table; give --table", param_hint="--objective")
-    res = c.backend().fit_predictor(table, online_weight=online_weight, model=model, objective=objective)
+    res = c.backend().fit_predictor(table, online_weight=online_weight, model=model, objective=objective,
+                                    init_seed=init_seed)
     emit(res, as_json, lambda r: click.echo(f"fitted predictor on {r.get('n')} merges from {r['source']} "
                                               f"(training rmse {r.get('rmse', float('nan')):.4f})"))
 

@@ -19,11 +19,14 @@ class PredictorFitting:
     ``descriptors``, ``lock`` and its policy store)."""
 
     def fit_predictor(self, table: str | None = None, online_weight: float | None = None,
-                      model: str | None = None, objective: str | None = None) -> dict:
+                      model: str | None = None, objective: str | None = None,
+                      init_seed: int | None = None) -> dict:
         """Fit the SimMerge predictor (features + operator -> normalized score) and save it as policy
         ``predictor``; later rewards keep updating it online, each counting as ``online_weight`` fitted rows
         (default: what the previous fit used, else 1). ``model`` is the predictor's ``mlp`` or ``linear`` (default:
-        what the previous fit used, else ``mlp``).
+        what the previous fit used, else ``mlp``). ``init_seed`` seeds the networks' initialisation and batch order
+        (default: the previous fit's, else 0): another value is an independent replicate of the fit (the engine's
+        own seed is the policies' exploration seed and does not change the fit).
 
         With ``table`` (a merge table: CSV or Parquet with ``model_a``, ``model_b``, ``operator``, ``task``,
         ``normalized_score``; models, tasks and operators registered in the catalog), features are computed by
@@ -58,9 +61,11 @@ class PredictorFitting:
             online_weight = before.get("online_weight", 1.0)
         if model is None:
             model = before.get("model", "mlp")
+        if init_seed is None:
+            init_seed = before.get("init_seed", 0)
         with self.lock:
             pred = make_policy("predictor", seed=self.config.seed, online_weight=online_weight,
-                               model=model).fit(X, Z, arms, y)
+                               model=model, init_seed=init_seed).fit(X, Z, arms, y)
             last = self.store.fetchone("SELECT coalesce(max(seq), 0) FROM rewards")[0]
             self._policies["predictor"], self._last_seq["predictor"] = pred, int(last)
             self._since_snapshot["predictor"] = 0
@@ -71,7 +76,7 @@ class PredictorFitting:
                 del self._policies[n]
         out = pred.summary()
         out.update(source=table or "decision log", feature_schema=_schema(), objective=objective if table else None,
-                   online_weight=pred.online_weight, model=pred.model)
+                   online_weight=pred.online_weight, model=pred.model, init_seed=pred.init_seed)
         return out
 
     def _table_rows(self, path: str, objective: str | None = None):

@@ -346,6 +346,29 @@ def test_predictor_model_is_chosen_at_fit_and_kept_by_refits(setup, tmp_path):
     assert bad.exit_code == 2 and "forest" in bad.output and "Traceback" not in bad.output
 
 
+def test_predictor_init_seed_gives_independent_replicates_of_a_fit(setup, tmp_path):
+    eng = Engine(setup)
+    table = _merge_table(eng, tmp_path)
+    assert eng.fit_predictor(str(table))["init_seed"] == 0                  # the default
+    first = eng.policy("predictor")
+    rows = (first._mu_x + np.random.default_rng(0).normal(size=(4, first._mu_x.size)),
+            np.tile(first._mu_z, (4, 1)))
+    p0 = first.predict(*rows)
+    assert eng.fit_predictor(str(table), init_seed=3)["init_seed"] == 3
+    p3 = eng.policy("predictor").predict(*rows)
+    assert not np.allclose(p0, p3)                                          # another network
+    assert eng.fit_predictor(str(table))["init_seed"] == 3                  # a refit keeps it
+    np.testing.assert_allclose(eng.policy("predictor").predict(*rows), p3)  # and the fit is deterministic
+    setup.close()
+    runner = CliRunner()
+    out = runner.invoke(cli, ["predictor", "fit", "--table", str(table), "--init-seed", "0", "--json"],
+                        catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["init_seed"] == 0
+    bad = runner.invoke(cli, ["predictor", "fit", "--table", str(table), "--init-seed", "-1"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
 def assert_is_the_log_fold(store, live) -> None:
     """``live`` (hybrid LinUCB) equals a fresh one updated with the reward log one reward at a time."""
     from simmerge_bandit.policies import make_policy

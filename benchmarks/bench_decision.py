@@ -567,11 +567,15 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "decision.json"))
     ap.add_argument("--plot", default=str(RESULTS / "decision.png"))
     ap.add_argument("--table", action="store_true", help="print the docs' tables from --out and exit")
+    ap.add_argument("--goals", action="store_true", help="print only the goals table from --out and exit")
     ap.add_argument("--no-cv", action="store_true", help="default choices instead of cross-validation (quick look)")
     ap.add_argument("--merge", nargs="+", metavar="FILE",
                     help="combine the configurations of these result files (runs of --only in parallel processes) "
                          "into --out, a later file's configuration replacing an earlier one's, and plot; no run")
     args = ap.parse_args()
+    if args.goals:
+        print(goals_table(json.loads(Path(args.out).read_text())))
+        return
     if args.table:
         print(tables(json.loads(Path(args.out).read_text())))
         return
@@ -611,6 +615,50 @@ def main() -> None:
         print("plot skipped:", e, file=sys.stderr)
 
 
+def interaction_analysis(df, objective: str) -> dict:
+    """Why learning from evaluations is hard on a table: how the normalized scores of 2-way cases vary.
+
+    Within a case (its row mean removed), the operator main effect is what a fixed operator can use; the rest is
+    the case x operator interaction, which a policy must learn per case. ``task_share``: the share of that
+    interaction explained by (task group, operator) means, in-sample (an upper bound on what learning a new
+    task's per-operator offsets from its evaluations can use; on the target objective the group is the target's
+    task set). ``reliability``: the split-half correlation of the interaction (each half of the eval examples),
+    Spearman-Brown corrected to the full set: the share of it that is not evaluation noise."""
+    from simmerge_bandit.zoo import case_matrix
+
+    cm = case_matrix(df, objective, 2)
+    if cm.cases is not None and cm.cases[0] is not None and objective == "target":
+        groups = [tuple(sorted(c.target)) for c in cm.cases]
+    else:
+        groups = [k[-1] for k in cm.keys] if objective == "task" else [k[:2] for k in cm.keys]
+    return interaction_figures(cm.V, groups, cm.V_h0, cm.V_h1)
+
+
+def interaction_figures(V, groups, V_h0=None, V_h1=None) -> dict:
+    """:func:`interaction_analysis` on a (cases, operators) matrix ``V``, each case's group in ``groups``."""
+
+    def interaction(V):
+        V = np.asarray(V, dtype=float)
+        within = V - V.mean(1, keepdims=True)
+        return within, within - within.mean(0, keepdims=True)
+
+    within, inter = interaction(V)
+    total = float((within ** 2).sum())
+    fitted = np.zeros_like(inter)
+    for g in set(groups):
+        rows = [i for i, x in enumerate(groups) if x == g]
+        fitted[rows] = inter[rows].mean(0)
+    out = {"cases": int(inter.shape[0]), "operators": int(inter.shape[1]),
+           "operator_share": 1.0 - float((inter ** 2).sum()) / total,
+           "task_share": float((fitted ** 2).sum() / (inter ** 2).sum()), "groups": len(set(groups)),
+           "reliability": None}
+    if V_h0 is not None and V_h1 is not None:
+        r = float(np.corrcoef(interaction(V_h0)[1].ravel(), interaction(V_h1)[1].ravel())[0, 1])
+        out["split_half_r"] = r
+        out["reliability"] = 2 * r / (1 + r) if r > -1 else None
+    return out
+
+
 def merge_results(parts: list[dict]) -> dict:
     """One result document from several (each written by this script): configurations in :data:`CONFIGS`
     order, a later part's configuration replacing an earlier one's, disclosures kept once each."""
@@ -623,6 +671,11 @@ def merge_results(parts: list[dict]) -> dict:
             out["configs"] = [x for x in out["configs"] if (x["preset"], x["zoo_seed"], x["objective"]) != key] + [c]
         out["disclosures"] += [d for d in part.get("disclosures", []) if d not in out["disclosures"]]
     out["configs"].sort(key=lambda c: CONFIGS.index((c["preset"], c["zoo_seed"], c["objective"])))
+    import pandas as pd
+
+    for c in out["configs"]:  # from the committed table the configuration was run on
+        if "table" in c and (RESULTS / c["table"]).exists():
+            c["analysis"] = interaction_analysis(pd.read_parquet(RESULTS / c["table"]), c["objective"])
     return out
 
 
@@ -701,6 +754,27 @@ def goal_rows(res) -> list[dict]:
     return rows
 
 
+def headline(out) -> tuple[str, str]:
+    """The README's headline row: the realistic zoo's target objective (the issue's headline configuration), each
+    zoo seed: the predictor at zero evaluations and our best policy at the largest budget, against the best
+    metadata rule and the best peer."""
+    figs, bases = [], []
+    for res in [c for c in out["configs"] if c["preset"] == "realistic" and c["objective"] == "target"]:
+        by = {(r["policy"], r["budget"]): r["final_gap_closed"] for r in res["results"]}
+        top = max(b for _, b in by)
+        ours = [p for (p, b) in by if b == top and p not in PEERS and not p.startswith("rule:")
+                and p not in ("oracle", "fixed", "uniform", "fixed-per-task")]
+        best = max(ours, key=lambda p: by[(p, top)])
+        peer = max((p for p in PEERS if (p, top) in by), key=lambda p: by[(p, top)])
+        rule = best_rule(res, 0)
+        figs.append(f"seed {res['zoo_seed']}: predictor {_f(by[('predictor', 0)])} with 0 evaluations, "
+                    f"{best} {_f(by[(best, top)])} with {top}")
+        bases.append(f"seed {res['zoo_seed']}: {rule['policy']} {_f(rule['final_gap_closed'])}, {peer} "
+                     f"{_f(by[(peer, top)])} with {top}")
+    return ("share of the best-fixed -> oracle gap closed on held-out tasks (realistic zoo, target objective): "
+            + "; ".join(figs), "best metadata rule (no model), best peer: " + "; ".join(bases))
+
+
 def goals_table(out) -> str:
     """One row per goal and configuration (docs/decision.md)."""
     lines = ["| configuration | goal | figures (share of the gap closed) | met |", "|---|---|---|---|"]
@@ -723,6 +797,15 @@ def tables(out) -> str:
                      f"best-fixed -> oracle gap closed by the final choice, 95% interval over "
                      f"{res['settings']['seeds']} seeds.\n")
         head = "| policy | " + " | ".join(f"{b} evaluations" for b in budgets) + " |"
+        a = res.get("analysis")
+        if a:
+            rel = "n/a" if a["reliability"] is None else f"{a['reliability']:.2f}"
+            parts.append(f"Within a case, the operator main effect (what one fixed operator can use) is "
+                         f"{a['operator_share']:.0%} of the variance of the {a['operators']} operators' values; "
+                         f"the rest, the case x operator interaction, has a split-half reliability of {rel} (not "
+                         f"evaluation noise), and the (task group, operator) means explain {a['task_share']:.0%} "
+                         f"of it in-sample ({a['groups']} groups over {a['cases']} cases: an upper bound on what "
+                         f"a new task's per-operator offsets, learned from its evaluations, can use).\n")
         parts.append(head)
         parts.append("|" + "---|" * (len(budgets) + 1))
         by: dict[str, dict[int, dict]] = {}

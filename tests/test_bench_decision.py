@@ -42,3 +42,15 @@ def test_pooled_share_of_the_gap_weights_splits_by_their_pool(bd):
     assert row["final_score"] == pytest.approx(pooled_final)
     assert row["final_gap_closed"] == pytest.approx((pooled_final - 0.65) / (0.825 - 0.65))
     assert row["per_split_final_gap_closed"] == pytest.approx([0.5, 0.5])
+
+
+def test_interaction_figures_by_hand(bd):
+    # 4 cases x 2 operators: operator 1 is better by 0.2 everywhere (main effect) and, in group "a", by 0.2 more
+    V = np.array([[0.5, 0.9], [0.4, 0.8], [0.6, 0.8], [0.3, 0.5]])
+    out = bd.interaction_figures(V, ["a", "a", "b", "b"], V_h0=V + 0.01, V_h1=V - 0.01)
+    # within-case deviations: +-0.2 (a), +-0.1 (b); operator main effect +-0.15; interaction +-0.05 / -+0.05
+    assert out["operator_share"] == pytest.approx(1 - 8 * 0.05 ** 2 / (4 * 0.2 ** 2 + 4 * 0.1 ** 2))
+    assert out["task_share"] == pytest.approx(1.0)       # the interaction is exactly the group's
+    assert out["reliability"] == pytest.approx(1.0)      # the halves differ by a constant only
+    noisy = bd.interaction_figures(V, ["a", "b", "a", "b"])
+    assert noisy["task_share"] == pytest.approx(0.0) and noisy["reliability"] is None

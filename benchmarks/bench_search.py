@@ -707,6 +707,23 @@ def goals(summary: dict) -> dict:
 # report
 
 
+def headline(res: dict) -> tuple[str, str]:
+    """The README's headline row: ours at B = 10 (median over targets of best / reference) and the speed-up
+    against the best peer, beside the best peer at the same budget."""
+    s = res["summary"]["methods"]
+    b = "10" if "10" in s["ours"]["ratio"] else str(res["budgets"][0])
+    peers = [m for m in s if m != "ours"]
+    best = max(peers, key=lambda m: s[m]["ratio"][b]["median"])
+    sp = res["summary"].get("speedup") or {}
+    speed = (f"; reaches {sp['best_peer']}'s level at {res['horizon']} evaluations after "
+             f"{sp['ours_evals'] if sp.get('ours_evals') is not None else 'more than %d' % res['horizon']}"
+             f" (it needs {sp['peer_evals']})") if sp else ""
+    return (f"best merge found within {b} evaluations: {s['ours']['ratio'][b]['median']:.3f} of the best any "
+            f"method found in 200 (median over {len(res['targets'])} held-out targets){speed}",
+            f"{best} {s[best]['ratio'][b]['median']:.3f} within {b}; "
+            + ", ".join(f"{m} {s[m]['ratio'][b]['median']:.3f}" for m in peers if m != best))
+
+
 def markdown_table(res: dict) -> str:
     """The benchmark page's tables (docs/search.md), from the results JSON alone."""
     s = res["summary"]

@@ -151,6 +151,10 @@ BENCH_TABLES: list[BenchTable] = [
     BenchTable("bench_signals_exact", ("benchmarks/bench_signals_exact.py", "--table")),
     BenchTable("bench_policies", ("benchmarks/bench_policies.py", "--table")),
     BenchTable("bench_daemon", ("benchmarks/bench_daemon.py", "--table")),
+    BenchTable("bench_merge", ("benchmarks/bench_merge.py", "--table")),
+    BenchTable("bench_decision_goals", ("benchmarks/bench_decision.py", "--goals")),
+    BenchTable("bench_zoo_realistic", ("benchmarks/bench_zoo.py", "--table")),
+    BenchTable("bench_search", ("benchmarks/bench_search.py", "--table")),
 ]
 
 
@@ -287,6 +291,10 @@ DOC_BLOCKS: list[DocBlock] = [
     DocBlock(ROOT / "docs" / "python.md", "python_api", python_api_markdown),
     DocBlock(ROOT / "docs" / "merge.md", "bench_merge", BenchTable("bench_merge", ("benchmarks/bench_merge.py",
                                                                                    "--table")).render),
+    DocBlock(ROOT / "docs" / "decision.md", "bench_decision",
+             BenchTable("bench_decision", ("benchmarks/bench_decision.py", "--table")).render),
+    DocBlock(ROOT / "docs" / "search.md", "bench_search",
+             BenchTable("bench_search", ("benchmarks/bench_search.py", "--table")).render),
 ]
 
 
@@ -327,6 +335,14 @@ def _merge(d: dict) -> tuple[str, str]:
     return bench_script("bench_merge").headline(d)
 
 
+def _decision(d: dict) -> tuple[str, str]:
+    return bench_script("bench_decision").headline(d)
+
+
+def _search(d: dict) -> tuple[str, str]:
+    return bench_script("bench_search").headline(d)
+
+
 def _signals(d: dict) -> tuple[str, str]:
     full = [p for p in d["pairs"] if p["representation"] == "full"]
     best = min(full, key=lambda p: p["seconds"])
@@ -358,6 +374,8 @@ def _daemon(d: dict) -> tuple[str, str]:
 
 #: The README's headline rows, in order.
 HEADLINES: list[Headline] = [
+    Headline("Decision quality", "decision.json", _decision, "decision-quality"),
+    Headline("Budgeted search", "search.json", _search, "budgeted-search"),
     Headline("Merge executor", "merge.json", _merge, "merge-executor-against-mergekit"),
     Headline("Pairwise signals at catalog scale", "signals.json", _signals,
              "signals-signature-cost-and-pairwise-features-at-catalog-scale"),

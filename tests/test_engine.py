@@ -264,7 +264,7 @@ def test_predictor_online_weight_is_kept_across_restarts_rebuilds_and_warm_start
 
 def test_task_tags_restrict_pairs(setup, tiny_models):
     cat = Catalog(setup)
-    cat.add_model(tiny_models["ft_b"], name="tagged", base="base", tasks=["double"])
+    cat.add_model(tiny_models["ft_b"], name="tagged", base="base", tasks=["double"], allow_duplicate=True)
     pairs = Engine(setup).pairs("double")
     assert pairs and all("tagged" in p for p in pairs)
     assert len(pairs) == 6  # tagged x 3 others, both orders

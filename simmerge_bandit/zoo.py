@@ -168,11 +168,26 @@ def code_version() -> str:
     own = (here / "zoo.py").read_bytes()
     if _BYTES_END not in own:
         raise AssertionError("zoo.py lost the line that ends the code deciding a zoo's bytes")
-    h.update(own[:own.index(_BYTES_END)])
+    h.update(_code_only(own[:own.index(_BYTES_END)]))
     for f in ("zoo_tasks.py", "tokenizer.py"):
-        h.update((here / f).read_bytes())
+        h.update(_code_only((here / f).read_bytes()))
     h.update(f"{torch.__version__}|{transformers.__version__}".encode())
     return h.hexdigest()
+
+
+def _code_only(source: bytes) -> bytes:
+    """The code of a Python source without its docstrings and comments (its syntax tree, without line numbers):
+    editing documentation must not throw away every cached zoo."""
+    import ast
+
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False).encode()
 
 
 @contextmanager

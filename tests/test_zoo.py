@@ -529,3 +529,14 @@ def test_committed_realistic_tables_match_their_stats():
         for k in ("oracle_mean", "best_fixed_mean", "oracle_gap", "oracle_gap_nc", "median_spread",
                   "max_best_share", "best_rule_share"):
             assert fresh[k] == pytest.approx(committed[k]), k
+
+
+def test_code_version_ignores_docstrings_and_comments_but_not_code():
+    from simmerge_bandit.zoo import _code_only
+
+    base = b'"""Module doc."""\nimport math\n\n\ndef f(x):\n    """Doc."""\n    return x + 1  # note\n'
+    reworded = b'"""Another doc,\nlonger."""\nimport math\n\n# a comment\n\ndef f(x):\n    """Other."""\n' \
+               b'    return x + 1\n'
+    changed = b'"""Module doc."""\nimport math\n\n\ndef f(x):\n    """Doc."""\n    return x + 2  # note\n'
+    assert _code_only(base) == _code_only(reworded)
+    assert _code_only(base) != _code_only(changed)

@@ -60,6 +60,11 @@ def stop(proc):
             return proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+            args = list(proc.args)  # the daemon writes its threads' stacks to daemon.log when shutdown hangs
+            if "--home" in args:
+                log = Path(args[args.index("--home") + 1]) / "daemon.log"
+                if log.exists():
+                    print(log.read_text()[-20000:])
             raise
     return proc.returncode
 

@@ -717,6 +717,13 @@ def summary_lines(res) -> str:
 PEERS = ("vw", "mabwiser-linucb")
 
 
+def _ours(res, budget: int) -> set[str]:
+    """Our learned policies with a result at ``budget`` (the predictor and the cold and warm bandits, not the
+    peers, the rules or the references)."""
+    return {r["policy"] for r in res["results"] if r["budget"] == budget
+            and r["kind"] in ("predictor", "cold", "warm") and r["policy"] not in PEERS}
+
+
 def goal_rows(res) -> list[dict]:
     """The issue's goals on one configuration, each with the figures it is judged on (share of the gap closed by
     the final choice, pooled): the predictor at zero evaluations against 75% and the best metadata rule (+10
@@ -735,8 +742,7 @@ def goal_rows(res) -> list[dict]:
         rows.append({"goal": "predictor, 0 evaluations: >= best rule",
                      "figure": f"{_f(pred)} vs {rule['policy']} {_f(rule['final_gap_closed'])}",
                      "met": pred >= rule["final_gap_closed"]})
-    ours = {p for p, b in by if b == top and p not in PEERS and not p.startswith("rule:")
-            and p not in ("oracle", "fixed", "uniform", "fixed-per-task")}
+    ours = _ours(res, top)
     best = max(ours, key=lambda p: by[(p, top)])
     start = by.get((best, 0), by[("predictor", 0)] if best == PREDICTOR_ONLINE else None)
     rows.append({"goal": f"our best policy, {top} evaluations: >= 85% and >= its 0-evaluation start + 10 points",
@@ -744,7 +750,7 @@ def goal_rows(res) -> list[dict]:
                  "met": by[(best, top)] >= 0.85 and start is not None and by[(best, top)] >= start + 0.10})
     behind = []
     for b in budgets:
-        mine = max(v for (p, bb), v in by.items() if bb == b and p in ours | {"predictor"})
+        mine = max(by[(p, b)] for p in _ours(res, b))
         peer = max(by[(p, b)] for p in PEERS if (p, b) in by)
         if mine <= peer:
             behind.append(f"{b}: {_f(mine)} vs {_f(peer)}")
@@ -762,9 +768,7 @@ def headline(out) -> tuple[str, str]:
     for res in [c for c in out["configs"] if c["preset"] == "realistic" and c["objective"] == "target"]:
         by = {(r["policy"], r["budget"]): r["final_gap_closed"] for r in res["results"]}
         top = max(b for _, b in by)
-        ours = [p for (p, b) in by if b == top and p not in PEERS and not p.startswith("rule:")
-                and p not in ("oracle", "fixed", "uniform", "fixed-per-task")]
-        best = max(ours, key=lambda p: by[(p, top)])
+        best = max(_ours(res, top), key=lambda p: by[(p, top)])
         peer = max((p for p in PEERS if (p, top) in by), key=lambda p: by[(p, top)])
         rule = best_rule(res, 0)
         figs.append(f"seed {res['zoo_seed']}: predictor {_f(by[('predictor', 0)])} with 0 evaluations, "

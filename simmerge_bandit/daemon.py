@@ -464,10 +464,10 @@ class _DaemonBackend(LocalBackend):
             file = self._served(file, "file", "send the file's text as 'content'")
         return super().op_add_probe_set(name, file, content)
 
-    def op_fit_predictor(self, table=None, online_weight=None, model=None, objective=None) -> dict:
+    def op_fit_predictor(self, table=None, online_weight=None, model=None, objective=None, init_seed=None) -> dict:
         if table is not None:
             table = self._served(table, "table", "start the daemon with --serve-dir naming the table's directory")
-        return super().op_fit_predictor(table, online_weight, model, objective)
+        return super().op_fit_predictor(table, online_weight, model, objective, init_seed)
 
     def _served(self, value: str, field: str, instead: str) -> str:
         """``value``'s real path when it lies in a directory the daemon serves, else one error that says the same

@@ -41,7 +41,7 @@ def job_spec(engine, decision_id: str, *, catalog_reference: bool = False) -> di
     # a family's steps merge with the values the engine chose for this decision
     r = build(cat, d["models"], d["operator"], d.get("params"))
     models = [cat.model(m) for m in d["models"]]
-    tasks, known = [], {}
+    tasks, known, reference = [], {}, {}
     for name, weight in target.items:
         task = cat.task(name)
         tasks.append({**{k: task[k] for k in ("name", "data_path", "data_hash", "metric", "eval_command",
@@ -53,15 +53,13 @@ def job_spec(engine, decision_id: str, *, catalog_reference: bool = False) -> di
                 [m["fingerprint"], task["name"], task["data_hash"], task["metric"]])
             if row is not None:
                 known[name][m["name"]] = row[0]
-    reference = {}
-    if catalog_reference:
-        for t in tasks:
+        if catalog_reference:
             row = engine.store.fetchone(
                 "SELECT max(e.score) FROM evaluations e JOIN models m ON m.fingerprint = e.fingerprint "
                 "WHERE e.task = ? AND e.data_hash = ? AND e.metric = ? AND isfinite(e.score)",
-                [t["name"], t["data_hash"], t["metric"]])
-            if row is not None and row[0] is not None:
-                reference[t["name"]] = float(row[0])
+                [task["name"], task["data_hash"], task["metric"]])
+            if row[0] is not None:
+                reference[name] = float(row[0])
     return {
         "decision": decision_id,
         "target": target.key,
@@ -102,7 +100,6 @@ def score_merge(spec: dict[str, Any], out: Path, *, limit: int | None = None) ->
                 if not r.ok:
                     raise EvaluationFailed(f"evaluation of source {m['name']} on {name} failed: {r.reason}")
                 src[m["name"]] = r.score
-        ref = spec.get("reference", {}).get(name)
         ref = spec.get("reference", {}).get(name)
         norm = normalize_score(res.score, [*src.values(), *([ref] if ref is not None else [])])
         if norm is None:

@@ -103,6 +103,7 @@ def _suite(home: Path, files: dict[str, Path], tiny_models, zoo_dir: Path) -> li
     run("suggest", "--task", "double", "--top", "2", "--json")
     run("policy", "rebuild", "--json")
     run("predictor", "fit", "--model", "linear", "--json")
+    run("predictor", "fit", "--model", "linear", "--init-seed", "2", "--json")
     run("replay", "--policy", "uniform", "--estimator", "snips", "--json")
     run("signatures", "list", "--json")
     run("features", "ft_a", "ft_b", "--task", "double", "--json")

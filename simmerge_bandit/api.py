@@ -59,6 +59,9 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("fit_predictor", "POST", "/v1/predictor/fit", locked=True, timeout_s=LONG_S),
     Operation("replay_log", "GET", "/v1/replay/log", timeout_s=LONG_S),
     Operation("store_merge_table", "POST", "/v1/merge-table", locked=True, timeout_s=120.0),
+    # the dashboard (dashboard.py): its data, and a one-time login URL for `simmerge ui`
+    Operation("dashboard", "GET", "/v1/dashboard"),
+    Operation("ui_login", "POST", "/v1/ui/login", timeout_s=10.0),
     # signals
     Operation("compute_signatures", "POST", "/v1/signatures", locked=True, timeout_s=LONG_S),
     Operation("signatures", "GET", "/v1/signatures"),

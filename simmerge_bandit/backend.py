@@ -93,12 +93,13 @@ class Backend:
         return self._do("task", name=name)
 
     def add_task(self, name: str, data: str | os.PathLike, probes: str | None = None, metric: str = "exact_match",
-                 eval_command: str | None = None, metric_path: str | None = None) -> dict:
+                 eval_command: str | None = None, metric_path: str | None = None,
+                 eval_options: dict | None = None) -> dict:
         """Register a task (see :meth:`.Catalog.add_task`); ``probes`` is a file or a probe set's name."""
         if probes is not None and Path(str(probes)).expanduser().exists():
             probes = _abs(probes)
         return self._do("add_task", name=name, data=_abs(data), probes=probes, metric=metric,
-                        eval_command=eval_command, metric_path=metric_path)
+                        eval_command=eval_command, metric_path=metric_path, eval_options=eval_options)
 
     def probe_sets(self) -> list[dict]:
         """Every named probe set, oldest first."""
@@ -184,6 +185,16 @@ class Backend:
         columns = [str(c) for c in table.columns]
         values = [[None if isinstance(v, float) and v != v else v for v in table[c].tolist()] for c in columns]
         return self._do("store_merge_table", zoo_key=zoo_key, columns=columns, rows=[list(r) for r in zip(*values)])
+
+    def dashboard(self) -> dict:
+        """What the dashboard page shows: status, targets with their best merge, the latest decisions with their
+        rewards, the cumulative reward curve, jobs, operators, models and the policy (:func:`.dashboard.snapshot`)."""
+        return self._do("dashboard")
+
+    def ui_login(self) -> dict:
+        """A one-time login URL for the running daemon's dashboard: ``{"url", "expires_s"}`` (only through a
+        daemon)."""
+        return self._do("ui_login")
 
     # ---- signals ----
     def compute_signatures(self, tasks: list[str] | None = None, models: list[str] | None = None,
@@ -271,7 +282,8 @@ class LocalBackend(Backend):
 
     def op_add_task(self, name: str, data: PathArg | None = None, probes: str | None = None,
                     metric: str | None = None, eval_command: str | None = None, metric_path: str | None = None,
-                    data_content: str | None = None, probes_content: str | None = None) -> dict:
+                    data_content: str | None = None, probes_content: str | None = None,
+                    eval_options: dict | None = None) -> dict:
         from .taskfiles import Upload
 
         if (data is None) == (data_content is None):
@@ -279,7 +291,7 @@ class LocalBackend(Backend):
         if probes is not None and probes_content is not None:
             raise InvalidInput("give 'probes' or 'probes_content', not both")
         metric = metric or "exact_match"
-        self.catalog.check_new_task(name, metric, eval_command, metric_path)
+        self.catalog.check_new_task(name, metric, eval_command, metric_path, eval_options)
         # The rows are streamed into the home first, outside the engine's lock: a large file does not hold up
         # suggestions; only recording the task (which changes the candidates) takes the lock.
         staged = self.catalog.stage_task_data(Upload(data_content, "data_content") if data is None else data)
@@ -287,7 +299,8 @@ class LocalBackend(Backend):
             return self.catalog.add_task(name, staged,
                                          probes=probes if probes_content is None else Upload(probes_content,
                                                                                              "probes_content"),
-                                         metric=metric, eval_command=eval_command, metric_path=metric_path)
+                                         metric=metric, eval_command=eval_command, metric_path=metric_path,
+                                         eval_options=eval_options)
 
     def _engine_lock(self):
         """The engine's lock when an engine exists (a daemon's), else nothing to wait for."""
@@ -398,6 +411,15 @@ class LocalBackend(Backend):
             raise InvalidInput("writing a merge table needs pandas: pip install pandas") from None
         return {"zoo_key": zoo_key, "rows": store_table(self.store, pd.DataFrame(rows, columns=columns), zoo_key)}
 
+    def op_dashboard(self) -> dict:
+        from .dashboard import snapshot
+
+        return snapshot(self, policy=self.engine.config.default_policy)
+
+    def op_ui_login(self) -> dict:
+        raise InvalidInput("the dashboard is served by the daemon, and none runs for this home: start "
+                           "`simmerge daemon`, then run `simmerge ui`")
+
     # ---- signals ----
     def op_compute_signatures(self, tasks: list[str] | None = None, models: list[str] | None = None,
                               device: str | None = None, threads: int | None = None, *,
@@ -454,12 +476,14 @@ class RemoteBackend(Backend):
         return self.client.call(route.method, route.path, args)
 
     def add_task(self, name: str, data: str | os.PathLike, probes: str | None = None, metric: str = "exact_match",
-                 eval_command: str | None = None, metric_path: str | None = None) -> dict:
+                 eval_command: str | None = None, metric_path: str | None = None,
+                 eval_options: dict | None = None) -> dict:
         """As :meth:`Backend.add_task`; the files go to the daemon as their text (checked here first, so errors
         name the local file), or as paths when they lie in a directory the daemon serves (``--serve-dir``)."""
         from .taskfiles import read_jsonl, read_prompts
 
-        args = {"name": name, "metric": metric, "eval_command": eval_command, "metric_path": metric_path}
+        args = {"name": name, "metric": metric, "eval_command": eval_command, "metric_path": metric_path,
+                "eval_options": eval_options}
         args.update(self._send_file(data, "data", "data_content", lambda p: read_jsonl(p, need=("prompt", "answer"))))
         if probes is not None and Path(str(probes)).expanduser().exists():
             args.update(self._send_file(probes, "probes", "probes_content", read_prompts))

@@ -35,6 +35,7 @@ import threadpoolctl
 from . import eventlog
 from .api import OPERATIONS
 from .backend import LocalBackend, check_budget, query_body
+from .dashboard import Dashboard, UiSessions
 from .daemonfile import read_daemon_file, write_daemon_file
 from .errors import Forbidden, InvalidInput, NotFound, SimmergeError
 from .eventlog import _JsonFormatter, _TextFormatter, event, events, log  # noqa: F401 (re-exported)
@@ -196,6 +197,7 @@ class Daemon:
         self.backend = _DaemonBackend(self)
         self._routes = self._make_routes()
         self.token = secrets.token_urlsafe(32)
+        self.ui = Dashboard(UiSessions(self.host, self.port), self._authorized)
         write_daemon_file(self.home, {"pid": os.getpid(), "port": self.port, "host": self.host,
                                       "token": self.token, "started": self._started,
                                       "serve_dirs": [str(d) for d in self.serve_dirs]})
@@ -365,10 +367,12 @@ class Daemon:
     def _dispatch(self, method: str, target: str, headers: dict[str, str], raw: bytes):
         """Answer one request: ``(status, JSON payload)`` now, or a future of it. Runs on the server's loop; the
         work runs elsewhere (the batcher, the pool)."""
-        if not self._authorized(headers):
-            return 401, {"error": "missing or wrong bearer token (see daemon.json)"}
         url = urlparse(target)
+        if url.path == "/ui" or url.path.startswith("/ui/"):  # the dashboard's pages check their session themselves
+            return self.ui.handle(method, url.path, url.query, headers)
         path = url.path.rstrip("/")
+        if not (self._authorized(headers) or self.ui.allows(method, path, headers)):
+            return 401, {"error": "missing or wrong bearer token (see daemon.json)"}
         route = self._routes.get((method, path))
         if route is None:
             known = any(p == path for _, p in self._routes)
@@ -442,22 +446,35 @@ class _DaemonBackend(LocalBackend):
     def op_search(self, tasks, budget, weights=None, policy=None, limit=None) -> dict:
         return self.daemon.search(tasks, budget, weights=weights, policy=policy, limit=limit)
 
+    def op_dashboard(self) -> dict:
+        from .dashboard import snapshot
+
+        return snapshot(self, policy=self.daemon.policy, search_errors=self.daemon._search_errors)
+
+    def op_ui_login(self) -> dict:
+        return self.daemon.ui.sessions.issue()
+
     # ---- what a token holder may not do unless the daemon allows it ----
     def op_add_task(self, name, data=None, probes=None, metric=None, eval_command=None, metric_path=None,
-                    data_content=None, probes_content=None) -> dict:
+                    data_content=None, probes_content=None, eval_options=None) -> dict:
+        from .evaluators.lm_eval import runs_code
         from .taskfiles import ProbeSetName
 
         if eval_command is not None and not self.daemon.allow_eval_commands:
             raise Forbidden("this daemon does not take external evaluation commands through its API (it was not "
                             "started with --allow-eval-commands); restart it with that flag, or stop it and add the "
                             "task with the CLI")
+        if runs_code(eval_options) and not self.daemon.allow_eval_commands:  # task YAML can name Python functions
+            raise Forbidden("this daemon does not take lm-eval task folders or code-running arguments through its "
+                            "API (it was not started with --allow-eval-commands); restart it with that flag, or "
+                            "stop it and add the task with the CLI")
         if data is not None:
             data = self._served(data, "data", "send the file's text as 'data_content'")
         if probes is not None:  # a path (the client sends absolute ones), else a probe set's name, never a file
             probes = (self._served(probes, "probes", "send the file's text as 'probes_content'") if "/" in probes
                       else ProbeSetName(probes))
         return super().op_add_task(name, data, probes, metric, eval_command, metric_path, data_content,
-                                   probes_content)
+                                   probes_content, eval_options)
 
     def op_add_probe_set(self, name, file=None, content=None) -> dict:
         if file is not None:

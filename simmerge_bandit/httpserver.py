@@ -8,7 +8,7 @@ import json
 import socket
 import threading
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, NamedTuple
 
 from .api import MAX_BODY
 from .errors import SimmergeError
@@ -24,6 +24,16 @@ def _status_of(err: Exception, where: str) -> tuple[int, dict]:
 
 
 _PHRASES = {s.value: s.phrase for s in http.HTTPStatus}
+
+
+class RawBody(NamedTuple):
+    """An answer that is not JSON (a page, a script, a redirect): its bytes, content type and extra header lines
+    (``Location``, ``Set-Cookie``, ...; the handler's own text, never a caller's), given as the payload of
+    ``(status, payload)``."""
+
+    body: bytes
+    content_type: str
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class _BadRequest(Exception):
@@ -151,10 +161,14 @@ class _HttpServer:
 
     @staticmethod
     def response(status: int, payload: Any, keep: bool) -> bytes:
-        body = json.dumps(payload, default=str).encode()
-        close = "" if keep else "Connection: close\r\n"
+        extra = "" if keep else "Connection: close\r\n"
+        if isinstance(payload, RawBody):
+            body, ctype = payload.body, payload.content_type
+            extra += "".join(f"{k}: {v}\r\n" for k, v in payload.headers)
+        else:
+            body, ctype = json.dumps(payload, default=str).encode(), "application/json"
         head = (f"HTTP/1.1 {status} {_PHRASES.get(status, '')}\r\nServer: simmerge\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{close}\r\n")
+                f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n{extra}\r\n")
         return head.encode("latin-1") + body
 
 

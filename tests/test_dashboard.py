@@ -132,9 +132,14 @@ def test_login_url_sets_a_session_cookie_once_and_opens_only_the_dashboard(daemo
         assert secret not in log
 
 
-def test_ui_without_a_daemon_says_so(tmp_path):
+def test_ui_without_a_daemon_says_so_and_the_data_reads_the_store(tmp_path):
     out = CliRunner().invoke(cli, ["--home", str(tmp_path / "h"), "ui"])
     assert out.exit_code == 1 and "simmerge daemon" in out.output and "Traceback" not in out.output
+    with Store.open(tmp_path / "h") as store:
+        Catalog(store).add_operator("lin", "linear")
+        d = LocalBackend(store).dashboard()
+    assert d["status"]["counts"]["operators"] == 1 and d["curve"] == [] and d["targets"] == []
+    assert [o["name"] for o in d["operators"]] == ["lin"] and d["policy"]["default"] == "linucb-hybrid"
 
 
 def test_dashboard_data_has_the_best_merge_per_target_and_the_reward_curve(daemon):

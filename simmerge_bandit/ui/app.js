@@ -144,8 +144,8 @@ function render(d) {
   ], "no searches");
   fill("operators", d.operators, (o) => [
     el("td", o.name, "name"), o.method,
-    Object.entries(o.params || {}).map(([k, v]) => `${k}=${v}`).join(", ") +
-      (o.ranges ? ` (ranges ${Object.entries(o.ranges).map(([k, v]) => `${k}∈[${v}]`).join(", ")})` : ""),
+    el("td", Object.entries(o.params || {}).map(([k, v]) => `${k}=${v}`).join(", ") +
+      (o.ranges ? ` (ranges ${Object.entries(o.ranges).map(([k, v]) => `${k}∈[${v}]`).join(", ")})` : ""), "small"),
     badge(o.status), num(o.chosen), num(o.mean_reward),
   ], "no operators");
   fill("models", d.models, (m) => [

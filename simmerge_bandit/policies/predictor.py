@@ -57,13 +57,21 @@ class SimMergePredictor(Policy):
     """
 
     name: ClassVar[str] = "predictor"
-    _param_names = ("l2", "floor", "seed", "online_weight", "model", "hidden", "epochs", "members", "init_seed")
-    MODELS: ClassVar[tuple[str, ...]] = ("mlp", "linear")
+    _param_names = ("l2", "floor", "seed", "online_weight", "model", "hidden", "epochs", "members", "init_seed",
+                    "l2_main", "l2_signals", "l2_meta", "l2_buckets")
+    #: the linear model's blocks of context coordinates, each with its own ridge penalty (see :meth:`penalties`)
+    BLOCKS: ClassVar[tuple[str, ...]] = ("main", "signals", "meta", "buckets")
+    MODELS: ClassVar[tuple[str, ...]] = ("mlp", "linear", "anchored")
 
     def __init__(self, l2: float = 1.0, floor: float = 0.01, seed: int = 0, online_weight: float = 1.0,
-                 model: str = "mlp", hidden: int = 32, epochs: int = 20, members: int = 3, init_seed: int = 0):
+                 model: str = "mlp", hidden: int = 32, epochs: int = 20, members: int = 3, init_seed: int = 0,
+                 l2_main: float | None = None, l2_signals: float | None = None, l2_meta: float | None = None,
+                 l2_buckets: float | None = None):
         super().__init__(floor=floor, seed=seed)
         require(is_number(l2) and l2 > 0, f"l2 must be a positive number, got {l2!r}")
+        for key, v in (("l2_main", l2_main), ("l2_signals", l2_signals), ("l2_meta", l2_meta),
+                       ("l2_buckets", l2_buckets)):
+            require(v is None or (is_number(v) and v > 0), f"{key} must be a positive number, got {v!r}")
         require(is_number(online_weight) and online_weight > 0,
                 f"online_weight must be a positive number, got {online_weight!r}")
         require(model in self.MODELS, f"model must be one of {', '.join(self.MODELS)}, got {model!r}")
@@ -73,6 +81,13 @@ class SimMergePredictor(Policy):
         require(isinstance(init_seed, (int, np.integer)) and not isinstance(init_seed, bool) and init_seed >= 0,
                 f"init_seed must be a non-negative integer, got {init_seed!r}")
         self.l2 = float(l2)
+        #: per-block penalties of the linear model (None: ``l2``): a small ``l2_main`` lets the operators' own
+        #: effects (x~'s constant times z~) be fitted almost freely while context x operator interactions are
+        #: shrunk hard, the regime of a few dozen training pairs, where the best fixed operator is the anchor
+        self.l2_main = None if l2_main is None else float(l2_main)
+        self.l2_signals = None if l2_signals is None else float(l2_signals)
+        self.l2_meta = None if l2_meta is None else float(l2_meta)
+        self.l2_buckets = None if l2_buckets is None else float(l2_buckets)
         self.model = str(model)
         self.hidden, self.epochs, self.members = int(hidden), int(epochs), int(members)
         #: Seed of the networks' initialisation and batch order (a fit is a deterministic function of its rows and
@@ -90,6 +105,13 @@ class SimMergePredictor(Policy):
         #: the fitted networks (``model="mlp"`` after a fit); None: the linear features x~ (outer) z~
         self._nets: list[dict] | None = None
         self._level: np.ndarray | None = None  # (d + 1,): ridge of the pair's mean score on x~ (with the networks)
+        #: ``anchored``: each fitted operator's mean score (its descriptor, raw, and the mean), and a ridge of those
+        #: means on z~ for descriptors the fit never saw; the linear model learns what is left over
+        self._off_z: np.ndarray | None = None
+        self._off_v: np.ndarray | None = None
+        self._off_w: np.ndarray | None = None
+        self._gamma: np.ndarray | None = None
+        self._off_index: dict[bytes, int] = {}
         self._scratch = Scratch()
         self._reset_grams()
 
@@ -121,15 +143,72 @@ class SimMergePredictor(Policy):
         self._level = scipy.linalg.solve(A, Xt.T @ level, assume_a="pos")
         return y - level
 
+    def _fit_anchor(self, X: np.ndarray, Z: np.ndarray, y: np.ndarray) -> None:
+        """``anchored``: what the metadata rules know, fitted first and freely; the linear model then learns what
+        is left over, with its own (larger) penalties.
+
+        - each descriptor's mean score in the fit (an operator's own effect, as the best fixed operator knows
+          it), and a ridge of those means on ``z~`` (penalty ``l2``) for descriptors the fit never saw;
+        - the rules' interactions (:func:`rule_features`): how far a slerp leans towards the first source, times
+          which side is stronger by known score and which is tagged with more of the target; one least-squares
+          weight each, on what the operators' means leave over.
+        """
+        self._off_z = self._off_v = self._off_w = self._gamma = None
+        self._off_index = {}
+        if self.model != "anchored":
+            return
+        uniq, inverse = np.unique(Z, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        self._off_z = uniq
+        self._off_v = np.bincount(inverse, weights=y) / np.bincount(inverse)
+        Zt = with_intercept((uniq - self._mu_z) / self._sd_z)
+        A = Zt.T @ Zt
+        A[np.diag_indices_from(A)] += self.l2
+        A[0, 0] -= self.l2
+        self._off_w = scipy.linalg.solve(A, Zt.T @ self._off_v, assume_a="sym")
+        self._off_index = {z.tobytes(): i for i, z in enumerate(uniq)}
+        F = rule_features(X, Z)
+        r = y - self._off_v[inverse]
+        self._gamma = scipy.linalg.solve(F.T @ F + 1e-6 * np.eye(F.shape[1]), F.T @ r, assume_a="sym")
+
+    def _anchor(self, X: np.ndarray, Z: np.ndarray) -> np.ndarray:
+        """The anchor of ``anchored`` per row (X[i], Z[i]) (raw): the operator's own effect plus the rules'
+        interactions (0 for other models)."""
+        if self._off_v is None:
+            return np.zeros(Z.shape[0])
+        Z = np.ascontiguousarray(Z, dtype=np.float64)
+        idx = np.array([self._off_index.get(z.tobytes(), -1) for z in Z], dtype=np.intp)
+        out = with_intercept((Z - self._mu_z) / self._sd_z) @ self._off_w
+        seen = idx >= 0
+        out[seen] = self._off_v[idx[seen]]
+        return out + rule_features(X, Z) @ self._gamma
+
     def _std(self, X: np.ndarray, Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._mu_x is None:
             return with_intercept(X), with_intercept(Z)
         return with_intercept((X - self._mu_x) / self._sd_x), with_intercept((Z - self._mu_z) / self._sd_z)
 
+    def penalties(self, d: int, k: int) -> np.ndarray:
+        """The linear model's ridge penalty of each coefficient of ``phi = x~ (outer) z~`` ((d + 1) * (k + 1)).
+
+        Row blocks of x~: its constant (``main``: the operators' own effects), then the engine's context layout
+        ``[signals, metadata, task buckets]`` (:mod:`~simmerge_bandit.context`); a context narrower than the
+        metadata and buckets together is all signals. Each block's penalty is its ``l2_<block>``, else ``l2``."""
+        from ..context import TASK_BUCKETS
+        from ..signals.metadata import METADATA_NAMES
+
+        m = len(METADATA_NAMES)
+        rows = np.full(d + 1, self.l2 if self.l2_signals is None else self.l2_signals)
+        rows[0] = self.l2 if self.l2_main is None else self.l2_main
+        if d >= m + TASK_BUCKETS:
+            rows[d + 1 - m - TASK_BUCKETS:d + 1 - TASK_BUCKETS] = self.l2 if self.l2_meta is None else self.l2_meta
+            rows[d + 1 - TASK_BUCKETS:] = self.l2 if self.l2_buckets is None else self.l2_buckets
+        return np.repeat(rows, k + 1)
+
     def _ensure(self, d: int, k: int) -> None:
         if self._Ainv is None:
             q = (d + 1) * (k + 1)
-            self._Ainv = np.eye(q) / self.l2
+            self._Ainv = np.diag(1.0 / self.penalties(d, k))
             self._reset_grams()
             self._b = np.zeros(q)
             self._beta = np.zeros(q)
@@ -167,10 +246,12 @@ class SimMergePredictor(Policy):
             Phi = self._neural_phi(X, Z)
         else:
             self._nets = self._level = None
+            self._fit_anchor(X, Z, y)
+            y = y - self._anchor(X, Z)
             Xt, Zt = self._std(X, Z)
             Phi = (Xt[:, :, None] * Zt[:, None, :]).reshape(m, -1)
         A = Phi.T @ Phi
-        A[np.diag_indices_from(A)] += self.l2
+        A[np.diag_indices_from(A)] += self.l2 if self.model == "mlp" else self.penalties(X.shape[1], Z.shape[1])
         factor = scipy.linalg.cho_factor(A)
         Ainv = scipy.linalg.cho_solve(factor, np.eye(A.shape[0]))
         self._Ainv = np.ascontiguousarray((Ainv + Ainv.T) / 2)  # exactly symmetric, C order: updated in place
@@ -201,7 +282,7 @@ class SimMergePredictor(Policy):
             return self._pair_level(X) + self._neural_phi(X, Z) @ self._beta
         Xt, Zt = self._std(X, Z)
         W = self._beta.reshape(Xt.shape[1], Zt.shape[1])
-        return np.einsum("ij,ij->i", Xt @ W, Zt)
+        return np.einsum("ij,ij->i", Xt @ W, Zt) + self._anchor(X, Z)
 
     def _reset_grams(self) -> None:
         """Forget the kept G (after a fit, a restore or a fresh ``A^-1``); :meth:`_gram` recomputes them."""
@@ -277,6 +358,8 @@ class SimMergePredictor(Policy):
                 var = np.outer(np.einsum("ij,ij->i", Xt, Xt), np.einsum("ij,ij->i", Zt, Zt) / self.l2).ravel()
             else:
                 mean = (Xt @ self._beta.reshape(Xt.shape[1], Zt.shape[1]) @ Zt.T).ravel()
+                if self._off_v is not None:
+                    mean += self._anchor(np.repeat(g.X, Zg.shape[0], axis=0), np.tile(Zg, (g.X.shape[0], 1)))
                 var = quad_forms(Xt, self._gram(Zt), self._scratch).ravel()
             width = np.sqrt(np.maximum(var, 0.0))
         else:
@@ -284,7 +367,8 @@ class SimMergePredictor(Policy):
             if self._beta is None:
                 mean = np.zeros(len(cands))
             else:
-                mean = np.einsum("ij,ij->i", Xt @ self._beta.reshape(Xt.shape[1], Zt.shape[1]), Zt)
+                mean = np.einsum("ij,ij->i", Xt @ self._beta.reshape(Xt.shape[1], Zt.shape[1]), Zt) \
+                    + self._anchor(cands.X, cands.Z)
             width = self._width(cands, Xt, Zt)
         return mean, mean, width, argmax_distribution(mean)
 
@@ -299,7 +383,7 @@ class SimMergePredictor(Policy):
             self._beta += u * (reward - ddot(u, self._b) / c)
             return
         self._ensure(x.shape[0], z.shape[0])
-        reward = reward * root_w
+        reward = (reward - float(self._anchor(x[None, :], z[None, :])[0])) * root_w
         xt, zt = self._std(x[None, :], z[None, :])
         phi = np.outer(xt[0], zt[0]).ravel() * root_w
         u, c = sherman_morrison(self._Ainv, phi)
@@ -329,8 +413,9 @@ class SimMergePredictor(Policy):
         xt, zt = self._std(x[None, :], z[None, :])
         v = self._beta.reshape(xt.shape[1], zt.shape[1]) @ zt[0]
         contrib = xt[0, 1:] * v[1:]
-        return {"predicted": float(v[0] + contrib.sum()), "baseline": float(v[0]), "contributions": contrib,
-                "method": "linear"}
+        own = float(self._anchor(x[None, :], z[None, :])[0])
+        return {"predicted": float(own + v[0] + contrib.sum()), "baseline": float(own + v[0]),
+                "contributions": contrib, "method": "linear"}
 
     def remap_descriptor(self, mapping) -> bool:
         """Read descriptors of the current arm schema (see :class:`~simmerge_bandit.descriptor.DescriptorMap`):
@@ -372,8 +457,9 @@ class SimMergePredictor(Policy):
             out = np.zeros((p, k + 1, p, k + 1))
             out[np.ix_(range(p), keep, range(p), keep)] = A
             fresh = np.flatnonzero(~keep)
+            rows = self.penalties(d, k).reshape(p, k + 1)[:, 0]
             for i in range(p):
-                out[i, fresh, i, fresh] = 1.0 / self.l2
+                out[i, fresh, i, fresh] = 1.0 / rows[i]
             self._Ainv = np.ascontiguousarray(out.reshape(p * (k + 1), -1))
 
             def vec(v):
@@ -382,6 +468,13 @@ class SimMergePredictor(Policy):
                 return o.reshape(-1)
 
             self._b, self._beta = vec(self._b), vec(self._beta)
+        if self._off_z is not None:  # anchored: the fitted operators' descriptors and the fallback, in the new schema
+            z = np.zeros((self._off_z.shape[0], k))
+            z[:, mapped] = (self._off_z[:, src[mapped]] - mapping.offset[mapped]) / mapping.scale[mapped]
+            w = np.zeros(k + 1)
+            w[0], w[1 + np.flatnonzero(mapped)] = self._off_w[0], self._off_w[1 + src[mapped]]
+            self._off_z, self._off_w = z, w
+            self._off_index = {r.tobytes(): i for i, r in enumerate(z)}
         self._mu_z, self._sd_z = mu, sd
         self._k = k
         self._memo = None
@@ -398,6 +491,9 @@ class SimMergePredictor(Policy):
             arrays.update({"mu_x": self._mu_x, "sd_x": self._sd_x, "mu_z": self._mu_z, "sd_z": self._sd_z})
         if self._nets is not None:
             arrays.update(_mlp.to_arrays(self._nets), level=self._level.copy())
+        if self._off_v is not None:
+            arrays.update(off_z=self._off_z.copy(), off_v=self._off_v.copy(), off_w=self._off_w.copy(),
+                          gamma=self._gamma.copy())
         return arrays, {"stats": self._stats}
 
     def _load_state(self, arrays, meta) -> None:
@@ -407,7 +503,37 @@ class SimMergePredictor(Policy):
         self._stats = dict(meta.get("stats", {}))
         self._nets = _mlp.from_arrays(arrays) or None  # a snapshot without networks is a linear model
         self._level = get("level")
+        self._off_z, self._off_v, self._off_w, self._gamma = get("off_z"), get("off_v"), get("off_w"), get("gamma")
+        self._off_index = {} if self._off_z is None else {z.tobytes(): i for i, z in enumerate(self._off_z)}
         self._reset_grams()
+
+
+def rule_features(X: np.ndarray, Z: np.ndarray) -> np.ndarray:
+    """The metadata rules (:mod:`~simmerge_bandit.rules`) as features of (context, raw descriptor) rows, (m, 3):
+    ``lean * sign(known_diff)``, ``lean * sign(tag_share_a - tag_share_b)`` and ``lean * known_diff``, where
+    ``lean = 0.5 - t`` for slerp (how far it leans towards the first source; slerp's ``t`` weighs the
+    second) and 0 for other methods. Zero where the context is not the engine's layout ``[signals, metadata,
+    task buckets]`` or the descriptors are not today's arm schema (then the anchor is the operators' means)."""
+    from .. import descriptor
+    from ..context import TASK_BUCKETS
+    from ..signals.metadata import METADATA_NAMES
+
+    X = np.asarray(X, dtype=np.float64)
+    Z = np.asarray(Z, dtype=np.float64)
+    out = np.zeros((X.shape[0], 3))
+    names = descriptor.current().names
+    m = len(METADATA_NAMES)
+    if Z.shape[1] != len(names) or X.shape[1] < m + TASK_BUCKETS:
+        return out
+    meta = X[:, X.shape[1] - m - TASK_BUCKETS:X.shape[1] - TASK_BUCKETS]
+    col = {n: i for i, n in enumerate(METADATA_NAMES)}
+    slerp = Z[:, names.index("method:slerp")]
+    lean = np.where(slerp > 0, 0.5 - Z[:, names.index("param:t")], 0.0)
+    diff = meta[:, col["known_diff"]]
+    out[:, 0] = lean * np.sign(diff)
+    out[:, 1] = lean * np.sign(meta[:, col["tag_share_a"]] - meta[:, col["tag_share_b"]])
+    out[:, 2] = lean * diff
+    return out
 
 
 def _safe_std(A: np.ndarray) -> np.ndarray:

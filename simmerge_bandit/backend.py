@@ -93,12 +93,13 @@ class Backend:
         return self._do("task", name=name)
 
     def add_task(self, name: str, data: str | os.PathLike, probes: str | None = None, metric: str = "exact_match",
-                 eval_command: str | None = None, metric_path: str | None = None) -> dict:
+                 eval_command: str | None = None, metric_path: str | None = None,
+                 eval_options: dict | None = None) -> dict:
         """Register a task (see :meth:`.Catalog.add_task`); ``probes`` is a file or a probe set's name."""
         if probes is not None and Path(str(probes)).expanduser().exists():
             probes = _abs(probes)
         return self._do("add_task", name=name, data=_abs(data), probes=probes, metric=metric,
-                        eval_command=eval_command, metric_path=metric_path)
+                        eval_command=eval_command, metric_path=metric_path, eval_options=eval_options)
 
     def probe_sets(self) -> list[dict]:
         """Every named probe set, oldest first."""
@@ -281,7 +282,8 @@ class LocalBackend(Backend):
 
     def op_add_task(self, name: str, data: PathArg | None = None, probes: str | None = None,
                     metric: str | None = None, eval_command: str | None = None, metric_path: str | None = None,
-                    data_content: str | None = None, probes_content: str | None = None) -> dict:
+                    data_content: str | None = None, probes_content: str | None = None,
+                    eval_options: dict | None = None) -> dict:
         from .taskfiles import Upload
 
         if (data is None) == (data_content is None):
@@ -289,7 +291,7 @@ class LocalBackend(Backend):
         if probes is not None and probes_content is not None:
             raise InvalidInput("give 'probes' or 'probes_content', not both")
         metric = metric or "exact_match"
-        self.catalog.check_new_task(name, metric, eval_command, metric_path)
+        self.catalog.check_new_task(name, metric, eval_command, metric_path, eval_options)
         # The rows are streamed into the home first, outside the engine's lock: a large file does not hold up
         # suggestions; only recording the task (which changes the candidates) takes the lock.
         staged = self.catalog.stage_task_data(Upload(data_content, "data_content") if data is None else data)
@@ -297,7 +299,8 @@ class LocalBackend(Backend):
             return self.catalog.add_task(name, staged,
                                          probes=probes if probes_content is None else Upload(probes_content,
                                                                                              "probes_content"),
-                                         metric=metric, eval_command=eval_command, metric_path=metric_path)
+                                         metric=metric, eval_command=eval_command, metric_path=metric_path,
+                                         eval_options=eval_options)
 
     def _engine_lock(self):
         """The engine's lock when an engine exists (a daemon's), else nothing to wait for."""
@@ -473,12 +476,14 @@ class RemoteBackend(Backend):
         return self.client.call(route.method, route.path, args)
 
     def add_task(self, name: str, data: str | os.PathLike, probes: str | None = None, metric: str = "exact_match",
-                 eval_command: str | None = None, metric_path: str | None = None) -> dict:
+                 eval_command: str | None = None, metric_path: str | None = None,
+                 eval_options: dict | None = None) -> dict:
         """As :meth:`Backend.add_task`; the files go to the daemon as their text (checked here first, so errors
         name the local file), or as paths when they lie in a directory the daemon serves (``--serve-dir``)."""
         from .taskfiles import read_jsonl, read_prompts
 
-        args = {"name": name, "metric": metric, "eval_command": eval_command, "metric_path": metric_path}
+        args = {"name": name, "metric": metric, "eval_command": eval_command, "metric_path": metric_path,
+                "eval_options": eval_options}
         args.update(self._send_file(data, "data", "data_content", lambda p: read_jsonl(p, need=("prompt", "answer"))))
         if probes is not None and Path(str(probes)).expanduser().exists():
             args.update(self._send_file(probes, "probes", "probes_content", read_prompts))

@@ -23,7 +23,7 @@ from .store import Store
 from .taskfiles import ProbeSetName, Upload, existing_file, iter_jsonl, read_jsonl, read_prompts  # noqa: F401
 
 #: The built-in metrics (add_task checks the evaluator registry, which may hold more).
-METRICS = ("exact_match", "loglik", "external")
+METRICS = ("exact_match", "loglik", "external", "lm-eval")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
 #: Without --probes, a task's probe set is made of the first prompts of its data file (answers dropped).
 DEFAULT_PROBES = 64
@@ -193,8 +193,10 @@ class Catalog:
 
     # ---- tasks ----
     def check_new_task(self, name: str, metric: str = "exact_match", eval_command: str | None = None,
-                       metric_path: str | None = None) -> None:
-        """The checks of :meth:`add_task` that need no file: a valid new name, a known metric."""
+                       metric_path: str | None = None, eval_options: Mapping[str, Any] | None = None
+                       ) -> dict[str, Any] | None:
+        """The checks of :meth:`add_task` that need no file: a valid new name, a known metric, the evaluator's
+        options (lm-eval: a known task and metric). Returns the options as they are recorded."""
         check_name("task", name)
         if self._exists("tasks", name):
             raise AlreadyExists(f"task {name!r} already exists")
@@ -204,6 +206,14 @@ class Catalog:
             raise InvalidInput(f"unknown metric {metric!r}; known: {', '.join(known)}")
         if metric == "external" and not (eval_command and metric_path):
             raise InvalidInput("metric 'external' needs an eval command and a metric path")
+        if metric == "lm-eval":
+            from .evaluators.lm_eval import check_options
+
+            return check_options(eval_options)  # cached: a second check of the same options is free
+        if eval_options:
+            raise InvalidInput(f"metric {metric!r} takes no evaluator options (lm-eval's flags are for --metric "
+                               f"lm-eval)")
+        return None
 
     def stage_task_data(self, data: str | Path | Upload) -> StagedData:
         """Stream a task's data file (or :class:`Upload`) into a hidden copy in the home, checking every row: the
@@ -240,28 +250,31 @@ class Catalog:
         return StagedData(tmp, n, digest.hexdigest(), prompts)
 
     def add_task(self, name: str, data: str | Path | Upload | StagedData, probes: str | Path | Upload | None = None,
-                 metric: str = "exact_match", eval_command: str | None = None, metric_path: str | None = None) -> dict:
+                 metric: str = "exact_match", eval_command: str | None = None, metric_path: str | None = None,
+                 eval_options: Mapping[str, Any] | None = None) -> dict:
         """Register a task from a JSON-lines file of {"prompt", "answer"} and an optional probe file.
 
         ``probes`` may be a file or the name of an existing probe set (a :class:`ProbeSetName` is always a name);
         ``data`` and ``probes`` may be :class:`Upload` content instead of files, and ``data`` what
         :meth:`stage_task_data` made of it (moved into place here). Without probes the task's probe set is the
         first prompts of the data (answers are never used as probes). The data's rows are streamed, never held in
-        memory together; a file over :data:`MAX_DATA_BYTES` is refused.
+        memory together; a file over :data:`MAX_DATA_BYTES` is refused. ``eval_options``: the evaluator's own
+        settings (``metric="lm-eval"``: see :func:`.evaluators.lm_eval.task_options`), stored as JSON.
         """
         try:
-            self.check_new_task(name, metric, eval_command, metric_path)
+            eval_options = self.check_new_task(name, metric, eval_command, metric_path, eval_options)
             staged = data if isinstance(data, StagedData) else self.stage_task_data(data)
         except BaseException:
             if isinstance(data, StagedData):
                 data.discard()
             raise
         try:
-            return self._add_task(name, staged, probes, metric, eval_command, metric_path)
+            return self._add_task(name, staged, probes, metric, eval_command, metric_path, eval_options)
         finally:
             staged.discard()  # moved into place, unless the task could not be added
 
-    def _add_task(self, name: str, staged: StagedData, probes, metric, eval_command, metric_path) -> dict:
+    def _add_task(self, name: str, staged: StagedData, probes, metric, eval_command, metric_path,
+                  eval_options=None) -> dict:
         if isinstance(probes, ProbeSetName):
             probe_name, prompts = str(self.probe_set(probes)["name"]), None
         elif (isinstance(probes, str) and not isinstance(probes, Upload) and not Path(probes).expanduser().exists()
@@ -282,8 +295,9 @@ class Catalog:
                 self._store_probes(probe_name, prompts)
             self.store.execute(
                 "INSERT INTO tasks (name, data_path, data_hash, n_examples, probe_set, metric, eval_command, "
-                "metric_path) VALUES (?,?,?,?,?,?,?,?)",
-                [name, str(dest), data_hash, n_rows, probe_name, metric, eval_command, metric_path])
+                "metric_path, eval_options) VALUES (?,?,?,?,?,?,?,?,?)",
+                [name, str(dest), data_hash, n_rows, probe_name, metric, eval_command, metric_path,
+                 json.dumps(eval_options) if eval_options else None])
         return self.task(name)
 
     def tasks(self) -> list[dict]:

@@ -297,11 +297,25 @@ def _ask_file(label: str, check, optional: bool = False):
               help="How merges are scored on this task.")
 @click.option("--eval-command", help="External evaluator command template (with --metric external).")
 @click.option("--metric-path", help="Dotted path of the score in the external evaluator's JSON output.")
+@click.option("--lm-eval-task", metavar="TASK", help="lm-evaluation-harness task or group (with --metric lm-eval; "
+                                                     "see docs/lm-eval.md).")
+@click.option("--lm-eval-metric", metavar="METRIC", help="Its metric that is the score: acc, exact_match, "
+                                                         "NAME,FILTER, ... (default: the task's first).")
+@click.option("--lm-eval-include", type=click.Path(file_okay=False), metavar="DIR",
+              help="Folder of lm-eval custom task YAML where the task is found (instead of lm-eval's own).")
+@click.option("--lm-eval-args", metavar="K=V,...", help="num_fewshot, batch_size, dtype, ...: simple_evaluate's "
+                                                        "arguments and lm-eval's HF model arguments.")
 @no_input_option
 @json_option
 @pass_ctx
-def task_add(c: Ctx, name, data, probes, metric, eval_command, metric_path, no_input, as_json) -> None:
-    """Add task NAME. In a terminal, missing arguments are asked for."""
+def task_add(c: Ctx, name, data, probes, metric, eval_command, metric_path, lm_eval_task, lm_eval_metric,
+             lm_eval_include, lm_eval_args, no_input, as_json) -> None:
+    """Add task NAME. In a terminal, missing arguments are asked for.
+
+    With --metric lm-eval, merges are scored by lm-evaluation-harness (pip install 'simmerge-bandit[lm-eval]'):
+    --lm-eval-task names the task, --data is still the task's examples (its probes, and what `simmerge zoo
+    export-lm-eval` writes as a custom task). Nothing is downloaded: a task must find its data on this machine.
+    """
     from .catalog import read_jsonl, read_prompts
 
     missing = [flag for flag, v in (("NAME", name), ("--data", data)) if not v]
@@ -314,8 +328,16 @@ def task_add(c: Ctx, name, data, probes, metric, eval_command, metric_path, no_i
                          lambda v: read_jsonl(v, need=("prompt", "answer")))
         if probes is None:
             probes = _ask_file("Probe file (empty: use the data's prompts)", read_prompts, optional=True)
+    flags = {"task": lm_eval_task, "metric": lm_eval_metric, "include": lm_eval_include, "args": lm_eval_args}
+    eval_options = None
+    if metric == "lm-eval":
+        from .evaluators.lm_eval import task_options
+
+        eval_options = task_options(**flags)
+    elif any(v is not None for v in flags.values()):
+        raise click.UsageError("the --lm-eval-* options go with --metric lm-eval")
     t = c.backend().add_task(name, data, probes=probes, metric=metric, eval_command=eval_command,
-                             metric_path=metric_path)
+                             metric_path=metric_path, eval_options=eval_options)
     emit([t], as_json, lambda d: click.echo(f"added task {t['name']} ({t['n_examples']} examples, probe set "
                                               f"{t['probe_set']})"))
 
@@ -655,6 +677,32 @@ def zoo_register(c: Ctx, directory: str, as_json: bool) -> None:
     emit(res, as_json, human)
 
 
+@zoo.command("export-lm-eval")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--task", "tasks", multiple=True, metavar="NAME", help="Export this task only; repeatable "
+                                                                    "(default: every task in the home).")
+@click.option("--tokenizer", type=click.Path(file_okay=False, exists=True), metavar="DIR",
+              help="Checkpoint whose tokenizer counts the answers' tokens for the generation budget (default: "
+                   "characters, as the micro-zoo's tokenizer has one token per character).")
+@json_option
+@pass_ctx
+def zoo_export_lm_eval(c: Ctx, directory: str, tasks: tuple[str, ...], tokenizer: str | None, as_json: bool) -> None:
+    """Write the home's tasks as lm-evaluation-harness custom tasks: DIRECTORY/NAME.yaml for each, a task of the
+    same name over the task's local data file, scored as exact_match scores it (greedy generation cut at the
+    first newline, stripped, exact match). Use DIRECTORY with --lm-eval-include, or with `lm-eval run
+    --include_path`.
+    """
+    from .evaluators.lm_eval import export_tasks
+
+    be = c.backend()
+    rows = [be.task(t) for t in tasks] if tasks else be.tasks()
+    if not rows:
+        raise click.ClickException("no tasks in this home to export (register a zoo first: simmerge zoo register)")
+    written = export_tasks(rows, directory, tokenizer_path=tokenizer)
+    emit(written, as_json, lambda w: click.echo(f"wrote {len(w)} lm-eval task(s) to {Path(directory).resolve()}: "
+                                                + ", ".join(x["task"] for x in w)))
+
+
 @zoo.command("table")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
@@ -772,7 +820,7 @@ def _print_zoo_stats(s: dict) -> None:
 @click.option("--metric", type=RegistryChoice("metrics"), help="Override the task's metric.")
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N examples.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=3600.0, show_default=True,
-              help="Time limit in seconds for an external evaluation command.")
+              help="Time limit in seconds for an external evaluation command or an lm-eval run.")
 @json_option
 @pass_ctx
 def evaluate_cmd(c: Ctx, model: str, task_name: str, metric: str | None, limit: int | None, timeout: float,
@@ -780,8 +828,8 @@ def evaluate_cmd(c: Ctx, model: str, task_name: str, metric: str | None, limit: 
     """Evaluate MODEL (a catalog name or a checkpoint directory) on a registered task.
 
     Built-in metrics: exact_match (greedy generation) and loglik (geometric-mean probability of the answer
-    tokens); external runs the task's command template. A failed evaluation is reported with its reason and
-    exits non-zero.
+    tokens); external runs the task's command template; lm-eval runs the task's lm-evaluation-harness task (its
+    results JSON is in the --json output). A failed evaluation is reported with its reason and exits non-zero.
     """
     from .evaluators import evaluate_named
 

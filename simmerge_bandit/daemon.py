@@ -456,20 +456,25 @@ class _DaemonBackend(LocalBackend):
 
     # ---- what a token holder may not do unless the daemon allows it ----
     def op_add_task(self, name, data=None, probes=None, metric=None, eval_command=None, metric_path=None,
-                    data_content=None, probes_content=None) -> dict:
+                    data_content=None, probes_content=None, eval_options=None) -> dict:
+        from .evaluators.lm_eval import runs_code
         from .taskfiles import ProbeSetName
 
         if eval_command is not None and not self.daemon.allow_eval_commands:
             raise Forbidden("this daemon does not take external evaluation commands through its API (it was not "
                             "started with --allow-eval-commands); restart it with that flag, or stop it and add the "
                             "task with the CLI")
+        if runs_code(eval_options) and not self.daemon.allow_eval_commands:  # task YAML can name Python functions
+            raise Forbidden("this daemon does not take lm-eval task folders or code-running arguments through its "
+                            "API (it was not started with --allow-eval-commands); restart it with that flag, or "
+                            "stop it and add the task with the CLI")
         if data is not None:
             data = self._served(data, "data", "send the file's text as 'data_content'")
         if probes is not None:  # a path (the client sends absolute ones), else a probe set's name, never a file
             probes = (self._served(probes, "probes", "send the file's text as 'probes_content'") if "/" in probes
                       else ProbeSetName(probes))
         return super().op_add_task(name, data, probes, metric, eval_command, metric_path, data_content,
-                                   probes_content)
+                                   probes_content, eval_options)
 
     def op_add_probe_set(self, name, file=None, content=None) -> dict:
         if file is not None:

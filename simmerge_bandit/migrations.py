@@ -408,6 +408,13 @@ def m0016_merge_table_halves_and_tags(db: duckdb.DuckDBPyConnection) -> None:
     db.execute("CREATE INDEX merge_table_case ON merge_table (zoo_key, model_a, model_b, task)")
 
 
+@migration
+def m0017_task_eval_options(db: duckdb.DuckDBPyConnection) -> None:
+    # An evaluator's own settings for a task, as JSON (NULL: none): the lm-eval evaluator's task, metric, include
+    # folder and arguments. One column for every evaluator, so a new evaluator needs no new migration.
+    db.execute("ALTER TABLE tasks ADD COLUMN eval_options VARCHAR")
+
+
 def applied(db: duckdb.DuckDBPyConnection) -> list[str]:
     db.execute("CREATE TABLE IF NOT EXISTS _migrations (name VARCHAR PRIMARY KEY, "
                "applied_at TIMESTAMP NOT NULL DEFAULT current_timestamp)")

@@ -45,7 +45,7 @@ def job_spec(engine, decision_id: str, *, catalog_reference: bool = False) -> di
     for name, weight in target.items:
         task = cat.task(name)
         tasks.append({**{k: task[k] for k in ("name", "data_path", "data_hash", "metric", "eval_command",
-                                              "metric_path")}, "weight": weight})
+                                              "metric_path", "eval_options")}, "weight": weight})
         known[name] = {}
         for m in models:
             row = engine.store.fetchone(
@@ -81,22 +81,26 @@ def merge_spec(spec: dict[str, Any], *, device: str = "auto") -> Path:
     return out
 
 
-def score_merge(spec: dict[str, Any], out: Path, *, limit: int | None = None) -> dict[str, Any]:
+def score_merge(spec: dict[str, Any], out: Path, *, limit: int | None = None, device: str = "auto"
+                ) -> dict[str, Any]:
     """Evaluate the merged checkpoint ``out`` on every task of the spec's target (and each source whose score on
     a task is unknown), normalize per task (against the best source, or the spec's catalog ``reference`` where it
-    is higher) and aggregate with the target's weights."""
+    is higher) and aggregate with the target's weights. An lm-eval evaluation's results JSON is kept in the
+    outcome's ``lm_eval`` (per task)."""
     from .evaluators import evaluate, normalize_score
 
-    scores, normalized, sources = {}, {}, {}
+    scores, normalized, sources, lm_eval = {}, {}, {}, {}
     for task in spec["tasks"]:
         name = task["name"]
-        res = evaluate(out, task, limit=limit)
+        res = evaluate(out, task, limit=limit, device=device)
+        if "lm_eval" in res.details:
+            lm_eval[name] = res.details["lm_eval"]
         if not res.ok:
             raise EvaluationFailed(f"evaluation of the merge on {name} failed: {res.reason}")
         src = dict(spec["source_scores"].get(name, {}))
         for m in spec["models"]:
             if m["name"] not in src:
-                r = evaluate(m["path"], task, limit=limit)
+                r = evaluate(m["path"], task, limit=limit, device=device)
                 if not r.ok:
                     raise EvaluationFailed(f"evaluation of source {m['name']} on {name} failed: {r.reason}")
                 src[m["name"]] = r.score
@@ -109,7 +113,7 @@ def score_merge(spec: dict[str, Any], out: Path, *, limit: int | None = None) ->
     reward = sum(weights[t] * normalized[t] for t in weights)
     raw = sum(weights[t] * scores[t] for t in weights)
     return {"score": raw, "reward": min(max(reward, 0.0), 2.0), "scores": scores, "normalized": normalized,
-            "source_scores": sources}
+            "source_scores": sources, **({"lm_eval": lm_eval} if lm_eval else {})}
 
 
 def run_spec(spec: dict[str, Any], *, device: str = "auto", limit: int | None = None,
@@ -122,7 +126,7 @@ def run_spec(spec: dict[str, Any], *, device: str = "auto", limit: int | None = 
     except Exception as e:  # a merge failure is a job failure with its reason, never a daemon crash
         raise EvaluationFailed(f"merge failed: {e}") from None
     try:
-        res = score_merge(spec, out, limit=limit)
+        res = score_merge(spec, out, limit=limit, device=device)
     finally:
         if not keep_merge:
             shutil.rmtree(out, ignore_errors=True)

@@ -3,6 +3,7 @@
 - ``exact_match``: greedy generation, batched, compared with the answers of the task's data file.
 - ``loglik``: geometric-mean probability of the answer tokens.
 - ``external``: a command template (e.g. an lm-eval-harness call) that writes JSON, plus a metric path.
+- ``lm-eval``: an lm-evaluation-harness task and metric, run through lm-eval's Python API (optional extra).
 
 Reward normalization (merged score / best source's score, clipped to [0, 2]) lives in :mod:`.normalize`.
 
@@ -24,7 +25,7 @@ from .base import EvalResult, Evaluator, LoadedModel, TaskData, load_model, read
 from .normalize import normalize_score
 
 #: The built-in evaluators in the order they are listed; modules found beside them are listed after, by name.
-_MODULES = ("exact_match", "loglik", "external")
+_MODULES = ("exact_match", "loglik", "external", "lm_eval")
 #: Modules of this package that hold machinery, not an evaluator (``_private`` ones are skipped too).
 _HELPERS = frozenset({"base", "normalize"})
 
@@ -77,7 +78,8 @@ def evaluate(model: LoadedModel | str | os.PathLike, task: Mapping[str, Any] | T
              metric: str | None = None, limit: int | None = None, **options: Any) -> EvalResult:
     """Evaluate ``model`` (a checkpoint directory or a :class:`LoadedModel`) on ``task``.
 
-    ``task`` is a catalog task row (``name``, ``data_path``, ``metric``, ``eval_command``, ``metric_path``)
+    ``task`` is a catalog task row (``name``, ``data_path``, ``metric``, ``eval_command``, ``metric_path``,
+    ``eval_options``)
     or a :class:`TaskData`; ``metric`` overrides the task's own metric.
     """
     if isinstance(task, TaskData):

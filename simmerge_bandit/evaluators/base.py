@@ -8,6 +8,7 @@ failure and carries on. Bad *arguments* (no such data file, unknown metric) stil
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -60,12 +61,16 @@ class TaskData:
     data_path: Path | None = None
     eval_command: str | None = None
     metric_path: str | None = None
+    options: Mapping[str, Any] | None = None  # the evaluator's own settings (a task row's eval_options JSON)
 
     @classmethod
     def from_mapping(cls, task: Mapping[str, Any]) -> "TaskData":
         data = task.get("data_path") or task.get("data")
+        options = task.get("eval_options")
+        if isinstance(options, str):
+            options = json.loads(options)
         return cls(name=str(task.get("name", "task")), data_path=Path(data) if data else None,
-                   eval_command=task.get("eval_command"), metric_path=task.get("metric_path"))
+                   eval_command=task.get("eval_command"), metric_path=task.get("metric_path"), options=options)
 
 
 class Evaluator:

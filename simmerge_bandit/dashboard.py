@@ -32,6 +32,8 @@ SESSION_S = 12 * 3600.0
 #: Outstanding nonces and live sessions at most (the oldest goes first): a token holder calling ``ui_login`` in a
 #: loop cannot grow the daemon's memory.
 MAX_NONCES, MAX_SESSIONS = 64, 256
+#: The one file served without a session: the stylesheet, which the login page uses too (it holds no data).
+PUBLIC = "/ui/style.css"
 #: The JSON routes that a session cookie opens (read-only, GET).
 COOKIE_ROUTES = frozenset({"/v1/dashboard"})
 #: Rows of the decision stream, the job list and the catalog lists the page gets; points of the reward curve.
@@ -138,8 +140,8 @@ def _page(title: str, text: str) -> RawBody:
 
 
 LOGIN_NEEDED = ("Log in to the simmerge dashboard",
-                "This page needs a login link: run `simmerge ui` where the daemon runs (same --home) and open the "
-                "URL it prints. Each link works once, within a minute.")
+                "This page needs a login link: run `simmerge ui` where the daemon runs (for the same state home) "
+                "and open the URL it prints. Each link works once, within a minute.")
 
 
 class Dashboard:
@@ -184,7 +186,7 @@ class Dashboard:
             self.sessions.logout(headers)
             gone = f"{self.sessions.cookie}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"
             return 200, RawBody(b"{}", "application/json", (("Set-Cookie", gone), *_SECURITY))
-        if not (self.sessions.valid(headers) or self._authorized(headers)):
+        if path != PUBLIC and not (self.sessions.valid(headers) or self._authorized(headers)):
             return 401, _page(*LOGIN_NEEDED)
         if method != "GET":
             return 405, _page("Method not allowed", f"{method} {path}")

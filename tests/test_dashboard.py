@@ -102,6 +102,8 @@ def test_login_url_sets_a_session_cookie_once_and_opens_only_the_dashboard(daemo
     code, _, body = _get(info, "/ui/")
     assert code == 401 and b"simmerge ui" in body and b"ft_a" not in body
     assert _get(info, "/ui/app.js")[0] == 401
+    code, headers, _ = _get(info, "/ui/style.css")  # (the login page's stylesheet: no data)
+    assert code == 200 and headers["Content-Type"].startswith("text/css")
     assert _get(info, "/v1/dashboard")[0] == 401
     url = _login_url(home)
     path = url.split(str(info["port"]), 1)[1]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import http
 import json
 import socket
 import threading
 import time
 from typing import Any, Awaitable, Callable, NamedTuple
+
+import httptools
 
 from .api import MAX_BODY
 from .errors import SimmergeError
@@ -47,11 +50,13 @@ class _HttpServer:
 
     Why not ``http.server``: ThreadingHTTPServer spends a thread per connection and parses headers through
     ``email.parser`` (about 0.6 ms of CPU a request, under the GIL, as much as ranking 1,320 candidates); here one
-    thread reads every connection, parses the few headers this API needs (Content-Length, Connection,
-    Authorization) and calls ``handle(method, target, headers, body)``, which returns ``(status, payload)``, an
-    :class:`asyncio.Future` of it (answered from the future's callback: no task per request) or a coroutine.
-    Each connection is a plain :class:`asyncio.Protocol` that parses the bytes as they arrive (a stream reader's
-    await per header line cost the loop thread about a fifth of the daemon's CPU under load).
+    thread reads every connection and calls ``handle(method, target, headers, body)``, which returns
+    ``(status, payload)``, an :class:`asyncio.Future` of it (answered from the future's callback: no task per
+    request) or a coroutine. Each connection is a plain :class:`asyncio.Protocol` that parses the bytes as they
+    arrive (a stream reader's await per header line cost the loop thread about a fifth of the daemon's CPU under
+    load). Requests are parsed by llhttp (Node.js's parser, through httptools, uvicorn's), not by hand: it costs
+    about what the hand-written parser did, and h11 three to four times as much of this thread's CPU a request
+    (``benchmarks/bench_http.py``, docs/daemon.md).
     """
 
     MAX_BODY = MAX_BODY
@@ -174,7 +179,12 @@ class _HttpServer:
 
 class _HttpConnection(asyncio.Protocol):
     """One client connection: requests are parsed from the bytes received and answered in order, one at a time
-    (a pipelined request waits in the buffer until the one before it is answered)."""
+    (a pipelined request waits, parsed or in the buffer, until the one before it is answered).
+
+    llhttp calls the ``on_*`` methods as it parses; what this API refuses is decided there and after each read:
+    a chunked body (501), a body over :attr:`_HttpServer.MAX_BODY` (413), a head over ``MAX_LINE`` bytes or
+    ``MAX_HEADERS`` lines (431), a wrong token once a request's headers are in and its body is still to come
+    (401), anything llhttp cannot parse (400). Requests complete before the refused one are answered first."""
 
     PAUSE_AT = 1 << 20  # stop reading while this much waits unparsed behind a request being answered
 
@@ -193,6 +203,17 @@ class _HttpConnection(asyncio.Protocol):
         self.request_started: float | None = None  # when the first byte of an incomplete request arrived
         self.authorized = False  # the incomplete request's headers passed the token check
         self.spoke = False       # has sent a byte
+        self.parser = httptools.HttpRequestParser(self)
+        self.ready: collections.deque = collections.deque()  # parsed requests waiting for their turn
+        self.error: _BadRequest | None = None  # the refusal of the request being parsed
+        self.began = False       # a request began in the read being parsed
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget the request being parsed (it is complete)."""
+        self.url, self.headers, self.body = b"", {}, []
+        self.head_bytes = self.pending = 0  # its head's size as the callbacks saw it / as whole reads of it
+        self.parsing = self.in_body = self.continued = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -255,7 +276,8 @@ class _HttpConnection(asyncio.Protocol):
                     self.paused = False
                 return
             self.busy = True
-            self.request_started = time.monotonic() if self.buf else None  # a pipelined one is under way
+            # a pipelined one is under way
+            self.request_started = time.monotonic() if self.buf or self.ready or self.parsing else None
             self.authorized = False
             method, target, headers, body, self.keep = request
             self.target = target
@@ -297,57 +319,84 @@ class _HttpConnection(asyncio.Protocol):
             self.transport.close()
             self.closed = True
 
+    # ---- llhttp's callbacks (an exception raised in one stops the parser) ----
+    def _refuse_request(self, status: int, message: str) -> None:
+        self.error = _BadRequest(status, message)
+        raise self.error
+
+    def _head(self, n: int) -> None:
+        self.head_bytes += n
+        if self.head_bytes > self.server.MAX_LINE:
+            self._refuse_request(431, "request line or header too long")
+
+    def on_message_begin(self) -> None:
+        self.parsing = self.began = True
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self._head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self.headers) >= self.server.MAX_HEADERS:
+            self._refuse_request(431, "too many header lines")
+        self._head(len(name) + len(value) + 4)
+        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+        if key in self.headers:  # a repeated header is one list (RFC 9110 5.3); cookies join with "; "
+            text = self.headers[key] + ("; " if key == "cookie" else ", ") + text
+        self.headers[key] = text
+
+    def on_headers_complete(self) -> None:
+        srv = self.server
+        if "transfer-encoding" in self.headers:
+            self._refuse_request(501, "chunked request bodies are not supported; send Content-Length")
+        if int(self.headers.get("content-length") or 0) > srv.MAX_BODY:
+            self._refuse_request(413, f"request body must be at most {srv.MAX_BODY} bytes")
+        self.in_body = True
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        p = self.parser
+        conn = self.headers.get("connection", "").lower()
+        keep = conn != "close" if p.get_http_version() == "1.1" else conn == "keep-alive"
+        self.ready.append((p.get_method().decode("latin-1"), self.url.decode("latin-1"), self.headers,
+                           b"".join(self.body), keep))
+        self._reset()
+
     def _parse(self):
         """The next request as ``(method, target, headers, body, keep_alive)``, None while it is incomplete."""
-        buf, srv = self.buf, self.server
-        end, sep = buf.find(b"\r\n\r\n"), 4
-        alt = buf.find(b"\n\n", 0, end if end >= 0 else len(buf))
-        if alt >= 0:
-            end, sep = alt, 2
-        if end < 0:
-            if len(buf) > srv.MAX_LINE:
-                raise _BadRequest(431, "request line or header too long")
-            return None
-        if end > srv.MAX_LINE:
-            raise _BadRequest(431, "request line or header too long")
-        lines = bytes(buf[:end]).decode("latin-1").split("\n")
-        parts = lines[0].split()
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            raise _BadRequest(400, "malformed request line")
-        method, target, version = parts
-        if len(lines) - 1 > srv.MAX_HEADERS:
-            raise _BadRequest(431, "too many header lines")
-        headers: dict[str, str] = {}
-        for h in lines[1:]:
-            name, colon, value = h.partition(":")
-            if not colon:
-                raise _BadRequest(400, "malformed header line")
-            headers[name.strip().lower()] = value.strip()
-        if "transfer-encoding" in headers:
-            raise _BadRequest(501, "chunked request bodies are not supported; send Content-Length")
-        try:
-            length = int(headers.get("content-length") or 0)
-        except ValueError:
-            raise _BadRequest(400, "invalid Content-Length") from None
-        if not 0 <= length <= srv.MAX_BODY:
-            raise _BadRequest(413, f"request body must be at most {srv.MAX_BODY} bytes")
-        start = end + sep
-        if len(buf) < start + length and not self.authorized and srv.authorize is not None:
-            # the token before the body: a caller without it cannot make the daemon wait for or hold 16 MiB
-            if not srv.authorize(headers):
-                raise _BadRequest(401, "missing or wrong bearer token (see daemon.json)")
-            self.authorized = True
-        if len(buf) < start + length:
-            if length and not self.continued and headers.get("expect", "").lower() == "100-continue":
+        srv = self.server
+        if not self.ready and self.buf and self.error is None:
+            data = bytes(self.buf)
+            self.buf.clear()
+            in_head, self.began = self.parsing and not self.in_body, False
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserCallbackError:
+                pass  # self.error says why
+            except httptools.HttpParserError as e:
+                if self.error is None:
+                    self.error = _BadRequest(400, f"malformed request: {e}")
+            if self.error is None and in_head and self.parsing and not self.in_body and not self.began:
+                self.pending += len(data)  # a whole read inside a head that is still incomplete (llhttp holds it)
+                if max(self.pending, self.head_bytes) > srv.MAX_LINE:
+                    self.error = _BadRequest(431, "request line or header too long")
+        if self.ready:
+            return self.ready.popleft()
+        if self.error is not None:
+            raise self.error
+        if self.in_body:  # the next request's body is still to come (and no earlier one waits for its answer)
+            if not self.authorized and srv.authorize is not None:
+                # the token before the body: a caller without it cannot make the daemon wait for or hold 16 MiB
+                if not srv.authorize(self.headers):
+                    raise _BadRequest(401, "missing or wrong bearer token (see daemon.json)")
+                self.authorized = True
+            if (not self.continued and int(self.headers.get("content-length") or 0)
+                    and self.headers.get("expect", "").lower() == "100-continue"):
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl asks before large bodies
                 self.continued = True
-            return None
-        body = bytes(buf[start:start + length])
-        del buf[:start + length]
-        self.continued = False
-        conn = headers.get("connection", "").lower()
-        keep = conn != "close" if version == "HTTP/1.1" else conn == "keep-alive"
-        return method, target, headers, body, keep
+        return None
 
 
 def default_max_connections() -> int:

@@ -46,6 +46,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -578,9 +579,63 @@ def execute(plan: Plan, out: str | os.PathLike, *, device: str = "auto", seed: i
     """
     if threads is not None and threads < 1:
         raise InvalidInput(f"threads must be at least 1, got {threads}")
-    with torch_threads(threads):
+    with torch_threads(threads), _reused_heap():
         return _execute(plan, out, device=device, seed=seed, force=force, shard_size=shard_size,
                         exact_ties=exact_ties, vocab=vocab, progress=progress, fsync=fsync, operators=operators)
+
+
+#: glibc ``mallopt`` parameters: allocations under the threshold come from the heap (32 MiB, glibc's largest
+#: dynamic value), and up to TRIM bytes of freed heap stay with the process until :func:`_reused_heap` ends.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD, _TRIM_THRESHOLD = 32 << 20, 1 << 30
+
+
+@contextmanager
+def _reused_heap() -> Iterator[None]:
+    """Keep freed chunk buffers in the process while merging, and give them back at the end (glibc only).
+
+    Kernels allocate and free tensors of a few MB per chunk. glibc returns such memory to the kernel as soon as
+    it is freed (the top of the heap beyond twice the last freed size, or an mmap'd block), so every next chunk
+    page-faults its buffers in again and the kernel zeroes them: 700 000 faults and 2.7 s of system time in a
+    7 s TIES merge of the benchmark's 0.29 B-parameter family, against 70 000 and 0.35 s with this. Peak memory
+    is unchanged (freed buffers are reused, not added); ``malloc_trim`` returns what is left at the end.
+    """
+    global _merging
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    with _heap_lock:
+        if _merging == 0:
+            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+            libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+        _merging += 1
+    try:
+        yield
+    finally:
+        with _heap_lock:
+            _merging -= 1
+            if _merging == 0:  # the last of concurrent merges (daemon threads) gives the memory back
+                libc.mallopt(_M_TRIM_THRESHOLD, 128 << 10)  # glibc's default
+                libc.malloc_trim(0)
+
+
+_heap_lock = threading.Lock()
+_merging = 0
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    if not all(hasattr(libc, f) for f in ("mallopt", "malloc_trim", "gnu_get_libc_version")):  # not glibc
+        return None
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    return libc
 
 
 def _execute(plan: Plan, out, *, device, seed, force, shard_size, exact_ties, vocab, progress, fsync,

@@ -115,15 +115,28 @@ def _elect(ds, ws, unit, positive, normalize, cd, acc):
     ``d_i`` is kept and 0 elsewhere, its sign is the keep indicator, and the kept sum is ``maj`` times the sum of
     those magnitudes (exact: multiplying by +-1 and rounding commute).
     """
-    maj = torch.copysign(torch.ones((), dtype=ds[0].dtype, device=ds[0].device), _sum(ds, cd, acc)
-                         if len(ds) < 3 else _sum_exact_sign(ds, acc))
-    kept = [(d * maj).clamp_(min=0) for d in ds]
-    mixed = _sum(kept, cd, acc) * maj.to(cd)
+    if acc.itemsize > cd.itemsize:
+        # A half-precision compute dtype: every step up to the kept sum is exact in float32 (the sign of a sum,
+        # sign flips, relu), and the kept sum is float32 rounded once to cd, as in cd; so it all runs on
+        # float32 copies, in place: one conversion per delta instead of half-precision operations (each an
+        # upcast, the operation and a rounding) and a conversion of the keep indicators.
+        kept = [d.to(acc) for d in ds]
+        maj = torch.copysign(torch.ones((), dtype=acc, device=ds[0].device), _sum_exact_sign(kept, acc))
+        for k in kept:
+            k.mul_(maj).clamp_(min=0)
+        mixed = _sum_exact_sign(kept, acc).mul_(maj).to(cd)
+        ind = kept
+    else:
+        maj = torch.copysign(torch.ones((), dtype=ds[0].dtype, device=ds[0].device), _sum(ds, cd, acc)
+                             if len(ds) < 3 else _sum_exact_sign(ds, acc))
+        kept = [(d * maj).clamp_(min=0) for d in ds]
+        mixed = _sum(kept, cd, acc) * maj.to(cd)
+        ind = [k.to(acc) for k in kept]
     if not normalize:
         return mixed, None
     # The keep indicators in the accumulation dtype (sign() of a half-precision tensor is several times slower),
     # weighted by the weights as the compute dtype holds them; their sum rounded to it, as mergekit's.
-    ind = [k.to(acc).sign_() if u else k.to(acc).sign_().mul_(w) for k, w, u in zip(kept, ws, unit)]
+    ind = [i.sign_() if u else i.sign_().mul_(w) for i, w, u in zip(ind, ws, unit)]
     divisor = _sum(ind, cd, acc)
     if positive:  # a zero divisor comes with a zero sum there: any positive divisor gives mergekit's 0 / 1
         divisor.clamp_(min=torch.finfo(cd).tiny)
@@ -133,7 +146,10 @@ def _elect(ds, ws, unit, positive, normalize, cd, acc):
 
 
 def _sum_exact_sign(ds, acc):
-    """The sum of three or more deltas in the accumulation dtype (its sign is mergekit's majority sign)."""
+    """The sum of the deltas in the accumulation dtype, in order (a new tensor; its sign is mergekit's majority
+    sign, and rounded once to the compute dtype it is mergekit's sum)."""
+    if len(ds) == 1:
+        return ds[0].to(acc, copy=True)
     total = ds[0].to(acc) + ds[1]
     for d in ds[2:]:
         total += d

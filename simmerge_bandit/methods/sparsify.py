@@ -74,6 +74,8 @@ class _Keys:
         self.bits = dtype in (torch.bfloat16, torch.float16)
 
     def of(self, d: torch.Tensor):
+        if d.device.type == "cpu" and self.bits:  # numpy's int16 AND: 5x faster than torch's here
+            return np.bitwise_and(d.reshape(-1).view(torch.int16).numpy(), 0x7FFF)
         k = (d.view(torch.int16) & 0x7FFF) if self.bits else d.abs()
         return k.reshape(-1).numpy() if k.device.type == "cpu" else k.reshape(-1)
 
@@ -104,8 +106,9 @@ class RankSelect:
     Chunks of the (signed) values arrive in index order, once per pass: :meth:`observe` during the statistics
     pass, then :meth:`finish`, then :meth:`select` of chunk ``ci`` in any later pass. The statistics pass counts
     the keys under a bracket of each cut (from ``sample``) and keeps the few inside it, or (no sample) keeps all
-    keys. A selected chunk is the chunk with the dropped entries set to 0, computed with ``hardshrink``; only the
-    chunk where a group of equal magnitudes is split between kept and dropped needs a boolean mask.
+    keys. A selected chunk is the chunk with the dropped entries set to 0, computed with ``hardshrink``; in the
+    chunk where a group of equal magnitudes is split between kept and dropped, its kept entries are then put back
+    by index.
     """
 
     def __init__(self, n: int, r_lo: int, r_hi: int, sample: torch.Tensor | None, dtype: torch.dtype):
@@ -232,38 +235,35 @@ class RankSelect:
             lo_thr = self.keys.value(self._lo)
         if self._hi is not None:
             hi_thr = self.keys.value(self._hi)
+        split = []
         for g in self.groups:
             s, c = g["start"].get(ci, 0), g["count"].get(ci, 0)
             if g["j0"] <= s and s + c <= g["j1"]:
                 kept = True
             elif s + c <= g["j0"] or s >= g["j1"]:
                 kept = False
-            else:
-                return d * self._mask(ci, d)
+            else:  # split in this chunk: dropped by the thresholds, its kept entries put back below
+                kept = False
+                split.append((g, max(g["j0"] - s, 0), min(g["j1"] - s, c)))
             if g["end"] in ("lo", "both"):
                 lo_thr = below(g["value"], d.dtype) if kept else g["value"]
             if g["end"] in ("hi", "both"):
                 hi_thr = g["value"] if kept else below(g["value"], d.dtype)
         if lo_thr is not None and hi_thr is not None and hi_thr <= lo_thr:
-            return torch.zeros_like(d)
-        out = _kept_above(d, lo_thr) if lo_thr is not None else d
-        return out - _kept_above(d, hi_thr) if hi_thr is not None else out
-
-    def _mask(self, ci: int, d: torch.Tensor) -> torch.Tensor:
-        """The boolean keep-mask of a chunk where a tie group is split."""
-        k = _host(self.keys.of(d))
-        m = np.ones(k.size, dtype=bool)
-        if self._lo is not None:
-            m &= k > self._lo
-        if self._hi is not None:
-            m &= k < self._hi
-        for g in self.groups:
-            s = g["start"].get(ci, 0)
-            a, b = max(g["j0"] - s, 0), min(g["j1"] - s, g["count"].get(ci, 0))
-            if b > a:
-                m[np.flatnonzero(k == g["v"])[a:b]] = True
-        return torch.from_numpy(m).to(d.device).view(d.shape)
-
+            out = torch.zeros_like(d)
+        else:
+            out = _kept_above(d, lo_thr) if lo_thr is not None else d
+            out = out - _kept_above(d, hi_thr) if hi_thr is not None else out
+        if split:
+            # The tied entries kept are the a-th to b-th of the chunk's entries of that magnitude (index order):
+            # found on the keys (a numpy compare) instead of a boolean mask over the whole chunk.
+            k = _host(self.keys.of(d))
+            flat_out, flat_d = out.view(-1), d.reshape(-1)
+            for g, a, b in split:
+                if b > a:
+                    idx = torch.from_numpy(np.flatnonzero(k == g["v"])[a:b]).to(d.device)
+                    flat_out[idx] = flat_d[idx]
+        return out
 
 # ---- per-model sparsifiers -------------------------------------------------------------------------------------
 

@@ -1,22 +1,25 @@
-"""HTTP layer benchmark: the daemon's hand-written HTTP/1.1 server against the same handling on h11 and uvicorn.
+"""HTTP layer benchmark: the daemon's HTTP/1.1 server (llhttp) against its old hand-written parser, h11 and uvicorn.
 
-Issue 20 (item 4) asks whether the hand-written parser of ``simmerge_bandit/httpserver.py`` earns its keep against a
-maintained one. One run, on loopback, serves the same request handling (the bearer token checked, the JSON body
+Issue 20 (item 4) asked whether the hand-written parser of ``simmerge_bandit/httpserver.py`` earned its keep against
+a maintained one. One run, on loopback, serves the same request handling (the bearer token checked, the JSON body
 parsed, a small JSON answer) from:
 
-- ``ours``: ``httpserver._HttpServer`` as the daemon runs it;
-- ``h11``: the same server (same connection cap, timeouts, token check before the body) with every request parsed
-  and every answer framed by h11 (:class:`H11Connection`: the port the issue suggests);
+- ``ours``: ``httpserver._HttpServer`` as the daemon runs it (requests parsed by llhttp through httptools, since
+  this benchmark's first results);
+- ``hand-written``: the same server with the hand-written parser it had before (:class:`HandWrittenConnection`);
+- ``h11``: the same server with every request parsed and every answer framed by h11 (:class:`H11Connection`);
 - ``uvicorn-h11`` and ``uvicorn-httptools``: uvicorn serving a minimal ASGI app that does the same.
 
-Each server is a process of its own; the clients are one asyncio process that writes raw requests (cheaper than
+The variants of the daemon's server change only how a connection parses and frames (its connection class, swapped
+in the server's process); the connection cap, timeouts and token check before the body are the same. Each server
+is a process of its own; the clients are one asyncio process that writes raw requests (cheaper than
 ``http.client``, so that the servers, not the client, set the pace). Scenarios: keep-alive calls from 1 and 8
 concurrent connections, 16 requests pipelined per write, and one authenticated client while 3,000 idle and
-half-sent connections are held open. Then the real daemon (suggest top 5 + feedback on 1,320 candidates) once with
-``ours`` and once with ``h11`` (its connections' class swapped in this benchmark's process, nothing else changed).
-Servers run in turns within each of 3 rounds, so that a change of the machine's load falls on all of them; the
-figures are compared as ratios to ``ours`` from the same run, and each server's CPU time per request (from
-``/proc``) is recorded beside its requests per second: on a shared 2-core machine CPU time is the steadier figure.
+half-sent connections are held open. Then the real daemon (suggest top 5 + feedback on 1,320 candidates) with
+``ours``, ``hand-written`` and ``h11``. Servers run in turns within each round, so that a change of the machine's
+load falls on all of them; the figures are compared as ratios to ``ours`` from the same run, and each server's CPU
+time per request (from ``/proc``) is recorded beside its requests per second: on a shared 2-core machine CPU time
+is the steadier figure.
 
     python benchmarks/bench_http.py [--seconds 3] [--rounds 3] [--flood 3000]
     python benchmarks/bench_http.py --table     # docs/daemon.md's table from the committed results
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import hmac
 import json
 import multiprocessing
@@ -55,8 +57,8 @@ from simmerge_bandit.httpserver import _PHRASES, _BadRequest, _HttpConnection, _
 
 OUT = ROOT / "results" / "http.json"
 TOKEN = "bench-token-0123456789"
-MICRO = ("ours", "h11", "httptools", "uvicorn-h11", "uvicorn-httptools")
-DAEMONS = ("ours", "h11", "httptools")
+MICRO = ("ours", "hand-written", "h11", "uvicorn-h11", "uvicorn-httptools")
+DAEMONS = ("ours", "hand-written", "h11")
 #: The decision rule of issue 20 item 4, fixed before the run: port to h11 when it costs less than this share of
 #: the real daemon's suggest + feedback throughput (8 clients), whose cost is the policy and DuckDB work.
 PORT_IF_COST_BELOW = 0.25
@@ -132,103 +134,61 @@ class H11Connection(_HttpConnection):
             self.closed = True
 
 
-class HttptoolsConnection(_HttpConnection):
-    """``_HttpConnection`` with llhttp (through httptools, uvicorn's parser) parsing requests; answers, connection
-    management and the refusals (chunked bodies 501, a body over the limit 413, the token before the body) are the
-    base class's."""
-
-    def __init__(self, server: _HttpServer):
-        super().__init__(server)
-        import httptools
-
-        self.parser = httptools.HttpRequestParser(self)
-        self.ready: collections.deque = collections.deque()  # complete requests not yet answered
-        self.error: _BadRequest | None = None
-        self._reset()
-
-    def _reset(self) -> None:
-        self.url, self.headers, self.body = b"", {}, []
-        self.head_bytes = self.pending = 0  # the head's size as the callbacks saw it / as whole reads of it
-        self.in_body = self.started = False
-
-    def _fail(self, status: int, message: str) -> None:
-        """Stop the parser (llhttp turns this into HttpParserCallbackError) with the answer to give."""
-        self.error = _BadRequest(status, message)
-        raise self.error
-
-    def _head(self, n: int) -> None:
-        self.head_bytes += n
-        if self.head_bytes > self.server.MAX_LINE:
-            self._fail(431, "request line or header too long")
-
-    # llhttp's callbacks
-    def on_message_begin(self) -> None:
-        self.started = self.began = True
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-        self._head(len(url))
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(self.headers) >= self.server.MAX_HEADERS:
-            self._fail(431, "too many header lines")
-        self._head(len(name) + len(value) + 4)
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
-
-    def on_headers_complete(self) -> None:
-        h, srv = self.headers, self.server
-        if "transfer-encoding" in h:
-            self._fail(501, "chunked request bodies are not supported; send Content-Length")
-        if int(h.get("content-length") or 0) > srv.MAX_BODY:
-            self._fail(413, f"request body must be at most {srv.MAX_BODY} bytes")
-        self.in_body = True
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        p = self.parser
-        version = p.get_http_version()
-        conn = self.headers.get("connection", "").lower()
-        keep = conn != "close" if version == "1.1" else conn == "keep-alive"
-        self.ready.append((p.get_method().decode(), self.url.decode("latin-1"), self.headers, b"".join(self.body),
-                           keep))
-        self._reset()
+class HandWrittenConnection(_HttpConnection):
+    """The connection as it was before llhttp (httpserver.py up to commit 04f1f68): the hand-written parser below,
+    kept here as the baseline; everything else is the server's own."""
 
     def _parse(self):
-        import httptools
-
-        srv = self.server
-        if not self.ready and self.buf and self.error is None:
-            data = bytes(self.buf)
-            self.buf.clear()
-            in_head, self.began = self.started and not self.in_body, False
-            try:
-                self.parser.feed_data(data)
-            except httptools.HttpParserCallbackError:
-                pass  # self.error says why
-            except httptools.HttpParserError as e:
-                if self.error is None:
-                    self.error = _BadRequest(400, f"malformed request: {e}")
-            if self.error is None and in_head and self.started and not self.in_body and not self.began:
-                self.pending += len(data)  # a whole read within a head still incomplete: a slow or endless one
-                if max(self.pending, self.head_bytes) > srv.MAX_LINE:
-                    self.error = _BadRequest(431, "request line or header too long")
-            if self.error is None and self.in_body:  # a request whose body is still to come
-                if not self.authorized and srv.authorize is not None:
-                    if not srv.authorize(self.headers):
-                        self.error = _BadRequest(401, "missing or wrong bearer token (see daemon.json)")
-                    self.authorized = True
-                if (self.error is None and not self.continued
-                        and self.headers.get("expect", "").lower() == "100-continue"):
-                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                    self.continued = True
-        if self.ready:  # the requests before a bad one are answered first
-            self.continued = False
-            return self.ready.popleft()
-        if self.error is not None:
-            raise self.error
-        return None
+        """The next request as ``(method, target, headers, body, keep_alive)``, None while it is incomplete."""
+        buf, srv = self.buf, self.server
+        end, sep = buf.find(b"\r\n\r\n"), 4
+        alt = buf.find(b"\n\n", 0, end if end >= 0 else len(buf))
+        if alt >= 0:
+            end, sep = alt, 2
+        if end < 0:
+            if len(buf) > srv.MAX_LINE:
+                raise _BadRequest(431, "request line or header too long")
+            return None
+        if end > srv.MAX_LINE:
+            raise _BadRequest(431, "request line or header too long")
+        lines = bytes(buf[:end]).decode("latin-1").split("\n")
+        parts = lines[0].split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise _BadRequest(400, "malformed request line")
+        method, target, version = parts
+        if len(lines) - 1 > srv.MAX_HEADERS:
+            raise _BadRequest(431, "too many header lines")
+        headers: dict[str, str] = {}
+        for h in lines[1:]:
+            name, colon, value = h.partition(":")
+            if not colon:
+                raise _BadRequest(400, "malformed header line")
+            headers[name.strip().lower()] = value.strip()
+        if "transfer-encoding" in headers:
+            raise _BadRequest(501, "chunked request bodies are not supported; send Content-Length")
+        try:
+            length = int(headers.get("content-length") or 0)
+        except ValueError:
+            raise _BadRequest(400, "invalid Content-Length") from None
+        if not 0 <= length <= srv.MAX_BODY:
+            raise _BadRequest(413, f"request body must be at most {srv.MAX_BODY} bytes")
+        start = end + sep
+        if len(buf) < start + length and not self.authorized and srv.authorize is not None:
+            # the token before the body: a caller without it cannot make the daemon wait for or hold 16 MiB
+            if not srv.authorize(headers):
+                raise _BadRequest(401, "missing or wrong bearer token (see daemon.json)")
+            self.authorized = True
+        if len(buf) < start + length:
+            if length and not self.continued and headers.get("expect", "").lower() == "100-continue":
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl asks before large bodies
+                self.continued = True
+            return None
+        body = bytes(buf[start:start + length])
+        del buf[:start + length]
+        self.continued = False
+        conn = headers.get("connection", "").lower()
+        keep = conn != "close" if version == "HTTP/1.1" else conn == "keep-alive"
+        return method, target, headers, body, keep
 
 
 def use_h11() -> None:
@@ -238,11 +198,11 @@ def use_h11() -> None:
     hs._HttpConnection = H11Connection
 
 
-def use_httptools() -> None:
-    """Make every ``_HttpServer`` of this process take its connections as :class:`HttptoolsConnection`."""
+def use_hand_written() -> None:
+    """Make every ``_HttpServer`` of this process take its connections as :class:`HandWrittenConnection`."""
     import simmerge_bandit.httpserver as hs
 
-    hs._HttpConnection = HttptoolsConnection
+    hs._HttpConnection = HandWrittenConnection
 
 
 def _authorized(headers: dict[str, str]) -> bool:
@@ -281,11 +241,11 @@ async def asgi_app(scope, receive, send):
 def serve(kind: str) -> None:
     """Run one server (this process), print its port, and serve until stdin closes."""
     sock_port = None
-    if kind in ("ours", "h11", "httptools"):
+    if kind in ("ours", "h11", "hand-written"):
         if kind == "h11":
             use_h11()
-        elif kind == "httptools":
-            use_httptools()
+        elif kind == "hand-written":
+            use_hand_written()
         srv = _HttpServer("127.0.0.1", 0, lambda m, t, headers, body: _answer(_authorized(headers), body),
                           authorize=_authorized)
         srv.start()
@@ -315,8 +275,8 @@ def serve_daemon(kind: str, home: str) -> None:
     """The real daemon (``simmerge daemon``) in this process, with h11 connections when ``kind`` is h11."""
     if kind == "h11":
         use_h11()
-    elif kind == "httptools":
-        use_httptools()
+    elif kind == "hand-written":
+        use_hand_written()
     from simmerge_bandit.cli import main
 
     sys.argv = ["simmerge", "--home", home, "daemon", "--port", "0", "--eval-budget", "0"]
@@ -524,8 +484,8 @@ def run(args) -> dict:
         res["versions"]["httptools"] = httptools.__version__
         kinds = MICRO
     except ImportError:
-        kinds = MICRO[:2]
-    dkinds = DAEMONS if "httptools" in kinds else DAEMONS[:2]
+        kinds = MICRO[:3]
+    dkinds = DAEMONS
     scenarios = {"keepalive_1": (1, 1), "keepalive_8": (8, 1), "pipelined_16": (1, 16)}
     servers = {k: Server(k) for k in kinds}
     parts: dict = {s: {k: [] for k in kinds} for s in scenarios}
@@ -580,18 +540,20 @@ def run(args) -> dict:
 
 def decide(res: dict) -> dict:
     """Issue 20 item 4's rule, from the figures: a maintained parser is used when it costs the real daemon under
-    :data:`PORT_IF_COST_BELOW` of its throughput (8 clients); of those within the rule, the one with the least
-    HTTP-layer CPU per request (8 keep-alive clients: the daemon-level figures move by tens of percent from one
-    round to the next on a shared machine, the CPU per request does not)."""
-    r8 = res["ratios_to_ours"]["daemon"]["suggest_feedback_8"]
-    cost = {k: 1 - r8[k]["rps"] for k in r8}
+    :data:`PORT_IF_COST_BELOW` of the hand-written parser's throughput (8 clients); of those within the rule, the
+    one with the least HTTP-layer CPU per request (8 keep-alive clients: the daemon-level figures move by tens of
+    percent from one round to the next on a shared machine, the CPU per request much less). The hand-written parser
+    is ``hand-written`` in a run since the port, ``ours`` in the run that decided it (commit 04f1f68)."""
+    base = "hand-written" if "hand-written" in res["daemon"]["suggest_feedback_8"] else "ours"
+    d8, m8 = res["daemon"]["suggest_feedback_8"], res["micro"]["keepalive_8"]
+    cost = {k: 1 - d8[k]["rps"] / d8[base]["rps"] for k in d8 if k != base}
     within = [k for k, c in cost.items() if c < PORT_IF_COST_BELOW]
-    cpu = {k: res["ratios_to_ours"]["micro"]["keepalive_8"][k]["server_cpu_us_per_request"] for k in within}
-    return {"rule": f"use a maintained parser when it costs the real daemon under {PORT_IF_COST_BELOW:.0%} of its "
-                    "suggest + feedback throughput (8 clients); of those, the one with the least HTTP-layer CPU per "
-                    "request",
-            "daemon_throughput_cost": cost, "within_rule": within,
-            "choice": min(cpu, key=cpu.get) if cpu else None}
+    cpu = {k: m8[k]["server_cpu_us_per_request"] / m8[base]["server_cpu_us_per_request"] for k in within}
+    return {"rule": f"use a maintained parser when it costs the real daemon under {PORT_IF_COST_BELOW:.0%} of the "
+                    "hand-written parser's suggest + feedback throughput (8 clients); of those, the one with the "
+                    "least HTTP-layer CPU per request",
+            "baseline": base, "daemon_throughput_cost": cost, "within_rule": within,
+            "http_cpu_per_request_vs_baseline": cpu, "choice": min(cpu, key=cpu.get) if cpu else base}
 
 
 def ratios(res: dict) -> dict:
@@ -652,8 +614,8 @@ def markdown_table(res: dict) -> str:
             rows.append(f"| {who}: {label} | " + " | ".join(fmt(by[k], by["ours"]) for k in dk) + " |")
     d, m = decide(res), res["machine"]
     costs = ", ".join(f"`{k}` {c:.0%}" for k, c in d["daemon_throughput_cost"].items())
-    rows += ["", f"Rule: {d['rule']}. Measured cost: {costs}; choice: "
-             f"{'`' + d['choice'] + '`' if d['choice'] else 'keep the hand-written parser'}. "
+    rows += ["", f"Rule: {d['rule']}. Measured cost against `{d['baseline']}`: {costs}; choice: `{d['choice']}`"
+             + (" (llhttp)" if d["choice"] == "ours" else "") + ". "
              f"{res['rounds']} rounds of {res['seconds_per_turn']:g} s per server and scenario "
              f"({res['daemon_rounds']} for the daemon), servers in turns; h11 {res['versions']['h11']}"
              + (f", uvicorn {res['versions']['uvicorn']}, httptools {res['versions']['httptools']}"

@@ -65,27 +65,25 @@ def _kept_above(d: torch.Tensor, v: float) -> torch.Tensor:
 
 
 class _Keys:
-    """Magnitudes as sortable keys: for 16-bit floats the bits without the sign (an integer whose order is that
-    of the magnitude), else the magnitude itself. On the CPU keys are numpy arrays: numpy compares and counts
-    tens of times faster than torch's boolean ops there (measured on torch 2.13)."""
+    """Magnitudes as sortable keys: the bits of the value without the sign, an integer whose order is that of the
+    magnitude (IEEE floats of one sign sort as their bits do). On the CPU keys are numpy arrays: numpy masks,
+    compares and counts tens of times faster than torch's integer and boolean ops there (measured on torch
+    2.13), and a mask is cheaper than a float ``abs``."""
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
-        self.bits = dtype in (torch.bfloat16, torch.float16)
+        self.int_dtype = _INT_VIEW[dtype]
+        self.mask = (1 << (8 * dtype.itemsize - 1)) - 1
 
     def of(self, d: torch.Tensor):
-        if d.device.type == "cpu" and self.bits:  # numpy's int16 AND: 5x faster than torch's here
-            return np.bitwise_and(d.reshape(-1).view(torch.int16).numpy(), 0x7FFF)
-        k = (d.view(torch.int16) & 0x7FFF) if self.bits else d.abs()
-        return k.reshape(-1).numpy() if k.device.type == "cpu" else k.reshape(-1)
-
-    def key(self, value: float):
-        """The key of a magnitude that is a value of the dtype."""
-        t = torch.tensor(value, dtype=self.dtype)
-        return int(t.view(torch.int16)) if self.bits else float(t)
+        bits = d.reshape(-1).view(self.int_dtype)
+        if d.device.type == "cpu":
+            return np.bitwise_and(bits.numpy(), self.mask)
+        return bits & self.mask
 
     def value(self, key) -> float:
-        return float(torch.tensor(int(key), dtype=torch.int16).view(self.dtype)) if self.bits else float(key)
+        """The magnitude whose key is ``key``."""
+        return float(torch.tensor(int(key), dtype=self.int_dtype).view(self.dtype))
 
 
 def _host(x) -> np.ndarray:

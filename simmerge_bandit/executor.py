@@ -771,22 +771,34 @@ def _merge_tensor(tp, params, steps, specs, data, writer, dev, seed, exact_ties)
 
 
 class _Prefetcher:
-    """Maps in (CPU) or uploads (CUDA, through a pinned staging buffer) the next tensor's inputs in a thread."""
+    """Maps in (CPU) or uploads (CUDA, through a pinned staging buffer) the next tensor's inputs in a thread.
+
+    One thread for the whole merge, handed one tensor at a time: starting a thread per tensor made the merging
+    thread wait for each new one to be scheduled (0.9 s of a 5 s linear merge on a loaded 2-core machine)."""
 
     def __init__(self, readers: dict[str, _Reader], dev: torch.device):
         self.readers, self.dev = readers, dev
-        self._thread: threading.Thread | None = None
         self._result: dict | None = None
         self._error: BaseException | None = None
         self._name: str | None = None
         self._stream = torch.cuda.Stream(device=dev) if dev.type == "cuda" else None
         self._staging: torch.Tensor | None = None
+        self._requests: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="simmerge-prefetch")
+        self._thread.start()
 
     def request(self, tp: _TensorPlan) -> None:
+        """Start loading ``tp``'s inputs (after :meth:`get` of the previous request)."""
         self._name = tp.name
         self._result, self._error = None, None
-        self._thread = threading.Thread(target=self._load, args=(tp,), daemon=True, name="simmerge-prefetch")
-        self._thread.start()
+        self._done.clear()
+        self._requests.put(tp)
+
+    def _loop(self) -> None:
+        while (tp := self._requests.get()) is not None:
+            self._load(tp)
+            self._done.set()
 
     def _load(self, tp: _TensorPlan) -> None:
         try:
@@ -816,15 +828,15 @@ class _Prefetcher:
         return dst
 
     def get(self, tp: _TensorPlan) -> dict[str, torch.Tensor]:
-        assert self._name == tp.name and self._thread is not None
-        self._thread.join()
+        assert self._name == tp.name
+        self._done.wait()
         if self._error is not None:
             raise self._error
         return self._result
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
+        self._requests.put(None)
+        self._thread.join()
 
 
 def _peak_rss() -> int:

@@ -269,28 +269,3 @@ def test_daemon_runs_requested_evaluations_and_records_failures(home, tmp_path):
         assert stop(proc) == 0
     log = (home / "daemon.log").read_text()
     assert "job done" in log and "job failed" in log
-
-
-def test_ray_executor_runs_the_queue_in_ray_workers(home):
-    """--executor ray: merge + evaluate run as Ray tasks (a local ray.init()), the daemon stays the only writer."""
-    pytest.importorskip("ray")
-    proc, info = start_daemon(home, "--executor", "ray", "--eval-budget", "10", "--eval-limit", "4", "--log-json")
-    try:
-        job = call(info, "POST", "/v1/suggest", {"task": "double", "top": 1})[1][0]
-        assert job["evaluate"]
-        deadline = time.time() + 240
-        state = None
-        while time.time() < deadline:
-            jobs = {j["decision_id"]: j for j in call(info, "GET", "/v1/jobs")[1]}
-            state = jobs.get(job["id"], {}).get("state")
-            if state in ("done", "failed"):
-                break
-            time.sleep(0.5)
-        assert state == "done", jobs
-        code, st = call(info, "GET", "/v1/status")
-        assert code == 200 and st["counts"]["rewards"] == 1
-    finally:
-        assert stop(proc) == 0
-    lines = [json.loads(x) for x in (home / "daemon.log").read_text().splitlines() if x.startswith("{")]
-    done = [x for x in lines if x["msg"] == "job done"]
-    assert done and done[0]["executor"] == "ray" and done[0]["worker_pid"] not in (None, proc.pid)

@@ -6,6 +6,12 @@ start (after warm-up) and at the end, and in-process `Engine.suggest` latency on
 
     python benchmarks/bench_daemon.py [--seconds 30] [--clients 8]
     python benchmarks/bench_daemon.py --table     # the benchmark page's table from the committed results
+
+``--large-task`` measures something else (issue 20, item 5): a large task file added through the API (a 200 MB
+file in a ``--serve-dir`` directory, then the largest text a request body may carry) while two other clients
+poll ``/v1/status`` and ``/v1/suggest``; it records their latencies before and during each add, the add's time, the
+daemon's RSS (sampled, and its high-water mark), and how long a file over the size limit takes to be refused.
+It writes ``results/daemon_large_task.json``; ``--large-task --table`` prints docs/daemon.md's table from it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import os
 import multiprocessing
 import platform
 import queue
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -219,6 +227,189 @@ def markdown_table(res: dict) -> str:
     return "\n".join(rows)
 
 
+def write_task_file(path: Path, size: int) -> int:
+    """A JSON-lines task file of about ``size`` bytes (rows of 100-odd bytes); returns its number of rows."""
+    n = 0
+    with open(path, "w") as fh:
+        written = 0
+        while written < size:
+            chunk = "".join(json.dumps({"prompt": f"row {n + i}: what is {n + i} + {n + i}? " + "x" * 40,
+                                        "answer": str(2 * (n + i))}) + "\n" for i in range(10_000))
+            fh.write(chunk)
+            written += len(chunk)
+            n += 10_000
+    return n
+
+
+def vm_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class Poller(threading.Thread):
+    """One client calling ``path`` every ``period`` seconds; each call's (start time, latency) is kept."""
+
+    def __init__(self, port: int, token: str, method: str, path: str, body: dict | None, period: float):
+        super().__init__(daemon=True)
+        self.api, self.method, self.path, self.body, self.period = Api(port, token), method, path, body, period
+        self.calls: list[tuple[float, float]] = []
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            t0 = time.time()
+            t = time.perf_counter()
+            try:
+                self.api.call(self.method, self.path, self.body)
+            except Exception as e:  # reported in the results
+                self.errors.append(repr(e)[:200])
+            self.calls.append((t0, time.perf_counter() - t))
+            self.stop.wait(self.period)
+
+    def window(self, start: float, end: float) -> dict:
+        """Calls that started in [start, end) or were under way at ``start``."""
+        xs = [lat for t0, lat in self.calls if start <= t0 < end or (t0 < start < t0 + lat)]
+        return {"calls": len(xs), "p50_ms": pct(xs, 50), "p99_ms": pct(xs, 99), "max_ms": pct(xs, 100)}
+
+
+def large_task(out: Path, task_mb: int) -> dict:
+    """Issue 20 item 5: add large task files through the API while status and suggest are polled."""
+    from simmerge_bandit.api import MAX_BODY
+    from simmerge_bandit.catalog import MAX_DATA_BYTES
+
+    tmp = Path(tempfile.mkdtemp(prefix="simmerge-bench-large-task-"))
+    try:
+        home, work, served = tmp / "home", tmp / "models", tmp / "served"
+        work.mkdir(parents=True)
+        served.mkdir()
+        make_catalog(home, work, n_experts=3)
+        big = served / "big.jsonl"
+        rows = write_task_file(big, task_mb * 10**6)
+        # the largest text a request body carries: the JSON-escaped content and the rest of the body under MAX_BODY
+        upload_file = tmp / "upload.jsonl"
+        write_task_file(upload_file, MAX_BODY // 2)
+        text = upload_file.read_text()
+        body_overhead = len(json.dumps({"name": "upload", "data_content": ""}))
+        lines = text.splitlines(keepends=True)
+        while len(json.dumps(text)) + body_overhead > MAX_BODY:
+            lines = lines[: int(len(lines) * 0.98)]
+            text = "".join(lines)
+        while True:  # grow to just under the limit
+            more = text + text[: MAX_BODY // 50]
+            more = more[: more.rfind("\n") + 1]
+            if len(json.dumps(more)) + body_overhead > MAX_BODY:
+                break
+            text = more
+        too_big = served / "too_big.jsonl"
+        with open(too_big, "wb") as fh:  # sparse: its size is over the limit, its disk use nothing
+            fh.truncate(MAX_DATA_BYTES * 3 // 2)
+
+        gc.collect()
+        gc.freeze()
+        log = open(tmp / "daemon.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "simmerge_bandit", "--home", str(home), "daemon", "--port",
+                                 "0", "--eval-budget", "0", "--serve-dir", str(served)], stdout=log, stderr=log)
+        while not (home / "daemon.json").exists():
+            if proc.poll() is not None:
+                raise RuntimeError((tmp / "daemon.log").read_text())
+            time.sleep(0.1)
+        info = json.loads((home / "daemon.json").read_text())
+        api = Api(info["port"], info["token"])
+        api.conn.timeout = 600
+        for _ in range(20):  # warm-up: signatures, features, the first fold
+            api.call("POST", "/v1/suggest", {"task": "double", "top": 5})
+            api.call("GET", "/v1/status")
+        load_before = os.getloadavg()
+        status = Poller(info["port"], info["token"], "GET", "/v1/status", None, 0.01)
+        suggest = Poller(info["port"], info["token"], "POST", "/v1/suggest", {"task": "double", "top": 5}, 0.05)
+        rss: list[tuple[float, int]] = []
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.wait(0.02):
+                rss.append((time.time(), vm_kb(proc.pid, "VmRSS")))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        hwm0 = vm_kb(proc.pid, "VmHWM")
+        rss0 = vm_kb(proc.pid, "VmRSS")
+        for th in (status, suggest, sampler):
+            th.start()
+        t_idle = time.time()
+        time.sleep(3.0)
+        adds = {}
+        for what, body, size in (("served_file", {"name": "big", "data": str(big)}, big.stat().st_size),
+                                 ("uploaded_text", {"name": "upload", "data_content": text},
+                                  len(text.encode()))):
+            time.sleep(1.0)
+            t0 = time.time()
+            res = api.call("POST", "/v1/tasks", body)
+            t1 = time.time()
+            during = [kb for t, kb in rss if t0 <= t <= t1]
+            adds[what] = {"bytes": size, "request_body_bytes": len(json.dumps(body)), "seconds": t1 - t0,
+                          "rows": res["n_examples"], "status": status.window(t0, t1),
+                          "suggest": suggest.window(t0, t1),
+                          "rss_max_kb": max(during, default=vm_kb(proc.pid, "VmRSS")),
+                          "hwm_kb_after": vm_kb(proc.pid, "VmHWM")}
+            print(what, json.dumps(adds[what]))
+        time.sleep(1.0)
+        t = time.perf_counter()
+        try:
+            api.call("POST", "/v1/tasks", {"name": "too_big", "data": str(too_big)})
+            refused = {"status": 200}
+        except RuntimeError as e:
+            refused = {"error": e.args[0].get("error") if isinstance(e.args[0], dict) else str(e)}
+        refused.update(seconds=time.perf_counter() - t, bytes=too_big.stat().st_size)
+        for th in (status, suggest):
+            th.stop.set()
+            th.join()
+        sampling.set()
+        sampler.join()
+        idle = {"status": status.window(t_idle, t_idle + 3.0), "suggest": suggest.window(t_idle, t_idle + 3.0)}
+        proc.terminate()
+        rc = proc.wait(timeout=120)
+        res = {"benchmark": "daemon_large_task", "max_data_bytes": MAX_DATA_BYTES, "max_body_bytes": MAX_BODY,
+               "served_file_rows": rows, "rss_kb_before": rss0, "hwm_kb_before": hwm0, "idle": idle, "adds": adds,
+               "over_limit": refused, "errors": (status.errors + suggest.errors)[:5], "daemon_exit_code": rc,
+               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                           "load_avg_before": load_before, "load_avg_after": os.getloadavg()}}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2))
+        return res
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def large_task_table(res: dict) -> str:
+    """docs/daemon.md's table from a ``--large-task`` results file."""
+    def lat(w: dict) -> str:
+        return f"{w['p50_ms']:.1f} / {w['p99_ms']:.1f} / {w['max_ms']:.1f} ms ({w['calls']} calls)"
+
+    a, idle = res["adds"], res["idle"]
+    names = {"served_file": "a file in a `--serve-dir` directory, sent as its path",
+             "uploaded_text": "the largest text a request body carries, sent as `data_content`"}
+    rows = ["| during | status p50 / p99 / max | suggest p50 / p99 / max | add took | daemon RSS, max sampled |",
+            "|---|---|---|---|---|",
+            f"| nothing (3 s before the adds) | {lat(idle['status'])} | {lat(idle['suggest'])} | | "
+            f"{res['rss_kb_before'] / 1024:.0f} MiB |"]
+    for k, label in names.items():
+        x = a[k]
+        rows.append(f"| adding {x['bytes'] / 1e6:.0f} MB ({x['rows']:,} rows): {label} | {lat(x['status'])} | "
+                    f"{lat(x['suggest'])} | {x['seconds']:.1f} s | {x['rss_max_kb'] / 1024:.0f} MiB |")
+    o, m = res["over_limit"], res["machine"]
+    error = re.sub(r"\S*/(too_big\.jsonl)", r"\1", o.get("error") or "")  # the run's temporary folder, dropped
+    rows += ["", f"A file of {o['bytes'] / 2**30:.2f} GiB (over the {res['max_data_bytes'] >> 20} MiB limit) was "
+             f"refused in {1000 * o['seconds']:.0f} ms: \"{error}\". The daemon's RSS high-water mark "
+             f"was {res['hwm_kb_before'] / 1024:.0f} MiB before the adds and "
+             f"{a['uploaded_text']['hwm_kb_after'] / 1024:.0f} MiB after both. {len(res['errors'])} errors; "
+             f"daemon exit code {res['daemon_exit_code']}. Status polled every 10 ms and suggest every 50 ms, each "
+             f"from its own client. Machine: {m['cpus']} CPU cores shared with other jobs, load average "
+             f"{m['load_avg_before'][0]:.1f} before and {m['load_avg_after'][0]:.1f} after."]
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=30.0)
@@ -229,7 +420,17 @@ def main() -> None:
     ap.add_argument("--learn-interval-ms", default=None, help="the daemon's --learn-interval-ms")
     ap.add_argument("--client-processes", action="store_true", help="clients as processes, not threads")
     ap.add_argument("--table", action="store_true", help="print the benchmark page's table from --out and exit")
+    ap.add_argument("--large-task", action="store_true",
+                    help="the large task file measurement (results/daemon_large_task.json) instead of the load")
+    ap.add_argument("--task-mb", type=int, default=200, help="--large-task: the served file's size in MB")
     args = ap.parse_args()
+    if args.large_task:
+        out = Path(args.out) if args.out != ap.get_default("out") else ROOT / "results" / "daemon_large_task.json"
+        if args.table:
+            print(large_task_table(json.loads(out.read_text())))
+        else:
+            print(large_task_table(large_task(out, args.task_mb)))
+        return
     if args.table:
         print(markdown_table(json.loads(Path(args.out).read_text())))
         return

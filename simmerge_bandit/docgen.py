@@ -295,6 +295,12 @@ DOC_BLOCKS: list[DocBlock] = [
              BenchTable("bench_decision", ("benchmarks/bench_decision.py", "--table")).render),
     DocBlock(ROOT / "docs" / "search.md", "bench_search",
              BenchTable("bench_search", ("benchmarks/bench_search.py", "--table")).render),
+    DocBlock(ROOT / "docs" / "daemon.md", "bench_http",
+             BenchTable("bench_http", ("benchmarks/bench_http.py", "--table")).render),
+    DocBlock(ROOT / "docs" / "daemon.md", "bench_daemon_large_task",
+             BenchTable("bench_daemon_large_task", ("benchmarks/bench_daemon.py", "--large-task", "--table")).render),
+    DocBlock(ROOT / "docs" / "daemon.md", "bench_ray",
+             BenchTable("bench_ray", ("benchmarks/bench_ray.py", "--table")).render),
 ]
 
 

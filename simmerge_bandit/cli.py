@@ -1125,9 +1125,11 @@ def predictor() -> None:
               help="A merge table (Parquet/CSV: model_a, model_b, operator, task, normalized_score) whose models, "
                    "tasks and operators are in the catalog, e.g. from `simmerge zoo table`. Default: the decision "
                    "log's rewarded decisions.")
-@click.option("--model", type=click.Choice(["mlp", "linear"]), default=None,
-              help="mlp: small networks with a Bayesian linear head (default); linear: ridge on features x "
-                   "descriptor. Default: what the previous fit used, else mlp.")
+@click.option("--model", type=click.Choice(["mlp", "linear", "anchored", "auto"]), default=None,
+              help="mlp: small networks with a Bayesian linear head; linear: ridge on features x descriptor; "
+                   "anchored: the operators' means and the metadata rules first, ridge on what is left; auto "
+                   "(with --table): the one whose choices on held-out tasks of the table are best (leave one task "
+                   "out). Default: what the previous fit used, else mlp.")
 @click.option("--online-weight", type=float, default=None,
               help="How many fitted rows each later reward counts as (a new task's own evaluations can outweigh "
                    "the other tasks' rows). Default: the previous fit's, else 1.")
@@ -1151,8 +1153,13 @@ def predictor_fit(c: Ctx, table: str | None, online_weight: float | None, model:
         raise click.BadParameter("--objective applies to a merge table; give --table", param_hint="--objective")
     res = c.backend().fit_predictor(table, online_weight=online_weight, model=model, objective=objective,
                                     init_seed=init_seed)
-    emit(res, as_json, lambda r: click.echo(f"fitted predictor on {r.get('n')} merges from {r['source']} "
-                                              f"(training rmse {r.get('rmse', float('nan')):.4f})"))
+    def show(r):
+        click.echo(f"fitted predictor ({r['model']}) on {r.get('n')} merges from {r['source']} (training rmse "
+                   f"{r.get('rmse', float('nan')):.4f})")
+        for label, share in (r.get("model_cv") or {}).items():
+            click.echo(f"  cross-validation, {label}: {share:.0%} of the best-fixed -> oracle gap on held-out tasks")
+
+    emit(res, as_json, show)
 
 
 # ---- replay and simulate ----

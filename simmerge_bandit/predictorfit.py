@@ -38,8 +38,11 @@ class PredictorFitting:
         """
         from .policies import make_policy
 
+        if model == "auto" and table is None:
+            raise InvalidInput("model 'auto' chooses by cross-validation over a merge table's tasks; give a table")
+        cv = None
         if table is not None:
-            X, Z, arms, y, objective = self._table_rows(table, objective)
+            X, Z, arms, y, objective, cases = self._table_rows(table, objective)
         else:
             rows = self.store.fetchall("SELECT d.context, d.arm, d.operator, r.reward, d.params FROM rewards r JOIN "
                                        "decisions d ON d.id = r.decision_id WHERE d.feature_schema = ? ORDER BY "
@@ -63,9 +66,15 @@ class PredictorFitting:
             model = before.get("model", "mlp")
         if init_seed is None:
             init_seed = before.get("init_seed", 0)
+        extra: dict = {}
+        if model == "auto":
+            extra, cv = choose_model(X, Z, y, cases, init_seed)
+            model = extra.pop("model")
+        elif model == before.get("model") and "l2" in before:
+            extra["l2"] = before["l2"]
         with self.lock:
             pred = make_policy("predictor", seed=self.config.seed, online_weight=online_weight,
-                               model=model, init_seed=init_seed).fit(X, Z, arms, y)
+                               model=model, init_seed=init_seed, **extra).fit(X, Z, arms, y)
             last = self.store.fetchone("SELECT coalesce(max(seq), 0) FROM rewards")[0]
             self._policies["predictor"], self._last_seq["predictor"] = pred, int(last)
             self._since_snapshot["predictor"] = 0
@@ -76,7 +85,9 @@ class PredictorFitting:
                 del self._policies[n]
         out = pred.summary()
         out.update(source=table or "decision log", feature_schema=_schema(), objective=objective if table else None,
-                   online_weight=pred.online_weight, model=pred.model, init_seed=pred.init_seed)
+                   online_weight=pred.online_weight, model=pred.model, init_seed=pred.init_seed, l2=pred.l2)
+        if cv is not None:
+            out["model_cv"] = cv
         return out
 
     def _table_rows(self, path: str, objective: str | None = None):
@@ -121,7 +132,7 @@ class PredictorFitting:
                 cases.setdefault((r[idx["task"]], r[idx["model_a"]], r[idx["model_b"]]), {})[r[idx["operator"]]] = \
                     float(r[idx["normalized_score"]])
         ops = {}
-        X, Z, arms, y = [], [], [], []
+        X, Z, arms, y, rows_case = [], [], [], [], []
         by_target: dict[str, list[tuple[str, str]]] = {}
         for key, a, b in cases:
             by_target.setdefault(key, []).append((a, b))
@@ -136,4 +147,54 @@ class PredictorFitting:
                     Z.append(ops[op])
                     arms.append(op)
                     y.append(reward)
-        return np.array(X), np.array(Z), arms, np.array(y), objective
+                    rows_case.append((key, a, b))
+        return np.array(X), np.array(Z), arms, np.array(y), objective, rows_case
+
+
+#: what ``model="auto"`` chooses among: the anchored model alone (interactions shrunk to nothing), with the linear
+#: model of what is left, and the network; the first of equals wins (the simplest)
+AUTO_GRID: tuple[dict, ...] = ({"model": "anchored", "l2": 1e8}, {"model": "anchored", "l2": 1e4},
+                               {"model": "mlp", "l2": 1.0})
+
+
+def choose_model(X: np.ndarray, Z: np.ndarray, y: np.ndarray, cases: list[tuple[str, str, str]],
+                 init_seed: int = 0, grid: tuple[dict, ...] = AUTO_GRID) -> tuple[dict, dict]:
+    """The predictor model of ``grid`` (default :data:`AUTO_GRID`) whose choices on tasks it was not fitted on are best: leave one
+    task out (every case whose target includes it), fit on the rest, choose each held-out case's operator by
+    the prediction, and score the share of the best-fixed -> oracle gap closed, pooled over the held-out tasks.
+    Returns ``(params of the best, {label: share})``; with fewer than two tasks nothing can be held out and the
+    first entry is returned."""
+    from .policies import make_policy
+
+    keys = [c[0] for c in cases]
+    tasks_of = {k: set(Target.parse(k).tasks) for k in set(keys)}
+    tasks = sorted(set().union(*tasks_of.values()))
+    labels = [",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in g.items())
+              for g in grid]
+    if len(tasks) < 2:
+        return dict(grid[0]), {}
+    case_of = np.array([hash(c) for c in cases])
+    num, den = np.zeros(len(grid)), 0.0
+    arms = np.array([z.tobytes() for z in Z])
+    for t in tasks:
+        pool = np.array([t in tasks_of[k] for k in keys])
+        if pool.all() or not pool.any():
+            continue
+        train = ~pool
+        ops, inverse = np.unique(arms[train], return_inverse=True)
+        fixed = ops[int(np.argmax(np.bincount(inverse, weights=y[train]) / np.bincount(inverse)))]
+        groups = [np.flatnonzero(pool & (case_of == c)) for c in np.unique(case_of[pool])]
+        fx = [y[g][arms[g] == fixed] for g in groups]
+        keep = [g for g, f in zip(groups, fx) if len(f)]
+        if not keep:
+            continue
+        base = sum(float(y[g][arms[g] == fixed][0]) for g in keep)
+        den += sum(float(y[g].max()) for g in keep) - base
+        for i, g in enumerate(grid):
+            pred = make_policy("predictor", init_seed=init_seed, **g).fit(X[train], Z[train], list(arms[train]),
+                                                                        y[train])
+            p = pred.predict(X[pool], Z[pool])
+            at = {r: v for r, v in zip(np.flatnonzero(pool), p)}
+            num[i] += sum(float(y[rows][int(np.argmax([at[r] for r in rows]))]) for rows in keep) - base
+    shares = num / den if den > 0 else np.zeros(len(grid))
+    return dict(grid[int(np.argmax(shares))]), {lab: float(v) for lab, v in zip(labels, shares)}

@@ -346,6 +346,19 @@ def test_predictor_model_is_chosen_at_fit_and_kept_by_refits(setup, tmp_path):
     assert bad.exit_code == 2 and "forest" in bad.output and "Traceback" not in bad.output
 
 
+def test_predictor_model_auto_needs_a_table_and_records_what_it_chose(setup, tmp_path):
+    eng = Engine(setup)
+    table = _merge_table(eng, tmp_path)
+    with pytest.raises(InvalidInput, match="give a table"):
+        eng.fit_predictor(model="auto")
+    res = eng.fit_predictor(str(table), model="auto")     # one task: nothing to hold out, the first of the grid
+    assert res["model"] == "anchored" and res["model_cv"] == {} and res["l2"] == 1e8
+    assert eng.fit_predictor(str(table))["l2"] == 1e8      # a refit keeps the choice
+    setup.close()
+    out = CliRunner().invoke(cli, ["predictor", "fit", "--model", "auto"])
+    assert out.exit_code != 0 and "give a table" in out.output and "Traceback" not in out.output
+
+
 def test_predictor_init_seed_gives_independent_replicates_of_a_fit(setup, tmp_path):
     eng = Engine(setup)
     table = _merge_table(eng, tmp_path)

@@ -56,7 +56,7 @@ def test_rule_features_by_hand():
     x[META["known_diff"]] = 0.2
     x[META["tag_share_a"]], x[META["tag_share_b"]] = 0.6, 0.1
     got = rule_features(np.tile(x, (4, 1)), Z_OPS)
-    np.testing.assert_allclose(got, [[0, 0, 0], [0, 0, 0], [0.2, 0.2, 0.04], [-0.2, -0.2, -0.04]], atol=1e-12)
+    np.testing.assert_allclose(got, [[0, 0], [0, 0], [0.2, 0.2], [-0.2, -0.2]], atol=1e-12)
     # a context that is not the engine's layout carries no rule
     assert not rule_features(np.ones((4, 5)), Z_OPS).any()
 
@@ -136,3 +136,35 @@ def test_bad_block_penalties_are_refused(bad):
 
     with pytest.raises(InvalidInput):
         make_policy("predictor", model="anchored", **bad)
+
+
+def _cv_table(rng, reward):
+    """Three tasks x 10 pairs each, every operator on every pair: rows X, Z, y and the rows' cases."""
+    X = contexts(rng, 30)
+    R = reward(X) + rng.normal(scale=0.005, size=(30, 4))
+    Xr, Zr, _ = rows(X)
+    cases = [(f"t{i // 10}", f"a{i}", f"b{i}") for i in range(30) for _ in range(4)]
+    return Xr, Zr, R.ravel(), cases
+
+
+#: the auto grid's kinds of model, the network made small (what is tested is the choice, not the network's size)
+GRID = ({"model": "anchored", "l2": 1e8}, {"model": "anchored", "l2": 1e4},
+        {"model": "mlp", "hidden": 16, "members": 1, "epochs": 60})
+
+
+def test_auto_chooses_the_anchor_where_the_rules_hold_and_the_network_where_they_do_not():
+    from simmerge_bandit.predictorfit import choose_model
+
+    # the rules' world: operator means plus a slerp towards the stronger source
+    params, cv = choose_model(*_cv_table(np.random.default_rng(5), rewards), grid=GRID)
+    assert params["model"] == "anchored" and cv["model=anchored,l2=1e+08"] > 0.9, cv
+
+    # a world no linear model follows: ties wins when |signal 0| is large, linear when it is small
+    def by_abs(X):
+        big = np.abs(X[:, 0]) > 0.8
+        return np.stack([np.where(big, 0.3, 0.8), np.where(big, 0.8, 0.3), np.full(len(X), 0.5),
+                         np.full(len(X), 0.5)], 1)
+
+    params, cv = choose_model(*_cv_table(np.random.default_rng(6), by_abs), grid=GRID)
+    assert params["model"] == "mlp", cv
+    assert cv["model=mlp,hidden=16,members=1,epochs=60"] > max(v for k, v in cv.items() if "anchored" in k), cv

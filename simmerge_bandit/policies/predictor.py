@@ -15,7 +15,18 @@ descriptors. Features are standardized with the training table's mean and std. T
 - ``linear``: Bayesian ridge regression on ``phi = x~ (outer) z~`` with ``x~ = [1, x_std]`` and
   ``z~ = [1, z_std]``: a constant, each context feature, each descriptor entry and every context x descriptor
   interaction. An ``mlp`` predictor that was never fitted (no network yet) is this model, so it can learn from
-  rewards alone.
+  rewards alone. Each block of context coordinates (the constant, signals, metadata, task buckets) may have its
+  own penalty (``l2_main``, ``l2_signals``, ``l2_meta``, ``l2_buckets``; default ``l2``).
+- ``anchored``: what the metadata rules (:mod:`~simmerge_bandit.rules`) know, fitted first and unshrunk (each
+  operator's mean score, and a slerp's lean towards the first source times which side is stronger by known score
+  or tagged with more of the target), then the ``linear`` model of what is left. With a few dozen training pairs
+  whose best-operator differences are mostly evaluation noise, the network and the linear model fit the noise;
+  the anchor starts where the best fixed operator and the rules are, and the penalties (chosen by
+  cross-validation on training tasks, as the decision benchmark does) say how far the signals may move it.
+
+Why one module of this size: the three models share one ridge head over ``phi`` (its fit, its Sherman-Morrison
+updates, its per-operator Gram cache, its snapshot and its remap to a new arm schema); splitting them would
+duplicate that head or spread one state over several files.
 
 As a policy it is greedy on the prediction (with the exploration ``floor``) and keeps learning from rewards by
 Sherman-Morrison updates of ``A^-1`` and ``beta`` over ``phi``.
@@ -509,8 +520,8 @@ class SimMergePredictor(Policy):
 
 
 def rule_features(X: np.ndarray, Z: np.ndarray) -> np.ndarray:
-    """The metadata rules (:mod:`~simmerge_bandit.rules`) as features of (context, raw descriptor) rows, (m, 3):
-    ``lean * sign(known_diff)``, ``lean * sign(tag_share_a - tag_share_b)`` and ``lean * known_diff``, where
+    """The metadata rules (:mod:`~simmerge_bandit.rules`) as features of (context, raw descriptor) rows, (m, 2):
+    ``lean * sign(known_diff)`` and ``lean * sign(tag_share_a - tag_share_b)``, where
     ``lean = 0.5 - t`` for slerp (how far it leans towards the first source; slerp's ``t`` weighs the
     second) and 0 for other methods. Zero where the context is not the engine's layout ``[signals, metadata,
     task buckets]`` or the descriptors are not today's arm schema (then the anchor is the operators' means)."""
@@ -520,7 +531,7 @@ def rule_features(X: np.ndarray, Z: np.ndarray) -> np.ndarray:
 
     X = np.asarray(X, dtype=np.float64)
     Z = np.asarray(Z, dtype=np.float64)
-    out = np.zeros((X.shape[0], 3))
+    out = np.zeros((X.shape[0], 2))
     names = descriptor.current().names
     m = len(METADATA_NAMES)
     if Z.shape[1] != len(names) or X.shape[1] < m + TASK_BUCKETS:
@@ -529,10 +540,10 @@ def rule_features(X: np.ndarray, Z: np.ndarray) -> np.ndarray:
     col = {n: i for i, n in enumerate(METADATA_NAMES)}
     slerp = Z[:, names.index("method:slerp")]
     lean = np.where(slerp > 0, 0.5 - Z[:, names.index("param:t")], 0.0)
-    diff = meta[:, col["known_diff"]]
-    out[:, 0] = lean * np.sign(diff)
+    # signs only, as the rules read them: a weight on the size of a known-score difference, fitted on a few
+    # dozen pairs, flipped sign between training splits of the realistic zoo
+    out[:, 0] = lean * np.sign(meta[:, col["known_diff"]])
     out[:, 1] = lean * np.sign(meta[:, col["tag_share_a"]] - meta[:, col["tag_share_b"]])
-    out[:, 2] = lean * diff
     return out
 
 

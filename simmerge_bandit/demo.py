@@ -6,7 +6,8 @@ operator, the catalog-metadata rules and the oracle; a few minutes on 2 CPU core
 2. Registers it in a fresh state home (models with their tags and measured scores, tasks, the preset's operators).
 3. Holds out a third of the tasks. Fits the SimMerge predictor on merges of experts of the other tasks only (their
    full merge table, cached beside the zoo), scored on the target objective: the mean of a merge's normalized
-   scores over the union of its sources' tasks.
+   scores over the union of its sources' tasks; its model (``predictor fit --model auto``) is the one whose
+   choices on a training task left out of its fit are best.
 4. For a number of rounds, asks the engine (hybrid LinUCB warm-started from the predictor) for the best merge for
    a held-out target (each held-out task, alone and with each training task): it picks the pair and the operator. Its merge is
    made and evaluated on every target task the way a user's would be (the streaming executor writes a
@@ -145,8 +146,10 @@ def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: i
              f"on {'it' if len(held) == 1 else 'them'})")
         table = training_table(zoo_dir, manifest, train, operators, echo=echo)
         engine = Engine(store, EngineConfig(default_policy=policy, eval_budget=rounds, seed=seed))
-        fit = engine.fit_predictor(table=str(table), objective="target")
-        echo(f"predictor fitted on {fit.get('n')} training merges (target objective)")
+        fit = engine.fit_predictor(table=str(table), objective="target", model="auto")
+        cv = ", ".join(f"{k} {v:.0%}" for k, v in (fit.get("model_cv") or {}).items())
+        echo(f"predictor fitted on {fit.get('n')} training merges (target objective): {fit['model']} model, chosen "
+             f"by leaving each training task out{f' ({cv} of the gap closed)' if cv else ''}")
         rules = fitted_rules(table, by_name, operators)
         targets = held_out_targets(held, train)
         scored: dict[tuple, dict[str, float]] = {}

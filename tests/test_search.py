@@ -166,7 +166,7 @@ def test_search_rewards_share_one_scale_the_best_known_score_in_the_catalog(home
         plain["source_scores"] = json.loads(json.dumps(spec["source_scores"]))
 
         class Fixed:
-            ok, score, reason = True, 0.3, None
+            ok, score, reason, details = True, 0.3, None, {}
 
         import simmerge_bandit.evaluators as evaluators
         real = evaluators.evaluate

@@ -4,11 +4,18 @@ Generates (once, under benchmarks/_work/, git-ignored) a Llama-like bf16 family 
 two experts (base + small noise), each sharded. For every compute dtype asked for (``dtype: bfloat16``, what most
 published configs say, and ``dtype: float32``; output bf16 either way) and every method (linear, ties, dare_ties,
 slerp), it writes one mergekit config and runs ``simmerge merge CONFIG`` and ``mergekit-yaml CONFIG`` as separate
-processes, each measured by a fresh parent (wall time, peak RSS). Recorded per pair of runs: the ratios (goals on
-both dtypes: TIES >= 5x mergekit, linear >= 3x, peak RSS <= mergekit's), the load average around each run, how far
-our merge time is from this machine's memory bandwidth (bytes moved, i.e. inputs read once and output written once,
-over a 1-thread memcpy of as many bytes: the floor for one pass over the data), and how far the outputs are apart.
-``--runs N`` repeats the whole set N times (each run recorded).
+processes, each measured by a fresh parent (wall time, CPU time, peak RSS). Recorded per pair of runs: the ratios
+(goals on both dtypes: TIES >= 5x mergekit, linear >= 3x, peak RSS <= mergekit's), the load average around each run,
+how far our merge time is from this machine's memory bandwidth, and how far the outputs are apart. ``--runs N``
+repeats the whole set N times (each run recorded).
+
+Two floors, both measured with one thread just before each of our merges (the machine is shared, so the bandwidth
+it has changes from minute to minute): the memcpy floor is the bytes the merge moves (every input byte it reads,
+once, and every output byte, once: ``bytes_read + bytes_written`` of its stats) at the speed of a large memcpy
+(bytes read + written per second), the goal's measure; the file-I/O floor is the time to read the same input files
+from the page cache (``readinto``) and write an output file of the same size, i.e. the data path a merge cannot
+avoid, which costs more than a memcpy (page-cache lookups and page faults when reading, page allocation when
+writing).
 
     python benchmarks/bench_merge.py [--mergekit PATH] [--dtypes bfloat16,float32] [--methods linear,ties]
                                      [--runs 2] [--layers 20] [--device cpu] [--out FILE]
@@ -16,8 +23,10 @@ over a 1-thread memcpy of as many bytes: the floor for one pass over the data), 
     python benchmarks/bench_merge.py --table     # the docs/merge.md table, from benchmarks/results/merge.json
 
 The report (``--out``) holds ``machine``, ``family``, ``memcpy_gb_per_s``, ``goals`` and ``runs``: each run
-``{"load_before", "load_after", "dtypes": {config dtype: {method: entry}}}``. :func:`runs_of` also reads the
-report this script wrote before bf16 configs were measured (``methods`` at the top: one run, every config
+``{"load_before", "load_after", "dtypes": {config dtype: {method: entry}}}``; an entry holds ``ours`` and
+``mergekit`` (each ``wall_s``, ``cpu_s``, ``peak_rss_bytes``, load averages), the ratios, ``memcpy_gb_per_s`` and
+``file_floor`` measured just before it, and ``merge_over_memcpy`` / ``merge_over_file_floor``. :func:`runs_of`
+also reads the report this script wrote before bf16 configs were measured (``methods`` at the top: one run, every config
 ``dtype: float32``), so ``--table`` and the README's headline (:func:`headline`, used by ``simmerge_bandit.docgen``)
 work on either; nothing here needs torch unless a merge is run.
 
@@ -129,13 +138,14 @@ _MEASURE = ("import json, resource, subprocess, sys, time\n"
             "t = time.perf_counter()\n"
             "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
             "w = time.perf_counter() - t\n"
-            "print(json.dumps({'rc': r.returncode, 'wall_s': w, 'peak_rss_bytes': "
-            "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, 'stderr': r.stderr.decode()[-2000:]}))")
+            "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+            "print(json.dumps({'rc': r.returncode, 'wall_s': w, 'cpu_s': round(u.ru_utime + u.ru_stime, 3), "
+            "'peak_rss_bytes': u.ru_maxrss * 1024, 'stderr': r.stderr.decode()[-2000:]}))")
 
 
 def measure(cmd: list[str]) -> dict:
-    """Wall time and peak RSS of one command, measured by a fresh parent process (RUSAGE_CHILDREN), with the
-    load average just before and after."""
+    """Wall time, CPU time (user + system, all threads) and peak RSS of one command, measured by a fresh parent
+    process (RUSAGE_CHILDREN), with the load average just before and after."""
     before = os.getloadavg()
     out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, check=True)
     res = json.loads(out.stdout)
@@ -179,6 +189,49 @@ def memcpy_bandwidth(device: str, nbytes: int = 512 << 20) -> dict:
     return res
 
 
+def memcpy_here(nbytes: int = 256 << 20) -> float:
+    """GB/s moved (read + written) by a 1-thread copy of ``nbytes``, best of 3: the machine's memory bandwidth
+    as it is right now (the machine is shared, so each measurement gets its own, taken just before it)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        return round(2 * nbytes / min(_time(lambda: dst.copy_(src)) for _ in range(3)) / 1e9, 3)
+    finally:
+        torch.set_num_threads(old)
+
+
+def file_floor(inputs: list[Path], out_bytes: int, work: Path) -> dict:
+    """Seconds to move a merge's bytes through the file system and nothing else, 1 thread: read every shard of
+    ``inputs`` from the page cache (``readinto`` a 1 MiB buffer) and write ``out_bytes`` into a new file beside the
+    outputs (1 MiB writes, no fsync, as a merge without ``--fsync``). The merge reads by memory-mapping instead,
+    but either way each input page is brought in once and each output page is allocated and filled once."""
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    read = 0
+    t = time.perf_counter()
+    for d in inputs:
+        for f in sorted(d.glob("*.safetensors")):
+            with open(f, "rb", buffering=0) as fh:
+                while n := fh.readinto(view):
+                    read += n
+    t_read = time.perf_counter() - t
+    path = work / "file_floor.tmp"
+    t = time.perf_counter()
+    with open(path, "wb", buffering=0) as fh:
+        left = out_bytes
+        while left > 0:
+            left -= fh.write(view[:min(left, len(buf))])
+    t_write = time.perf_counter() - t
+    path.unlink()
+    return {"bytes_read": read, "read_s": round(t_read, 4), "write_s": round(t_write, 4),
+            "seconds": round(t_read + t_write, 4)}
+
+
 def _time(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -213,6 +266,7 @@ def run_once(paths: dict[str, Path], dtypes: list[str], methods: list[str], args
     import yaml
 
     out: dict = {"load_before": [round(x, 2) for x in os.getloadavg()], "dtypes": {}}
+    out_bytes = json.loads((paths["base"] / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     for dt in dtypes:
         cfgs = configs(paths, dt)
         entries = {}
@@ -220,16 +274,24 @@ def run_once(paths: dict[str, Path], dtypes: list[str], methods: list[str], args
             cfg_path = args.work / f"{m}-{dt}.yml"
             cfg_path.write_text(yaml.safe_dump(cfgs[m], sort_keys=False))
             out_ours, out_mk = args.work / f"out_ours_{m}", args.work / f"out_mk_{m}"
+            inputs = [Path(x["model"]) for x in cfgs[m]["models"]] + (
+                [Path(cfgs[m]["base_model"])] if "base_model" in cfgs[m] else [])
+            # Both floors measured just before our merge, in the load it then runs in.
+            bandwidth = memcpy_here() if args.device == "cpu" else memcpy["threads_1"]
+            files = file_floor(list(dict.fromkeys(inputs)), out_bytes, args.work)  # out_dtype bf16, as stored
             ours = measure([*simmerge, "merge", str(cfg_path), "--out", str(out_ours), "--force", "--device",
                             args.device, "--json"])
             stats = json.loads((out_ours / "provenance.json").read_text())["stats"]
             moved = stats["bytes_read"] + stats["bytes_written"]
-            floor_s = moved / (memcpy["threads_1"] * 1e9)
+            floor_s = moved / (bandwidth * 1e9)
             entry = {"ours": {**ours, "merge_s": stats["seconds"], "bytes_read": stats["bytes_read"],
                               "bytes_written": stats["bytes_written"],
                               "gb_per_s_merge": round(moved / stats["seconds"] / 1e9, 3)},
+                     "memcpy_gb_per_s": bandwidth,
                      "memcpy_floor_s": round(floor_s, 4),
-                     "merge_over_memcpy": round(stats["seconds"] / floor_s, 1)}
+                     "merge_over_memcpy": round(stats["seconds"] / floor_s, 1),
+                     "file_floor": files,
+                     "merge_over_file_floor": round(stats["seconds"] / files["seconds"], 1)}
             if args.mergekit:
                 shutil.rmtree(out_mk, ignore_errors=True)
                 mk = measure([args.mergekit, str(cfg_path), str(out_mk), "--quiet", "--random-seed", "0"]
@@ -278,12 +340,20 @@ def _load(e: dict, side: str) -> str:
     return f"{before[0]:.1f}" if before else "-"
 
 
+def _wall(side: dict) -> str:
+    """Wall seconds, with the process's CPU seconds (all threads) where recorded: on a shared machine the two
+    differ by the time it waited for a core."""
+    return f"{side['wall_s']:.2f}" + (f", {side['cpu_s']:.1f}" if "cpu_s" in side else "")
+
+
 def markdown_table(res: dict) -> str:
-    """docs/merge.md's table: per run, compute dtype and method, ours vs mergekit (wall, peak RSS), the goal,
-    and our merge time over the memcpy floor."""
-    rows = ["| run | config dtype | method | ours (s) | mergekit (s) | speedup (goal) | peak RSS ours / mergekit "
-            "(GB) | merge time / memcpy floor | load avg (1 min) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """docs/merge.md's table: per run, compute dtype and method, ours vs mergekit (wall, CPU, peak RSS), the
+    goal, and our merge time over the memcpy and file-I/O floors."""
+    rows = ["| run | config dtype | method | ours (s: wall, CPU) | mergekit (s: wall, CPU) | speedup (goal) "
+            "| peak RSS ours / mergekit "
+            "(GB) | merge time / memcpy floor | merge time / file-I/O floor | load avg (1 min) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    bandwidths = []
     for i, run in enumerate(runs_of(res), 1):
         for dt, entries in run["dtypes"].items():
             for m, e in entries.items():
@@ -295,15 +365,22 @@ def markdown_table(res: dict) -> str:
                     f" / {mk['peak_rss_bytes'] / 1e9:.2f}" if mk else "")
                 bw = f"{e['merge_over_memcpy']:.1f}x" + (
                     f" (goal <= {BANDWIDTH_GOAL[m]:g}x)" if m in BANDWIDTH_GOAL else "")
+                files = f"{e['merge_over_file_floor']:.1f}x" if "merge_over_file_floor" in e else "-"
                 load = _load(e, "ours") + (f" / {_load(e, 'mergekit')}" if mk else "")
-                mk_wall = f"{mk['wall_s']:.2f}" if mk else "-"
-                rows.append(f"| {i} | {dt} | {m} | {e['ours']['wall_s']:.2f} | {mk_wall} | {speed} | {rss} | {bw} "
-                            f"| {load} |")
+                mk_wall = _wall(mk) if mk else "-"
+                rows.append(f"| {i} | {dt} | {m} | {_wall(e['ours'])} | {mk_wall} | {speed} | {rss} | {bw} "
+                            f"| {files} | {load} |")
+                bandwidths.append(e.get("memcpy_gb_per_s"))
     fam = res["family"]
     rows.append("")
+    if all(bandwidths):
+        memcpy = (f"memcpy {min(bandwidths):.1f}-{max(bandwidths):.1f} GB/s (1 thread, bytes read + written), "
+                  f"measured just before each of our merges, as is its file-I/O floor (the inputs read from the page "
+                  f"cache, the output written to it)")
+    else:
+        memcpy = f"memcpy {res['memcpy_gb_per_s']['threads_1']:.1f} GB/s (1 thread, bytes read + written)"
     rows.append(f"{fam['params_per_model'] / 1e9:.2f} B parameters per model, bf16 on disk, base + 2 experts; "
-                f"{res['machine']['cpus']} CPUs, torch {res['machine']['torch']}; memcpy "
-                f"{res['memcpy_gb_per_s']['threads_1']:.1f} GB/s (1 thread, bytes read + written). Load average: "
+                f"{res['machine']['cpus']} CPUs, torch {res['machine']['torch']}; {memcpy}. Load average: "
                 f"ours / mergekit, just before each.")
     if "runs" not in res:
         rows.append("")

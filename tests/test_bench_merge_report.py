@@ -20,7 +20,9 @@ def _entry(ours_s: float, mk_s: float | None, merge_s: float, load: float) -> di
     e = {"ours": {"wall_s": ours_s, "peak_rss_bytes": 600_000_000, "merge_s": merge_s, "bytes_read": 3_000_000_000,
                   "bytes_written": 1_000_000_000, "gb_per_s_merge": round(4 / merge_s, 3), "load_before": [load, 1, 1],
                   "load_after": [load, 1, 1]},
-         "memcpy_floor_s": 0.2, "merge_over_memcpy": round(merge_s / 0.2, 1)}
+         "memcpy_gb_per_s": 20.0 + load, "memcpy_floor_s": 0.2, "merge_over_memcpy": round(merge_s / 0.2, 1),
+         "file_floor": {"bytes_read": 3_000_000_000, "read_s": 0.3, "write_s": 0.2, "seconds": 0.5},
+         "merge_over_file_floor": round(merge_s / 0.5, 1)}
     if mk_s is not None:
         e.update(mergekit={"wall_s": mk_s, "peak_rss_bytes": 2_000_000_000, "load_before": [load + 1, 1, 1],
                            "load_after": [load, 1, 1]},
@@ -47,7 +49,7 @@ def old_report() -> dict:
     e = _entry(13.7, 210.0, 11.7, 3.0)
     for side in ("ours", "mergekit"):
         del e[side]["load_before"], e[side]["load_after"]
-    del e["memcpy_floor_s"], e["merge_over_memcpy"]
+    del e["memcpy_floor_s"], e["merge_over_memcpy"], e["memcpy_gb_per_s"], e["file_floor"], e["merge_over_file_floor"]
     e.update(fraction_of_memcpy_bandwidth=0.007, load_after=[4.0, 4, 3])
     return {"machine": {"cpus": 2, "platform": "test", "torch": "2.x", "torch_threads": 2, "load_before": [2.9, 3, 3],
                         "load_after": [4.0, 4, 3]},
@@ -70,10 +72,15 @@ def test_the_table_derives_from_a_report_in_the_current_format(tmp_path):
     rows = [r for r in text.splitlines() if r.startswith("| ") and r[2].isdigit()]
     assert len(rows) == 3 * 2 * 2                                  # runs x dtypes x methods
     assert "| 2 | bfloat16 | ties | 10.00 | 60.00 | 6.00x (met: >= 5x) | 0.60 / 2.00 | 40.0x (goal <= 10x) " \
-           "| 3.5 / 4.5 |" in rows
+           "| 16.0x | 3.5 / 4.5 |" in rows
     assert "| 1 | bfloat16 | ties | 10.00 | 20.00 | 2.00x (NOT met: >= 5x) |" in text
     assert "| 3 | float32 | linear | 2.50 | 9.00 | 3.60x (met: >= 3x) |" in text
-    assert "memcpy 20.0 GB/s" in text and "old format" not in text
+    rep = new_report()
+    rep["runs"][0]["dtypes"]["bfloat16"]["ties"]["ours"]["cpu_s"] = 6.25   # CPU seconds beside the wall time
+    rep["runs"][0]["dtypes"]["bfloat16"]["ties"]["mergekit"]["cpu_s"] = 31.0
+    assert "| 1 | bfloat16 | ties | 10.00, 6.2 | 20.00, 31.0 | 2.00x (NOT met: >= 5x) |" in _table(rep, tmp_path)
+    # the memcpy bandwidths measured before each merge (20 + load average in this report), as a range
+    assert "memcpy 21.0-24.5 GB/s" in text and "old format" not in text
 
 
 def test_the_headline_is_the_median_run_of_each_config_dtype_bf16_first():
@@ -97,7 +104,7 @@ def test_a_run_without_mergekit_is_shown_as_not_measured(tmp_path):
             dt[m] = {k: v for k, v in e.items() if k not in ("mergekit", "speedup_wall", "rss_ratio_ours_over_mergekit",
                                                              "outputs")}
     assert docgen._merge(rep)[1] == "mergekit: `dtype: bfloat16` not measured; `dtype: float32` not measured"
-    assert "| 1 | bfloat16 | ties | 10.00 | - | - | 0.60 | 40.0x (goal <= 10x) | 2.5 |" in _table(rep, tmp_path)
+    assert "| 1 | bfloat16 | ties | 10.00 | - | - | 0.60 | 40.0x (goal <= 10x) | 16.0x | 2.5 |" in _table(rep, tmp_path)
 
 
 def test_a_report_of_the_old_format_reads_as_one_float32_run(tmp_path):
@@ -106,8 +113,9 @@ def test_a_report_of_the_old_format_reads_as_one_float32_run(tmp_path):
     ties = run["dtypes"]["float32"]["ties"]
     assert ties["merge_over_memcpy"] == round(11.7 / (4e9 / 20e9), 1)   # bytes moved over the 1-thread memcpy
     text = _table(old, tmp_path)
-    assert "| 1 | float32 | ties | 13.70 | 210.00 | 15.33x (met: >= 5x) | 0.60 / 2.00 | 58.5x (goal <= 10x) | - / - |" \
-        in text
+    assert "| 1 | float32 | ties | 13.70 | 210.00 | 15.33x (met: >= 5x) | 0.60 / 2.00 | 58.5x (goal <= 10x) | - " \
+           "| - / - |" in text
+    assert "memcpy 20.0 GB/s" in text                                    # one bandwidth, at the report's top
     assert "old format" in text and "`dtype: float32`" in text
     assert docgen._merge(old) == ("TIES merge of base + 2 experts (0.29 B parameters each): `dtype: float32` config "
                                   "13.7 s, peak RSS 0.60 GB",

@@ -354,3 +354,19 @@ def test_half_precision_rescale_overflow_is_refused():
                       compute_dtype=torch.float16)
     out = merge_tensors("breadcrumbs", [x], base, {"density": 0.5, "gamma": 0.1, "rescale": True})
     assert torch.isfinite(out).all()
+
+
+def test_sources_refuse_values_not_finite_in_the_compute_dtype():
+    from simmerge_bandit.methods.job import Source
+
+    cpu = torch.device("cpu")
+
+    def read(values, stored, compute):
+        return Source(torch.tensor(values, dtype=stored), "m", cpu, compute).flat(0, len(values), "t")
+
+    assert read([1.0, 70000.0], torch.float32, torch.float32).tolist() == [1.0, 70000.0]
+    with pytest.raises(InvalidInput, match="NaN or Inf"):   # finite as stored, an infinity in float16
+        read([1.0, 70000.0], torch.float32, torch.float16)
+    for bad in (float("nan"), float("inf"), -float("inf")):  # checked as stored when the compute dtype is wider
+        with pytest.raises(InvalidInput, match="NaN or Inf"):
+            read([0.5, bad, 0.25], torch.bfloat16, torch.float32)

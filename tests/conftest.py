@@ -1,12 +1,54 @@
-"""Shared fixtures: an isolated state home per test, and tiny real checkpoints saved with transformers."""
+"""Shared fixtures: an isolated state home per test, and tiny real checkpoints saved with transformers.
+
+Under pytest-xdist (``-n 2``) every worker runs torch with one thread, and the session's tiny checkpoints and unit
+zoo are built once for all workers (:func:`_built_once`)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
+
+#: pytest-xdist's name for this worker process ("gw0", ...); None in a plain run.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+
+
+def pytest_configure(config):
+    if XDIST_WORKER:
+        # Each worker is one of the machine's cores: torch's and the BLAS's own threads on top of that spin on
+        # each other (several times slower on 2 cores). The environment carries it to the daemons tests start.
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, "1")
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        import threadpoolctl
+
+        threadpoolctl.threadpool_limits(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def _built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """A directory that ``build`` fills, made once per test run: a fresh temp directory in a plain run; under
+    pytest-xdist one directory for all workers, built by the first worker that asks while the others wait on a
+    file lock (a second unit-zoo build is ~10 s of CPU per worker)."""
+    if not XDIST_WORKER:
+        root = tmp_path_factory.mktemp(name)
+        build(root)
+        return root
+    root = tmp_path_factory.getbasetemp().parent / name  # the run's temp root, shared by its workers
+    built = root.with_name(name + ".built")
+    with open(root.with_name(name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not built.exists():
+            shutil.rmtree(root, ignore_errors=True)  # what a worker that failed half way left
+            root.mkdir()
+            build(root)
+            built.touch()
+    return root
 
 
 @pytest.fixture(autouse=True)
@@ -77,27 +119,25 @@ def make_gpt2(out: Path, seed: int = 0, *, dtype=torch.float32) -> Path:
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Real tiny checkpoints on disk: a Llama base, two fine-tunes of it, a sharded bf16 fine-tune,
     a Qwen2 (tied embeddings, bf16) and a GPT-2."""
-    root = tmp_path_factory.mktemp("tiny")
-    base = make_llama(root / "llama-base", seed=0)
-    return {
-        "base": base,
-        "ft_a": make_llama(root / "llama-ft-a", seed=1, perturb_from=base),
-        "ft_b": make_llama(root / "llama-ft-b", seed=2, perturb_from=base),
-        "ft_sharded": make_llama(root / "llama-ft-sharded", seed=3, perturb_from=base, dtype=torch.bfloat16,
-                                 shard_size="20KB"),
-        "qwen2": make_qwen2(root / "qwen2"),
-        "gpt2": make_gpt2(root / "gpt2"),
-    }
+    def build(root: Path) -> None:
+        base = make_llama(root / "llama-base", seed=0)
+        make_llama(root / "llama-ft-a", seed=1, perturb_from=base)
+        make_llama(root / "llama-ft-b", seed=2, perturb_from=base)
+        make_llama(root / "llama-ft-sharded", seed=3, perturb_from=base, dtype=torch.bfloat16, shard_size="20KB")
+        make_qwen2(root / "qwen2")
+        make_gpt2(root / "gpt2")
+
+    root = _built_once(tmp_path_factory, "tiny", build)
+    return {"base": root / "llama-base", "ft_a": root / "llama-ft-a", "ft_b": root / "llama-ft-b",
+            "ft_sharded": root / "llama-ft-sharded", "qwen2": root / "qwen2", "gpt2": root / "gpt2"}
 
 
 @pytest.fixture(scope="session")
 def unit_zoo_dir(tmp_path_factory) -> Path:
-    """The `unit` micro-zoo, built once per test session (a few seconds) and shared by every test module."""
+    """The `unit` micro-zoo, built once per test run (a few seconds) and shared by every test module."""
     from simmerge_bandit.zoo import build_zoo
 
-    root = tmp_path_factory.mktemp("unit-zoo")
-    build_zoo(root, "unit", progress=False)
-    return root
+    return _built_once(tmp_path_factory, "unit-zoo", lambda root: build_zoo(root, "unit", progress=False))
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ from simmerge_bandit import backend as be
 from simmerge_bandit.catalog import Catalog
 from simmerge_bandit.cli import cli
 from simmerge_bandit.errors import InvalidInput
-from simmerge_bandit.signals import cache as signals_cache
 from simmerge_bandit.store import Store
 
 from conftest import write_jsonl
@@ -142,9 +141,6 @@ def test_every_cli_command_answers_the_same_with_and_without_a_daemon(tiny_model
     local_home, remote_home = tmp_path / "local" / "home", tmp_path / "remote" / "home"
     for h in (local_home, remote_home):
         _setup_home(h, tiny_models, tmp_path)
-    # The signatures memo is per process, not per home: one an earlier test computed for the same tiny base (the
-    # dashboard's) would be taken as stored in this home and never saved here; the daemon starts with none.
-    signals_cache.MEMO.clear()
     local = _suite(local_home, files, tiny_models, unit_zoo_dir)
 
     # the daemon's worker must not run the evaluations suggest queues (the local run leaves them queued), and

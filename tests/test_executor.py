@@ -460,5 +460,6 @@ def test_merging_keeps_freed_chunk_buffers_instead_of_faulting_them_in_again():
         again = burst()
     assert executor._merging == 0
     # 20 000 page faults when glibc gives the freed 80 MB back at once (it does without _reused_heap); none when
-    # the next tensor reuses them
-    assert again < 2000
+    # the next tensor reuses them, but the count is the process's: other threads left by earlier tests in the
+    # same worker fault in a few MB of their own (2,048 seen once in a full run), hence the margin
+    assert again < 5000

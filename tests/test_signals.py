@@ -322,6 +322,23 @@ def test_changed_weights_and_probes_are_recomputed(store, unit_zoo, tmp_path):
     assert signals.pair_features(store, "x2", y, t1).values["kl_ab_mean"] != after["kl_ab_mean"]
 
 
+def test_a_signature_known_in_one_home_is_still_stored_in_another(tmp_path, unit_zoo):
+    """The in-process memo is shared by every store a process opens; a signature computed for one home must still
+    be written to a second home that asks for it (it used to be taken as stored there, and never saved)."""
+    first, second = Store.open(tmp_path / "one"), Store.open(tmp_path / "two")
+    try:
+        _, (x, y, _), (t1, _, _) = _add_zoo(first, unit_zoo)
+        _add_zoo(second, unit_zoo)
+        for store in (first, second):
+            signals.ensure_signatures(store, [x, y], t1)
+            signals.feature_matrix(store, [(x, y)], t1)
+        rows = "SELECT model, part, context FROM signatures ORDER BY ALL"
+        assert second.fetchall(rows) == first.fetchall(rows) and len(first.fetchall(rows)) >= 4
+    finally:
+        first.close()
+        second.close()
+
+
 def test_signatures_round_trip_through_the_store(store, unit_zoo):
     _, (x, _, _), (t1, _, _) = _add_zoo(store, unit_zoo)
     signals.ensure_signatures(store, [x], t1)

@@ -53,39 +53,54 @@ class Signature:
 
 
 class _Memo:
-    """A bounded LRU of loaded signatures keyed by their content key (safe to share across stores)."""
+    """A bounded LRU of loaded signatures keyed by their content key, each with the stores (state homes) it is
+    known to be stored in: a signature loaded from or saved to one home is not taken as stored in another (it
+    would then never be saved there)."""
 
     def __init__(self, max_bytes: int = 2 << 30):
         self.max_bytes = max_bytes
         self._items: OrderedDict[tuple, Signature] = OrderedDict()
+        self._where: dict[tuple, set] = {}
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: tuple) -> Signature | None:
+    def get(self, key: tuple, where: str | None = None) -> Signature | None:
+        """The signature with ``key``, if it is stored in ``where`` (None: in any store)."""
         with self._lock:
             sig = self._items.get(key)
-            if sig is not None:
-                self._items.move_to_end(key)
+            if sig is None or (where is not None and where not in self._where.get(key, ())):
+                return None
+            self._items.move_to_end(key)
             return sig
 
-    def put(self, sig: Signature) -> None:
+    def put(self, sig: Signature, where: str | None = None) -> None:
+        """Keep ``sig``, stored in ``where``."""
         with self._lock:
             old = self._items.pop(sig.key, None)
             if old is not None:
                 self._bytes -= old.nbytes()
             self._items[sig.key] = sig
+            if where is not None:
+                self._where.setdefault(sig.key, set()).add(where)
             self._bytes += sig.nbytes()
             while self._bytes > self.max_bytes and len(self._items) > 1:
-                _, ev = self._items.popitem(last=False)
+                k, ev = self._items.popitem(last=False)
+                self._where.pop(k, None)
                 self._bytes -= ev.nbytes()
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._where.clear()
             self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def _where(store) -> str:
+    """Which store a memo entry belongs to: its state home."""
+    return str(getattr(store, "home", id(store)))
 
 
 MEMO = _Memo()
@@ -116,7 +131,7 @@ def save_signature(store, sig: Signature) -> None:
         rows = [[*key, name, *_to_blob(arr)] for name, arr in sorted(sig.arrays.items())]
         store.insert_rows("signature_arrays", ["fingerprint", "part", "context", "version", "name", "dtype", "shape",
                                                "data"], rows)
-    MEMO.put(sig)
+    MEMO.put(sig, _where(store))
 
 
 def load_signature(store, key: tuple[str, str, str, str]) -> Signature | None:
@@ -134,7 +149,8 @@ def load_signatures(store, keys) -> dict[tuple, Signature]:
     joined on exactly these keys (a model's signatures for other probe sets are not read); missing keys are left
     out."""
     keys = list(dict.fromkeys(tuple(k) for k in keys))
-    found = {k: MEMO.get(k) for k in keys}
+    where = _where(store)
+    found = {k: MEMO.get(k, where) for k in keys}
     todo = [k for k, v in found.items() if v is None]
     if todo:
         cols = [list(c) for c in zip(*todo)]
@@ -151,7 +167,7 @@ def load_signatures(store, keys) -> dict[tuple, Signature]:
             key = (fp, part, ctx, ver)
             sig = Signature(part=part, fingerprint=fp, context=ctx, version=ver, model=model, status=status,
                             reason=reason, meta=json.loads(meta), arrays=arrays.get(key, {}), seconds=seconds or 0.0)
-            MEMO.put(sig)
+            MEMO.put(sig, where)
             found[key] = sig
     return {k: v for k, v in found.items() if v is not None}
 

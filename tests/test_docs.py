@@ -32,7 +32,7 @@ def test_quick_start_has_the_two_commands():
     section = README.read_text().split("\n## Quick start\n", 1)[1]
     block = re.search(r"```[a-z]*\n(.*?)```", section, re.S).group(1)
     lines = [ln for ln in block.splitlines() if ln.strip()]
-    assert lines == ["pip install -e . && simmerge demo", "pip install -e '.[test]' && python -m pytest -q"]
+    assert lines == ["pip install -e . && simmerge demo", "pip install -e '.[test]' && python -m pytest -q -n 2"]
 
 
 def test_readme_stays_a_five_minute_read():

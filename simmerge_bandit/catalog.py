@@ -223,8 +223,9 @@ class Catalog:
         if not isinstance(data, Upload):
             p = existing_file(data)
             if p.stat().st_size > MAX_DATA_BYTES:
-                raise InvalidInput(f"{p}: {p.stat().st_size / 2**20:.0f} MiB; a task's data file may hold at most "
-                                   f"{MAX_DATA_BYTES >> 20} MiB (evaluate on a sample of it)")
+                raise InvalidInput(f"{p}: {p.stat().st_size:,} bytes; a task's data file may hold at most "
+                                   f"{MAX_DATA_BYTES:,} bytes ({MAX_DATA_BYTES >> 20} MiB; evaluate on a sample of "
+                                   f"it)")
         folder = self.store.artifacts / "tasks"
         _private_dirs(folder)
         from .paths import pid_alive

@@ -404,6 +404,8 @@ def test_task_data_is_streamed_limited_and_copied_outside_the_engine_lock(simmer
     monkeypatch.setattr(catalog_mod, "MAX_DATA_BYTES", size - 1)
     res = CliRunner().invoke(cli, ["task", "add", "big3", "--data", str(big), "--no-input"], catch_exceptions=False)
     assert res.exit_code == 1 and "at most" in _one_line(res)
+    # one byte over says so: exact sizes, not MiB rounded to the same number on both sides
+    assert f"{size:,} bytes" in res.output and f"at most {size - 1:,} bytes" in res.output
     assert "big3" not in CliRunner().invoke(cli, ["task", "list"]).output
 
 

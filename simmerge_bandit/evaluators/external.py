@@ -97,6 +97,25 @@ def render_command(template: str, *, model: str, task: str, data: str, output: s
         raise InvalidInput(f"eval command is not a valid template ({e}); write literal braces as {{{{ }}}}") from None
 
 
+
+def run_group(argv: list[str], *, env: dict, timeout: float, merge_stderr: bool = False):
+    """Run ``argv`` in a process group of its own, text output captured; past ``timeout`` seconds kill the whole
+    group (an evaluation may have started children: a harness, a server). Returns ``(proc, stdout, stderr,
+    timed_out)`` (``stderr`` is None with ``merge_stderr``: it is in ``stdout``)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return proc, stdout, stderr, False
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        stdout, stderr = proc.communicate()
+        return proc, stdout, stderr, True
+
 class External(Evaluator):
     """Run the task's ``eval_command`` and read ``metric_path`` from its JSON (see the module docstring)."""
 
@@ -116,17 +135,8 @@ class External(Evaluator):
             uses_output = "{output}" in task.eval_command
             env = dict(os.environ, SIMMERGE_EVAL_MODEL=str(path), SIMMERGE_EVAL_TASK=task.name)
             start = time.perf_counter()
-            proc = subprocess.Popen(["/bin/sh", "-c", cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, env=env, start_new_session=True)
-            try:
-                stdout, stderr = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                # The command may have started children (a harness, a server): end its whole process group.
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                stdout, stderr = proc.communicate()
+            proc, stdout, stderr, timed_out = run_group(["/bin/sh", "-c", cmd], env=env, timeout=timeout)
+            if timed_out:
                 return EvalResult.failed(self.name, f"timed out after {timeout:g} s",
                                          seconds=time.perf_counter() - start, command=cmd,
                                          stdout=_tail(stdout or ""), stderr=_tail(stderr or ""))

@@ -35,8 +35,6 @@ import importlib.util
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +44,7 @@ from typing import Any, Iterable, Mapping
 
 from ..errors import InvalidInput
 from .base import EvalResult, Evaluator, LoadedModel, TaskData
+from .external import run_group
 
 NAME = "lm-eval"
 DEFAULT_TIMEOUT = 3600.0
@@ -342,16 +341,8 @@ class LmEval(Evaluator):
             spec_file.write_text(json.dumps(spec), encoding="utf-8")
             env = {**os.environ, **OFFLINE_ENV}
             argv = [sys.executable, "-m", "simmerge_bandit.evaluators._lm_eval_run", str(spec_file), str(out_file)]
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                    start_new_session=True)
-            try:
-                output, _ = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                output, _ = proc.communicate()
+            proc, output, _, timed_out = run_group(argv, env=env, timeout=timeout, merge_stderr=True)
+            if timed_out:
                 return EvalResult.failed(self.name, f"lm-eval timed out after {timeout:g} s (a task that waits on "
                                                     f"the network never finishes here)",
                                          seconds=time.perf_counter() - start, output=(output or "")[-_KEEP:])

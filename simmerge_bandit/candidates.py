@@ -1,8 +1,12 @@
-"""Candidates: every (target, ordered pair, operator) the engine may suggest, with its context and arm descriptor.
+"""Candidates: every (target, models, operator) the engine may suggest, with its context and arm descriptor.
 
-A candidate's context ``x`` is the pair's similarity features on the target's probe sets plus metadata
-(:mod:`.context`); its arm descriptor ``z`` describes the operator (:mod:`.descriptor`). A candidate set is built
-once per target and cached while the catalog, the weights on disk and the arm schema stay the same.
+The models of a candidate are an ordered pair, or the target's *group*: every model tagged with one of the
+target's tasks (when there are at least three, sharing a base), merged at once by an operator that combines that
+many models, as mergekit-evolve merges a target's experts. A candidate's context ``x`` is the pair's similarity
+features on the target's probe sets plus metadata (:mod:`.context`); a group's is the mean of its ordered pairs'
+contexts. Its arm descriptor ``z`` describes the operator (:mod:`.descriptor`). A candidate set is built once per
+target and cached while the catalog, the weights on disk and the arm schema stay the same. A group's settings
+name their scaled weight (``ties_d0.5[weight=0.5]``): a setting is an arm of its own.
 :class:`CandidateIndex` is the part of :class:`~.engine.Engine` that builds and caches them.
 """
 
@@ -11,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Sequence
 
@@ -32,8 +36,9 @@ def _schema() -> str:
 
 @dataclass
 class CandidateSet:
-    """One target's candidates, pair-major (every pair with every operator setting, in order): contexts ``X``,
-    descriptors ``Z``, arm names, and which pair and operator each row is."""
+    """One target's candidates, pair-major (every pair with every operator setting, in order, then each group with
+    the operator settings that can merge it): contexts ``X``, descriptors ``Z``, arm names, and which models
+    (``pair_index`` into ``pairs + groups``) and operator each row is."""
 
     task: str                # the target's key (a task name for a single-task target)
     pairs: list[tuple[str, str]]
@@ -48,13 +53,27 @@ class CandidateSet:
     #: candidate -> its entry of ``operators`` (pair-major: every pair has all of them, in order), which holds
     #: the concrete parameters (a family's operator appears once per parameter setting it offers)
     op_index: np.ndarray | None = None
+    #: n-way candidates' model sets (after the pairs in ``pair_index``)
+    groups: list[tuple[str, ...]] = field(default_factory=list)
+    #: rows 0 .. pair_rows-1 are every pair with every operator, in order (None for a subset)
+    pair_rows: int | None = None
+    #: how many of ``operators`` each pair has (the first ones; the rest are the groups' settings)
+    pair_ops: int | None = None
 
     def __post_init__(self):
+        if self.pair_ops is None:
+            self.pair_ops = len(self.operators)
         if self.op_index is None:
             self.op_index = np.tile(np.arange(len(self.operators)), len(self.pairs))
+            self.pair_rows = len(self.pairs) * len(self.operators)
 
     def __len__(self) -> int:
         return len(self.arms)
+
+    def models_of(self, i: int) -> tuple[str, ...]:
+        """The models candidate ``i`` merges (a pair, or a group)."""
+        k = int(self.pair_index[i])
+        return self.pairs[k] if k < len(self.pairs) else self.groups[k - len(self.pairs)]
 
     def params(self, i: int) -> dict:
         """The concrete parameters of candidate ``i``."""
@@ -65,13 +84,24 @@ class CandidateSet:
         :func:`params_key`), as a new set."""
         keys = [(o["name"], params_key(o["params"])) for o in self.operators]
         keep = [i for i in range(len(self.arms))
-                if (tuple(self.pairs[self.pair_index[i]]), *keys[self.op_index[i]]) not in exclude]
+                if (tuple(self.models_of(i)), *keys[self.op_index[i]]) not in exclude]
         if not keep:
             raise InvalidInput(f"every candidate merge for target {self.task} has been tried")
+        return self._subset(keep)
+
+    def within(self, models: set[tuple[str, ...]]) -> "CandidateSet":
+        """The candidates whose models are one of ``models`` (tuples, in merge order), as a new set;
+        :class:`InvalidInput` when none is."""
+        keep = [i for i in range(len(self.arms)) if tuple(self.models_of(i)) in models]
+        if not keep:
+            raise InvalidInput(f"no candidate merge for target {self.task} among the models asked for")
+        return self._subset(keep)
+
+    def _subset(self, keep: list[int]) -> "CandidateSet":
         idx = np.array(keep)
         return CandidateSet(self.task, self.pairs, self.operators, self.X[idx], self.Z[idx],
                             [self.arms[i] for i in keep], self.pair_index[idx], self.names, self.feature_schema,
-                            self.target, self.op_index[idx])
+                            self.target, self.op_index[idx], self.groups, None, self.pair_ops)
 
     @cached_property
     def ranked(self):
@@ -89,6 +119,28 @@ class CandidateSet:
         if out is None:
             out = memo[names] = json.dumps(list(names))
         return out
+
+
+def _fits(method: str, n: int) -> bool:
+    """Whether ``method`` merges ``n`` models at once (as the catalog counts them)."""
+    from .methods import get_method
+
+    spec = get_method(method)
+    return n >= spec.min_models and (spec.max_models is None or n <= spec.max_models)
+
+
+def group_operator(op: dict, n: int) -> dict:
+    """An operator as it merges a group of ``n`` models: each model's ``weight`` (when the method has one and the
+    operator does not choose it from a range) is 2/n of the operator's, so the group's task vectors weigh what a
+    pair's two do and a parameter (a task-arithmetic lambda, a density) means the same for both (four task
+    vectors at full weight overshoot as a pair at twice its lambda would; mergekit-evolve starts from 1/n)."""
+    from .methods import get_method
+
+    spec = get_method(op["method"])
+    if "weight" in (op.get("ranges") or {}) or "weight" not in {p.name for p in spec.params}:
+        return op
+    w = float(op["params"].get("weight", spec.param("weight").default))
+    return {**op, "params": {**op["params"], "weight": round(w * 2.0 / n, 6)}}
 
 
 def params_key(params: dict) -> str:
@@ -139,6 +191,17 @@ class CandidateIndex:
             return pairs
         covering = [(a, b) for a, b in pairs if tags_of[a] | tags_of[b] == want]
         return covering or [(a, b) for a, b in pairs if tags_of[a] or tags_of[b]]
+
+    def groups(self, target: str | Target) -> list[tuple[str, ...]]:
+        """The target's n-way candidates: per base, every model tagged with one of the target's tasks, in the
+        order they were added, when there are at least three of them (two are a pair)."""
+        target = self.target(target)
+        want = set(target.tasks)
+        by_base: dict[str, list[str]] = {}
+        for name, base, tags in self.store.fetchall("SELECT name, base, tasks FROM models ORDER BY added_at, name"):
+            if base and want & set(json.loads(tags) if tags else []):
+                by_base.setdefault(base, []).append(name)
+        return [tuple(names) for names in by_base.values() if len(names) >= 3]
 
     def _catalog_key(self, task: str) -> tuple:
         """What a task's candidate set depends on; a change of any of it (a model's weights, an operator, the
@@ -208,6 +271,7 @@ class CandidateIndex:
             raise InvalidInput(f"no candidate pairs for target {target.key}: register at least two models with "
                                f"the same --base")
         x_pairs, names = pair_contexts(self.store, pairs, target)
+        catalog_params = {o["name"]: o["params"] for o in ops}
         ops = self._expand(ops)
         n_p, n_o = len(pairs), len(ops)
         X = np.repeat(x_pairs, n_o, axis=0)
@@ -215,9 +279,24 @@ class CandidateIndex:
         Z = np.tile(zs, (n_p, 1))
         from .families import arm_name
 
-        arms = [arm_name(o, o["params"]) for o in ops] * n_p
-        return CandidateSet(target.key, pairs, ops, X, Z, arms, np.repeat(np.arange(n_p), n_o), names, _schema(),
-                            target)
+        op_arms = [arm_name(o, o["params"]) for o in ops]
+        arms = op_arms * n_p
+        pair_index, op_index = np.repeat(np.arange(n_p), n_o), np.tile(np.arange(n_o), n_p)
+        groups = [g for g in self.groups(target) if any(_fits(o["method"], len(g)) for o in ops)]
+        xs, zl, pi, oi = [X], [Z], [pair_index], [op_index]
+        all_ops = list(ops)
+        for g, models in enumerate(groups):
+            g_ops = [group_operator(o, len(models)) for o in ops if _fits(o["method"], len(models))]
+            members = [(a, b) for a in models for b in models if a != b]
+            x_group = pair_contexts(self.store, members, target)[0].mean(axis=0)
+            xs.append(np.repeat(x_group[None, :], len(g_ops), axis=0))
+            zl.append(np.stack([operator_descriptor(o) for o in g_ops]))
+            pi.append(np.full(len(g_ops), n_p + g))
+            oi.append(np.arange(len(all_ops), len(all_ops) + len(g_ops)))
+            all_ops.extend(g_ops)
+            arms.extend(arm_name(o, o["params"], catalog_params[o["name"]]) for o in g_ops)
+        return CandidateSet(target.key, pairs, all_ops, np.vstack(xs), np.vstack(zl), arms, np.concatenate(pi),
+                            names, _schema(), target, np.concatenate(oi), groups, n_p * n_o, n_o)
 
     @staticmethod
     def _expand(ops: list[dict]) -> list[dict]:

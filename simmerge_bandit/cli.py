@@ -1030,8 +1030,8 @@ def _print_best(res: dict) -> None:
               help="How many merge-and-evaluate runs to spend (those of an earlier run of the same search count).")
 @click.option("--policy", default=None,
               cls=RegistryOption,
-              help="Policy that chooses each merge (default: linucb-hybrid@predictor when a predictor is fitted, "
-                   "else linucb-hybrid): {policies}, or NAME@predictor.")
+              help="Policy that chooses each merge (default: gp-ucb@predictor when a predictor is fitted, "
+                   "else gp-ucb): {policies}, or NAME@predictor.")
 @click.option("--device", default="auto", show_default=True, help="Device for merges and evaluations.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Evaluate on the first N examples of each task only (faster, noisier).")
@@ -1343,7 +1343,7 @@ def simulate_cmd(c: Ctx, table_path, policies, objective, zoo_dir, rounds, budge
               help="Suggestions for held-out targets, each merged, evaluated and learned from.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of the zoo, of the held-out tasks and of the policy.")
-@click.option("--policy", default="linucb-hybrid@predictor", show_default=True,
+@click.option("--policy", default="gp-ucb@predictor", show_default=True,
               help="Policy the engine runs (see `simmerge policy list`).")
 @click.option("--preset", default="realistic", show_default=True, help="Zoo preset (see `simmerge zoo build`).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),

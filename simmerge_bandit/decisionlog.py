@@ -95,9 +95,10 @@ class DecisionLog:
 
     @staticmethod
     def _params_json(cs: CandidateSet, e: dict) -> str | None:
-        """The concrete parameters of a decision's steps as JSON when a step is of a family (the catalog's own
-        parameters otherwise: NULL)."""
-        if not any(o.get("ranges") for o in cs.operators):
+        """The concrete parameters of a decision's steps as JSON when a step is of a family or merges a group
+        (whose weights are scaled, :func:`.candidates.group_operator`); the catalog's own parameters otherwise:
+        NULL."""
+        if not any(o.get("ranges") for o in cs.operators) and len(e["models"]) <= 2:
             return None
         return json.dumps(e["params"], sort_keys=True)
 

@@ -30,8 +30,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-#: The policy the demo runs: hybrid LinUCB learning the residual of the predictor fitted on training tasks.
-POLICY = "linucb-hybrid@predictor"
+#: The policy the demo runs: the GP-UCB kernel bandit learning the residual of the predictor fitted on training
+#: tasks (the search's default, :func:`.search.default_policy`).
+POLICY = "gp-ucb@predictor"
 
 
 def cache_dir() -> Path:
@@ -156,7 +157,8 @@ def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: i
         out_rounds = []
         for r in range(rounds):
             target = targets[r % len(targets)]
-            s = engine.suggest(target, top=1, policy=policy)[0]
+            # the demo compares operators on the pair the engine chose, so it asks for pairs (not a target's group)
+            s = engine.suggest(target, top=1, policy=policy, within=set(engine.candidates(target).pairs))[0]
             spec = pipeline.job_spec(engine, s["id"])            # the loop a user runs: merge, evaluate, learn
             own = pipeline.run_spec(spec, device="cpu", limit=eval_limit)
             pipeline.record(engine, spec, own)

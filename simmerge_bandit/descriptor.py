@@ -325,7 +325,8 @@ class Descriptors:
 
     def arm(self, name: str, params: Mapping[str, Any] | None = None) -> tuple[str, np.ndarray | None]:
         """``(arm name, descriptor)`` of a logged step: operator ``name``, and for a family the setting
-        ``params`` it chose (:func:`~simmerge_bandit.families.arm_name`); a grid operator ignores ``params``."""
+        ``params`` it chose, or a group's scaled weight (:func:`~simmerge_bandit.families.arm_name`: a value that
+        differs from the catalog's makes the arm a setting of its own)."""
         schema, memo = self._current()
         key = (name, None if params is None else json.dumps(params, sort_keys=True))
         hit = memo.get(key)
@@ -346,9 +347,12 @@ class Descriptors:
         name = key[0]
         try:
             op = self.catalog.operator(name)
-            if op.get("ranges") and params is not None:
+            if params is not None:  # a family's chosen values, or a group's scaled weight
+                catalog_params = op["params"]
                 op = dict(op, params=dict(params))
-            memo[key] = (arm_name(op, op["params"]), schema.describe(op))
+                memo[key] = (arm_name(op, op["params"], catalog_params), schema.describe(op))
+            else:
+                memo[key] = (arm_name(op, op["params"]), schema.describe(op))
         except (NotFound, InvalidInput) as e:
             log.warning("operator %r cannot be described: %s", name, e)
             memo[key] = (name, None)

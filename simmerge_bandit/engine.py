@@ -157,13 +157,16 @@ class Engine(CandidateIndex, PolicyStore, PredictorFitting, DecisionLog):
 
     def suggest(self, task: str | Sequence[str] | Target, top: int = 5, policy: str | None = None,
                 chain: int | None = None, weights: dict | None = None, *,
-                exclude: set[tuple[tuple[str, ...], str]] | None = None, queue: bool = True) -> list[dict]:
+                exclude: set[tuple[tuple[str, ...], str]] | None = None,
+                within: set[tuple[str, ...]] | None = None, queue: bool = True) -> list[dict]:
         """Rank candidate merges for a target (a task name, several task names with optional ``weights``, a
         :class:`~simmerge_bandit.target.Target` or its key); log each returned entry as a decision. The first is
         the choice. Each suggestion's reward is the target-weighted mean of the merge's normalized scores.
 
-        ``exclude``: candidates ``(models, operator)`` not to rank (a search's tried merges). ``queue=False``: the
-        caller evaluates the suggestions itself (a search), so none goes to the evaluation queue."""
+        ``exclude``: candidates ``(models, operator)`` not to rank (a search's tried merges); ``within``: rank only
+        the candidates that merge one of these model tuples (a pair, or a group of the target's tagged models).
+        ``queue=False``: the caller evaluates the suggestions itself (a search), so none goes to the evaluation
+        queue. A chain starts from a pair."""
         if top < 1:
             raise InvalidInput("--top must be at least 1")
         if chain is not None and chain < 2:
@@ -176,9 +179,13 @@ class Engine(CandidateIndex, PolicyStore, PredictorFitting, DecisionLog):
             if chain and chain > 2 and chain > (n := len({m for p in cs.pairs for m in p})):
                 raise InvalidInput(f"--chain {chain}: the candidates for {target.key} hold {n} models, so a chain "
                                    f"has at most {n}")
+            if chain and chain > 2 and cs.groups:
+                within = set(within or cs.pairs) & set(cs.pairs)
+            if within is not None:
+                cs = cs.within(within)
             if exclude:
                 cs = cs.without(exclude)
-            ranking = pol.rank(cs.ranked, reuse=not exclude)
+            ranking = pol.rank(cs.ranked, reuse=not exclude and within is None)
             if chain and chain > 2:
                 entries = self._chains(cs, pol, ranking, top, chain)
             else:
@@ -190,19 +197,18 @@ class Engine(CandidateIndex, PolicyStore, PredictorFitting, DecisionLog):
         return [e["public"] for e in entries]
 
     def _entry(self, cs: CandidateSet, pol, ranking, i: int) -> dict:
-        a, b = cs.pairs[cs.pair_index[i]]
-        return {"models": [a, b], "operator": [cs.operators[cs.op_index[i]]["name"]], "params": [cs.params(i)],
-                "x": cs.X[i], "z": cs.Z[i],
+        return {"models": list(cs.models_of(i)), "operator": [cs.operators[cs.op_index[i]]["name"]],
+                "params": [cs.params(i)], "x": cs.X[i], "z": cs.Z[i],
                 "predicted": float(ranking.predicted[i]), "uncertainty": float(ranking.uncertainty[i]),
                 "propensity": float(ranking.propensity[i]), "pair_propensity": self._pair_mass(cs, ranking, i),
                 "explanation": self._candidate_explanation(pol, cs, i)}
 
     @staticmethod
     def _pair_mass(cs: CandidateSet, ranking, i: int) -> float:
-        """The probability the policy gave candidate ``i``'s pair: its operators' propensities summed (candidates
-        are pair-major, the same operators for every pair)."""
-        n_ops = len(cs.operators)
-        if len(cs) != len(cs.pairs) * n_ops:  # a subset (some candidates excluded)
+        """The probability the policy gave candidate ``i``'s models (its pair, or group): their operators'
+        propensities summed (the pairs' rows are pair-major, the same operators for every pair)."""
+        n_ops = cs.pair_ops
+        if cs.pair_rows is None or i >= cs.pair_rows:  # a subset (some candidates excluded), or a group
             return float(ranking.propensity[cs.pair_index == cs.pair_index[i]].sum())
         start = int(cs.pair_index[i]) * n_ops
         return float(ranking.propensity[start:start + n_ops].sum())
@@ -235,7 +241,7 @@ class Engine(CandidateIndex, PolicyStore, PredictorFitting, DecisionLog):
         from .policies import Candidates
 
         pair_row = {p: i for i, p in enumerate(cs.pairs)}
-        n_ops = len(cs.operators)
+        n_ops = cs.pair_ops
         entries = []
         for start_rank, first in enumerate(ranking.top(top)):
             e = self._entry(cs, pol, ranking, int(first))

@@ -78,14 +78,43 @@ def check_ranges(method: str, params: Mapping[str, Any], ranges: Mapping[str, An
     return out
 
 
-def arm_name(op: Mapping[str, Any], params: Mapping[str, Any]) -> str:
+def arm_name(op: Mapping[str, Any], params: Mapping[str, Any], catalog: Mapping[str, Any] | None = None) -> str:
     """What the policies call one setting of a family: ``name[k=v,...]`` over its ranged parameters (its own name
     for a grid operator). Each setting is an arm of its own; its descriptor, which holds the values, is what
-    carries what was learned about one setting over to its neighbours."""
-    ranges = op.get("ranges")
-    if not ranges:
+    carries what was learned about one setting over to its neighbours.
+
+    ``catalog``: the operator's catalog parameters; a parameter that ``params`` sets to another value (a group's
+    scaled ``weight``, :func:`~simmerge_bandit.candidates.group_operator`) is named too, ``ties_d0.5[weight=0.5]``,
+    so every distinct setting is a distinct arm."""
+    ranges = op.get("ranges") or {}
+    keys = sorted(ranges)
+    if catalog is not None:
+        full = _defaulted(op, catalog, params)
+        keys += sorted(k for k, v in params.items() if k not in ranges and _differs(v, full.get(k)))
+    if not keys:
         return op["name"]
-    return op["name"] + "[" + ",".join(f"{k}={params[k]:g}" for k in sorted(ranges)) + "]"
+    return op["name"] + "[" + ",".join(f"{k}={_text(params[k])}" for k in keys) + "]"
+
+
+def _text(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v).lower()
+
+
+def _defaulted(op: Mapping[str, Any], catalog: Mapping[str, Any], params: Mapping[str, Any]) -> dict:
+    """The operator's catalog parameters with the method's defaults filled in (its ranged ones from ``params``)."""
+    from .methods import get_method
+
+    ranged = {k: params[k] for k in (op.get("ranges") or {}) if k in params}
+    try:
+        return get_method(op["method"]).validate({**catalog, **ranged})
+    except InvalidInput:
+        return dict(catalog)
+
+
+def _differs(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+        return a != b
+    return not math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
 
 
 def draws(op: Mapping[str, Any], n: int = DRAWS) -> list[dict[str, Any]]:

@@ -176,3 +176,57 @@ def test_search_rewards_share_one_scale_the_best_known_score_in_the_catalog(home
             assert pipeline.score_merge(spec, store.home)["reward"] == pytest.approx(0.3 / 0.8)
         finally:
             evaluators.evaluate = real
+
+
+@pytest.fixture
+def group_home(home, tiny_models):
+    """The search's catalog plus a third fine-tune tagged with a target task: the target has a group."""
+    with Store.open(home) as store:
+        cat = Catalog(store)
+        cat.add_model(tiny_models["ft_sharded"], name="ft_c", base="base", tasks=["double"])
+        cat.add_operator("ta", "task_arithmetic", {"lambda": 0.5})
+    return home
+
+
+def test_a_group_is_offered_with_the_operators_that_merge_that_many_models(group_home):
+    from simmerge_bandit.context import pair_contexts
+
+    with Store.open(group_home) as store:
+        eng = Engine(store)
+        target = Target.of(["double", "triple"])
+        cs = eng.candidates(target.key)
+        assert cs.groups == [("ft_a", "ft_b", "ft_c")]
+        rows = [i for i in range(len(cs)) if cs.models_of(i) == ("ft_a", "ft_b", "ft_c")]
+        assert [cs.arms[i] for i in rows] == ["lin[weight=0.666667]", "ta[weight=0.666667]"]  # slerp merges two
+        # a group's three task vectors weigh what a pair's two do
+        assert cs.params(rows[1]) == {**eng.catalog.operator("ta")["params"], "weight": pytest.approx(2 / 3)}
+        pair_ta = next(i for i in range(cs.pair_rows) if cs.arms[i] == "ta")
+        assert cs.params(pair_ta).get("weight", 1.0) == 1.0
+        assert all(len(cs.models_of(i)) == 2 for i in range(cs.pair_rows))
+        members = [(a, b) for a in cs.groups[0] for b in cs.groups[0] if a != b]
+        want = pair_contexts(store, members, target)[0].mean(axis=0)
+        assert cs.X[rows[0]] == pytest.approx(want)
+        # a single task's group: the models tagged with it (two here: a pair, no group)
+        assert eng.candidates(Target.of(["double"]).key).groups == []
+        # a chain starts from a pair (here it cannot grow: (ft_a, ft_c) knows only "double", not a candidate pair)
+        for s in eng.suggest(target, top=3, chain=3, policy="linucb"):
+            ops = [s["operator"]] if isinstance(s["operator"], str) else s["operator"]
+            assert len(ops) == len(s["models"]) - 1
+
+
+def test_search_merges_the_group_first_then_a_pair_then_near_the_best(group_home):
+    with Store.open(group_home) as store:
+        eng = Engine(store, EngineConfig(seed=1))
+        target = Target.of(["double", "triple"])
+        ev, calls = _counting()
+        res = run_search(eng, target, 3, policy="linucb", evaluate=ev)
+        ev_ = res["evaluations"]
+        assert ev_[0]["models"] == ["ft_a", "ft_b", "ft_c"] and ev_[0]["operator"] in ("lin", "ta")
+        assert set(ev_[0]["scores"]) == {"double", "triple"} and ev_[0]["reward"] is not None
+        assert len(ev_[1]["models"]) == 2
+        best = max(ev_[:2], key=lambda e: e["reward"])
+        assert ev_[2]["models"] == best["models"]
+        row = store.fetchone("SELECT models FROM decision_log WHERE id = ?", [ev_[0]["id"]])
+        assert json.loads(row[0]) == ["ft_a", "ft_b", "ft_c"]
+        if ev_[0]["operator"] == "ta":  # the merge used the group's weights
+            assert ev_[0]["params"]["weight"] == pytest.approx(2 / 3)

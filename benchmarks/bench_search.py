@@ -63,7 +63,7 @@ PEERS = ("random", "optuna", "cma-ties", "cma-ta")
 LEVELS = (0.90, 0.95)
 #: Version of this script's search logic (the peers, the candidate space, the engine adapter, the metric's
 #: inputs): finished runs are reused across invocations only under the same version (bump it when they change).
-BENCH_VERSION = 1
+BENCH_VERSION = 2  # 2: the space holds the target's group (the engine's n-way candidate) besides the pairs
 #: goals of issue 16 (section 3)
 GOALS = {"ours_at_10_min": 0.95, "speedup_min": 3.0}
 
@@ -201,36 +201,61 @@ def evals_to_reach(curve: Sequence[float], level: float) -> int | None:
 @dataclass
 class Space:
     """Ordered pairs of experts sharing a base, at least one tagged with a target task (the engine's rule,
-    ``Engine.pairs``), times the methods of :data:`SPACE_METHODS` with the ranges of :data:`FAMILIES`."""
+    ``Engine.pairs``), and the target's group (every expert tagged with a target task, when there are at least
+    three: the engine's n-way candidate, merged with each model at 2/n of the method's weight as the engine
+    does, ``candidates.group_operator``), times the methods of :data:`SPACE_METHODS` that can merge that many
+    models, with the ranges of :data:`FAMILIES`."""
 
-    pairs: list[tuple[str, str]]
+    pairs: list[tuple[str, ...]]
     methods: tuple[str, ...] = SPACE_METHODS
 
     @classmethod
     def of(cls, manifest: dict, tasks: Sequence[str]) -> Space:
         experts = [m for m in manifest["models"] if m["base"] is not None]
         tagged = {m["name"] for m in experts if set(m["tasks"]) & set(tasks)}
-        pairs = [(a["name"], b["name"]) for a in experts for b in experts
-                 if a["name"] != b["name"] and a["base"] == b["base"]
-                 and (not tagged or a["name"] in tagged or b["name"] in tagged)]
+        pairs: list[tuple[str, ...]] = [
+            (a["name"], b["name"]) for a in experts for b in experts
+            if a["name"] != b["name"] and a["base"] == b["base"]
+            and (not tagged or a["name"] in tagged or b["name"] in tagged)]
+        for base in dict.fromkeys(m["base"] for m in experts):  # the engine's groups: per base
+            group = tuple(m["name"] for m in experts if m["name"] in tagged and m["base"] == base)
+            if len(group) >= 3:
+                pairs.append(group)
         return cls(pairs)
 
-    def candidate(self, pair: tuple[str, str], method: str, values: dict) -> Candidate:
-        return Candidate.of(pair, method, {**FIXED.get(method, {}), **values})
+    def methods_for(self, models: Sequence[str]) -> list[str]:
+        from simmerge_bandit.methods import get_method
+
+        n = len(models)
+        return [m for m in self.methods if n >= get_method(m).min_models
+                and (get_method(m).max_models is None or n <= get_method(m).max_models)]
+
+    def candidate(self, pair: Sequence[str], method: str, values: dict) -> Candidate:
+        params = {**FIXED.get(method, {}), **values}
+        if len(pair) > 2:
+            from simmerge_bandit.candidates import group_operator
+
+            params = group_operator({"method": method, "params": params}, len(pair))["params"]
+        return Candidate.of(pair, method, params)
 
     def sample(self, rng) -> Candidate:
-        """Uniform: a pair, a method, each parameter uniform in its range."""
+        """Uniform: a model set (a pair or the group), a method that can merge it, each parameter uniform in its
+        range."""
         pair = self.pairs[int(rng.integers(len(self.pairs)))]
-        method = self.methods[int(rng.integers(len(self.methods)))]
+        methods = self.methods_for(pair)
+        method = methods[int(rng.integers(len(methods)))]
         values = {p: float(rng.uniform(lo, hi)) for p, (lo, hi) in FAMILIES.get(method, {}).items()}
         return self.candidate(pair, method, values)
 
     def suggest(self, trial) -> Candidate:
-        """Optuna's define-by-run encoding: categorical pair and method, the method's parameters conditional."""
-        key = trial.suggest_categorical("pair", [f"{a}|{b}" for a, b in self.pairs])
-        method = trial.suggest_categorical("method", list(self.methods))
+        """Optuna's define-by-run encoding: categorical model set and method (the group's methods a categorical
+        of their own), the method's parameters conditional."""
+        key = trial.suggest_categorical("pair", ["|".join(p) for p in self.pairs])
+        models = tuple(key.split("|"))
+        name = "method" if len(models) == 2 else "group_method"
+        method = trial.suggest_categorical(name, self.methods_for(models))
         values = {p: trial.suggest_float(f"{method}.{p}", lo, hi) for p, (lo, hi) in FAMILIES.get(method, {}).items()}
-        return self.candidate(tuple(key.split("|")), method, values)
+        return self.candidate(models, method, values)
 
 
 @dataclass
@@ -986,7 +1011,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "ours": None if ours is None else {"families": ours.families, "policy": ours.policy,
                                            "grid": [o["name"] for o in default_operators(manifest["preset"])]},
         "targets": [{"key": c.key, "weights": c.weights, "split": c.split, "train_tasks": c.train_tasks,
-                     "pairs": len(Space.of(manifest, c.tasks).pairs),
+                     "pairs": sum(len(p) == 2 for p in Space.of(manifest, c.tasks).pairs),
+                     "group": next((list(p) for p in Space.of(manifest, c.tasks).pairs if len(p) > 2), None),
                      "experts": target_experts(manifest, c.tasks),
                      "reference": per_target[c.key]["reference"], "reference_method": best_of[c.key][2],
                      "reference_candidate": best_of[c.key][1]} for c in cases],

@@ -31,6 +31,25 @@ def test_space_has_the_engines_pairs_ordered_with_a_tagged_model_and_one_base():
     assert not any("other" in p or "base" in p for p in two)  # another base, or the base itself: never
 
 
+def test_space_holds_the_engines_group_with_the_methods_that_merge_it():
+    import numpy as np
+    import optuna
+
+    space = bs.Space.of(MANIFEST, ["x", "y"])
+    groups = [p for p in space.pairs if len(p) > 2]
+    assert groups == [("a", "b", "ab")]  # tagged with x or y, one base ("other" has its own)
+    assert bs.Space.of(MANIFEST, ["z"]).pairs == [p for p in bs.Space.of(MANIFEST, ["z"]).pairs if len(p) == 2]
+    rng = np.random.default_rng(1)
+    drawn = [c for c in (space.sample(rng) for _ in range(3000)) if len(c.models) == 3]
+    assert drawn and {c.method for c in drawn} == set(bs.SPACE_METHODS) - {"slerp", "nuslerp"}
+    for c in drawn:
+        if c.method in ("task_arithmetic", "ties", "linear"):
+            assert c.params["weight"] == pytest.approx(2 / 3, abs=1e-3)  # as the engine merges a group
+    c = space.suggest(optuna.trial.FixedTrial({"pair": "a|b|ab", "group_method": "task_arithmetic",
+                                               "task_arithmetic.lambda": 0.5}))
+    assert (c.models, c.method, c.params["lambda"]) == (("a", "b", "ab"), "task_arithmetic", 0.5)
+
+
 def test_random_samples_stay_inside_the_families():
     import numpy as np
 

@@ -987,11 +987,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                         print(f"{case.key:24s} {m:9s} seed {seed}: best@{horizon} "
                               f"{best_so_far(run.rewards[:horizon])[-1]:.3f}  best@{n} {run.rewards[i]:.3f}  "
                               f"({ev.misses} computed, {ev.hits} cached, {time.time() - t_start:.0f}s)", flush=True)
+                    if m == "ours":
+                        rec["policy"] = ours.policy  # what the engine ran (its default), for a later assembly
                     rec["cost"] = {"wall_s": round(time.time() - t_rec, 1), "computed": ev.misses - counts[0],
                                    "cached": ev.hits - counts[1], "merge_s": round(ev.merge_s - counts[2], 1),
                                    "eval_s": round(ev.eval_s - counts[3], 1), "load_end": os.getloadavg()}
                     record.write_text(json.dumps(rec))
                 runs[m] = rec["runs"]
+                if m == "ours" and rec.get("policy"):
+                    ours.policy = rec["policy"]
                 costs.append({"target": case.key, "method": m, **(rec.get("cost") or {"wall_s": None})})
                 if rec["best"][0] > best_of.get(case.key, (-math.inf,))[0]:
                     best_of[case.key] = (rec["best"][0], rec["best"][1], m)

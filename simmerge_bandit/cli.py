@@ -213,7 +213,8 @@ def model() -> None:
 @click.option("--name", help="Catalog name (default: the directory name).")
 @click.option("--base", help="Name of the registered base model this one was fine-tuned from.")
 @click.option("--task", "tasks", multiple=True, help="A task this model was fine-tuned for; repeatable. "
-                                                      "Suggestions for a task pair at least one of its experts.")
+                                                      "Suggestions for a task pair at least one of its experts, "
+                                                      "and merge all of them at once (the target's group).")
 @click.option("--allow-duplicate", is_flag=True,
               help="Register PATH even if it is already registered under another name.")
 @json_option

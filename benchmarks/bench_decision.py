@@ -112,10 +112,19 @@ DISCLOSURES: list[str] = [
     "dropped there, keeping only its sign, as the rules use). Which model each split uses is still chosen by "
     "cross-validation inside its training tasks. Zoo seed 1 was not looked at before this run. The noise-ceiling "
     "row was added in the same version.",
-    "Only the realistic zoo's configurations (both seeds, both objectives) were rerun with code version 2; the "
-    "four bench configurations are from code version 1 (no anchored model in the predictor's grid, no "
-    "noise-ceiling row): their rerun did not fit in the session. Each configuration states its version.",
 ]
+
+
+def version_note(configs: list[dict]) -> str | None:
+    """Which configurations are from an older code version than :data:`CODE` (written from the results, so it
+    cannot go stale), or None when all are current."""
+    old = [f"{c['preset']} seed {c['zoo_seed']}, {c['objective']} (version {c.get('code', 1)})"
+           for c in configs if c.get("code", 1) < CODE]
+    if not old:
+        return None
+    return (f"Not rerun with code version {CODE} (their rerun did not fit in the sessions so far): "
+            + "; ".join(old) + ". An older version has no anchored model in the predictor's grid and no "
+            "noise-ceiling row. Each configuration states its version.")
 
 
 class MabwiserLinUCB:
@@ -667,7 +676,7 @@ def main() -> None:
         out["configs"] = [c for c in out["configs"] if (c["preset"], c["zoo_seed"], c["objective"])
                           != (preset, zoo_seed, objective)] + [res]
         out["configs"].sort(key=lambda c: CONFIGS.index((c["preset"], c["zoo_seed"], c["objective"])))
-        out["disclosures"] = DISCLOSURES
+        out["disclosures"] = DISCLOSURES + [n for n in [version_note(out["configs"])] if n]
         out_path.write_text(json.dumps(out, indent=1, default=float))
         print(summary_lines(res), flush=True)
     print(f"done in {time.time() - t0:.0f}s")
@@ -731,8 +740,10 @@ def merge_results(parts: list[dict]) -> dict:
         for c in part["configs"]:
             key = (c["preset"], c["zoo_seed"], c["objective"])
             out["configs"] = [x for x in out["configs"] if (x["preset"], x["zoo_seed"], x["objective"]) != key] + [c]
-        out["disclosures"] += [d for d in part.get("disclosures", []) if d not in out["disclosures"]]
     out["configs"].sort(key=lambda c: CONFIGS.index((c["preset"], c["zoo_seed"], c["objective"])))
+    # this script's disclosures, and which configurations are from an older version (the parts' own lists are
+    # of the script that wrote them, and go stale)
+    out["disclosures"] += [n for n in [version_note(out["configs"])] if n]
     import pandas as pd
 
     for c in out["configs"]:  # from the committed table the configuration was run on

@@ -17,19 +17,25 @@ def bd():
     return mod
 
 
-def _config(preset, seed, objective, tag):
-    return {"preset": preset, "zoo_seed": seed, "objective": objective, "tag": tag}
+def _config(preset, seed, objective, tag, code=None):
+    out = {"preset": preset, "zoo_seed": seed, "objective": objective, "tag": tag}
+    return out if code is None else dict(out, code=code)
 
 
 def test_merge_keeps_every_configuration_once_in_the_benchmark_order(bd):
-    a = {"benchmark": "decision-v2", "configs": [_config("bench", 0, "target", "a"),
-                                                  _config("realistic", 0, "task", "a")], "disclosures": ["x"]}
-    b = {"benchmark": "decision-v2", "configs": [_config("realistic", 0, "target", "b"),
-                                                  _config("bench", 0, "target", "b")], "disclosures": ["x", "y"]}
+    a = {"benchmark": "decision-v2", "configs": [_config("bench", 0, "target", "a", 1),
+                                                  _config("realistic", 0, "task", "a", 1)], "disclosures": ["x"]}
+    b = {"benchmark": "decision-v2", "configs": [_config("realistic", 0, "target", "b", bd.CODE),
+                                                  _config("bench", 0, "target", "b", bd.CODE)],
+         "disclosures": ["stale"]}
     out = bd.merge_results([a, b])
     assert [(c["preset"], c["zoo_seed"], c["objective"], c["tag"]) for c in out["configs"]] == [
         ("realistic", 0, "target", "b"), ("realistic", 0, "task", "a"), ("bench", 0, "target", "b")]
-    assert out["disclosures"] == bd.DISCLOSURES + ["x", "y"]
+    # this script's disclosures, and the one configuration left at an older version, named from the results
+    assert out["disclosures"][:-1] == bd.DISCLOSURES
+    assert "realistic seed 0, task (version 1)" in out["disclosures"][-1]
+    assert "bench" not in out["disclosures"][-1]
+    assert bd.version_note([_config("bench", 1, "task", "c", bd.CODE)]) is None
     with pytest.raises(SystemExit):
         bd.merge_results([{"benchmark": "decision-v1", "configs": []}])
 

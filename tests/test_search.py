@@ -200,6 +200,12 @@ def test_a_group_is_offered_with_the_operators_that_merge_that_many_models(group
         assert [cs.arms[i] for i in rows] == ["lin[weight=0.666667]", "ta[weight=0.666667]"]  # slerp merges two
         # a group's three task vectors weigh what a pair's two do
         assert cs.params(rows[1]) == {**eng.catalog.operator("ta")["params"], "weight": pytest.approx(2 / 3)}
+        # a tried group setting is excluded by its scaled parameters, and only it
+        from simmerge_bandit.candidates import params_key
+
+        left = cs.without({(("ft_a", "ft_b", "ft_c"), "ta", params_key(cs.params(rows[1])))})
+        assert len(left) == len(cs) - 1 and "ta[weight=0.666667]" not in left.arms
+        assert len(cs.without({(("ft_a", "ft_b", "ft_c"), "ta", params_key({"lambda": 0.5}))})) == len(cs)
         pair_ta = next(i for i in range(cs.pair_rows) if cs.arms[i] == "ta")
         assert cs.params(pair_ta).get("weight", 1.0) == 1.0
         assert all(len(cs.models_of(i)) == 2 for i in range(cs.pair_rows))
@@ -226,6 +232,8 @@ def test_search_merges_the_group_first_then_a_pair_then_near_the_best(group_home
         assert len(ev_[1]["models"]) == 2
         best = max(ev_[:2], key=lambda e: e["reward"])
         assert ev_[2]["models"] == best["models"]
+        tried = [(tuple(e["models"]), e["operator"], json.dumps(e["params"], sort_keys=True)) for e in ev_]
+        assert len(set(tried)) == 3  # a group's tried setting (its scaled weight) is excluded like a pair's
         row = store.fetchone("SELECT models FROM decision_log WHERE id = ?", [ev_[0]["id"]])
         assert json.loads(row[0]) == ["ft_a", "ft_b", "ft_c"]
         if ev_[0]["operator"] == "ta":  # the merge used the group's weights

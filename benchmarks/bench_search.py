@@ -226,9 +226,7 @@ class Space:
     def methods_for(self, models: Sequence[str]) -> list[str]:
         from simmerge_bandit.methods import get_method
 
-        n = len(models)
-        return [m for m in self.methods if n >= get_method(m).min_models
-                and (get_method(m).max_models is None or n <= get_method(m).max_models)]
+        return [m for m in self.methods if get_method(m).merges(len(models))]
 
     def candidate(self, pair: Sequence[str], method: str, values: dict) -> Candidate:
         params = {**FIXED.get(method, {}), **values}

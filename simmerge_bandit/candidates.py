@@ -121,14 +121,6 @@ class CandidateSet:
         return out
 
 
-def _fits(method: str, n: int) -> bool:
-    """Whether ``method`` merges ``n`` models at once (as the catalog counts them)."""
-    from .methods import get_method
-
-    spec = get_method(method)
-    return n >= spec.min_models and (spec.max_models is None or n <= spec.max_models)
-
-
 def group_operator(op: dict, n: int) -> dict:
     """An operator as it merges a group of ``n`` models: each model's ``weight`` (when the method has one and the
     operator does not choose it from a range) is 2/n of the operator's, so the group's task vectors weigh what a
@@ -282,11 +274,13 @@ class CandidateIndex:
         op_arms = [arm_name(o, o["params"]) for o in ops]
         arms = op_arms * n_p
         pair_index, op_index = np.repeat(np.arange(n_p), n_o), np.tile(np.arange(n_o), n_p)
-        groups = [g for g in self.groups(target) if any(_fits(o["method"], len(g)) for o in ops)]
+        from .methods import get_method
+
+        groups = [g for g in self.groups(target) if any(get_method(o["method"]).merges(len(g)) for o in ops)]
         xs, zl, pi, oi = [X], [Z], [pair_index], [op_index]
         all_ops = list(ops)
         for g, models in enumerate(groups):
-            g_ops = [group_operator(o, len(models)) for o in ops if _fits(o["method"], len(models))]
+            g_ops = [group_operator(o, len(models)) for o in ops if get_method(o["method"]).merges(len(models))]
             members = [(a, b) for a in models for b in models if a != b]
             x_group = pair_contexts(self.store, members, target)[0].mean(axis=0)
             xs.append(np.repeat(x_group[None, :], len(g_ops), axis=0))

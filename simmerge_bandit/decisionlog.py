@@ -95,9 +95,9 @@ class DecisionLog:
 
     @staticmethod
     def _params_json(cs: CandidateSet, e: dict) -> str | None:
-        """The concrete parameters of a decision's steps as JSON when a step is of a family or merges a group
-        (whose weights are scaled, :func:`.candidates.group_operator`); the catalog's own parameters otherwise:
-        NULL."""
+        """The concrete parameters of a decision's steps as JSON when a step is of a family or the decision merges
+        more than two models (a group's weights are scaled, :func:`.candidates.group_operator`; a chain's are the
+        catalog's, recorded too); the catalog's own parameters otherwise: NULL."""
         if not any(o.get("ranges") for o in cs.operators) and len(e["models"]) <= 2:
             return None
         return json.dumps(e["params"], sort_keys=True)

@@ -843,7 +843,7 @@ def build_table(directory: str | os.PathLike, *, operators: Sequence[dict] | Non
         return states[name]
 
     rows = []
-    work = sum(1 for c in cases for op in ops if _fits(get_method(op["method"]), len(c)))
+    work = sum(1 for c in cases for op in ops if get_method(op["method"]).merges(len(c)))
     bar = tqdm(total=work, desc="merge table", unit="merge", disable=not progress, leave=False)
     with deterministic(threads):
         shell = _fresh_model(arch, 0)
@@ -855,7 +855,7 @@ def build_table(directory: str | os.PathLike, *, operators: Sequence[dict] | Non
                 [t for t in manifest_task_order(manifest) if any(t in s["tasks"] for s in srcs)]
             for op in ops:
                 spec = get_method(op["method"])
-                if not _fits(spec, len(case)):
+                if not spec.merges(len(case)):
                     continue
                 bar.update(1)
                 t0 = time.perf_counter()
@@ -948,10 +948,6 @@ def store_table(store, df, zoo_key: str) -> int:
 
 def manifest_task_order(manifest: dict) -> list[str]:
     return [t["name"] for t in manifest["tasks"]]
-
-
-def _fits(spec, n: int) -> bool:
-    return n >= spec.min_models and (spec.max_models is None or n <= spec.max_models)
 
 
 def _merge_states(spec, op: dict, states: list[dict], base: dict, seed: int) -> dict:

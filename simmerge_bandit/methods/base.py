@@ -143,6 +143,10 @@ class MethodSpec:
         if self.base_role not in ("separate", "input", "optional", "none"):
             raise ValueError(f"method {self.name!r}: base_role must be separate, input, optional or none")
 
+    def merges(self, n: int) -> bool:
+        """Whether an operator of this method combines ``n`` models at once (counted as ``min_models`` is)."""
+        return n >= self.min_models and (self.max_models is None or n <= self.max_models)
+
     def param(self, name: str) -> ParamSpec:
         for p in self.params:
             if p.name == name:

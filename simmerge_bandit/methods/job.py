@@ -258,7 +258,7 @@ def check_arity(spec: MethodSpec, n_models: int, has_base: bool) -> None:
         raise InvalidInput(f"{spec.name} needs a base model")
     if spec.base_role == "none" and has_base:
         raise InvalidInput(f"{spec.name} takes no base model (give every model as an input)")
-    if count < spec.min_models or (spec.max_models is not None and count > spec.max_models):
+    if not spec.merges(count):
         want = (f"exactly {spec.min_models}" if spec.min_models == spec.max_models
                 else f"at least {spec.min_models}" if spec.max_models is None
                 else f"{spec.min_models} to {spec.max_models}")

@@ -63,7 +63,8 @@ PEERS = ("random", "optuna", "cma-ties", "cma-ta")
 LEVELS = (0.90, 0.95)
 #: Version of this script's search logic (the peers, the candidate space, the engine adapter, the metric's
 #: inputs): finished runs are reused across invocations only under the same version (bump it when they change).
-BENCH_VERSION = 2  # 2: the space holds the target's group (the engine's n-way candidate) besides the pairs
+BENCH_VERSION = 3  # 2: the space holds the target's group (the engine's n-way candidate) besides the pairs;
+#                    3: and the group less one model
 #: goals of issue 16 (section 3)
 GOALS = {"ours_at_10_min": 0.95, "speedup_min": 3.0}
 
@@ -203,7 +204,7 @@ class Space:
     """Ordered pairs of experts sharing a base, at least one tagged with a target task (the engine's rule,
     ``Engine.pairs``), and the target's group (every expert tagged with a target task, when there are at least
     three: the engine's n-way candidate, merged with each model at 2/n of the method's weight as the engine
-    does, ``candidates.group_operator``), times the methods of :data:`SPACE_METHODS` that can merge that many
+    does, ``candidates.group_operator``) with its subsets less one model (``candidates.group_sets``), times the methods of :data:`SPACE_METHODS` that can merge that many
     models, with the ranges of :data:`FAMILIES`."""
 
     pairs: list[tuple[str, ...]]
@@ -217,10 +218,10 @@ class Space:
             (a["name"], b["name"]) for a in experts for b in experts
             if a["name"] != b["name"] and a["base"] == b["base"]
             and (not tagged or a["name"] in tagged or b["name"] in tagged)]
-        for base in dict.fromkeys(m["base"] for m in experts):  # the engine's groups: per base
-            group = tuple(m["name"] for m in experts if m["name"] in tagged and m["base"] == base)
-            if len(group) >= 3:
-                pairs.append(group)
+        from simmerge_bandit.candidates import group_sets
+
+        for base in dict.fromkeys(m["base"] for m in experts):  # the engine's groups and subsets: per base
+            pairs.extend(group_sets({m["name"]: set(m["tasks"]) for m in experts if m["base"] == base}, set(tasks)))
         return cls(pairs)
 
     def methods_for(self, models: Sequence[str]) -> list[str]:

@@ -2,7 +2,7 @@
 
 The models of a candidate are an ordered pair, or the target's *group*: every model tagged with one of the
 target's tasks (when there are at least three, sharing a base), merged at once by an operator that combines that
-many models, as mergekit-evolve merges a target's experts. A candidate's context ``x`` is the pair's similarity
+many models, as mergekit-evolve merges a target's experts, or the group less one model (:func:`group_sets`). A candidate's context ``x`` is the pair's similarity
 features on the target's probe sets plus metadata (:mod:`.context`); a group's is the mean of its ordered pairs'
 contexts. Its arm descriptor ``z`` describes the operator (:mod:`.descriptor`). A candidate set is built once per
 target and cached while the catalog, the weights on disk and the arm schema stay the same. A group's settings
@@ -53,7 +53,7 @@ class CandidateSet:
     #: candidate -> its entry of ``operators`` (pair-major: every pair has all of them, in order), which holds
     #: the concrete parameters (a family's operator appears once per parameter setting it offers)
     op_index: np.ndarray | None = None
-    #: n-way candidates' model sets (after the pairs in ``pair_index``)
+    #: n-way candidates' model sets (after the pairs in ``pair_index``): each group, then its subsets
     groups: list[tuple[str, ...]] = field(default_factory=list)
     #: rows 0 .. pair_rows-1 are every pair with every operator, in order (None for a subset)
     pair_rows: int | None = None
@@ -74,6 +74,11 @@ class CandidateSet:
         """The models candidate ``i`` merges (a pair, or a group)."""
         k = int(self.pair_index[i])
         return self.pairs[k] if k < len(self.pairs) else self.groups[k - len(self.pairs)]
+
+    @property
+    def full_groups(self) -> list[tuple[str, ...]]:
+        """The groups that are no other group's subset (one per base)."""
+        return [g for g in self.groups if not any(len(h) > len(g) and set(g) <= set(h) for h in self.groups)]
 
     def params(self, i: int) -> dict:
         """The concrete parameters of candidate ``i``."""
@@ -135,6 +140,25 @@ def group_operator(op: dict, n: int) -> dict:
     return {**op, "params": {**op["params"], "weight": round(w * 2.0 / n, 6)}}
 
 
+def group_sets(tags_of: dict[str, set[str]], want: set[str]) -> list[tuple[str, ...]]:
+    """The n-way model sets of a target among models sharing a base (``tags_of``: each model's tagged tasks, in
+    order): its *group*, every model tagged with one of the target's tasks ``want`` when there are at least three
+    (two are a pair), then, when the group has four or more, each subset that leaves one model out and still
+    covers every task the group covers (a group's weakest member can cost more than the others add; the search
+    benchmark's page shows by how much). The full group comes first."""
+    group = tuple(m for m, tags in tags_of.items() if tags & want)
+    if len(group) < 3:
+        return []
+    covers = set().union(*(tags_of[m] & want for m in group))
+    out = [group]
+    if len(group) >= 4:
+        for drop in group:
+            rest = tuple(m for m in group if m != drop)
+            if set().union(*(tags_of[m] & want for m in rest)) == covers:
+                out.append(rest)
+    return out
+
+
 def params_key(params: dict) -> str:
     """Canonical text of a parameter dict (tells two settings of one family apart)."""
     return json.dumps(params, sort_keys=True)
@@ -185,15 +209,14 @@ class CandidateIndex:
         return covering or [(a, b) for a, b in pairs if tags_of[a] or tags_of[b]]
 
     def groups(self, target: str | Target) -> list[tuple[str, ...]]:
-        """The target's n-way candidates: per base, every model tagged with one of the target's tasks, in the
-        order they were added, when there are at least three of them (two are a pair)."""
+        """The target's n-way candidates (:func:`group_sets`, per base, models in the order they were added)."""
         target = self.target(target)
         want = set(target.tasks)
-        by_base: dict[str, list[str]] = {}
+        by_base: dict[str, dict[str, set[str]]] = {}
         for name, base, tags in self.store.fetchall("SELECT name, base, tasks FROM models ORDER BY added_at, name"):
-            if base and want & set(json.loads(tags) if tags else []):
-                by_base.setdefault(base, []).append(name)
-        return [tuple(names) for names in by_base.values() if len(names) >= 3]
+            if base:
+                by_base.setdefault(base, {})[name] = set(json.loads(tags) if tags else [])
+        return [g for tags_of in by_base.values() for g in group_sets(tags_of, want)]
 
     def _catalog_key(self, task: str) -> tuple:
         """What a task's candidate set depends on; a change of any of it (a model's weights, an operator, the
@@ -279,10 +302,14 @@ class CandidateIndex:
         groups = [g for g in self.groups(target) if any(get_method(o["method"]).merges(len(g)) for o in ops)]
         xs, zl, pi, oi = [X], [Z], [pair_index], [op_index]
         all_ops = list(ops)
+        member_x: dict[tuple[str, str], np.ndarray] = {}
         for g, models in enumerate(groups):
             g_ops = [group_operator(o, len(models)) for o in ops if get_method(o["method"]).merges(len(models))]
             members = [(a, b) for a in models for b in models if a != b]
-            x_group = pair_contexts(self.store, members, target)[0].mean(axis=0)
+            missing = [m for m in members if m not in member_x]
+            if missing:  # a subset's ordered pairs are its full group's: computed once
+                member_x.update(zip(missing, pair_contexts(self.store, missing, target)[0]))
+            x_group = np.mean([member_x[m] for m in members], axis=0)
             xs.append(np.repeat(x_group[None, :], len(g_ops), axis=0))
             zl.append(np.stack([operator_descriptor(o) for o in g_ops]))
             pi.append(np.full(len(g_ops), n_p + g))

@@ -193,16 +193,18 @@ def run_search(engine, target: Target, budget: int, *, policy: str | None = None
 
 
 def scope(engine, target: Target, n: int, best: dict | None) -> set[tuple[str, ...]] | None:
-    """The model sets step ``n`` of a search ranks (None: every candidate): the target's groups at step 0 and its
-    pairs at step 1 when it has a group; then the best merge's models on even steps (a search that found a good
-    merge tries its other operators and settings), every candidate on odd ones."""
+    """The model sets step ``n`` of a search ranks (None: every candidate): the target's full groups at step 0
+    and its pairs at step 1 when it has a group; then, on even steps, the best merge's models and the n-way
+    sets one model away from them (a search that found a good merge tries its other operators and settings, and
+    the group with one model less or more), every candidate on odd ones."""
     cs = engine.candidates(target.key)
     if cs.groups and n == 0:
-        return set(cs.groups)
+        return set(cs.full_groups)
     if cs.groups and n == 1:
         return set(cs.pairs)
     if best is not None and n % 2 == 0:
-        return {tuple(best["models"])}
+        near = set(best["models"])
+        return {tuple(best["models"])} | {g for g in cs.groups if len(set(g) ^ near) == 1}
     return None
 
 

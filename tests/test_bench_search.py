@@ -50,6 +50,17 @@ def test_space_holds_the_engines_group_with_the_methods_that_merge_it():
     assert (c.models, c.method, c.params["lambda"]) == (("a", "b", "ab"), "task_arithmetic", 0.5)
 
 
+def test_space_holds_the_groups_subsets_as_the_engine_does():
+    manifest = {"models": MANIFEST["models"] + [{"name": "a2", "base": "base", "tasks": ["x"]}]}
+    groups = [p for p in bs.Space.of(manifest, ["x", "y"]).pairs if len(p) > 2]
+    assert groups == [("a", "b", "ab", "a2"), ("b", "ab", "a2"), ("a", "ab", "a2"), ("a", "b", "a2"),
+                      ("a", "b", "ab")]
+    c = bs.Space.of(manifest, ["x", "y"]).candidate(("a", "b", "ab", "a2"), "ties", {"density": 0.5})
+    assert c.params["weight"] == pytest.approx(0.5)
+    # target {x}: a, ab, a2 (three: no subsets)
+    assert [p for p in bs.Space.of(manifest, ["x"]).pairs if len(p) > 2] == [("a", "ab", "a2")]
+
+
 def test_random_samples_stay_inside_the_families():
     import numpy as np
 

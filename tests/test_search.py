@@ -238,3 +238,58 @@ def test_search_merges_the_group_first_then_a_pair_then_near_the_best(group_home
         assert json.loads(row[0]) == ["ft_a", "ft_b", "ft_c"]
         if ev_[0]["operator"] == "ta":  # the merge used the group's weights
             assert ev_[0]["params"]["weight"] == pytest.approx(2 / 3)
+
+
+def test_group_sets_hand_worked():
+    from simmerge_bandit.candidates import group_sets
+
+    tags = {"a": {"x"}, "a2": {"x"}, "ab": {"x", "y"}, "b": {"y"}, "c": {"z"}}
+    # target {x}: the group a, a2, ab (three: no subsets)
+    assert group_sets(tags, {"x"}) == [("a", "a2", "ab")]
+    # target {x, y}: a, a2, ab, b; any one left out, x and y stay covered (ab knows y without b)
+    assert group_sets(tags, {"x", "y"}) == [("a", "a2", "ab", "b"), ("a2", "ab", "b"), ("a", "ab", "b"),
+                                             ("a", "a2", "b"), ("a", "a2", "ab")]
+    # a subset that loses a task is not offered: without b2, only b knows y
+    tags2 = {"a": {"x"}, "a2": {"x"}, "a3": {"x"}, "b": {"y"}}
+    assert group_sets(tags2, {"x", "y"}) == [("a", "a2", "a3", "b"), ("a2", "a3", "b"), ("a", "a3", "b"),
+                                              ("a", "a2", "b")]
+    assert group_sets(tags, {"z"}) == [] and group_sets(tags, {"q"}) == []
+
+
+@pytest.fixture
+def group4_home(group_home, tiny_models):
+    """group_home plus a fourth fine-tune tagged with a target task: the group has subsets."""
+    with Store.open(group_home) as store:
+        Catalog(store).add_model(tiny_models["ft_sharded"], name="ft_d", base="base", tasks=["triple"],
+                                 allow_duplicate=True)
+    return group_home
+
+
+def test_a_group_of_four_offers_its_subsets_and_the_search_looks_near_its_best(group4_home):
+    from simmerge_bandit.context import pair_contexts
+
+    with Store.open(group4_home) as store:
+        eng = Engine(store, EngineConfig(seed=1))
+        target = Target.of(["double", "triple"])
+        cs = eng.candidates(target.key)
+        full = ("ft_a", "ft_b", "ft_c", "ft_d")
+        assert cs.groups[0] == full and cs.full_groups == [full]
+        assert sorted(cs.groups[1:]) == sorted(tuple(m for m in full if m != d) for d in full)
+        sub = ("ft_a", "ft_b", "ft_c")
+        rows = [i for i in range(len(cs)) if cs.models_of(i) == sub]
+        assert [cs.arms[i] for i in rows] == ["lin[weight=0.666667]", "ta[weight=0.666667]"]
+        rows4 = [i for i in range(len(cs)) if cs.models_of(i) == full]
+        assert cs.params(rows4[1])["weight"] == pytest.approx(0.5)
+        members = [(a, b) for a in sub for b in sub if a != b]
+        assert cs.X[rows[0]] == pytest.approx(pair_contexts(store, members, target)[0].mean(axis=0))
+        from simmerge_bandit.search import scope
+
+        assert scope(eng, target, 0, None) == {full}
+        assert scope(eng, target, 1, None) == set(cs.pairs)
+        assert scope(eng, target, 2, {"models": list(full)}) == set(cs.groups)
+        assert scope(eng, target, 2, {"models": ["ft_a", "ft_b"]}) == {("ft_a", "ft_b"), sub,
+                                                                      ("ft_a", "ft_b", "ft_d")}
+        assert scope(eng, target, 3, {"models": list(full)}) is None
+        ev, _ = _counting()
+        res = run_search(eng, target, 3, policy="linucb", evaluate=ev)
+        assert res["evaluations"][0]["models"] == list(full)

@@ -170,16 +170,37 @@ def test_rank_select_chunks_match_a_stable_sort(dtype):
     for r_lo, r_hi in ((26_000, 40_000), (5_000, 39_000), (0, 30_000), (12_345, 12_346), (0, 40_000)):
         ref = torch.zeros(x.numel(), dtype=torch.bool)
         ref[order[r_lo:r_hi]] = True
-        for sample in (None, x[::3]):
-            sel = sparsify.RankSelect(x.numel(), r_lo, r_hi, sample, dtype)
+        for sample, hist in ((None, False), (x[::3], False), (None, True)):
+            sel = sparsify.RankSelect(x.numel(), r_lo, r_hi, sample, dtype, histogram=hist)
             parts = x.split(3_001)
             for ci, part in enumerate(parts):
                 sel.observe(ci, part)
             assert sel.finish()
             got = torch.cat([sel.select(ci, part) for ci, part in enumerate(parts)])
             kept = got != 0
-            assert torch.equal(kept, ref & (x != 0)), (r_lo, r_hi, sample is None)
+            assert torch.equal(kept, ref & (x != 0)), (r_lo, r_hi, sample is None, hist)
             assert torch.equal(got[kept], x[kept])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rank_select_histogram_cuts_on_tie_group_edges(dtype):
+    """The histogram path where a cut falls exactly on the edge of a group of equal magnitudes, and inside one:
+    the kept ranks are those of a stable ascending sort."""
+    g = torch.Generator().manual_seed(5)
+    vals = torch.arange(1, 51, dtype=torch.float32).repeat_interleave(100)  # 50 magnitudes, 100 entries each
+    x = (vals * torch.where(torch.rand(5000, generator=g) < 0.5, -1.0, 1.0))[torch.randperm(5000, generator=g)]
+    x = x.to(dtype)
+    order = torch.sort(x.float().abs(), stable=True).indices
+    for r_lo, r_hi in ((200, 5000), (2000, 3000), (0, 4900), (150, 5000), (2050, 2950), (199, 201)):
+        ref = torch.zeros(x.numel(), dtype=torch.bool)
+        ref[order[r_lo:r_hi]] = True
+        sel = sparsify.RankSelect(x.numel(), r_lo, r_hi, None, dtype, histogram=True)
+        parts = x.split(777)
+        for ci, part in enumerate(parts):
+            sel.observe(ci, part)
+        assert sel.finish()
+        got = torch.cat([sel.select(ci, part) for ci, part in enumerate(parts)])
+        assert torch.equal(got != 0, ref), (r_lo, r_hi)
 
 
 def test_slerp_hand_computed_and_parallel_fallback():

@@ -19,7 +19,8 @@ magnitudes, so ties at the threshold are the rule, not the exception.
 Ties among exactly equal magnitudes: mergekit keeps whichever of them ``torch.argsort`` (an unstable sort) puts
 first. Here the rule is that of a stable ascending sort of the magnitudes (TIES keeps its top ``k`` ranks, so the
 last tied entries in index order; breadcrumbs its middle ranks), which needs no sort: exact order statistics come
-from a strided sample, one counting pass and a selection among the few candidates near the threshold.
+from a strided sample, one counting pass and a selection among the few candidates near the threshold (for
+16-bit compute dtypes on the CPU: from one histogram of the 2^15 possible magnitudes per chunk).
 ``exact_ties`` reproduces mergekit's choice by running the same full argsort (and costs as much).
 
 Why one module of this size: the four sparsifiers share one selection engine (:class:`RankSelect`: exact order
@@ -109,17 +110,21 @@ class RankSelect:
     by index.
     """
 
-    def __init__(self, n: int, r_lo: int, r_hi: int, sample: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(self, n: int, r_lo: int, r_hi: int, sample: torch.Tensor | None, dtype: torch.dtype,
+                 histogram: bool = False):
         self.n, self.r_lo, self.r_hi, self.dtype = n, max(0, r_lo), min(n, r_hi), dtype
         self.keys = _Keys(dtype)
         self.none = self.r_lo >= self.r_hi
         self.all = self.r_lo == 0 and self.r_hi == n
         self.targets = [] if (self.none or self.all) else \
             ([self.r_lo] if self.r_lo > 0 else []) + ([self.r_hi - 1] if self.r_hi < n else [])
-        self._materialize = sample is None
+        #: 16-bit keys on the CPU: one histogram of the 2^15 magnitudes per chunk gives every order statistic
+        #: exactly in one counting pass (no sample, no brackets, no candidates kept)
+        self._hist = histogram and dtype.itemsize == 2
+        self._materialize = sample is None and not self._hist
         self._stored: dict[int, np.ndarray] = {}
         self._brackets = []
-        if not self._materialize and self.targets:
+        if not self._materialize and not self._hist and self.targets:
             s = _host(self.keys.of(sample.to(dtype)))
             ms = s.size
             bounds = []
@@ -144,6 +149,9 @@ class RankSelect:
         if not self.targets:
             return
         k = self.keys.of(d)
+        if self._hist:
+            self._stored[ci] = np.bincount(_host(k), minlength=1 << 15)
+            return
         if self._materialize:
             self._stored[ci] = _host(k).copy()
             return
@@ -165,7 +173,16 @@ class RankSelect:
         if not self.targets:
             self._build([], {})
             return True
-        if not self._materialize:
+        if self._hist:
+            counts = np.sum(list(self._stored.values()), axis=0)
+            cum = np.cumsum(counts)
+            stats = []
+            for r in self.targets:
+                v = int(np.searchsorted(cum, r, side="right"))  # the first key with more than r entries up to it
+                stats.append((v, int(cum[v - 1]) if v else 0, int(counts[v])))
+            per_chunk = {v: {ci: int(h[v]) for ci, h in self._stored.items()} for v, _, _ in stats}
+            self._stored = {}
+        elif not self._materialize:
             stats = [self._from_bracket(b, r) for b, r in zip(self._brackets, self.targets)]
             if any(s is None for s in stats):
                 return False
@@ -353,11 +370,12 @@ class _Selecting(Sparsifier):
             self._abs: list[torch.Tensor] = []
             return
         sample = None
-        if self.n > EXACT_SELECT_MAX:
+        histogram = self.n > EXACT_SELECT_MAX and job.dtype.itemsize == 2 and job.device.type == "cpu"
+        if self.n > EXACT_SELECT_MAX and not histogram:
             size = max(4096, min(SAMPLE_SIZE, self.n // 32))
             idx = (torch.arange(size, dtype=torch.float64) * (self.n / size)).long()
             sample = job.models[model].gather(idx) - job.base.gather(idx)
-        self.sel = RankSelect(self.n, self.r_lo, self.r_hi, sample, job.dtype)
+        self.sel = RankSelect(self.n, self.r_lo, self.r_hi, sample, job.dtype, histogram=histogram)
 
     def rank_range(self) -> tuple[int, int]:
         raise NotImplementedError

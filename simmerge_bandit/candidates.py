@@ -144,8 +144,8 @@ def group_sets(tags_of: dict[str, set[str]], want: set[str]) -> list[tuple[str, 
     """The n-way model sets of a target among models sharing a base (``tags_of``: each model's tagged tasks, in
     order): its *group*, every model tagged with one of the target's tasks ``want`` when there are at least three
     (two are a pair), then, when the group has four or more, each subset that leaves one model out and still
-    covers every task the group covers (a group's weakest member can cost more than the others add; the search
-    benchmark's page shows by how much). The full group comes first."""
+    covers every task the group covers (a group's weakest member can cost more than the others add; see the
+    search benchmark's page). The full group comes first."""
     group = tuple(m for m, tags in tags_of.items() if tags & want)
     if len(group) < 3:
         return []

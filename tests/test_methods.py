@@ -158,6 +158,16 @@ def test_rank_select_misled_sample_falls_back():
         assert torch.equal(got[ref], keys[ref])
 
 
+def _select_in_chunks(x, r_lo, r_hi, sample, dtype, histogram, chunk):
+    """``x`` selected to ascending-magnitude ranks [r_lo, r_hi) by a RankSelect fed chunks of ``chunk``."""
+    sel = sparsify.RankSelect(x.numel(), r_lo, r_hi, sample, dtype, histogram=histogram)
+    parts = x.split(chunk)
+    for ci, part in enumerate(parts):
+        sel.observe(ci, part)
+    assert sel.finish()
+    return torch.cat([sel.select(ci, part) for ci, part in enumerate(parts)])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rank_select_chunks_match_a_stable_sort(dtype):
     """Sampled and materialized selection, chunk by chunk, keep exactly the ranks a stable ascending sort of the
@@ -171,12 +181,7 @@ def test_rank_select_chunks_match_a_stable_sort(dtype):
         ref = torch.zeros(x.numel(), dtype=torch.bool)
         ref[order[r_lo:r_hi]] = True
         for sample, hist in ((None, False), (x[::3], False), (None, True)):
-            sel = sparsify.RankSelect(x.numel(), r_lo, r_hi, sample, dtype, histogram=hist)
-            parts = x.split(3_001)
-            for ci, part in enumerate(parts):
-                sel.observe(ci, part)
-            assert sel.finish()
-            got = torch.cat([sel.select(ci, part) for ci, part in enumerate(parts)])
+            got = _select_in_chunks(x, r_lo, r_hi, sample, dtype, hist, 3_001)
             kept = got != 0
             assert torch.equal(kept, ref & (x != 0)), (r_lo, r_hi, sample is None, hist)
             assert torch.equal(got[kept], x[kept])
@@ -194,12 +199,7 @@ def test_rank_select_histogram_cuts_on_tie_group_edges(dtype):
     for r_lo, r_hi in ((200, 5000), (2000, 3000), (0, 4900), (150, 5000), (2050, 2950), (199, 201)):
         ref = torch.zeros(x.numel(), dtype=torch.bool)
         ref[order[r_lo:r_hi]] = True
-        sel = sparsify.RankSelect(x.numel(), r_lo, r_hi, None, dtype, histogram=True)
-        parts = x.split(777)
-        for ci, part in enumerate(parts):
-            sel.observe(ci, part)
-        assert sel.finish()
-        got = torch.cat([sel.select(ci, part) for ci, part in enumerate(parts)])
+        got = _select_in_chunks(x, r_lo, r_hi, None, dtype, True, 777)
         assert torch.equal(got != 0, ref), (r_lo, r_hi)
 
 

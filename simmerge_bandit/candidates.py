@@ -140,13 +140,28 @@ def group_operator(op: dict, n: int) -> dict:
     return {**op, "params": {**op["params"], "weight": round(w * 2.0 / n, 6)}}
 
 
-def group_sets(tags_of: dict[str, set[str]], want: set[str]) -> list[tuple[str, ...]]:
+#: The most models a group merges at once: a base with more models tagged for the target gives a group of the
+#: ones with the best known scores on it (a catalog of many fine-tunes would otherwise merge all of them, and
+#: offer as many subsets that each merge all but one).
+MAX_GROUP = 8
+
+
+def group_sets(tags_of: dict[str, set[str]], want: set[str],
+               score: dict[str, float] | None = None) -> list[tuple[str, ...]]:
     """The n-way model sets of a target among models sharing a base (``tags_of``: each model's tagged tasks, in
     order): its *group*, every model tagged with one of the target's tasks ``want`` when there are at least three
     (two are a pair), then, when the group has four or more, each subset that leaves one model out and still
     covers every task the group covers (a group's weakest member can cost more than the others add; see the
-    search benchmark's page). The full group comes first."""
+    search benchmark's page). The full group comes first.
+
+    More than :data:`MAX_GROUP` tagged models: the group is the :data:`MAX_GROUP` with the highest ``score`` (a
+    model's known score on the target; a model without one ranks below every scored one; ties by order), kept in
+    their order."""
     group = tuple(m for m, tags in tags_of.items() if tags & want)
+    if len(group) > MAX_GROUP:
+        score = score or {}
+        ranked = sorted(range(len(group)), key=lambda i: (group[i] not in score, -score.get(group[i], 0.0), i))
+        group = tuple(group[i] for i in sorted(ranked[:MAX_GROUP]))
     if len(group) < 3:
         return []
     covers = set().union(*(tags_of[m] & want for m in group))
@@ -216,7 +231,20 @@ class CandidateIndex:
         for name, base, tags in self.store.fetchall("SELECT name, base, tasks FROM models ORDER BY added_at, name"):
             if base:
                 by_base.setdefault(base, {})[name] = set(json.loads(tags) if tags else [])
-        return [g for tags_of in by_base.values() for g in group_sets(tags_of, want)]
+        score = None
+        if any(sum(1 for t in tags_of.values() if t & want) > MAX_GROUP for tags_of in by_base.values()):
+            score = self._known_target_scores(target, [m for t in by_base.values() for m in t])
+        return [g for tags_of in by_base.values() for g in group_sets(tags_of, want, score)]
+
+    def _known_target_scores(self, target: Target, models: list[str]) -> dict[str, float]:
+        """Each model's known scores on the target's tasks (each over the best known score of any of ``models``
+        on that task), weighted as the target weighs them, for the models known on all of them."""
+        from .context import catalog_meta
+
+        meta = catalog_meta(self.store, models, target.tasks)
+        best = {t: max([v.known[t] for v in meta.values() if t in v.known], default=0.0) for t in target.tasks}
+        return {m: sum(w * (v.known[t] / best[t] if best[t] > 0 else v.known[t]) for t, w in target.weights.items())
+                for m, v in meta.items() if all(t in v.known for t in target.tasks)}
 
     def _catalog_key(self, task: str) -> tuple:
         """What a task's candidate set depends on; a change of any of it (a model's weights, an operator, the

@@ -59,6 +59,9 @@ def test_space_holds_the_groups_subsets_as_the_engine_does():
     assert c.params["weight"] == pytest.approx(0.5)
     # target {x}: a, ab, a2 (three: no subsets)
     assert [p for p in bs.Space.of(manifest, ["x"]).pairs if len(p) > 2] == [("a", "ab", "a2")]
+    many = {"models": MANIFEST["models"] + [{"name": f"x{i}", "base": "base", "tasks": ["x"]} for i in range(8)]}
+    with pytest.raises(ValueError, match="more than 8 experts"):
+        bs.Space.of(many, ["x"])
 
 
 def test_random_samples_stay_inside_the_families():

@@ -293,3 +293,32 @@ def test_a_group_of_four_offers_its_subsets_and_the_search_looks_near_its_best(g
         ev, _ = _counting()
         res = run_search(eng, target, 3, policy="linucb", evaluate=ev)
         assert res["evaluations"][0]["models"] == list(full)
+
+
+def test_group_sets_cap_keeps_the_best_known_models_in_order(monkeypatch):
+    from simmerge_bandit import candidates
+    from simmerge_bandit.candidates import group_sets
+
+    monkeypatch.setattr(candidates, "MAX_GROUP", 4)
+    tags = {m: {"x"} for m in "abcdef"}
+    score = {"a": 0.5, "b": 0.9, "c": 0.1, "d": 0.9, "f": 0.7}  # e unknown: below every scored model
+    assert group_sets(tags, {"x"}, score)[0] == ("a", "b", "d", "f")
+    assert group_sets(tags, {"x"})[0] == ("a", "b", "c", "d")  # nothing known: the first ones added
+    assert group_sets(tags, {"x"}, {"e": 0.2})[0] == ("a", "b", "c", "e")  # e scored, ties by order after it
+
+
+def test_a_group_larger_than_the_cap_is_chosen_by_known_score(group4_home, monkeypatch):
+    from simmerge_bandit import candidates
+
+    monkeypatch.setattr(candidates, "MAX_GROUP", 3)
+    with Store.open(group4_home) as store:
+        cat = Catalog(store)
+        # ft_c and ft_d are one checkpoint (one fingerprint): they share their known scores
+        for model, (d, t) in {"ft_a": (0.9, 0.2), "ft_b": (0.1, 0.1), "ft_c": (0.5, 0.5)}.items():
+            cat.record_score(model, "double", d)
+            cat.record_score(model, "triple", t)
+        eng = Engine(store)
+        target = Target.of(["double", "triple"])
+        assert eng.groups(target) == [("ft_a", "ft_c", "ft_d")]  # ft_b's known scores are the lowest
+        cat.record_score("ft_b", "triple", 2.0)  # now the best known on triple: (0.1/0.9 + 2.0/2.0) / 2
+        assert eng.groups(target) == [("ft_a", "ft_b", "ft_c")]

@@ -1072,6 +1072,9 @@ def search_cmd(c: Ctx, tasks, weights, budget, policy, device, limit, as_json) -
         emit(res, as_json, _print_best)
         raise SystemExit(130) from None
     bar.close()
+    if policy is None and res.get("policy") == "gp-ucb":
+        click.echo("note: no predictor is fitted, so this search started cold; `simmerge predictor fit --table "
+                   "FILE` fits one from earlier merges of other tasks", err=True)
     emit(res, as_json, _print_best)
 
 

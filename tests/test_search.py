@@ -114,13 +114,17 @@ def test_cli_search_json_contract(home):
                                  "--budget", "2", "--limit", "3", "--device", "cpu", "--json"],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
+    assert "no predictor is fitted" in r.stderr  # the default policy ran without its predictor: said, on stderr
     assert out["target"] == {"tasks": {"double": 0.75, "triple": 0.25}}
     assert len(out["evaluations"]) == 2
     for e in out["evaluations"]:
         assert {"id", "models", "operator", "params", "scores", "reward"} <= set(e)
     best = max(out["evaluations"], key=lambda e: e["reward"])
     assert out["best"]["id"] == best["id"] and out["best"]["path"]
+    r = CliRunner().invoke(cli, ["search", "--task", "double", "--budget", "1", "--limit", "3", "--device", "cpu",
+                                 "--policy", "gp-ucb", "--json"], catch_exceptions=False)
+    assert r.exit_code == 0 and "no predictor" not in r.stderr  # a policy asked for: nothing to say
     for args in (["--budget", "0"], ["--weight", "double=-1", "--budget", "1"]):
         r = CliRunner().invoke(cli, ["search", "--task", "double", *args])
         assert r.exit_code != 0 and "Traceback" not in r.output

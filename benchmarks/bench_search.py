@@ -204,8 +204,8 @@ class Space:
     """Ordered pairs of experts sharing a base, at least one tagged with a target task (the engine's rule,
     ``Engine.pairs``), and the target's group (every expert tagged with a target task, when there are at least
     three: the engine's n-way candidate, merged with each model at 2/n of the method's weight as the engine
-    does, ``candidates.group_operator``) with its subsets less one model (``candidates.group_sets``), times the methods of :data:`SPACE_METHODS` that can merge that many
-    models, with the ranges of :data:`FAMILIES`."""
+    does, ``candidates.group_operator``) with its subsets less one model (``candidates.group_sets``), times the
+    methods of :data:`SPACE_METHODS` that can merge that many models, with the ranges of :data:`FAMILIES`."""
 
     pairs: list[tuple[str, ...]]
     methods: tuple[str, ...] = SPACE_METHODS

@@ -2,11 +2,12 @@
 
 The models of a candidate are an ordered pair, or the target's *group*: every model tagged with one of the
 target's tasks (when there are at least three, sharing a base), merged at once by an operator that combines that
-many models, as mergekit-evolve merges a target's experts, or the group less one model (:func:`group_sets`). A candidate's context ``x`` is the pair's similarity
-features on the target's probe sets plus metadata (:mod:`.context`); a group's is the mean of its ordered pairs'
-contexts. Its arm descriptor ``z`` describes the operator (:mod:`.descriptor`). A candidate set is built once per
-target and cached while the catalog, the weights on disk and the arm schema stay the same. A group's settings
-name their scaled weight (``ties_d0.5[weight=0.5]``): a setting is an arm of its own.
+many models, as mergekit-evolve merges a target's experts, or the group less one model (:func:`group_sets`). A
+candidate's context ``x`` is the pair's similarity features on the target's probe sets plus metadata
+(:mod:`.context`); a group's is the mean of its ordered pairs' contexts. Its arm descriptor ``z`` describes
+the operator (:mod:`.descriptor`). A candidate set is built once per target and cached while the catalog, the
+weights on disk and the arm schema stay the same. A group's settings name their scaled weight
+(``ties_d0.5[weight=0.5]``): a setting is an arm of its own.
 :class:`CandidateIndex` is the part of :class:`~.engine.Engine` that builds and caches them.
 """
 

@@ -218,13 +218,15 @@ class Space:
             (a["name"], b["name"]) for a in experts for b in experts
             if a["name"] != b["name"] and a["base"] == b["base"]
             and (not tagged or a["name"] in tagged or b["name"] in tagged)]
-        from simmerge_bandit.candidates import MAX_GROUP, group_sets
+        from simmerge_bandit import candidates
 
         for base in dict.fromkeys(m["base"] for m in experts):  # the engine's groups and subsets: per base
-            if sum(1 for m in experts if m["base"] == base and m["name"] in tagged) > MAX_GROUP:
-                raise ValueError(f"more than {MAX_GROUP} experts of one base are tagged with {list(tasks)}: the "
-                                 f"engine would choose its group by known score, which this space does not")
-            pairs.extend(group_sets({m["name"]: set(m["tasks"]) for m in experts if m["base"] == base}, set(tasks)))
+            tags_of = {m["name"]: set(m["tasks"]) for m in experts if m["base"] == base}
+            if len(candidates.tagged(tags_of, set(tasks))) > candidates.MAX_GROUP:
+                raise ValueError(f"more than {candidates.MAX_GROUP} experts of one base are tagged with "
+                                 f"{list(tasks)}: the engine would choose its group by known score, which this "
+                                 f"space does not")
+            pairs.extend(candidates.group_sets(tags_of, set(tasks)))
         return cls(pairs)
 
     def methods_for(self, models: Sequence[str]) -> list[str]:

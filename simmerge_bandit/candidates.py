@@ -147,6 +147,11 @@ def group_operator(op: dict, n: int) -> dict:
 MAX_GROUP = 8
 
 
+def tagged(tags_of: dict[str, set[str]], want: set[str]) -> tuple[str, ...]:
+    """The models of ``tags_of`` (in its order) tagged with one of the tasks ``want``: a group before its cap."""
+    return tuple(m for m, tags in tags_of.items() if tags & want)
+
+
 def group_sets(tags_of: dict[str, set[str]], want: set[str],
                score: dict[str, float] | None = None) -> list[tuple[str, ...]]:
     """The n-way model sets of a target among models sharing a base (``tags_of``: each model's tagged tasks, in
@@ -158,7 +163,7 @@ def group_sets(tags_of: dict[str, set[str]], want: set[str],
     More than :data:`MAX_GROUP` tagged models: the group is the :data:`MAX_GROUP` with the highest ``score`` (a
     model's known score on the target; a model without one ranks below every scored one; ties by order), kept in
     their order."""
-    group = tuple(m for m, tags in tags_of.items() if tags & want)
+    group = tagged(tags_of, want)
     if len(group) > MAX_GROUP:
         score = score or {}
         ranked = sorted(range(len(group)), key=lambda i: (group[i] not in score, -score.get(group[i], 0.0), i))
@@ -233,7 +238,7 @@ class CandidateIndex:
             if base:
                 by_base.setdefault(base, {})[name] = set(json.loads(tags) if tags else [])
         score = None
-        if any(sum(1 for t in tags_of.values() if t & want) > MAX_GROUP for tags_of in by_base.values()):
+        if any(len(tagged(tags_of, want)) > MAX_GROUP for tags_of in by_base.values()):
             score = self._known_target_scores(target, [m for t in by_base.values() for m in t])
         return [g for tags_of in by_base.values() for g in group_sets(tags_of, want, score)]
 
@@ -244,8 +249,9 @@ class CandidateIndex:
 
         meta = catalog_meta(self.store, models, target.tasks)
         best = {t: max([v.known[t] for v in meta.values() if t in v.known], default=0.0) for t in target.tasks}
-        return {m: sum(w * (v.known[t] / best[t] if best[t] > 0 else v.known[t]) for t, w in target.weights.items())
-                for m, v in meta.items() if all(t in v.known for t in target.tasks)}
+        scores = {m: target.aggregate({t: x / best[t] if best[t] > 0 else x for t, x in v.known.items()})
+                  for m, v in meta.items()}
+        return {m: x for m, x in scores.items() if x is not None}
 
     def _catalog_key(self, task: str) -> tuple:
         """What a task's candidate set depends on; a change of any of it (a model's weights, an operator, the

@@ -32,7 +32,9 @@ work on either; nothing here needs torch unless a merge is run.
 
 mergekit: ``--mergekit``, else $SIMMERGE_MERGEKIT_YAML, else ``mergekit-yaml`` on PATH (``.ci/setup-mergekit``
 makes one). Our side runs with ``--threads 1`` (the CLI default), mergekit with torch's default threads. The
-machine is shared: compare ratios within one run, and read the load averages beside them.
+machine is shared: compare ratios within one run, and read the load averages beside them. Before anything is timed,
+the compiled TIES loops (``methods.fused``, numba) are compiled into numba's cache; ``compiled_loops`` records what
+that costs with an empty cache and what loading them costs a process afterwards (included in every TIES time).
 """
 
 from __future__ import annotations
@@ -261,6 +263,26 @@ def compare(ours: Path, theirs: Path) -> dict:
     return {"same_tensor_names": True, "differing_fraction": diff / total, "max_tensor_rel_l2_diff": worst}
 
 
+_WARM_UP = "from simmerge_bandit.methods import fused; print(fused.warm_up())"
+
+
+def compiled_loops() -> dict:
+    """Compile the TIES loops (numba) before anything is timed, and record what that costs a user: once with an
+    empty cache (the first TIES merge after installing: every (stored, compute) dtype pair the warm-up covers),
+    then loading them from the cache (what every later process pays, once, before its first TIES tensor)."""
+    import tempfile
+
+    def seconds(env):
+        r = subprocess.run([sys.executable, "-c", _WARM_UP], capture_output=True, text=True, env=env, check=True)
+        return round(float(r.stdout.strip().splitlines()[-1]), 2)
+
+    with tempfile.TemporaryDirectory() as cold:
+        first = seconds({**os.environ, "NUMBA_CACHE_DIR": cold})
+    seconds(dict(os.environ))  # fill the cache our merges use
+    return {"cases": "4 (stored, compute) dtype pairs: bf16/f32 x bf16/f32", "compile_empty_cache_s": first,
+            "load_from_cache_s": seconds(dict(os.environ))}
+
+
 def run_once(paths: dict[str, Path], dtypes: list[str], methods: list[str], args, simmerge: list[str],
              memcpy: dict) -> dict:
     import yaml
@@ -382,6 +404,12 @@ def markdown_table(res: dict) -> str:
     rows.append(f"{fam['params_per_model'] / 1e9:.2f} B parameters per model, bf16 on disk, base + 2 experts; "
                 f"{res['machine']['cpus']} CPUs, torch {res['machine']['torch']}; {memcpy}. Load average: "
                 f"ours / mergekit, just before each.")
+    loops = res.get("compiled_loops")
+    if loops:
+        rows[-1] += (f" The compiled TIES loops took {loops['compile_empty_cache_s']:.1f} s to compile with an empty "
+                     f"cache ({loops['cases']}; once, before anything was timed) and take "
+                     f"{loops['load_from_cache_s']:.1f} s to load from it (for all four pairs; a merge loads the "
+                     f"pair it uses, inside its TIES times).")
     if "runs" not in res:
         rows.append("")
         rows.append(f"Recorded before bf16 configs were measured (the report's old format): one run, every config "
@@ -456,13 +484,14 @@ def main(argv=None) -> int:
     paths = make_family(args.work / ("family" if args.layers == 20 else f"family-{args.layers}"), args.layers)
     n_params = json.loads((paths["base"] / "model.safetensors.index.json").read_text())["metadata"]["total_size"] // 2
     memcpy = memcpy_bandwidth(args.device)
+    loops = compiled_loops() if args.device == "cpu" else None
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                            "torch_threads_default": torch.get_num_threads(), "device": args.device,
                            "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
                "family": {"params_per_model": n_params, "dtype": "bfloat16", "models": 3,
                           "bytes_per_model": n_params * 2},
                "memcpy_gb_per_s": memcpy, "goals": {"speedup": GOALS, "merge_over_memcpy": BANDWIDTH_GOAL},
-               "runs": []}
+               "compiled_loops": loops, "runs": []}
     for _ in range(args.runs):
         results["runs"].append(run_once(paths, args.dtypes.split(","), args.methods.split(","), args, simmerge,
                                         memcpy))

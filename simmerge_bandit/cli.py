@@ -570,7 +570,8 @@ def _parse_size(text: str) -> int:
               help="fsync every file written, the new directory and its parent before returning (durable on "
                    "power loss).")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
-              help="torch intra-op threads on the CPU (1 is fastest on small or busy machines).")
+              help="CPU threads that merge: torch's intra-op threads, and the compiled TIES loops' (1 is fastest "
+                   "on small or busy machines).")
 @json_option
 @pass_ctx
 def merge_cmd(c: Ctx, config, out, models, operators, device, seed, dtype, compute_dtype, shard_size, vocab,

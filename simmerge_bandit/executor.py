@@ -575,7 +575,8 @@ def execute(plan: Plan, out: str | os.PathLike, *, device: str = "auto", seed: i
             threads: int | None = DEFAULT_THREADS) -> MergeResult:
     """Run a :class:`~.mergekit_config.Plan` into ``out`` (what every public entry point calls).
 
-    ``threads`` is torch's intra-op thread count while merging on the CPU (None: leave it as it is).
+    ``threads`` is torch's intra-op thread count while merging on the CPU (None: leave it as it is); the compiled
+    TIES loops (:mod:`.methods.fused`) run on as many threads.
     """
     if threads is not None and threads < 1:
         raise InvalidInput(f"threads must be at least 1, got {threads}")

@@ -81,6 +81,10 @@ def test_the_table_derives_from_a_report_in_the_current_format(tmp_path):
     assert "| 1 | bfloat16 | ties | 10.00, 6.2 | 20.00, 31.0 | 2.00x (NOT met: >= 5x) |" in _table(rep, tmp_path)
     # the memcpy bandwidths measured before each merge (20 + load average in this report), as a range
     assert "memcpy 21.0-24.5 GB/s" in text and "old format" not in text
+    assert "compiled TIES loops" not in text                       # a report without them
+    rep["compiled_loops"] = {"cases": "4 pairs", "compile_empty_cache_s": 31.84, "load_from_cache_s": 3.62}
+    assert "The compiled TIES loops took 31.8 s to compile with an empty cache (4 pairs; once, before anything " \
+           "was timed) and take 3.6 s to load from it" in _table(rep, tmp_path)
 
 
 def test_the_headline_is_the_median_run_of_each_config_dtype_bf16_first():

@@ -24,7 +24,7 @@ _MODULES = (
     "della", "della_linear", "slerp", "nuslerp", "model_stock",
 )
 #: Modules of this package that hold machinery, not a method.
-_HELPERS = frozenset({"base", "job", "generalized", "sparsify"})
+_HELPERS = frozenset({"base", "job", "generalized", "fused", "sparsify"})
 
 REGISTRY: dict[str, MethodSpec] = {}
 

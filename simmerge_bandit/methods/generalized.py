@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import sparsify
+from . import fused, sparsify
 from .base import MethodSpec
 from .job import TensorJob
 
@@ -27,6 +27,8 @@ DELTA_CACHE_BYTES = 256 << 20
 
 def kernel(spec: MethodSpec, job: TensorJob) -> None:
     """Merge one tensor with the task-arithmetic family member ``spec``."""
+    if fused.ties(spec, job):  # TIES in bf16 / float32 on the CPU: compiled loops, the same bits
+        return
     m = len(job.models)
     glob = job.params
     sps = [sparsify.make(spec.sparsification, job, i, mp, glob["rescale"])

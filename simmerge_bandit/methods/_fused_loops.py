@@ -3,7 +3,7 @@
 Inputs are stored bfloat16 (as uint16 bits) or float32; values are computed in float32 and rounded to the compute
 dtype. ``o`` is any array of the compute dtype's storage (uint16 for bfloat16; an empty one will do): it selects
 the rounding, the keys and the output format when a loop is compiled, one compilation per (input, compute) pair.
-The models come as a typed list (:func:`models`). Every function that reads inputs returns 0, or 1 when the base
+The models come as a tuple (:func:`models`). Every function that reads inputs returns 0, or 1 when the base
 holds NaN / Inf, or ``2 + i`` when model ``i`` does.
 """
 
@@ -12,12 +12,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, types
 from numba.extending import overload
-from numba.typed import List
 
 def models(arrays):
-    """The models' arrays as the loops take them: a typed list, so that one compiled loop serves any number of
-    models (a tuple would compile it anew for each count)."""
-    return List(arrays)
+    """The models' arrays as the loops take them: a tuple (each number of models compiles, and caches, its own
+    loops; a numba typed list would serve any number, but building one compiles code in every process: seconds)."""
+    return tuple(arrays)
 
 
 _S16 = np.uint32(16)

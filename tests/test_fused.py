@@ -44,11 +44,13 @@ CASES = [
     ({"density": 0.4, "normalize": False}, 3),
     ({"density": 0.5, "weight": [0.8, -0.8]}, 2),   # a zero weight sum: divisor 0 -> 1 where nothing is kept
     ({"density": 0.5, "weight": [1.0, -0.5, 0.25]}, 3),
-    ({"density": 0.9, "weight": 0.3, "lambda": 1.7}, 1),
-    ({"density": 0.25}, 5),
+    ({"density": [0.9, 0.05], "weight": [0.3, 1.2], "lambda": 1.7}, 2),
+    ({"density": [0.25, 0.3, 0.35]}, 3),
     ({"density": 1.0}, 2),                           # no cut at all
     ({"density": 0.001}, 2),                         # k = a few entries
 ]
+# Two and three models only: numba compiles the loops for each number of models (and each dtype pair), so every
+# other count would add seconds of compiling to the suite, not cases: the loops over models are the same code.
 
 
 @pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])
@@ -99,19 +101,21 @@ def test_a_wrong_tie_position_is_caught(monkeypatch):
     assert not torch.equal(a, b)
 
 
-def test_float32_inputs_rounded_to_a_bf16_compute_dtype(monkeypatch):
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])
+def test_float32_inputs(monkeypatch, compute):
+    """float32 checkpoints: rounded to a bf16 compute dtype when read, or merged in float32 as they are."""
     base, models = _family((200, 333), 2, dtype=torch.float32, seed=5)
-    a, b = _both(monkeypatch, models, base.float(), {"density": 0.45, "weight": [0.9, 0.35]},
-                 compute_dtype=torch.bfloat16)
+    a, b = _both(monkeypatch, models, base.float(), {"density": 0.45, "weight": [0.9, 0.35]}, compute_dtype=compute)
     assert torch.equal(a, b)
 
 
 def test_hand_computed_tie_rule():
     """Magnitudes 1, 3, 3, 3, 2 and density 0.4: k = 2, the cut is 3 with three entries at it, and the last two
-    in index order are kept (a stable ascending sort's top two)."""
+    in index order are kept (a stable ascending sort's top two). The second model is the base itself: a zero task
+    vector, which changes neither the elected sign nor the divisor."""
     base = torch.zeros(5)
     x = torch.tensor([1.0, -3.0, 3.0, 3.0, -2.0])
-    out = merge_tensors("ties", [x], base, {"density": 0.4})
+    out = merge_tensors("ties", [x, base.clone()], base, {"density": 0.4})
     assert out.tolist() == [0.0, 0.0, 3.0, 3.0, 0.0]
 
 

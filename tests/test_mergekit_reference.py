@@ -16,8 +16,9 @@ is one of that model's cut values, which is checked too, and shown to fail on ou
 DELLA draw random masks, so what is compared is what does not depend on the draw: density 1, and the rescaling of
 mergekit's own mask (read back from its output on a zero base) with the density/epsilon rules at their edges.
 
-TIES of bfloat16 and float32 configs on the CPU runs as compiled loops (``methods.fused``), which the product uses
-for tensors of 2^18 elements and more; here every tensor takes that path, so it is what these tiny models check.
+TIES of bfloat16 and float32 configs on the CPU runs as compiled loops (``methods.fused``) for tensors of 2^18
+elements and more, which these tiny models do not have: they check the generic kernel, and ``tests/test_fused.py``
+checks that the compiled loops give the generic kernel's bits.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from simmerge_bandit import executor
 from simmerge_bandit.checkpoint import read_checkpoint
 from simmerge_bandit.errors import InvalidInput
-from simmerge_bandit.methods import fused, get_method, sparsify
+from simmerge_bandit.methods import get_method, sparsify
 
 
 def _mergekit_yaml() -> str | None:
@@ -51,14 +52,6 @@ if MERGEKIT is None:
                            "(bash .ci/setup-mergekit DIR prints it)")
     pytestmark = pytest.mark.skip(reason="mergekit not installed: run `bash .ci/setup-mergekit /tmp/mkvenv` and set "
                                          "SIMMERGE_MERGEKIT_YAML to the path it prints")
-
-@pytest.fixture(scope="module", autouse=True)
-def _compiled_ties_for_every_size():
-    old = fused.MIN_ELEMENTS
-    fused.MIN_ELEMENTS = 0
-    yield
-    fused.MIN_ELEMENTS = old
-
 
 #: Methods whose float32 result involves a whole-tensor sum (compared within rounding, not bit for bit).
 SUMS = {"breadcrumbs_ties", "model_stock", "nuslerp-flat"}

@@ -140,7 +140,7 @@ def test_what_runs_here_and_what_does_not(monkeypatch):
     half = [models[0].half(), models[1]]
     assert not fused.applies(*_job(half, base, {"density": 0.5}, torch.bfloat16))  # stored dtypes differ
     for method in ("dare_ties", "breadcrumbs_ties", "task_arithmetic"):
-        spec, job = _job(models, base, {}, torch.bfloat16)
+        _, job = _job(models, base, {}, torch.bfloat16)
         assert not fused.applies(get_method(method), job)
     monkeypatch.setattr(fused, "MIN_ELEMENTS", 65)
     assert not fused.applies(*_job(models, base, {"density": 0.5}, torch.bfloat16))  # 64 elements

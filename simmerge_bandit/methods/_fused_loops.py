@@ -13,6 +13,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
+
 def models(arrays):
     """The models' arrays as the loops take them: a tuple (each number of models compiles, and caches, its own
     loops; a numba typed list would serve any number, but building one compiles code in every process: seconds)."""
@@ -33,6 +34,13 @@ def _bits(x):
 @njit
 def _float(b):
     return np.uint32(b).view(np.float32)
+
+
+@njit
+def _bf16_bits(b):
+    """The bits of the bfloat16 nearest (ties to even) to the float32 whose bits are ``b``, as float32 bits (the
+    low 16 are 0)."""
+    return np.uint32((b + np.uint32(0x7FFF) + ((b >> _S16) & np.uint32(1))) & np.uint32(0xFFFF0000))
 
 
 def _load(a, j):
@@ -58,10 +66,7 @@ def _rnd(o, x):
 @overload(_rnd)
 def _rnd_impl(o, x):
     if o.dtype == types.uint16:
-        def to_bf16(o, x):
-            b = _bits(x)
-            return _float(np.uint32((b + np.uint32(0x7FFF) + ((b >> _S16) & np.uint32(1))) & np.uint32(0xFFFF0000)))
-        return to_bf16
+        return lambda o, x: _float(_bf16_bits(_bits(x)))
     return lambda o, x: np.float32(x)
 
 
@@ -84,8 +89,7 @@ def _store(o, j, x):
 def _store_impl(o, j, x):
     if o.dtype == types.uint16:
         def store_bf16(o, j, x):
-            b = _bits(x)
-            o[j] = np.uint16(np.uint32(b + np.uint32(0x7FFF) + ((b >> _S16) & np.uint32(1))) >> _S16)
+            o[j] = np.uint16(_bf16_bits(_bits(x)) >> _S16)
         return store_bf16
 
     def store(o, j, x):

@@ -94,7 +94,8 @@ def ties(spec: MethodSpec, job: TensorJob) -> bool:
         out = torch.empty((hi - lo) * row_len, dtype=cd)
         a, e = lo * row_len, hi * row_len
         step = max(1 << 16, -(-(e - a) // workers))  # the chunk split among the threads
-        pieces = [(_array(out), p, min(p + step, e), p - a) for p in range(a, e, step)]
+        arr = _array(out)
+        pieces = [(arr, p, min(p + step, e), p - a) for p in range(a, e, step)]
         for bad in _map(apply, pieces, workers):
             if bad:
                 _refuse(job, bad)

@@ -630,8 +630,11 @@ def zoo() -> None:
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of data and weights; the same seed on the same machine gives identical weights.")
 @click.option("--force", is_flag=True, help="Retrain everything even if a cached build matches.")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Processes that train models at once (the experts of one base), one thread each; the weights "
+                   "are the same bytes for any count. Default: one per CPU core, at most 8.")
 @json_option
-def zoo_build(directory: str, preset: str, seed: int, force: bool, as_json: bool) -> None:
+def zoo_build(directory: str, preset: str, seed: int, force: bool, jobs: int | None, as_json: bool) -> None:
     """Build a micro-zoo in DIRECTORY: a base, experts, and per task train/eval/probe files.
 
     A second build with the same arguments returns at once (the manifest zoo.json records a hash of them
@@ -639,10 +642,10 @@ def zoo_build(directory: str, preset: str, seed: int, force: bool, as_json: bool
     """
     import time
 
-    from .zoo import build_zoo
+    from .zoo import build_zoo, default_jobs
 
     t0 = time.perf_counter()
-    m = build_zoo(directory, preset, seed, progress=not as_json, force=force)
+    m = build_zoo(directory, preset, seed, progress=not as_json, force=force, jobs=jobs or default_jobs())
     took = time.perf_counter() - t0
     summary = {"directory": str(Path(directory).resolve()), "preset": m["preset"], "seed": m["seed"],
                "models": len(m["models"]), "tasks": len(m["tasks"]), "seconds": round(took, 2),
@@ -1355,10 +1358,13 @@ def simulate_cmd(c: Ctx, table_path, policies, objective, zoo_dir, rounds, budge
               help="Where to write the cumulative-regret PNG (default: demo_regret.png in the state home).")
 @click.option("--eval-limit", type=click.IntRange(min=1), default=None,
               help="Evaluate the engine's own merges on at most this many examples per task (default: all).")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Processes that build the zoo and score the training merges (first run only; the results are "
+                   "the same for any count). Default: one per CPU core, at most 8.")
 @json_option
 @click.pass_context
 def demo(ctx: click.Context, rounds: int, seed: int, policy: str, preset: str, plot_path: str | None,
-         eval_limit: int | None, as_json: bool) -> None:
+         eval_limit: int | None, jobs: int | None, as_json: bool) -> None:
     """The engine on tasks it was never evaluated on, against every fixed operator, the catalog-metadata rules
     and the oracle; a few minutes on 2 CPU cores, no downloads.
 
@@ -1371,7 +1377,7 @@ def demo(ctx: click.Context, rounds: int, seed: int, policy: str, preset: str, p
 
     home = ctx.find_root().params.get("home")
     res = run_demo(home, rounds=rounds, seed=seed, policy=policy, preset=preset, plot=plot_path,
-                   eval_limit=eval_limit, echo=(lambda s: None) if as_json else click.echo)
+                   eval_limit=eval_limit, jobs=jobs, echo=(lambda s: None) if as_json else click.echo)
     if as_json:
         emit(res, True)
 

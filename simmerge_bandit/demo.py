@@ -8,13 +8,13 @@ operator, the catalog-metadata rules and the oracle; a few minutes on 2 CPU core
    full merge table, cached beside the zoo), scored on the target objective: the mean of a merge's normalized
    scores over the union of its sources' tasks; its model (``predictor fit --model auto``) is the one whose
    choices on a training task left out of its fit are best.
-4. For a number of rounds, asks the engine (hybrid LinUCB warm-started from the predictor) for the best merge for
-   a held-out target (each held-out task, alone and with each training task): it picks the pair and the operator. Its merge is
-   made and evaluated on every target task the way a user's would be (the streaming executor writes a
-   checkpoint, the evaluator scores it), and the engine learns from that reward. Every operator is also merged
-   and evaluated on the same pair (in memory, with the executor's kernels: the same arithmetic), so the engine's
-   choice is compared with always using one operator, with the metadata rules (fitted on the training merges)
-   and with the best operator of the round (the oracle), all scored the same way.
+4. For a number of rounds, asks the engine (:data:`POLICY`: GP-UCB on the predictor's residual) for the best merge
+   for a held-out target (each held-out task, alone and with each training task): it picks the pair and the
+   operator. Its merge is made and evaluated on every target task the way a user's would be (the streaming
+   executor writes a checkpoint, the evaluator scores it), and the engine learns from that reward. Every operator
+   is also merged and evaluated on the same pair (in memory, with the executor's kernels: the same arithmetic),
+   so the engine's choice is compared with always using one operator, with the metadata rules (fitted on the
+   training merges) and with the best operator of the round (the oracle), all scored the same way.
 5. Prints the comparison and writes a PNG of cumulative regret against the oracle.
 
 Nothing is tuned to the demo: it shows what the code does on that seed.
@@ -64,7 +64,7 @@ def _write_parquet(rows: list[dict], path: Path) -> None:
 
 
 def training_table(zoo_dir: Path, manifest: dict, train: list[str], operators: list[dict], *,
-                   echo: Callable[[str], None]) -> Path:
+                   echo: Callable[[str], None], jobs: int = 1) -> Path:
     """The full merge table of every ordered pair of experts tagged only with training tasks (cached)."""
     from .zoo import build_table
 
@@ -75,7 +75,8 @@ def training_table(zoo_dir: Path, manifest: dict, train: list[str], operators: l
     path = zoo_dir / ".cache" / f"demo-train-{key}.parquet"
     if not path.is_file():
         echo(f"scoring {len(cases)} training pairs x {len(operators)} operators for the predictor (once, cached)")
-        _write_parquet(build_table(zoo_dir, operators=operators, cases=cases, frame=False, progress=True), path)
+        _write_parquet(build_table(zoo_dir, operators=operators, cases=cases, frame=False, progress=True,
+                                   jobs=jobs), path)
     return path
 
 
@@ -115,21 +116,25 @@ def fitted_rules(table_path: Path, by_name: dict, operators: list[dict]) -> dict
 
 def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: int = 0, zoo_dir=None,
              policy: str = POLICY, preset: str = "realistic", plot: str | os.PathLike | None = None,
-             eval_limit: int | None = None, echo: Callable[[str], None] = print) -> dict:
+             eval_limit: int | None = None, jobs: int | None = None, echo: Callable[[str], None] = print) -> dict:
     """Run the demo; return its rounds and summary (also printed through ``echo``). ``eval_limit`` caps the
-    examples per task of the engine's own evaluations (default: all)."""
+    examples per task of the engine's own evaluations (default: all). ``jobs``: processes that build the zoo and
+    score the training merges on a first run (default :func:`.zoo.default_jobs`; the same results for any
+    count)."""
     from . import pipeline
     from .catalog import Catalog
     from .engine import Engine, EngineConfig
     from .evaluators.normalize import normalize_score
     from .store import Store
-    from .target import Target
-    from .zoo import build_table, build_zoo, register_zoo
+    from .zoo import build_table, build_zoo, default_jobs, register_zoo
 
     t0 = time.time()
+    jobs = jobs or default_jobs()
+    timings: dict[str, float] = {}
     zoo_dir = Path(zoo_dir) if zoo_dir else cache_dir() / f"zoo-{preset}-seed{seed}"
     echo(f"micro-zoo ({preset}): {zoo_dir} (built once, then cached)")
-    manifest = build_zoo(zoo_dir, preset, seed)
+    manifest = build_zoo(zoo_dir, preset, seed, jobs=jobs)
+    timings["zoo"] = time.time() - t0
     by_name = {m["name"]: m for m in manifest["models"]}
     home = Path(home) if home else Path(tempfile.mkdtemp(prefix="simmerge-demo-"))
     echo(f"state home: {home}")
@@ -145,9 +150,14 @@ def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: i
         echo(f"registered {len(cat.models())} models, {len(cat.tasks())} tasks ({len(tasks)} with experts), "
              f"{len(operators)} operators; held out: {', '.join(held)} (the engine has never seen a merge scored "
              f"on {'it' if len(held) == 1 else 'them'})")
-        table = training_table(zoo_dir, manifest, train, operators, echo=echo)
+        t1 = time.time()
+        table = training_table(zoo_dir, manifest, train, operators, echo=echo, jobs=jobs)
+        timings["training_table"] = time.time() - t1
+        t1 = time.time()
         engine = Engine(store, EngineConfig(default_policy=policy, eval_budget=rounds, seed=seed))
         fit = engine.fit_predictor(table=str(table), objective="target", model="auto")
+        timings["predictor"] = time.time() - t1
+        t1 = time.time()
         cv = ", ".join(f"{k} {v:.0%}" for k, v in (fit.get("model_cv") or {}).items())
         echo(f"predictor fitted on {fit.get('n')} training merges (target objective): {fit['model']} model, chosen "
              f"by leaving each training task out{f' ({cv} of the gap closed)' if cv else ''}")
@@ -182,6 +192,7 @@ def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: i
                 "rules": {n: values[rule.choose(case, operators)] for n, rule in rules.items()}})
             echo(f"round {r + 1:2d}  {target.key:26s} {' + '.join(pair):22s} {s['operator']:22s} "
                  f"reward {reward:.3f}   (best: {best} {values[best]:.3f})")
+        timings["rounds"] = time.time() - t1
         summary = _summary(out_rounds, rules["fixed"].fitted().get("operator") if "fixed" in rules else None)
         summary["policy"] = policy
         _print_summary(summary, echo)
@@ -194,7 +205,8 @@ def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: i
             echo("(no plot: matplotlib is not installed)")
         echo(f"done in {time.time() - t0:.0f}s; state in {home} (try: simmerge --home {home} status)")
         return {"home": str(home), "held_out": held, "rounds": out_rounds, "summary": summary,
-                "plot": None if png is None else str(png), "seconds": time.time() - t0}
+                "plot": None if png is None else str(png), "seconds": time.time() - t0,
+                "timings": {k: round(v, 2) for k, v in timings.items()}, "jobs": jobs}
     finally:
         store.close()
 

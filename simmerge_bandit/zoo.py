@@ -331,21 +331,25 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
+def _task_file(task: str, kind: str) -> str:
+    """Path of a task's ``train`` / ``eval`` / ``probes`` rows inside a zoo."""
+    return f"tasks/{task}/{kind}.jsonl"
+
+
 def _write_tasks(root: Path, preset: Preset, seed: int) -> list[dict]:
     out = []
     for name in preset.tasks:
-        d = root / "tasks" / name
         ev = task_rows(name, preset.n_eval, _seed_int("eval", seed))
         held = {r["prompt"] for r in ev}
         tr = task_rows(name, preset.n_train, _seed_int("train", seed), exclude=held)
         pr = task_rows(name, preset.n_probes, _seed_int("probes", seed), exclude=held)
-        _write_jsonl(d / "train.jsonl", tr)
-        _write_jsonl(d / "eval.jsonl", ev)
-        _write_jsonl(d / "probes.jsonl", [{"prompt": r["prompt"]} for r in pr])
+        _write_jsonl(root / _task_file(name, "train"), tr)
+        _write_jsonl(root / _task_file(name, "eval"), ev)
+        _write_jsonl(root / _task_file(name, "probes"), [{"prompt": r["prompt"]} for r in pr])
         t = TASKS[name]
         out.append({"name": name, "family": t.family, "description": t.description,
-                    "train": f"tasks/{name}/train.jsonl", "eval": f"tasks/{name}/eval.jsonl",
-                    "probes": f"tasks/{name}/probes.jsonl",
+                    "train": _task_file(name, "train"), "eval": _task_file(name, "eval"),
+                    "probes": _task_file(name, "probes"),
                     "n_train": len(tr), "n_eval": len(ev), "n_probes": len(pr)})
     return out
 
@@ -387,22 +391,83 @@ def _fresh_model(arch: Arch, seed: int):
     return LlamaForCausalLM(llama_config(arch))
 
 
+class _Trainer:
+    """Trains one zoo model after another into ``root`` (a build's or a worker process's), keeping each trained
+    model's weights for its children and each task's encoded data for the next model."""
+
+    def __init__(self, root: Path, preset: Preset, seed: int, threads: int):
+        from .tokenizer import char_tokenizer
+
+        self.root, self.preset, self.seed, self.threads = root, preset, seed, threads
+        self.tok = char_tokenizer()
+        self.evals = {t: _read_jsonl(root / _task_file(t, "eval")) for t in preset.tasks}
+        self.train_rows = {t: _read_jsonl(root / _task_file(t, "train")) for t in preset.tasks}
+        self.encoded: dict[tuple[str, bool], _Encoded] = {}
+        self.states: dict[str, dict] = {}
+
+    def enc(self, task: str, shuffle: bool) -> _Encoded:
+        if (task, shuffle) not in self.encoded:
+            rows = self.train_rows[task]
+            if shuffle:
+                import random
+
+                answers = [r["answer"] for r in rows]
+                random.Random(_seed_int("shuffle", self.seed, task)).shuffle(answers)
+                rows = [{"prompt": r["prompt"], "answer": a} for r, a in zip(rows, answers)]
+            self.encoded[task, shuffle] = _Encoded(self.tok, rows)
+        return self.encoded[task, shuffle]
+
+    def train(self, r: Recipe, key: str, bar=None) -> dict:
+        """Train model ``r`` (its parent from memory or from disk), save it and its record; return the record."""
+        from .evaluators.exact_match import exact_match_score
+
+        p, root = self.preset, self.root
+        t0 = time.perf_counter()
+        with deterministic(self.threads):
+            model = _fresh_model(p.arch, _seed_int("init", self.seed, r.name, r.seed))
+            if r.parent is not None:
+                parent = self.states.get(r.parent) or load_state(root / "models" / r.parent)
+                missing, unexpected = model.load_state_dict(parent, strict=False)
+                if missing or unexpected:
+                    raise InvalidInput(f"zoo model {r.parent!r} does not fit the preset's architecture "
+                                       f"(missing {missing[:3]}, unexpected {unexpected[:3]}); rebuild with force")
+            mixture = [self.enc(t, t in r.shuffle_answers) for t in r.tasks]
+            replay = None
+            if r.replay:
+                pr = p.recipe(r.parent)
+                replay = Replay([self.enc(t, t in pr.shuffle_answers) for t in pr.tasks], pr.full_loss)
+            loss = train(model, r, mixture, seed=self.seed, pad=self.tok.pad_token_id, progress=bar, replay=replay)
+            self.states[r.name] = {k: v.detach().clone() for k, v in model.state_dict().items()
+                                   if not k.endswith("rotary_emb.inv_freq")}
+            _save_checkpoint(model, self.tok, root / "models" / r.name)
+            scores = {t: exact_match_score(model, self.tok, self.evals[t])[0] for t in self.evals}
+        rec = {"key": key, "scores": scores, "train_loss": loss, "train_seconds": round(time.perf_counter() - t0, 3)}
+        (root / ".cache" / f"{r.name}.json").write_text(json.dumps(rec, indent=1))
+        return rec
+
+
+def _train_in_process(root: str, preset: Preset, seed: int, threads: int, name: str, key: str) -> dict:
+    """One model of a build trained in a worker process (:func:`build_zoo` with ``jobs`` > 1)."""
+    return _Trainer(Path(root), preset, seed, threads).train(preset.recipe(name), key)
+
+
 def build_zoo(directory: str | os.PathLike, preset: str | Preset = "test", seed: int = 0, *,
-              progress: bool = True, threads: int = 1, force: bool = False) -> dict:
+              progress: bool = True, threads: int = 1, force: bool = False, jobs: int = 1) -> dict:
     """Build (or return the cached) micro-zoo in ``directory`` and return its manifest.
 
     ``preset`` is ``"unit"`` (seconds, for unit tests), ``"test"`` (base + 8 experts, about a minute on 2 cores)
     or ``"bench"`` (the decision-quality testbed, a few minutes), or a :class:`Preset`. Training runs on
     ``threads`` CPU threads (default one), so the same seed on the same machine gives byte-identical weights.
-    With ``force``, everything is retrained.
+    ``jobs`` > 1 trains models whose parents are ready in that many processes of ``threads`` threads each (the
+    experts of one base at once); every model is trained exactly as it would be alone, so the weights are the
+    same bytes as with one job. With ``force``, everything is retrained.
     """
     from tqdm.auto import tqdm
 
-    from .evaluators.exact_match import exact_match_score
-    from .tokenizer import char_tokenizer
-
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InvalidInput(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise InvalidInput(f"jobs must be a positive integer, got {jobs!r}")
     p = (get_preset(preset) if isinstance(preset, str) else preset).check()
     root = Path(directory).expanduser().resolve()
     if root.exists() and not root.is_dir():
@@ -421,24 +486,7 @@ def build_zoo(directory: str | os.PathLike, preset: str | Preset = "test", seed:
     start = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     (root / ".cache").mkdir(exist_ok=True)
-    tok = char_tokenizer()
     tasks = _write_tasks(root, p, seed)
-    evals = {t["name"]: _read_jsonl(root / t["eval"]) for t in tasks}
-    train_rows = {t["name"]: _read_jsonl(root / t["train"]) for t in tasks}
-    encoded: dict[tuple[str, bool], _Encoded] = {}
-
-    def enc(task: str, shuffle: bool) -> _Encoded:
-        if (task, shuffle) not in encoded:
-            rows = train_rows[task]
-            if shuffle:
-                import random
-
-                answers = [r["answer"] for r in rows]
-                random.Random(_seed_int("shuffle", seed, task)).shuffle(answers)
-                rows = [{"prompt": r["prompt"], "answer": a} for r, a in zip(rows, answers)]
-            encoded[task, shuffle] = _Encoded(tok, rows)
-        return encoded[task, shuffle]
-
     data_key = _digest([hashlib.blake2b((root / t["train"]).read_bytes(), digest_size=12).hexdigest()
                         for t in tasks])
     model_keys: dict[str, str] = {}
@@ -461,34 +509,28 @@ def build_zoo(directory: str | os.PathLike, preset: str | Preset = "test", seed:
                 records[r.name] = rec
         if not hit:
             todo.append(r)
-    states: dict[str, dict] = {}
     bar = tqdm(total=sum(r.steps for r in todo), desc=f"zoo {p.name}", unit="step", disable=not progress,
                leave=False)
-    with deterministic(threads):
-        for r in todo:
-            bar.set_postfix_str(r.name)
-            t0 = time.perf_counter()
-            model = _fresh_model(p.arch, _seed_int("init", seed, r.name, r.seed))
-            if r.parent is not None:
-                parent = states.get(r.parent) or load_state(root / "models" / r.parent)
-                missing, unexpected = model.load_state_dict(parent, strict=False)
-                if missing or unexpected:
-                    raise InvalidInput(f"zoo model {r.parent!r} does not fit the preset's architecture "
-                                       f"(missing {missing[:3]}, unexpected {unexpected[:3]}); rebuild with force")
-            mixture = [enc(t, t in r.shuffle_answers) for t in r.tasks]
-            replay = None
-            if r.replay:
-                pr = p.recipe(r.parent)
-                replay = Replay([enc(t, t in pr.shuffle_answers) for t in pr.tasks], pr.full_loss)
-            loss = train(model, r, mixture, seed=seed, pad=tok.pad_token_id, progress=bar, replay=replay)
-            states[r.name] = {k: v.detach().clone() for k, v in model.state_dict().items()
-                              if not k.endswith("rotary_emb.inv_freq")}
-            _save_checkpoint(model, tok, root / "models" / r.name)
-            scores = {t: exact_match_score(model, tok, evals[t])[0] for t in evals}
-            rec = {"key": model_keys[r.name], "scores": scores, "train_loss": loss,
-                   "train_seconds": round(time.perf_counter() - t0, 3)}
-            (root / ".cache" / f"{r.name}.json").write_text(json.dumps(rec, indent=1))
-            records[r.name] = rec
+    trainer = _Trainer(root, p, seed, threads) if todo else None
+    while todo:
+        # a wave: every model whose parent is ready (trained in earlier waves, or cached)
+        wave = [r for r in todo if r.parent is None or r.parent in records]
+        todo = [r for r in todo if r not in wave]
+        if jobs > 1 and len(wave) > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            bar.set_postfix_str(f"{len(wave)} models in {min(jobs, len(wave))} processes")
+            with ProcessPoolExecutor(min(jobs, len(wave)), mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {pool.submit(_train_in_process, str(root), p, seed, threads, r.name,
+                                       model_keys[r.name]): r for r in sorted(wave, key=lambda r: -r.steps)}
+                for f in as_completed(futures):
+                    records[futures[f].name] = f.result()
+                    bar.update(futures[f].steps)
+        else:
+            for r in wave:
+                bar.set_postfix_str(r.name)
+                records[r.name] = trainer.train(r, model_keys[r.name], bar)
     bar.close()
     models = []
     for r in p.recipes:
@@ -500,7 +542,7 @@ def build_zoo(directory: str | os.PathLike, preset: str | Preset = "test", seed:
     manifest = {"format": FORMAT, "preset": p.name, "seed": seed, "key": key, "code_version": version,
                 "recipe_key": recipe_key(p, seed),
                 "arch": asdict(p.arch), "tasks": tasks, "models": models,
-                "build_seconds": round(time.perf_counter() - start, 3), "threads": threads}
+                "build_seconds": round(time.perf_counter() - start, 3), "threads": threads, "jobs": jobs}
     tmp = mpath.with_name(MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     tmp.replace(mpath)
@@ -715,6 +757,12 @@ REALISTIC_OPERATORS: tuple[tuple[str, str, dict], ...] = (
 
 #: Presets with an operator set of their own (the others use :data:`DEFAULT_OPERATORS`).
 PRESET_OPERATORS: dict[str, tuple[tuple[str, str, dict], ...]] = {"realistic": REALISTIC_OPERATORS}
+
+
+def default_jobs() -> int:
+    """Processes a build or a table uses when not told: one per CPU core, at most 8 (a process per core is what
+    beat threads inside one process on a few busy cores; more would only hold more memory)."""
+    return max(1, min(os.cpu_count() or 1, 8))
 
 
 def default_operators(preset: str | None = None) -> list[dict]:

@@ -18,7 +18,7 @@ def test_split_tasks_holds_out_every_third():
 
 def test_demo_on_held_out_targets(tmp_path, unit_zoo_dir):
     lines = []
-    res = run_demo(tmp_path / "home", rounds=3, preset="unit", zoo_dir=unit_zoo_dir, eval_limit=8,
+    res = run_demo(tmp_path / "home", rounds=3, preset="unit", zoo_dir=unit_zoo_dir, eval_limit=8, jobs=1,
                    echo=lines.append)
     assert res["held_out"] == ["max"] and len(res["rounds"]) == 3
     # the held-out task alone, then with each training task (sort, dsum)

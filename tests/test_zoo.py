@@ -159,10 +159,13 @@ def test_build_is_cached_and_deterministic(unit_zoo, tmp_path):
     before = weights.stat().st_mtime_ns
     again = build_zoo(root, "unit", progress=False)
     assert again == m and weights.stat().st_mtime_ns == before       # cache hit: nothing retrained
-    other = build_zoo(tmp_path / "again", "unit", progress=False)
+    # Another build, its experts trained in two worker processes: the same bytes and records as one process.
+    other = build_zoo(tmp_path / "again", "unit", progress=False, jobs=2)
+    assert other["jobs"] == 2 and other["key"] == m["key"]
     for a, b in zip(m["models"], other["models"]):
         assert (root / a["path"] / "model.safetensors").read_bytes() == \
             (tmp_path / "again" / b["path"] / "model.safetensors").read_bytes()
+        assert (a["scores"], a["train_loss"]) == (b["scores"], b["train_loss"])
     # A single changed recipe retrains that model (and its children) only.
     p = get_preset("unit")
     changed = p.__class__(**{**p.__dict__, "recipes": p.recipes[:-1] + (p.recipes[-1].__class__(
@@ -187,6 +190,9 @@ def test_other_seed_gives_other_weights(tmp_path):
     assert (tmp_path / "s0/tasks/max/eval.jsonl").read_text() != (tmp_path / "s1/tasks/max/eval.jsonl").read_text()
     with pytest.raises(InvalidInput, match="seed"):
         build_zoo(tmp_path / "bad", "unit", seed=-1, progress=False)
+    with pytest.raises(InvalidInput, match="jobs"):
+        build_zoo(tmp_path / "bad", "unit", jobs=0, progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 # ---- register ----

@@ -141,9 +141,9 @@ def realistic(seed: int, work: Path, triples: int, jobs: int) -> dict:
 
     d = work / f"realistic-seed{seed}"
     rec: dict = {"seed": seed, "zoo_dir": str(d), "load_start": load(), "cpu_count": os.cpu_count(),
-                 "threads_build": 1, "table_jobs": jobs, "triples": triples,
+                 "threads_build": 1, "build_jobs": jobs, "table_jobs": jobs, "triples": triples,
                  "tuned_on": seed != CHECK_SEED}
-    manifest, took = timed(build_zoo, d, "realistic", seed, progress=False)
+    manifest, took = timed(build_zoo, d, "realistic", seed, progress=False, jobs=jobs)
     # A cached build returns at once; the manifest keeps the seconds of the build that made it.
     rec.update({"build_seconds": manifest["build_seconds"], "build_cached": took < manifest["build_seconds"] / 2,
                 "recipe_key": recipe_key(get_preset("realistic"), seed), "zoo_key": manifest["key"]})
@@ -195,8 +195,10 @@ def markdown_table(report: dict) -> str:
     head = ("| figure | goal | " + " | ".join(f"seed {s}" + (" (check seed)" if not report["seeds"][s]["tuned_on"]
                                                               else "") for s in seeds) + " |")
     lines = [head, "|---|---|" + "---|" * len(seeds),
-             row("build seconds (1 thread)", "<= 600", lambda r: round(r["build_seconds"])),
-             row("table seconds", "<= 900", lambda r: f"{round(r['table_seconds'])} ({r['table_jobs']} processes)"),
+             row("build seconds", f"<= {BUILD_GOAL_S}", lambda r: f"{round(r['build_seconds'])} "
+                 f"({_processes(r.get('build_jobs', 1))})" + ("" if _build_ok(r) else " (not met)")),
+             row("table seconds", f"<= {TABLE_GOAL_S}", lambda r: f"{round(r['table_seconds'])} "
+                 f"({_processes(r['table_jobs'])})" + ("" if _table_ok(r) else " (not met)")),
              row("expert - base, own tasks: min", g("min_expert_margin", ">="), lambda r: t(r)["expert_margin"]["min"],
                  check="min_expert_margin"),
              row("expert - base, own tasks: median", g("median_expert_margin", ">="),
@@ -231,11 +233,25 @@ def markdown_table(report: dict) -> str:
               row("per-task objective: oracle / best fixed / gap", "",
                   lambda r: "{oracle_mean:.3f} / {best_fixed_mean:.3f} / {oracle_gap:.3f}".format(
                       **r["stats"]["task"]["two_way"])),
-              row("all goals met", "", lambda r: t(r)["ok"])]
+              row("all goals met", "", lambda r: t(r)["ok"] and _build_ok(r) and _table_ok(r))]
     return "\n".join(lines)
 
 
 FRONTIER_JSON = RESULTS / "zoo_realistic_frontier.json"
+#: Issue 15: the realistic zoo builds in <= 10 minutes and its full table in <= 15 minutes on 2 cores.
+BUILD_GOAL_S, TABLE_GOAL_S = 600, 900
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" + ("" if n == 1 else "es")
+
+
+def _build_ok(rec: dict) -> bool:
+    return rec["build_seconds"] <= BUILD_GOAL_S
+
+
+def _table_ok(rec: dict) -> bool:
+    return rec["table_seconds"] <= TABLE_GOAL_S
 
 
 def frontier_table(frontier: dict) -> str:
@@ -268,7 +284,7 @@ def main() -> None:
     ap.add_argument("--triples", type=int, default=None,
                     help="random expert triples added to the table (default: 20 for bench, 30 for realistic)")
     ap.add_argument("--realistic", action="store_true", help="the realistic preset on --seed (see above)")
-    ap.add_argument("--jobs", type=int, default=2, help="processes (one thread each) of the realistic table")
+    ap.add_argument("--jobs", type=int, default=2, help="processes (one thread each) of the realistic build and table")
     ap.add_argument("--table", action="store_true", help="print the markdown table of the committed realistic JSON")
     ap.add_argument("--frontier", action="store_true", help="print the tables of the explored variants")
     args = ap.parse_args()

@@ -14,7 +14,7 @@ from simmerge_bandit.cli import cli
 from simmerge_bandit.errors import InvalidInput
 from simmerge_bandit.evaluators import (REGISTRY, TaskData, evaluate, evaluator_names, get_evaluator, load_model,
                                         normalize_score)
-from simmerge_bandit.evaluators.exact_match import clean, exact_match_score, greedy_generate
+from simmerge_bandit.evaluators.exact_match import clean, encode_left_padded, exact_match_score, greedy_generate
 from simmerge_bandit.evaluators.external import render_command, resolve_metric
 from simmerge_bandit.evaluators.loglik import loglik_score
 from simmerge_bandit.store import Store
@@ -52,6 +52,27 @@ def test_batched_greedy_matches_unbatched_generate(expert):
         if lm.tokenizer.eos_token_id in ref:
             ref = ref[:ref.index(lm.tokenizer.eos_token_id)]
         assert got == ref
+
+
+def test_left_padded_batch_has_each_texts_own_ids():
+    """One batch call must give every text the ids a call of its own gives, special tokens included (a tokenizer
+    that starts every text with <bos>, and that pads batches when asked to: left padding is ours)."""
+    from tokenizers import processors
+
+    from simmerge_bandit.tokenizer import char_tokenizer
+
+    tok = char_tokenizer()
+    bos = tok.bos_token_id
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[
+        ("<bos>", bos)])
+    tok.backend_tokenizer.enable_padding(pad_id=tok.pad_token_id, pad_token="<pad>")
+    texts = ["ab", "abcd", "c"]
+    ids, mask, positions = encode_left_padded(tok, texts)
+    assert ids.shape == (3, 5)
+    for row, m, pos, t in zip(ids.tolist(), mask.tolist(), positions.tolist(), texts):
+        own = tok(t)["input_ids"]
+        assert own[0] == bos and row[len(row) - len(own):] == own
+        assert m == [0] * (5 - len(own)) + [1] * len(own) and pos[len(row) - len(own):] == list(range(len(own)))
 
 
 def test_exact_match_counts_hits_by_hand(expert):

@@ -27,7 +27,7 @@ def encode_left_padded(tokenizer, texts: Sequence[str]):
     """Token ids, attention mask and position ids of ``texts``, padded on the left (positions start at 0)."""
     import torch
 
-    ids = [tokenizer(t)["input_ids"] for t in texts]
+    ids = tokenizer(list(texts))["input_ids"] if texts else []   # one batch call: the same ids as one per text
     width = max(len(x) for x in ids)
     pad = _pad_id(tokenizer)
     input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
@@ -103,7 +103,7 @@ def exact_match_score(model, tokenizer, rows: Sequence[dict[str, str]], *, batch
                       ) -> tuple[float, list[str]]:
     """Fraction of ``rows`` whose greedy generation equals the answer, and the cleaned generations."""
     if max_new_tokens is None:
-        longest = max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in rows)
+        longest = max(map(len, tokenizer([r["answer"] for r in rows], add_special_tokens=False)["input_ids"]))
         max_new_tokens = longest + 1
     gens = greedy_generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size=batch_size)
     texts = [clean(tokenizer.decode(g, skip_special_tokens=True), stop) for g in gens]

@@ -155,6 +155,7 @@ BENCH_TABLES: list[BenchTable] = [
     BenchTable("bench_decision_goals", ("benchmarks/bench_decision.py", "--goals")),
     BenchTable("bench_zoo_realistic", ("benchmarks/bench_zoo.py", "--table")),
     BenchTable("bench_search", ("benchmarks/bench_search.py", "--table")),
+    BenchTable("bench_demo", ("benchmarks/bench_demo.py", "--table")),
 ]
 
 
@@ -293,6 +294,10 @@ DOC_BLOCKS: list[DocBlock] = [
                                                                                    "--table")).render),
     DocBlock(ROOT / "docs" / "decision.md", "bench_decision",
              BenchTable("bench_decision", ("benchmarks/bench_decision.py", "--table")).render),
+    DocBlock(ROOT / "docs" / "zoo.md", "bench_zoo_realistic",
+             BenchTable("bench_zoo_realistic", ("benchmarks/bench_zoo.py", "--table")).render),
+    DocBlock(ROOT / "docs" / "zoo.md", "bench_zoo_frontier",
+             BenchTable("bench_zoo_frontier", ("benchmarks/bench_zoo.py", "--frontier")).render),
     DocBlock(ROOT / "docs" / "search.md", "bench_search",
              BenchTable("bench_search", ("benchmarks/bench_search.py", "--table")).render),
     DocBlock(ROOT / "docs" / "daemon.md", "bench_http",

@@ -508,18 +508,6 @@ def _bench_zoo():
     return mod
 
 
-def test_docs_zoo_table_is_the_committed_json():
-    """docs/zoo.md shows exactly what `bench_zoo.py --table` prints from the committed realistic JSON."""
-    bench = _bench_zoo()
-    report = json.loads(bench.REALISTIC_JSON.read_text())
-    doc = (RESULTS.parent.parent / "docs" / "zoo.md").read_text()
-    block = doc.split("<!-- zoo-table:start -->\n", 1)[1].split("<!-- zoo-table:end -->", 1)[0]
-    assert block.strip() == bench.markdown_table(report).strip()
-    frontier = json.loads(bench.FRONTIER_JSON.read_text())
-    block = doc.split("<!-- zoo-frontier:start -->\n", 1)[1].split("<!-- zoo-frontier:end -->", 1)[0]
-    assert block.strip() == bench.frontier_table(frontier).strip()
-
-
 def test_committed_realistic_tables_match_their_stats():
     """Each committed realistic table comes from today's preset and gives the committed statistics."""
     bench = _bench_zoo()

@@ -459,8 +459,8 @@ def build_zoo(directory: str | os.PathLike, preset: str | Preset = "test", seed:
     or ``"bench"`` (the decision-quality testbed, a few minutes), or a :class:`Preset`. Training runs on
     ``threads`` CPU threads (default one), so the same seed on the same machine gives byte-identical weights.
     ``jobs`` > 1 trains models whose parents are ready in that many processes of ``threads`` threads each (the
-    experts of one base at once); every model is trained exactly as it would be alone, so the weights are the
-    same bytes as with one job. With ``force``, everything is retrained.
+    experts of one base at once: this process and ``jobs - 1`` workers); every model is trained exactly as it
+    would be alone, so the weights are the same bytes as with one job. With ``force``, everything is retrained.
     """
     from tqdm.auto import tqdm
 
@@ -518,15 +518,25 @@ def build_zoo(directory: str | os.PathLike, preset: str | Preset = "test", seed:
         todo = [r for r in todo if r not in wave]
         if jobs > 1 and len(wave) > 1:
             import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor, as_completed
+            from concurrent.futures import ProcessPoolExecutor
 
-            bar.set_postfix_str(f"{len(wave)} models in {min(jobs, len(wave))} processes")
-            with ProcessPoolExecutor(min(jobs, len(wave)), mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = {pool.submit(_train_in_process, str(root), p, seed, threads, r.name,
-                                       model_keys[r.name]): r for r in sorted(wave, key=lambda r: -r.steps)}
-                for f in as_completed(futures):
-                    records[futures[f].name] = f.result()
-                    bar.update(futures[f].steps)
+            n = min(jobs, len(wave))
+            # this process trains the first of n shares balanced by steps (longest first, each to the lightest
+            # share); n - 1 workers take the other models as they come
+            shares: list[list[Recipe]] = [[] for _ in range(n)]
+            for r in sorted(wave, key=lambda r: -r.steps):
+                min(shares, key=lambda sh: sum(x.steps for x in sh)).append(r)
+            bar.set_postfix_str(f"{len(wave)} models in {n} processes")
+            with ProcessPoolExecutor(n - 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {r.name: pool.submit(_train_in_process, str(root), p, seed, threads, r.name,
+                                               model_keys[r.name])
+                           for r in sorted((r for sh in shares[1:] for r in sh), key=lambda r: -r.steps)}
+                for r in shares[0]:
+                    records[r.name] = trainer.train(r, model_keys[r.name], bar)
+                for r in wave:
+                    if r.name in futures:
+                        records[r.name] = futures[r.name].result()
+                        bar.update(r.steps)
         else:
             for r in wave:
                 bar.set_postfix_str(r.name)
@@ -845,9 +855,9 @@ def build_table(directory: str | os.PathLike, *, operators: Sequence[dict] | Non
     its base model (t=0 gives a), linear and nuslerp take [a, b] in that order (nuslerp merges task vectors).
     A merge or evaluation that fails gives a row with ``status="failed"`` and the error, never an exception.
 
-    ``jobs`` > 1 splits the cases among that many processes of one thread each (on a few busy cores this beats
-    threads inside one process); the rows are the same as with one job, in the same order, as every merge's
-    seed depends on its case and operator only.
+    ``jobs`` > 1 splits the cases among that many processes of one thread each, this one and ``jobs - 1``
+    workers (on a few busy cores this beats threads inside one process); the rows are the same as with one job,
+    in the same order, as every merge's seed depends on its case and operator only.
     """
     from tqdm.auto import tqdm
 
@@ -865,9 +875,11 @@ def build_table(directory: str | os.PathLike, *, operators: Sequence[dict] | Non
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        chunks = [cases[i::jobs] for i in range(jobs)]
-        with ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("spawn")) as pool:
-            parts = list(pool.map(_table_chunk, [(str(root), ops, seed, c, eval_tasks) for c in chunks]))
+        chunks = [cases[i::jobs] for i in range(min(jobs, len(cases)))]
+        # this process scores the first chunk while jobs - 1 workers score the others
+        with ProcessPoolExecutor(len(chunks) - 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_table_chunk, (str(root), ops, seed, c, eval_tasks)) for c in chunks[1:]]
+            parts = [_table_chunk((str(root), ops, seed, chunks[0], eval_tasks))] + [f.result() for f in futures]
         by_case: dict[tuple, list[dict]] = {}
         for r in (r for part in parts for r in part):
             by_case.setdefault((r["model_a"], r["model_b"], r["model_c"]), []).append(r)

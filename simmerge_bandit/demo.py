@@ -80,44 +80,6 @@ def training_table(zoo_dir: Path, manifest: dict, train: list[str], operators: l
     return path
 
 
-class Comparison:
-    """Every operator merged and scored on one pair for a target (the demo's comparison), the operators split
-    between this process and ``jobs - 1`` worker processes started on first use and kept for every round. The
-    rows are the same for any split: each merge's seed depends on its models and operator only."""
-
-    def __init__(self, zoo_dir: Path, operators: list[dict], jobs: int = 1):
-        self.zoo_dir = Path(zoo_dir)
-        self.order = {o["name"]: i for i, o in enumerate(operators)}
-        self.parts = [operators[i::jobs] for i in range(min(jobs, len(operators)))] or [[]]
-        self.pool = None
-
-    def submit(self, pair: tuple[str, ...], tasks: list[str]) -> Callable[[], list[dict]]:
-        """Start scoring ``pair`` on ``tasks``; the returned call scores this process's share and returns every
-        row (:func:`.zoo.build_table`'s), in operator order."""
-        from .zoo import build_table
-
-        kwargs = dict(cases=[pair], frame=False, progress=False, eval_tasks=tasks)
-        futures = []
-        if len(self.parts) > 1:
-            if self.pool is None:
-                import multiprocessing
-                from concurrent.futures import ProcessPoolExecutor
-
-                self.pool = ProcessPoolExecutor(len(self.parts) - 1, mp_context=multiprocessing.get_context("spawn"))
-            futures = [self.pool.submit(build_table, str(self.zoo_dir), operators=part, **kwargs)
-                       for part in self.parts[1:]]
-
-        def rows() -> list[dict]:
-            parts = [build_table(self.zoo_dir, operators=self.parts[0], **kwargs)] + [f.result() for f in futures]
-            return sorted((r for part in parts for r in part), key=lambda r: self.order[r["operator"]])
-        return rows
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
-            self.pool = None
-
-
 def _rule_case(target, models: list[str], by_name: dict):
     from .rules import Case
 
@@ -164,7 +126,7 @@ def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: i
     from .engine import Engine, EngineConfig
     from .evaluators.normalize import normalize_score
     from .store import Store
-    from .zoo import build_zoo, default_jobs, register_zoo
+    from .zoo import build_table, build_zoo, default_jobs, register_zoo
 
     t0 = time.time()
     jobs = jobs or default_jobs()
@@ -177,7 +139,6 @@ def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: i
     home = Path(home) if home else Path(tempfile.mkdtemp(prefix="simmerge-demo-"))
     echo(f"state home: {home}")
     store = Store.open(home)
-    comparison = None
     try:
         register_zoo(store, zoo_dir)
         cat = Catalog(store)
@@ -203,21 +164,19 @@ def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: i
         rules = fitted_rules(table, by_name, operators)
         targets = held_out_targets(held, train)
         scored: dict[tuple, dict[str, float]] = {}
-        comparison = Comparison(zoo_dir, operators, jobs)
         out_rounds = []
         for r in range(rounds):
             target = targets[r % len(targets)]
             # the demo compares operators on the pair the engine chose, so it asks for pairs (not a target's group)
             s = engine.suggest(target, top=1, policy=policy, within=set(engine.candidates(target).pairs))[0]
-            pair = tuple(s["models"])
-            key = (pair, target.key)
-            # every operator on the same pair, for the comparison: started first, in other processes too
-            pending = None if key in scored else comparison.submit(pair, list(target.tasks))
             spec = pipeline.job_spec(engine, s["id"])            # the loop a user runs: merge, evaluate, learn
             own = pipeline.run_spec(spec, device="cpu", limit=eval_limit)
             pipeline.record(engine, spec, own)
-            if pending is not None:
-                rows = pending()
+            pair = tuple(s["models"])
+            key = (pair, target.key)
+            if key not in scored:
+                rows = build_table(zoo_dir, operators=operators, cases=[pair], frame=False, progress=False,
+                                   eval_tasks=list(target.tasks))
                 per: dict[str, dict[str, float | None]] = {}
                 for row in rows:
                     norm = normalize_score(row["score"], [by_name[m]["scores"].get(row["task"]) for m in pair])
@@ -249,8 +208,6 @@ def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: i
                 "plot": None if png is None else str(png), "seconds": time.time() - t0,
                 "timings": {k: round(v, 2) for k, v in timings.items()}, "jobs": jobs}
     finally:
-        if comparison is not None:
-            comparison.close()
         store.close()
 
 

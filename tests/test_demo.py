@@ -6,10 +6,9 @@ import json
 from click.testing import CliRunner
 
 from simmerge_bandit.cli import cli
-from simmerge_bandit.demo import Comparison, run_demo, split_tasks
+from simmerge_bandit.demo import run_demo, split_tasks
 from simmerge_bandit.rules import RULES
 from simmerge_bandit.store import Store
-from simmerge_bandit.zoo import build_table, default_operators
 
 
 def test_split_tasks_holds_out_every_third():
@@ -38,20 +37,3 @@ def test_demo_on_held_out_targets(tmp_path, unit_zoo_dir):
         assert store.fetchone("SELECT count(*) FROM policy_state WHERE policy = 'predictor'")[0] == 1
     st = CliRunner().invoke(cli, ["--home", str(tmp_path / "home"), "status", "--json"], catch_exceptions=False)
     assert json.loads(st.output)["counts"]["rewards"] == 3
-
-
-def test_comparison_split_among_processes_gives_the_rows_of_one(unit_zoo_dir):
-    """The demo's comparison with its operators split between this process and a worker: every operator's rows,
-    in operator order, equal to one process scoring them all."""
-    ops = default_operators("unit")[:3]
-    one = build_table(unit_zoo_dir, operators=ops, cases=[("max", "sort")], frame=False, progress=False,
-                      eval_tasks=["max", "sort"])
-    split = Comparison(unit_zoo_dir, ops, jobs=2)
-    try:
-        rows = split.submit(("max", "sort"), ["max", "sort"])()
-    finally:
-        split.close()
-    timing = ("merge_seconds", "eval_seconds")
-    assert [{k: v for k, v in r.items() if k not in timing} for r in rows] == \
-        [{k: v for k, v in r.items() if k not in timing} for r in one]
-    assert [r["operator"] for r in rows] == [o["name"] for o in ops for _ in range(2)]

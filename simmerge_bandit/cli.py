@@ -1374,10 +1374,11 @@ def demo(ctx: click.Context, rounds: int, seed: int, policy: str, preset: str, p
     every operator on the same pair for comparison. Ends with a table and a PNG of cumulative regret.
     """
     from .demo import run_demo
+    from .zoo import default_jobs
 
     home = ctx.find_root().params.get("home")
     res = run_demo(home, rounds=rounds, seed=seed, policy=policy, preset=preset, plot=plot_path,
-                   eval_limit=eval_limit, jobs=jobs, echo=(lambda s: None) if as_json else click.echo)
+                   eval_limit=eval_limit, jobs=jobs or default_jobs(), echo=(lambda s: None) if as_json else click.echo)
     if as_json:
         emit(res, True)
 

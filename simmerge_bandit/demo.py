@@ -116,20 +116,20 @@ def fitted_rules(table_path: Path, by_name: dict, operators: list[dict]) -> dict
 
 def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: int = 0, zoo_dir=None,
              policy: str = POLICY, preset: str = "realistic", plot: str | os.PathLike | None = None,
-             eval_limit: int | None = None, jobs: int | None = None, echo: Callable[[str], None] = print) -> dict:
+             eval_limit: int | None = None, jobs: int = 1, echo: Callable[[str], None] = print) -> dict:
     """Run the demo; return its rounds and summary (also printed through ``echo``). ``eval_limit`` caps the
     examples per task of the engine's own evaluations (default: all). ``jobs``: processes that build the zoo and
-    score the training merges on a first run (default :func:`.zoo.default_jobs`; the same results for any
-    count)."""
+    score the training merges on a first run (the same results for any count; ``simmerge demo`` uses
+    :func:`.zoo.default_jobs`). More than one starts worker processes, so a script that calls this with
+    ``jobs`` > 1 needs the usual ``if __name__ == "__main__":`` guard."""
     from . import pipeline
     from .catalog import Catalog
     from .engine import Engine, EngineConfig
     from .evaluators.normalize import normalize_score
     from .store import Store
-    from .zoo import build_table, build_zoo, default_jobs, register_zoo
+    from .zoo import build_table, build_zoo, register_zoo
 
     t0 = time.time()
-    jobs = jobs or default_jobs()
     timings: dict[str, float] = {}
     zoo_dir = Path(zoo_dir) if zoo_dir else cache_dir() / f"zoo-{preset}-seed{seed}"
     echo(f"micro-zoo ({preset}): {zoo_dir} (built once, then cached)")

@@ -460,7 +460,9 @@ def build_zoo(directory: str | os.PathLike, preset: str | Preset = "test", seed:
     ``threads`` CPU threads (default one), so the same seed on the same machine gives byte-identical weights.
     ``jobs`` > 1 trains models whose parents are ready in that many processes of ``threads`` threads each (the
     experts of one base at once: this process and ``jobs - 1`` workers); every model is trained exactly as it
-    would be alone, so the weights are the same bytes as with one job. With ``force``, everything is retrained.
+    would be alone, so the weights are the same bytes as with one job (workers are spawned: a script calling
+    this with ``jobs`` > 1 needs the usual ``if __name__ == "__main__":`` guard). With ``force``, everything is
+    retrained.
     """
     from tqdm.auto import tqdm
 

@@ -27,7 +27,7 @@ def encode_left_padded(tokenizer, texts: Sequence[str]):
     """Token ids, attention mask and position ids of ``texts``, padded on the left (positions start at 0)."""
     import torch
 
-    ids = tokenizer(list(texts))["input_ids"] if texts else []   # one batch call: the same ids as one per text
+    ids = tokenizer(list(texts))["input_ids"]   # one batch call: the same ids as one call per text
     width = max(len(x) for x in ids)
     pad = _pad_id(tokenizer)
     input_ids = torch.full((len(ids), width), pad, dtype=torch.long)

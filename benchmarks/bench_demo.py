@@ -70,7 +70,8 @@ def table(res: dict) -> str:
     s = c["summary"]
     return "\n".join(rows) + (
         f"\n\nMachine: {m['cpu_count']} CPU cores, Python {m['python']}, torch {m['torch']}, commit {m['commit']}; "
-        f"{c['jobs']} processes build the zoo and score the training merges; load average {c['load_before'][0]} "
+        f"{c['jobs']} processes build the zoo, score the training merges and compare every operator on the rounds' "
+        f"pairs; load average {c['load_before'][0]} "
         f"before the first run. Both runs end with the same comparison: {'yes' if res['same_result'] else 'NO'} "
         f"(seed {res['seed']}; mean normalized score on the held-out targets: engine {s['engine']:.3f}, best metadata "
         f"rule {max(s['rules'].values()):.3f}, oracle {s['oracle']:.3f}). The phases do not add up to the "

@@ -1359,8 +1359,9 @@ def simulate_cmd(c: Ctx, table_path, policies, objective, zoo_dir, rounds, budge
 @click.option("--eval-limit", type=click.IntRange(min=1), default=None,
               help="Evaluate the engine's own merges on at most this many examples per task (default: all).")
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
-              help="Processes that build the zoo and score the training merges (first run only; the results are "
-                   "the same for any count). Default: one per CPU core, at most 8.")
+              help="Processes that build the zoo and score the training merges (first run only), and that score "
+                   "every operator on the rounds' pairs; the results are the same for any count. Default: one per "
+                   "CPU core, at most 8.")
 @json_option
 @click.pass_context
 def demo(ctx: click.Context, rounds: int, seed: int, policy: str, preset: str, plot_path: str | None,

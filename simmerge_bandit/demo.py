@@ -12,9 +12,11 @@ operator, the catalog-metadata rules and the oracle; a few minutes on 2 CPU core
    for a held-out target (each held-out task, alone and with each training task): it picks the pair and the
    operator. Its merge is made and evaluated on every target task the way a user's would be (the streaming
    executor writes a checkpoint, the evaluator scores it), and the engine learns from that reward. Every operator
-   is also merged and evaluated on the same pair (in memory, with the executor's kernels: the same arithmetic),
-   so the engine's choice is compared with always using one operator, with the metadata rules (fitted on the
-   training merges) and with the best operator of the round (the oracle), all scored the same way.
+   is also merged and evaluated on the same pair (in memory, with the executor's kernels: the same arithmetic;
+   in worker processes while the rounds go on, when there are several cores), so the engine's choice is
+   compared with always using one operator, with the metadata rules (fitted on the training merges) and with the
+   best operator of the round (the oracle), all scored the same way. A round is printed once its comparison is
+   scored.
 5. Prints the comparison and writes a PNG of cumulative regret against the oracle.
 
 Nothing is tuned to the demo: it shows what the code does on that seed.
@@ -22,6 +24,7 @@ Nothing is tuned to the demo: it shows what the code does on that seed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -64,7 +67,7 @@ def _write_parquet(rows: list[dict], path: Path) -> None:
 
 
 def training_table(zoo_dir: Path, manifest: dict, train: list[str], operators: list[dict], *,
-                   echo: Callable[[str], None], jobs: int = 1) -> Path:
+                   echo: Callable[[str], None], jobs: int = 1, pool=None) -> Path:
     """The full merge table of every ordered pair of experts tagged only with training tasks (cached)."""
     from .zoo import build_table
 
@@ -76,7 +79,7 @@ def training_table(zoo_dir: Path, manifest: dict, train: list[str], operators: l
     if not path.is_file():
         echo(f"scoring {len(cases)} training pairs x {len(operators)} operators for the predictor (once, cached)")
         _write_parquet(build_table(zoo_dir, operators=operators, cases=cases, frame=False, progress=True,
-                                   jobs=jobs), path)
+                                   jobs=jobs, pool=pool), path)
     return path
 
 
@@ -114,32 +117,102 @@ def fitted_rules(table_path: Path, by_name: dict, operators: list[dict]) -> dict
     return {name: fit_rule(name, cases, np.array(R), operators) for name in RULES}
 
 
+class _Comparisons:
+    """Every operator merged and scored on the rounds' (pair, target)s, on the target objective. With a ``pool``
+    (:func:`.zoo.worker_pool`), its workers score them while this process runs the engine's own rounds, and this
+    process scores those no worker has started once its rounds are done; the scores are the same either way (a
+    merge's seed depends only on its case and operator)."""
+
+    def __init__(self, zoo_dir: Path, operators: list[dict], by_name: dict, pool=None):
+        self.zoo_dir, self.operators, self.by_name, self.pool = zoo_dir, operators, by_name, pool
+        self.scored: dict[tuple, dict[str, float]] = {}
+        self.pending: dict[tuple, tuple] = {}
+
+    def _values(self, rows: list[dict], pair: tuple, target) -> dict[str, float]:
+        from .evaluators.normalize import normalize_score
+
+        per: dict[str, dict[str, float | None]] = {}
+        for row in rows:
+            norm = normalize_score(row["score"], [self.by_name[m]["scores"].get(row["task"]) for m in pair])
+            per.setdefault(row["operator"], {})[row["task"]] = norm
+        return {op: target.aggregate(v) or 0.0 for op, v in per.items()}
+
+    def ask(self, pair: tuple, target) -> None:
+        key = (pair, target.key)
+        if key in self.scored or key in self.pending:
+            return
+        if self.pool is None:
+            self.scored[key] = self._values(_pair_table(self.zoo_dir, self.operators, pair, target.tasks), pair,
+                                            target)
+        else:
+            fut = self.pool.submit(_pair_table, str(self.zoo_dir), self.operators, pair, list(target.tasks))
+            self.pending[key] = (fut, pair, target)
+
+    def values(self, pair: tuple, target, *, wait: bool) -> dict[str, float] | None:
+        """The operators' aggregate scores on ``pair`` for ``target`` (None when not scored yet and not ``wait``)."""
+        key = (pair, target.key)
+        if key not in self.scored:
+            fut, _, _ = self.pending[key]
+            if not wait and not fut.done():
+                return None
+            self.scored[key] = self._values(fut.result(), pair, target)
+            del self.pending[key]
+        return self.scored[key]
+
+    def finish(self) -> None:
+        """Score here what no worker has started (the last asked first, while the workers go on from the first)."""
+        for key, (fut, pair, target) in reversed(list(self.pending.items())):
+            if fut.cancel():
+                self.scored[key] = self._values(_pair_table(self.zoo_dir, self.operators, pair, target.tasks),
+                                                pair, target)
+                del self.pending[key]
+
+
+def _pair_table(zoo_dir, operators: list[dict], pair: tuple, tasks) -> list[dict]:
+    """Every operator merged on ``pair`` and scored on ``tasks`` (rows of the zoo's merge table)."""
+    from .zoo import build_table
+
+    return build_table(zoo_dir, operators=operators, cases=[pair], frame=False, progress=False,
+                       eval_tasks=list(tasks))
+
+
 def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: int = 0, zoo_dir=None,
              policy: str = POLICY, preset: str = "realistic", plot: str | os.PathLike | None = None,
              eval_limit: int | None = None, jobs: int = 1, echo: Callable[[str], None] = print) -> dict:
     """Run the demo; return its rounds and summary (also printed through ``echo``). ``eval_limit`` caps the
     examples per task of the engine's own evaluations (default: all). ``jobs``: processes that build the zoo and
-    score the training merges on a first run (the same results for any count; ``simmerge demo`` uses
-    :func:`.zoo.default_jobs`). More than one starts worker processes, so a script that calls this with
-    ``jobs`` > 1 needs the usual ``if __name__ == "__main__":`` guard."""
+    score the training merges on a first run, and that score every operator on the rounds' pairs (the same
+    results for any count; ``simmerge demo`` uses :func:`.zoo.default_jobs`). More than one starts worker
+    processes, so a script that calls this with ``jobs`` > 1 needs the usual ``if __name__ == "__main__":``
+    guard."""
     from . import pipeline
     from .catalog import Catalog
     from .engine import Engine, EngineConfig
-    from .evaluators.normalize import normalize_score
     from .store import Store
-    from .zoo import build_table, build_zoo, register_zoo
+    from .threads import torch_threads
+    from .zoo import build_zoo, register_zoo, worker_pool
 
     t0 = time.time()
-    timings: dict[str, float] = {}
-    zoo_dir = Path(zoo_dir) if zoo_dir else cache_dir() / f"zoo-{preset}-seed{seed}"
-    echo(f"micro-zoo ({preset}): {zoo_dir} (built once, then cached)")
-    manifest = build_zoo(zoo_dir, preset, seed, jobs=jobs)
-    timings["zoo"] = time.time() - t0
-    by_name = {m["name"]: m for m in manifest["models"]}
-    home = Path(home) if home else Path(tempfile.mkdtemp(prefix="simmerge-demo-"))
-    echo(f"state home: {home}")
-    store = Store.open(home)
-    try:
+    with contextlib.ExitStack() as stack:
+        # one set of workers for every phase (each spends seconds on its imports, started now): the zoo, the
+        # training merges, the rounds' comparisons
+        pool = None
+        if jobs > 1:
+            pool = worker_pool(jobs - 1)
+            stack.callback(pool.shutdown, cancel_futures=True)
+        # torch on one thread here, as in every worker and in the zoo's training: the figures are the same on
+        # any number of cores, and this process does not fight the workers for theirs
+        stack.enter_context(torch_threads(1))
+        timings: dict[str, float] = {}
+        zoo_dir = Path(zoo_dir) if zoo_dir else cache_dir() / f"zoo-{preset}-seed{seed}"
+        echo(f"micro-zoo ({preset}): {zoo_dir} (built once, then cached)")
+        manifest = build_zoo(zoo_dir, preset, seed, jobs=jobs, pool=pool)
+        timings["zoo"] = time.time() - t0
+        by_name = {m["name"]: m for m in manifest["models"]}
+        home = Path(home) if home else Path(tempfile.mkdtemp(prefix="simmerge-demo-"))
+        echo(f"state home: {home}")
+        store = Store.open(home)
+        stack.callback(store.close)
         register_zoo(store, zoo_dir)
         cat = Catalog(store)
         operators = [{"name": o["name"], "method": o["method"], "params": o["params"]} for o in cat.operators()]
@@ -151,47 +224,58 @@ def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: i
              f"{len(operators)} operators; held out: {', '.join(held)} (the engine has never seen a merge scored "
              f"on {'it' if len(held) == 1 else 'them'})")
         t1 = time.time()
-        table = training_table(zoo_dir, manifest, train, operators, echo=echo, jobs=jobs)
+        table = training_table(zoo_dir, manifest, train, operators, echo=echo, jobs=jobs, pool=pool)
         timings["training_table"] = time.time() - t1
+        comparisons = _Comparisons(zoo_dir, operators, by_name, pool)
         t1 = time.time()
-        engine = Engine(store, EngineConfig(default_policy=policy, eval_budget=rounds, seed=seed))
+        # one process learns from every round: its policies are saved once, at the end (a snapshot is a
+        # cache of the log; each one written per reward cost a fifth of the rounds' time)
+        engine = Engine(store, EngineConfig(default_policy=policy, eval_budget=rounds, seed=seed,
+                                            snapshot_every=rounds + 1))
         fit = engine.fit_predictor(table=str(table), objective="target", model="auto")
         timings["predictor"] = time.time() - t1
         t1 = time.time()
         cv = ", ".join(f"{k} {v:.0%}" for k, v in (fit.get("model_cv") or {}).items())
-        echo(f"predictor fitted on {fit.get('n')} training merges (target objective): {fit['model']} model, chosen "
-             f"by leaving each training task out{f' ({cv} of the gap closed)' if cv else ''}")
+        echo(f"predictor fitted on {fit.get('n')} training merges (target objective): {fit['model']} model, "
+             f"chosen by leaving each training task out{f' ({cv} of the gap closed)' if cv else ''}")
         rules = fitted_rules(table, by_name, operators)
         targets = held_out_targets(held, train)
-        scored: dict[tuple, dict[str, float]] = {}
-        out_rounds = []
+        made: list[tuple] = []          # (target, pair, suggestion), in round order
+        out_rounds: list[dict] = []
+
+        def report(wait: bool) -> None:
+            # each round in order, once every operator has been scored on its pair
+            while len(out_rounds) < len(made):
+                target, pair, s = made[len(out_rounds)]
+                values = comparisons.values(pair, target, wait=wait)
+                if values is None:
+                    return
+                reward = values[s["operator"]]
+                case = _rule_case(target.weights, list(pair), by_name)
+                best = max(values, key=values.get)
+                out_rounds.append({
+                    "round": len(out_rounds) + 1, "target": target.key, "pair": list(pair),
+                    "chosen": s["operator"], "reward": reward, "merged_reward": s["merged_reward"],
+                    "best": best, "oracle": values[best], "fixed": values,
+                    "rules": {n: values[rule.choose(case, operators)] for n, rule in rules.items()}})
+                echo(f"round {len(out_rounds):2d}  {target.key:26s} {' + '.join(pair):22s} "
+                     f"{s['operator']:22s} reward {reward:.3f}   (best: {best} {values[best]:.3f})")
+
         for r in range(rounds):
             target = targets[r % len(targets)]
-            # the demo compares operators on the pair the engine chose, so it asks for pairs (not a target's group)
+            # the demo compares operators on the pair the engine chose, so it asks for pairs (not a target's
+            # group)
             s = engine.suggest(target, top=1, policy=policy, within=set(engine.candidates(target).pairs))[0]
+            pair = tuple(s["models"])
+            comparisons.ask(pair, target)
             spec = pipeline.job_spec(engine, s["id"])            # the loop a user runs: merge, evaluate, learn
             own = pipeline.run_spec(spec, device="cpu", limit=eval_limit)
             pipeline.record(engine, spec, own)
-            pair = tuple(s["models"])
-            key = (pair, target.key)
-            if key not in scored:
-                rows = build_table(zoo_dir, operators=operators, cases=[pair], frame=False, progress=False,
-                                   eval_tasks=list(target.tasks))
-                per: dict[str, dict[str, float | None]] = {}
-                for row in rows:
-                    norm = normalize_score(row["score"], [by_name[m]["scores"].get(row["task"]) for m in pair])
-                    per.setdefault(row["operator"], {})[row["task"]] = norm
-                scored[key] = {op: target.aggregate(v) or 0.0 for op, v in per.items()}
-            values = scored[key]
-            reward = values[s["operator"]]
-            case = _rule_case(target.weights, list(pair), by_name)
-            best = max(values, key=values.get)
-            out_rounds.append({
-                "round": r + 1, "target": target.key, "pair": list(pair), "chosen": s["operator"],
-                "reward": reward, "merged_reward": own["reward"], "best": best, "oracle": values[best], "fixed": values,
-                "rules": {n: values[rule.choose(case, operators)] for n, rule in rules.items()}})
-            echo(f"round {r + 1:2d}  {target.key:26s} {' + '.join(pair):22s} {s['operator']:22s} "
-                 f"reward {reward:.3f}   (best: {best} {values[best]:.3f})")
+            made.append((target, pair, dict(s, merged_reward=own["reward"])))
+            report(wait=False)
+        comparisons.finish()
+        report(wait=True)
+        engine.flush()
         timings["rounds"] = time.time() - t1
         summary = _summary(out_rounds, rules["fixed"].fitted().get("operator") if "fixed" in rules else None)
         summary["policy"] = policy
@@ -207,8 +291,6 @@ def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: i
         return {"home": str(home), "held_out": held, "rounds": out_rounds, "summary": summary,
                 "plot": None if png is None else str(png), "seconds": time.time() - t0,
                 "timings": {k: round(v, 2) for k, v in timings.items()}, "jobs": jobs}
-    finally:
-        store.close()
 
 
 def _summary(rows: list[dict], best_fixed: str | None) -> dict:

@@ -314,7 +314,7 @@ def train(model, recipe: Recipe, encoded: list[_Encoded], *, seed: int, pad: int
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# building
+# one model: its data files, its training run, its checkpoint
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
@@ -446,134 +446,6 @@ class _Trainer:
         return rec
 
 
-def _train_in_process(root: str, preset: Preset, seed: int, threads: int, name: str, key: str) -> dict:
-    """One model of a build trained in a worker process (:func:`build_zoo` with ``jobs`` > 1)."""
-    return _Trainer(Path(root), preset, seed, threads).train(preset.recipe(name), key)
-
-
-def build_zoo(directory: str | os.PathLike, preset: str | Preset = "test", seed: int = 0, *,
-              progress: bool = True, threads: int = 1, force: bool = False, jobs: int = 1) -> dict:
-    """Build (or return the cached) micro-zoo in ``directory`` and return its manifest.
-
-    ``preset`` is ``"unit"`` (seconds, for unit tests), ``"test"`` (base + 8 experts, about a minute on 2 cores)
-    or ``"bench"`` (the decision-quality testbed, a few minutes), or a :class:`Preset`. Training runs on
-    ``threads`` CPU threads (default one), so the same seed on the same machine gives byte-identical weights.
-    ``jobs`` > 1 trains models whose parents are ready in that many processes of ``threads`` threads each (the
-    experts of one base at once: this process and ``jobs - 1`` workers); every model is trained exactly as it
-    would be alone, so the weights are the same bytes as with one job (workers are spawned: a script calling
-    this with ``jobs`` > 1 needs the usual ``if __name__ == "__main__":`` guard). With ``force``, everything is
-    retrained.
-    """
-    from tqdm.auto import tqdm
-
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InvalidInput(f"seed must be a non-negative integer, got {seed!r}")
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise InvalidInput(f"jobs must be a positive integer, got {jobs!r}")
-    p = (get_preset(preset) if isinstance(preset, str) else preset).check()
-    root = Path(directory).expanduser().resolve()
-    if root.exists() and not root.is_dir():
-        raise InvalidInput(f"{root} exists and is not a directory")
-    version = code_version()
-    key = _digest({"format": FORMAT, "preset": _preset_dict(p), "seed": seed, "code": version})
-    mpath = root / MANIFEST
-    if mpath.is_file() and not force:
-        try:
-            old = json.loads(mpath.read_text())
-        except ValueError:
-            old = {}
-        if old.get("key") == key and all((root / m["path"] / "model.safetensors").is_file()
-                                         for m in old.get("models", [])):
-            return old
-    start = time.perf_counter()
-    root.mkdir(parents=True, exist_ok=True)
-    (root / ".cache").mkdir(exist_ok=True)
-    tasks = _write_tasks(root, p, seed)
-    data_key = _digest([hashlib.blake2b((root / t["train"]).read_bytes(), digest_size=12).hexdigest()
-                        for t in tasks])
-    model_keys: dict[str, str] = {}
-    records: dict[str, dict] = {}
-    todo = []
-    for r in p.recipes:
-        model_keys[r.name] = _digest({"recipe": _recipe_dict(r), "arch": asdict(p.arch), "parent":
-                                      model_keys.get(r.parent), "data": data_key, "seed": seed,
-                                      "code": version})
-        cache = root / ".cache" / f"{r.name}.json"
-        hit = False
-        if cache.is_file() and not force:
-            try:
-                rec = json.loads(cache.read_text())
-                hit = rec.get("key") == model_keys[r.name] and \
-                    (root / "models" / r.name / "model.safetensors").is_file()
-            except ValueError:
-                hit = False
-            if hit:
-                records[r.name] = rec
-        if not hit:
-            todo.append(r)
-    bar = tqdm(total=sum(r.steps for r in todo), desc=f"zoo {p.name}", unit="step", disable=not progress,
-               leave=False)
-    trainer = _Trainer(root, p, seed, threads) if todo else None
-    while todo:
-        # a wave: every model whose parent is ready (trained in earlier waves, or cached)
-        wave = [r for r in todo if r.parent is None or r.parent in records]
-        todo = [r for r in todo if r not in wave]
-        if jobs > 1 and len(wave) > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            n = min(jobs, len(wave))
-            # this process trains the first of n shares balanced by steps (longest first, each to the lightest
-            # share); n - 1 workers take the other models as they come
-            shares: list[list[Recipe]] = [[] for _ in range(n)]
-            for r in sorted(wave, key=lambda r: -r.steps):
-                min(shares, key=lambda sh: sum(x.steps for x in sh)).append(r)
-            bar.set_postfix_str(f"{len(wave)} models in {n} processes")
-            with ProcessPoolExecutor(n - 1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = {r.name: pool.submit(_train_in_process, str(root), p, seed, threads, r.name,
-                                               model_keys[r.name])
-                           for r in sorted((r for sh in shares[1:] for r in sh), key=lambda r: -r.steps)}
-                for r in shares[0]:
-                    records[r.name] = trainer.train(r, model_keys[r.name], bar)
-                for r in wave:
-                    if r.name in futures:
-                        records[r.name] = futures[r.name].result()
-                        bar.update(r.steps)
-        else:
-            for r in wave:
-                bar.set_postfix_str(r.name)
-                records[r.name] = trainer.train(r, model_keys[r.name], bar)
-    bar.close()
-    models = []
-    for r in p.recipes:
-        rec = records[r.name]
-        models.append({"name": r.name, "path": f"models/{r.name}",
-                       "base": None if r.parent is None else _root_of(p, r.name),
-                       "parent": r.parent, "tasks": list(r.tasks), "steps": r.steps, "lr": r.lr, "replay": r.replay,
-                       "seed": r.seed, "train_loss": rec["train_loss"], "scores": rec["scores"]})
-    manifest = {"format": FORMAT, "preset": p.name, "seed": seed, "key": key, "code_version": version,
-                "recipe_key": recipe_key(p, seed),
-                "arch": asdict(p.arch), "tasks": tasks, "models": models,
-                "build_seconds": round(time.perf_counter() - start, 3), "threads": threads, "jobs": jobs}
-    tmp = mpath.with_name(MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(mpath)
-    return manifest
-
-
-def load_manifest(directory: str | os.PathLike) -> dict:
-    """Read ``DIR/zoo.json``; :class:`InvalidInput` when the directory holds no built zoo."""
-    mpath = Path(directory).expanduser().resolve() / MANIFEST
-    if not mpath.is_file():
-        raise InvalidInput(f"{mpath.parent}: no micro-zoo here (no {MANIFEST}); run `simmerge zoo build` first")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except ValueError as e:
-        raise InvalidInput(f"{mpath}: not valid JSON ({e})") from None
-    manifest["root"] = str(mpath.parent)
-    return manifest
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # presets (nothing from here on decides a zoo's bytes: code_version hashes this file only up to here)
 
@@ -658,6 +530,177 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]()
     except KeyError:
         raise InvalidInput(f"unknown zoo preset {name!r}; known: {', '.join(PRESETS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building a zoo (the order and processes models are trained in: every model is trained as it would be alone,
+# so nothing here decides a zoo's bytes)
+
+
+def worker_pool(workers: int):
+    """``workers`` spawned processes for :func:`build_zoo` and :func:`build_table` (their ``pool``), each starting
+    on its imports (torch, transformers, the kernels: about 10 s of CPU) at once, while the caller goes on. The
+    caller shuts it down."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    for _ in range(workers):
+        pool.submit(_warm_worker)
+    return pool
+
+
+def _warm_worker() -> None:
+    from .evaluators.exact_match import exact_match_score  # noqa: F401  (torch, transformers)
+    from .methods import get_method
+
+    get_method("linear")
+    llama_config(Arch())
+
+
+def _waves(todo: Sequence[Recipe], ready: set[str]) -> list[list[Recipe]]:
+    """``todo`` in waves: each wave every model whose parent is ready (trained in an earlier wave, or in
+    ``ready``)."""
+    out, ready, rest = [], set(ready), list(todo)
+    while rest:
+        wave = [r for r in rest if r.parent is None or r.parent in ready]
+        if not wave:
+            raise InvalidInput(f"zoo models {[r.name for r in rest]} have no parent in the preset")
+        out.append(wave)
+        ready |= {r.name for r in wave}
+        rest = [r for r in rest if r not in wave]
+    return out
+
+
+def _train_in_process(root: str, preset: Preset, seed: int, threads: int, name: str, key: str) -> dict:
+    """One model of a build trained in a worker process (:func:`build_zoo` with ``jobs`` > 1)."""
+    return _Trainer(Path(root), preset, seed, threads).train(preset.recipe(name), key)
+
+
+def build_zoo(directory: str | os.PathLike, preset: str | Preset = "test", seed: int = 0, *,
+              progress: bool = True, threads: int = 1, force: bool = False, jobs: int = 1, pool=None) -> dict:
+    """Build (or return the cached) micro-zoo in ``directory`` and return its manifest.
+
+    ``preset`` is ``"unit"`` (seconds, for unit tests), ``"test"`` (base + 8 experts, about a minute on 2 cores)
+    or ``"bench"`` (the decision-quality testbed, a few minutes), or a :class:`Preset`. Training runs on
+    ``threads`` CPU threads (default one), so the same seed on the same machine gives byte-identical weights.
+    ``jobs`` > 1 trains models whose parents are ready in that many processes of ``threads`` threads each (the
+    experts of one base at once: this process and ``jobs - 1`` workers); every model is trained exactly as it
+    would be alone, so the weights are the same bytes as with one job (workers are spawned: a script calling
+    this with ``jobs`` > 1 needs the usual ``if __name__ == "__main__":`` guard). ``pool``: the workers to use
+    (:func:`worker_pool`, kept running after), else the build starts its own. With ``force``, everything is
+    retrained.
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidInput(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise InvalidInput(f"jobs must be a positive integer, got {jobs!r}")
+    p = (get_preset(preset) if isinstance(preset, str) else preset).check()
+    root = Path(directory).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise InvalidInput(f"{root} exists and is not a directory")
+    version = code_version()
+    key = _digest({"format": FORMAT, "preset": _preset_dict(p), "seed": seed, "code": version})
+    mpath = root / MANIFEST
+    if mpath.is_file() and not force:
+        try:
+            old = json.loads(mpath.read_text())
+        except ValueError:
+            old = {}
+        if old.get("key") == key and all((root / m["path"] / "model.safetensors").is_file()
+                                         for m in old.get("models", [])):
+            return old
+    start = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / ".cache").mkdir(exist_ok=True)
+    tasks = _write_tasks(root, p, seed)
+    data_key = _digest([hashlib.blake2b((root / t["train"]).read_bytes(), digest_size=12).hexdigest()
+                        for t in tasks])
+    model_keys: dict[str, str] = {}
+    records: dict[str, dict] = {}
+    todo = []
+    for r in p.recipes:
+        model_keys[r.name] = _digest({"recipe": _recipe_dict(r), "arch": asdict(p.arch), "parent":
+                                      model_keys.get(r.parent), "data": data_key, "seed": seed,
+                                      "code": version})
+        cache = root / ".cache" / f"{r.name}.json"
+        hit = False
+        if cache.is_file() and not force:
+            try:
+                rec = json.loads(cache.read_text())
+                hit = rec.get("key") == model_keys[r.name] and \
+                    (root / "models" / r.name / "model.safetensors").is_file()
+            except ValueError:
+                hit = False
+            if hit:
+                records[r.name] = rec
+        if not hit:
+            todo.append(r)
+    bar = tqdm(total=sum(r.steps for r in todo), desc=f"zoo {p.name}", unit="step", disable=not progress,
+               leave=False)
+    trainer = _Trainer(root, p, seed, threads) if todo else None
+    waves = _waves(todo, set(records))
+    own_pool = None
+    if pool is None and jobs > 1 and max(map(len, waves), default=0) > 1:
+        # started now, so that its workers import while this process trains the first wave (a base, alone)
+        pool = own_pool = worker_pool(min(jobs, max(map(len, waves))) - 1)
+    try:
+        for wave in waves:
+            if jobs > 1 and len(wave) > 1:
+                n = min(jobs, len(wave))
+                # this process trains the first of n shares balanced by steps (longest first, each to the
+                # lightest share); the workers take the other models as they come
+                shares: list[list[Recipe]] = [[] for _ in range(n)]
+                for r in sorted(wave, key=lambda r: -r.steps):
+                    min(shares, key=lambda sh: sum(x.steps for x in sh)).append(r)
+                bar.set_postfix_str(f"{len(wave)} models in {n} processes")
+                futures = {r.name: pool.submit(_train_in_process, str(root), p, seed, threads, r.name,
+                                               model_keys[r.name])
+                           for r in sorted((r for sh in shares[1:] for r in sh), key=lambda r: -r.steps)}
+                for r in shares[0]:
+                    records[r.name] = trainer.train(r, model_keys[r.name], bar)
+                for r in wave:
+                    if r.name in futures:
+                        records[r.name] = futures[r.name].result()
+                        bar.update(r.steps)
+            else:
+                for r in wave:
+                    bar.set_postfix_str(r.name)
+                    records[r.name] = trainer.train(r, model_keys[r.name], bar)
+    finally:
+        if own_pool is not None:
+            own_pool.shutdown(cancel_futures=True)
+    bar.close()
+    models = []
+    for r in p.recipes:
+        rec = records[r.name]
+        models.append({"name": r.name, "path": f"models/{r.name}",
+                       "base": None if r.parent is None else _root_of(p, r.name),
+                       "parent": r.parent, "tasks": list(r.tasks), "steps": r.steps, "lr": r.lr, "replay": r.replay,
+                       "seed": r.seed, "train_loss": rec["train_loss"], "scores": rec["scores"]})
+    manifest = {"format": FORMAT, "preset": p.name, "seed": seed, "key": key, "code_version": version,
+                "recipe_key": recipe_key(p, seed),
+                "arch": asdict(p.arch), "tasks": tasks, "models": models,
+                "build_seconds": round(time.perf_counter() - start, 3), "threads": threads, "jobs": jobs}
+    tmp = mpath.with_name(MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(mpath)
+    return manifest
+
+
+def load_manifest(directory: str | os.PathLike) -> dict:
+    """Read ``DIR/zoo.json``; :class:`InvalidInput` when the directory holds no built zoo."""
+    mpath = Path(directory).expanduser().resolve() / MANIFEST
+    if not mpath.is_file():
+        raise InvalidInput(f"{mpath.parent}: no micro-zoo here (no {MANIFEST}); run `simmerge zoo build` first")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except ValueError as e:
+        raise InvalidInput(f"{mpath}: not valid JSON ({e})") from None
+    manifest["root"] = str(mpath.parent)
+    return manifest
 
 
 def register_zoo(store, directory: str | os.PathLike, *, operators: Sequence[dict] | None = None,
@@ -846,7 +889,7 @@ def _table_chunk(args: tuple) -> list[dict]:
 
 def build_table(directory: str | os.PathLike, *, operators: Sequence[dict] | None = None, n_triples: int = 0,
                 seed: int = 0, progress: bool = True, threads: int = 1, cases: Sequence[tuple] | None = None,
-                frame: bool = True, eval_tasks: Sequence[str] | None = None, jobs: int = 1):
+                frame: bool = True, eval_tasks: Sequence[str] | None = None, jobs: int = 1, pool=None):
     """Merge every ordered pair of experts (and ``n_triples`` triples) with every operator; evaluate each merge
     on the tasks its sources were trained on. Returns a pandas DataFrame (``frame=False``: a list of dicts) with
     one row per (models, operator, task) and the columns :data:`TABLE_COLUMNS`. ``eval_tasks``: evaluate every
@@ -858,8 +901,9 @@ def build_table(directory: str | os.PathLike, *, operators: Sequence[dict] | Non
     A merge or evaluation that fails gives a row with ``status="failed"`` and the error, never an exception.
 
     ``jobs`` > 1 splits the cases among that many processes of one thread each, this one and ``jobs - 1``
-    workers (on a few busy cores this beats threads inside one process); the rows are the same as with one job,
-    in the same order, as every merge's seed depends on its case and operator only.
+    workers (on a few busy cores this beats threads inside one process; ``pool``: the workers to use,
+    :func:`worker_pool`, kept running after); the rows are the same as with one job, in the same order, as every
+    merge's seed depends on its case and operator only.
     """
     from tqdm.auto import tqdm
 
@@ -874,14 +918,16 @@ def build_table(directory: str | os.PathLike, *, operators: Sequence[dict] | Non
     by_name = {m["name"]: m for m in manifest["models"]}
     cases = list(cases) if cases is not None else table_cases(manifest, n_triples, seed)
     if jobs > 1 and len(cases) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         chunks = [cases[i::jobs] for i in range(min(jobs, len(cases)))]
         # this process scores the first chunk while jobs - 1 workers score the others
-        with ProcessPoolExecutor(len(chunks) - 1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_table_chunk, (str(root), ops, seed, c, eval_tasks)) for c in chunks[1:]]
+        own_pool = worker_pool(len(chunks) - 1) if pool is None else None
+        try:
+            futures = [(pool or own_pool).submit(_table_chunk, (str(root), ops, seed, c, eval_tasks))
+                       for c in chunks[1:]]
             parts = [_table_chunk((str(root), ops, seed, chunks[0], eval_tasks))] + [f.result() for f in futures]
+        finally:
+            if own_pool is not None:
+                own_pool.shutdown(cancel_futures=True)
         by_case: dict[tuple, list[dict]] = {}
         for r in (r for part in parts for r in part):
             by_case.setdefault((r["model_a"], r["model_b"], r["model_c"]), []).append(r)
@@ -1090,7 +1136,6 @@ def case_matrix(df, objective: str = "target", n_sources: int = 2, manifest: dic
     Raises :class:`InvalidInput` for an unknown objective or a table in which an operator misses some cases.
     """
     import numpy as np
-    import pandas as pd
 
     from .evaluators.normalize import normalize_score
     from .rules import Case

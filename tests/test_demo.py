@@ -37,3 +37,33 @@ def test_demo_on_held_out_targets(tmp_path, unit_zoo_dir):
         assert store.fetchone("SELECT count(*) FROM policy_state WHERE policy = 'predictor'")[0] == 1
     st = CliRunner().invoke(cli, ["--home", str(tmp_path / "home"), "status", "--json"], catch_exceptions=False)
     assert json.loads(st.output)["counts"]["rewards"] == 3
+
+
+def test_operators_compared_in_a_worker_score_as_in_this_process(unit_zoo):
+    # Workers score the rounds' pairs while this process runs the rounds; what no worker started when the rounds
+    # end is scored here. Either way every (pair, target) gets the scores of scoring it in this process.
+    from simmerge_bandit.demo import _Comparisons
+    from simmerge_bandit.target import Target
+    from simmerge_bandit.zoo import default_operators, worker_pool
+
+    root, manifest = unit_zoo
+    by_name = {m["name"]: m for m in manifest["models"]}
+    ops = default_operators("unit")[:4]
+    asks = [(("max", "sort"), Target.of(["max"])), (("sort", "dsum"), Target.of(["sort", "dsum"])),
+            (("dsum", "max"), Target.of(["max"])), (("max", "sort"), Target.of(["max"]))]
+    here = _Comparisons(root, ops, by_name)
+    for pair, target in asks:
+        here.ask(pair, target)
+    expected = {(p, t.key): here.values(p, t, wait=False) for p, t in asks}
+    assert all(len(v) == len(ops) for v in expected.values()) and len(expected) == 3
+    pool = worker_pool(1)
+    try:
+        workers = _Comparisons(root, ops, by_name, pool)
+        for pair, target in asks:
+            workers.ask(pair, target)
+        assert len(workers.pending) == 3  # asked once per (pair, target)
+        workers.finish()
+        got = {(p, t.key): workers.values(p, t, wait=True) for p, t in asks}
+    finally:
+        pool.shutdown()
+    assert got == expected

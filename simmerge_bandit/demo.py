@@ -228,10 +228,7 @@ def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: i
         timings["training_table"] = time.time() - t1
         comparisons = _Comparisons(zoo_dir, operators, by_name, pool)
         t1 = time.time()
-        # one process learns from every round: its policies are saved once, at the end (a snapshot is a
-        # cache of the log; each one written per reward cost a fifth of the rounds' time)
-        engine = Engine(store, EngineConfig(default_policy=policy, eval_budget=rounds, seed=seed,
-                                            snapshot_every=rounds + 1))
+        engine = Engine(store, EngineConfig(default_policy=policy, eval_budget=rounds, seed=seed))
         fit = engine.fit_predictor(table=str(table), objective="target", model="auto")
         timings["predictor"] = time.time() - t1
         t1 = time.time()
@@ -240,6 +237,9 @@ def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: i
              f"chosen by leaving each training task out{f' ({cv} of the gap closed)' if cv else ''}")
         rules = fitted_rules(table, by_name, operators)
         targets = held_out_targets(held, train)
+        # one process learns from every round: its policies are snapshotted once, when the demo ends (a
+        # snapshot per reward cost a fifth of the rounds' time)
+        stack.enter_context(engine.snapshots_deferred())
         made: list[tuple] = []          # (target, pair, suggestion), in round order
         out_rounds: list[dict] = []
 
@@ -275,7 +275,6 @@ def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: i
             report(wait=False)
         comparisons.finish()
         report(wait=True)
-        engine.flush()
         timings["rounds"] = time.time() - t1
         summary = _summary(out_rounds, rules["fixed"].fitted().get("operator") if "fixed" in rules else None)
         summary["policy"] = policy

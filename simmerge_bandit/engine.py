@@ -96,6 +96,7 @@ class Engine(CandidateIndex, PolicyStore, PredictorFitting, DecisionLog):
         self._policies: dict[str, Any] = {}
         self._last_seq: dict[str, int] = {}
         self._since_snapshot: dict[str, int] = {}
+        self._snapshots_deferred = 0
         self._cand_cache: dict[str, tuple[tuple, CandidateSet]] = {}
         self._entropy = (b"", 0)  # random bytes not yet used for ids, and the process they were read in
         self._vectors: dict[int, None] | None = None  # keys of the rows in `vectors` (read once, then kept)

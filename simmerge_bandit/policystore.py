@@ -12,7 +12,8 @@ from __future__ import annotations
 import io
 import json
 import logging
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -117,7 +118,7 @@ class PolicyStore:
         if rows:
             self._last_seq[name] = rows[-1][0]
             self._since_snapshot[name] += len(rows)
-            if self._since_snapshot[name] >= self.config.snapshot_every:
+            if self._since_snapshot[name] >= self.config.snapshot_every and not self._snapshots_deferred:
                 self._save(name)
 
     def _save(self, name: str) -> None:
@@ -131,6 +132,22 @@ class PolicyStore:
             self.store.execute("INSERT INTO policy_state (policy, last_seq, arrays, meta) VALUES (?,?,?,?)",
                                [name, self._last_seq[name], buf.getvalue(), json.dumps(meta)])
         self._since_snapshot[name] = 0
+
+    @contextmanager
+    def snapshots_deferred(self) -> Iterator[None]:
+        """Within the block the policies learn from every reward as usual but write no snapshot per reward; those
+        that learned are snapshotted once when it ends. For one process that learns from many rewards in a row (a
+        search, the demo): a snapshot of a predictor-backed policy is tens of MB. Nothing is at risk in between: a
+        snapshot is a cache of the reward log, and a policy loaded after a crash replays the log's tail."""
+        with self.lock:
+            self._snapshots_deferred += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self._snapshots_deferred -= 1
+                if not self._snapshots_deferred:
+                    self.flush()
 
     def flush(self) -> None:
         """Snapshot every loaded policy that learned something since its snapshot (called on shutdown)."""

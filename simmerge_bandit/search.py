@@ -131,56 +131,57 @@ def run_search(engine, target: Target, budget: int, *, policy: str | None = None
     best = _best(steps)
 
     try:
-        while len(steps) < budget or (steps and steps[-1]["reward"] is None and steps[-1]["error"] is None):
-            last = steps[-1] if steps else None
-            if last is not None and last["reward"] is None and last["error"] is None:
-                did = last["decision_id"]           # interrupted after its suggestion: score it now
-                step = last
-            else:
-                tried = {(tuple(s["models"]), s["operator"][-1], params_key(_step_params(s, engine)[-1]))
-                         for s in steps}
-                within = scope(engine, target, len(steps), best)
-                try:
-                    s = engine.suggest(target, top=1, policy=policy, exclude=tried, within=within, queue=False)[0]
-                except InvalidInput:
-                    if within is None:
-                        raise
-                    s = engine.suggest(target, top=1, policy=policy, exclude=tried, queue=False)[0]
-                did = s["id"]
-                with store.transaction():
-                    store.execute("INSERT INTO search_steps (search_id, n, decision_id) VALUES (?,?,?)",
-                                  [sid, len(steps), did])
-                step = {"n": len(steps), "decision_id": did, "error": None, "models": s["models"],
-                        "operator": [s["operator"]] if isinstance(s["operator"], str) else s["operator"],
-                        "params": None, "reward": None, "scores": None}
-                steps.append(step)
-            spec = pipeline.job_spec(engine, did, catalog_reference=True)
-            spec["out"] = str(folder / did)
-            step["params"] = [x["params"] for x in spec["steps"]]
-            try:
-                res = evaluate(spec)
-                pipeline.record(engine, spec, res)
-            except (SimmergeError, OSError, RuntimeError, ValueError) as e:  # a failed try spends its evaluation
-                step["error"] = str(e) if isinstance(e, SimmergeError) else f"{type(e).__name__}: {e}"
-                with store.transaction():
-                    store.execute("UPDATE search_steps SET error = ? WHERE search_id = ? AND decision_id = ?",
-                                  [step["error"], sid, did])
-                shutil.rmtree(folder / did, ignore_errors=True)
-            else:
-                step["reward"], step["scores"] = float(res["reward"]), res.get("scores")
-                if best is None or step["reward"] > best["reward"]:
-                    if best is not None:
-                        shutil.rmtree(folder / best["decision_id"], ignore_errors=True)
-                    best = step
-                    if not keep_best:
-                        shutil.rmtree(folder / did, ignore_errors=True)
+        with engine.snapshots_deferred():  # the policies learn from every step; one snapshot at the end
+            while len(steps) < budget or (steps and steps[-1]["reward"] is None and steps[-1]["error"] is None):
+                last = steps[-1] if steps else None
+                if last is not None and last["reward"] is None and last["error"] is None:
+                    did = last["decision_id"]           # interrupted after its suggestion: score it now
+                    step = last
                 else:
+                    tried = {(tuple(s["models"]), s["operator"][-1], params_key(_step_params(s, engine)[-1]))
+                             for s in steps}
+                    within = scope(engine, target, len(steps), best)
+                    try:
+                        s = engine.suggest(target, top=1, policy=policy, exclude=tried, within=within, queue=False)[0]
+                    except InvalidInput:
+                        if within is None:
+                            raise
+                        s = engine.suggest(target, top=1, policy=policy, exclude=tried, queue=False)[0]
+                    did = s["id"]
+                    with store.transaction():
+                        store.execute("INSERT INTO search_steps (search_id, n, decision_id) VALUES (?,?,?)",
+                                      [sid, len(steps), did])
+                    step = {"n": len(steps), "decision_id": did, "error": None, "models": s["models"],
+                            "operator": [s["operator"]] if isinstance(s["operator"], str) else s["operator"],
+                            "params": None, "reward": None, "scores": None}
+                    steps.append(step)
+                spec = pipeline.job_spec(engine, did, catalog_reference=True)
+                spec["out"] = str(folder / did)
+                step["params"] = [x["params"] for x in spec["steps"]]
+                try:
+                    res = evaluate(spec)
+                    pipeline.record(engine, spec, res)
+                except (SimmergeError, OSError, RuntimeError, ValueError) as e:  # a failed try spends its evaluation
+                    step["error"] = str(e) if isinstance(e, SimmergeError) else f"{type(e).__name__}: {e}"
+                    with store.transaction():
+                        store.execute("UPDATE search_steps SET error = ? WHERE search_id = ? AND decision_id = ?",
+                                      [step["error"], sid, did])
                     shutil.rmtree(folder / did, ignore_errors=True)
-                with store.transaction():
-                    store.execute("UPDATE searches SET best_decision = ?, updated_at = current_timestamp "
-                                  "WHERE id = ?", [best["decision_id"], sid])
-            if progress is not None:
-                progress(describe(engine, sid))
+                else:
+                    step["reward"], step["scores"] = float(res["reward"]), res.get("scores")
+                    if best is None or step["reward"] > best["reward"]:
+                        if best is not None:
+                            shutil.rmtree(folder / best["decision_id"], ignore_errors=True)
+                        best = step
+                        if not keep_best:
+                            shutil.rmtree(folder / did, ignore_errors=True)
+                    else:
+                        shutil.rmtree(folder / did, ignore_errors=True)
+                    with store.transaction():
+                        store.execute("UPDATE searches SET best_decision = ?, updated_at = current_timestamp "
+                                      "WHERE id = ?", [best["decision_id"], sid])
+                if progress is not None:
+                    progress(describe(engine, sid))
     except KeyboardInterrupt:
         _set_state(store, sid, "stopped")
         raise

@@ -551,11 +551,12 @@ def worker_pool(workers: int):
 
 
 def _warm_worker() -> None:
-    from .evaluators.exact_match import exact_match_score  # noqa: F401  (torch, transformers)
+    from transformers import LlamaForCausalLM  # noqa: F401  (torch, transformers' Llama)
+
+    from .evaluators.exact_match import exact_match_score  # noqa: F401
     from .methods import get_method
 
     get_method("linear")
-    llama_config(Arch())
 
 
 def _waves(todo: Sequence[Recipe], ready: set[str]) -> list[list[Recipe]]:

@@ -537,17 +537,31 @@ def get_preset(name: str) -> Preset:
 # so nothing here decides a zoo's bytes)
 
 
-def worker_pool(workers: int):
+def worker_pool(workers: int, *, warm: bool = True):
     """``workers`` spawned processes for :func:`build_zoo` and :func:`build_table` (their ``pool``), each starting
-    on its imports (torch, transformers, the kernels: about 10 s of CPU) at once, while the caller goes on. The
-    caller shuts it down."""
+    on its imports (torch, transformers, the kernels: about 10 s of CPU) at once when ``warm``, while the caller
+    goes on. The caller shuts it down; a worker whose caller is killed before that exits within a second or so."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    for _ in range(workers):
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_exit_with_parent, initargs=(os.getpid(),))
+    for _ in range(workers if warm else 0):
         pool.submit(_warm_worker)
     return pool
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker's watchdog: exit when the process that started the pool is gone (killed before it could shut the
+    pool down) instead of lingering, perhaps mid-training, for as long as the machine runs."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _warm_worker() -> None:

@@ -534,3 +534,33 @@ def test_code_version_ignores_docstrings_and_comments_but_not_code():
     changed = b'"""Module doc."""\nimport math\n\n\ndef f(x):\n    """Doc."""\n    return x + 2  # note\n'
     assert _code_only(base) == _code_only(reworded)
     assert _code_only(base) != _code_only(changed)
+
+
+def test_a_worker_whose_caller_is_killed_exits():
+    # A spawned worker outlives its caller's SIGKILL unless it watches for it (a bare ProcessPoolExecutor's
+    # worker was still there 45 minutes after a killed demo); the pool's workers exit within seconds.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import os, time\n"
+            "from simmerge_bandit.zoo import worker_pool\n"
+            "pool = worker_pool(1, warm=False)\n"
+            "print(pool.submit(os.getpid).result(), flush=True)\n"
+            "time.sleep(120)\n")
+    caller = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True)
+    worker = int(caller.stdout.readline())
+    caller.kill()
+    caller.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(worker, signal.SIGKILL)
+    raise AssertionError("the worker outlived its caller")

@@ -137,22 +137,25 @@ class _Comparisons:
             per.setdefault(row["operator"], {})[row["task"]] = norm
         return {op: target.aggregate(v) or 0.0 for op, v in per.items()}
 
+    def _score_here(self, pair: tuple, target) -> None:
+        rows = _pair_table(self.zoo_dir, self.operators, pair, target.tasks)
+        self.scored[pair, target.key] = self._values(rows, pair, target)
+
     def ask(self, pair: tuple, target) -> None:
         key = (pair, target.key)
         if key in self.scored or key in self.pending:
             return
         if self.pool is None:
-            self.scored[key] = self._values(_pair_table(self.zoo_dir, self.operators, pair, target.tasks), pair,
-                                            target)
+            self._score_here(pair, target)
         else:
-            fut = self.pool.submit(_pair_table, str(self.zoo_dir), self.operators, pair, list(target.tasks))
-            self.pending[key] = (fut, pair, target)
+            self.pending[key] = (self.pool.submit(_pair_table, str(self.zoo_dir), self.operators, pair,
+                                                  list(target.tasks)), target)
 
     def values(self, pair: tuple, target, *, wait: bool) -> dict[str, float] | None:
         """The operators' aggregate scores on ``pair`` for ``target`` (None when not scored yet and not ``wait``)."""
         key = (pair, target.key)
         if key not in self.scored:
-            fut, _, _ = self.pending[key]
+            fut, _ = self.pending[key]
             if not wait and not fut.done():
                 return None
             self.scored[key] = self._values(fut.result(), pair, target)
@@ -161,11 +164,10 @@ class _Comparisons:
 
     def finish(self) -> None:
         """Score here what no worker has started (the last asked first, while the workers go on from the first)."""
-        for key, (fut, pair, target) in reversed(list(self.pending.items())):
+        for (pair, _), (fut, target) in reversed(list(self.pending.items())):
             if fut.cancel():
-                self.scored[key] = self._values(_pair_table(self.zoo_dir, self.operators, pair, target.tasks),
-                                                pair, target)
-                del self.pending[key]
+                self._score_here(pair, target)
+                del self.pending[pair, target.key]
 
 
 def _pair_table(zoo_dir, operators: list[dict], pair: tuple, tasks) -> list[dict]:

@@ -573,18 +573,27 @@ def _warm_worker() -> None:
     get_method("linear")
 
 
+@contextmanager
+def _workers(pool, workers: int):
+    """``pool`` when the caller gave one (kept running), else a :func:`worker_pool` of ``workers`` that is shut
+    down when the block ends."""
+    if pool is not None:
+        yield pool
+        return
+    own = worker_pool(workers)
+    try:
+        yield own
+    finally:
+        own.shutdown(cancel_futures=True)
+
+
 def _waves(todo: Sequence[Recipe], ready: set[str]) -> list[list[Recipe]]:
-    """``todo`` in waves: each wave every model whose parent is ready (trained in an earlier wave, or in
-    ``ready``)."""
-    out, ready, rest = [], set(ready), list(todo)
-    while rest:
-        wave = [r for r in rest if r.parent is None or r.parent in ready]
-        if not wave:
-            raise InvalidInput(f"zoo models {[r.name for r in rest]} have no parent in the preset")
-        out.append(wave)
-        ready |= {r.name for r in wave}
-        rest = [r for r in rest if r not in wave]
-    return out
+    """``todo`` (in preset order: parents first) in waves: a model whose parent is in ``ready`` (or that has none)
+    is in the first wave, any other in the wave after its parent's."""
+    depth: dict[str, int] = {}
+    for r in todo:
+        depth[r.name] = 0 if r.parent is None or r.parent in ready else depth[r.parent] + 1
+    return [[r for r in todo if depth[r.name] == d] for d in range(max(depth.values(), default=-1) + 1)]
 
 
 def _train_in_process(root: str, preset: Preset, seed: int, threads: int, name: str, key: str) -> dict:
@@ -606,6 +615,8 @@ def build_zoo(directory: str | os.PathLike, preset: str | Preset = "test", seed:
     (:func:`worker_pool`, kept running after), else the build starts its own. With ``force``, everything is
     retrained.
     """
+    from contextlib import nullcontext
+
     from tqdm.auto import tqdm
 
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -657,11 +668,9 @@ def build_zoo(directory: str | os.PathLike, preset: str | Preset = "test", seed:
                leave=False)
     trainer = _Trainer(root, p, seed, threads) if todo else None
     waves = _waves(todo, set(records))
-    own_pool = None
-    if pool is None and jobs > 1 and max(map(len, waves), default=0) > 1:
-        # started now, so that its workers import while this process trains the first wave (a base, alone)
-        pool = own_pool = worker_pool(min(jobs, max(map(len, waves))) - 1)
-    try:
+    widest = max(map(len, waves), default=0)
+    # started before the first wave (a base, alone), so that the workers import while this process trains it
+    with _workers(pool, min(jobs, widest) - 1) if jobs > 1 and widest > 1 else nullcontext() as workers:
         for wave in waves:
             if jobs > 1 and len(wave) > 1:
                 n = min(jobs, len(wave))
@@ -671,8 +680,8 @@ def build_zoo(directory: str | os.PathLike, preset: str | Preset = "test", seed:
                 for r in sorted(wave, key=lambda r: -r.steps):
                     min(shares, key=lambda sh: sum(x.steps for x in sh)).append(r)
                 bar.set_postfix_str(f"{len(wave)} models in {n} processes")
-                futures = {r.name: pool.submit(_train_in_process, str(root), p, seed, threads, r.name,
-                                               model_keys[r.name])
+                futures = {r.name: workers.submit(_train_in_process, str(root), p, seed, threads, r.name,
+                                                  model_keys[r.name])
                            for r in sorted((r for sh in shares[1:] for r in sh), key=lambda r: -r.steps)}
                 for r in shares[0]:
                     records[r.name] = trainer.train(r, model_keys[r.name], bar)
@@ -684,9 +693,6 @@ def build_zoo(directory: str | os.PathLike, preset: str | Preset = "test", seed:
                 for r in wave:
                     bar.set_postfix_str(r.name)
                     records[r.name] = trainer.train(r, model_keys[r.name], bar)
-    finally:
-        if own_pool is not None:
-            own_pool.shutdown(cancel_futures=True)
     bar.close()
     models = []
     for r in p.recipes:
@@ -935,14 +941,9 @@ def build_table(directory: str | os.PathLike, *, operators: Sequence[dict] | Non
     if jobs > 1 and len(cases) > 1:
         chunks = [cases[i::jobs] for i in range(min(jobs, len(cases)))]
         # this process scores the first chunk while jobs - 1 workers score the others
-        own_pool = worker_pool(len(chunks) - 1) if pool is None else None
-        try:
-            futures = [(pool or own_pool).submit(_table_chunk, (str(root), ops, seed, c, eval_tasks))
-                       for c in chunks[1:]]
+        with _workers(pool, len(chunks) - 1) as workers:
+            futures = [workers.submit(_table_chunk, (str(root), ops, seed, c, eval_tasks)) for c in chunks[1:]]
             parts = [_table_chunk((str(root), ops, seed, chunks[0], eval_tasks))] + [f.result() for f in futures]
-        finally:
-            if own_pool is not None:
-                own_pool.shutdown(cancel_futures=True)
         by_case: dict[tuple, list[dict]] = {}
         for r in (r for part in parts for r in part):
             by_case.setdefault((r["model_a"], r["model_b"], r["model_c"]), []).append(r)

@@ -19,6 +19,19 @@ import torch
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 
 
+#: The test files that take longest on 2 cores, longest first (``pytest -n 2 --durations=0``, summed per file).
+#: Under ``--dist loadfile`` each file runs whole on one worker, handed out in collection order
+#: (``--no-loadscope-reorder``); starting with the longest balances the two workers' ends (the longest file
+#: last would leave one worker idle while the other finishes it).
+LONGEST_FIRST = ("test_daemon.py", "test_engine.py", "test_zoo.py", "test_ray.py", "test_mergekit_reference.py",
+                 "test_search.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 def pytest_configure(config):
     if XDIST_WORKER:
         # Each worker is one of the machine's cores: torch's and the BLAS's own threads on top of that spin on

@@ -30,7 +30,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
+from ..lazy import torch
 
 from ..errors import InvalidInput
 from .base import MethodSpec
@@ -45,7 +45,13 @@ MIN_ELEMENTS = 1 << 18
 #: its cut begin reads one part), at most MAX_PARTS parts per tensor.
 PART_ELEMENTS = 1 << 20
 MAX_PARTS = 64
-_STORE = {torch.bfloat16: np.uint16, torch.float32: np.float32}
+#: How each supported dtype is stored in the loops' arrays, by torch's name (torch is imported on first use).
+_STORE = {"bfloat16": np.uint16, "float32": np.float32}
+
+
+def _stored(dtype) -> type | None:
+    """The numpy storage of torch ``dtype`` in the loops, or None when they do not take it."""
+    return _STORE.get(str(dtype).removeprefix("torch."))
 
 _kernels = None
 _pool: ThreadPoolExecutor | None = None
@@ -57,12 +63,12 @@ def applies(spec: MethodSpec, job: TensorJob) -> bool:
     """Whether this tensor's merge runs here (else the generic kernel runs it)."""
     if not ENABLED or job.numel < MIN_ELEMENTS or spec.sparsification != "magnitude" or spec.consensus != "sum":
         return False
-    if job.device.type != "cpu" or job.dtype not in _STORE or job.exact_ties or job.params.get("rescale"):
+    if job.device.type != "cpu" or _stored(job.dtype) is None or job.exact_ties or job.params.get("rescale"):
         return False
     if job.base is None or not job.models:
         return False
     dtypes = {s.data.dtype for s in [*job.models, job.base]}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in _STORE:
+    if len(dtypes) != 1 or _stored(next(iter(dtypes))) is None:
         return False
     return all(s.data.device.type == "cpu" and s.data.is_contiguous() for s in [*job.models, job.base])
 
@@ -75,7 +81,7 @@ def ties(spec: MethodSpec, job: TensorJob) -> bool:
     cd, row_len = job.dtype, job.row_len
     xs = k.models([_array(s.data) for s in job.models])
     base = _array(job.base.data)
-    o = np.empty(0, dtype=_STORE[cd])  # selects the compute dtype in the compiled code
+    o = np.empty(0, dtype=_stored(cd))  # selects the compute dtype in the compiled code
     workers = max(1, torch.get_num_threads())
     cuts, ties_from = _cuts(k, job, base, xs, o, workers)
     weights = torch.tensor([mp["weight"] for mp in job.model_params], dtype=cd)
@@ -163,12 +169,14 @@ def _cuts(k, job: TensorJob, base, xs, o, workers: int) -> tuple[np.ndarray, np.
     return cuts, ties_from
 
 
-def warm_up(cases=((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-                   (torch.float32, torch.float32), (torch.float32, torch.bfloat16))) -> float:
+def warm_up(cases=None) -> float:
     """Compile the loops (or load them from numba's cache) for each (stored dtype, compute dtype) in ``cases``
-    by merging a small tensor; returns the seconds it took. The first TIES merge does this itself; benchmarks call
-    it to time merges, not compilers."""
+    (default: every pair of bfloat16 and float32) by merging a small tensor; returns the seconds it took. The
+    first TIES merge does this itself; benchmarks call it to time merges, not compilers."""
     import time
+
+    if cases is None:
+        cases = [(getattr(torch, a), getattr(torch, b)) for a in _STORE for b in _STORE]
 
     from .job import merge_tensors
 

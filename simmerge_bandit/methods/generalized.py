@@ -15,7 +15,7 @@ Per tensor, as mergekit's ``GeneralizedTaskArithmeticMerge`` (0.1.5), every oper
 
 from __future__ import annotations
 
-import torch
+from ..lazy import torch
 
 from . import fused, sparsify
 from .base import MethodSpec

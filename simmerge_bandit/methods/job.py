@@ -26,7 +26,7 @@ import hashlib
 import math
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
+from ..lazy import torch
 
 from ..errors import InvalidInput
 from .base import MethodSpec, check_model_params
@@ -35,8 +35,8 @@ from .base import MethodSpec, check_model_params
 CHUNK_ELEMENTS = 1 << 20
 #: On a GPU, chunks are larger: kernel launches, not the cache, are what costs there.
 CUDA_CHUNK_ELEMENTS = 1 << 24
-#: Compute dtypes a merge may run in (mergekit's ``dtype``).
-COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: Compute dtypes a merge may run in (mergekit's ``dtype``), by torch's name (torch is imported on first use).
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def total(x: torch.Tensor) -> float:
@@ -64,7 +64,8 @@ class Source:
     """One input tensor: its data (any float dtype, CPU or device, possibly a memory-mapped view) read as row
     chunks in the compute dtype on the compute device. ``label`` names the model in error messages."""
 
-    def __init__(self, data: torch.Tensor, label: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(self, data: torch.Tensor, label: str, device: torch.device, dtype: torch.dtype | None = None):
+        dtype = torch.float32 if dtype is None else dtype
         self.data = data.reshape(-1)
         self.label = label
         self.device = device
@@ -97,7 +98,8 @@ class Source:
 class TensorSink:
     """Collects a kernel's output chunks into one tensor of ``dtype`` on the device."""
 
-    def __init__(self, n_rows: int, row_len: int, device: torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(self, n_rows: int, row_len: int, device: torch.device, dtype: torch.dtype | None = None):
+        dtype = torch.float32 if dtype is None else dtype
         self.out = torch.empty((n_rows, row_len), dtype=dtype, device=device)
 
     def write(self, lo: int, hi: int, rows: torch.Tensor) -> None:
@@ -123,8 +125,9 @@ class TensorJob:
     def __init__(self, name: str, shape: Sequence[int], models: list[Source], base: Source | None,
                  params: dict, model_params: list[dict], sink: Any, *, device: torch.device, seed: int = 0,
                  step: int = 0, exact_ties: bool = False, chunk_elements: int | None = None,
-                 dtype: torch.dtype = torch.float32):
-        if dtype not in COMPUTE_DTYPES:
+                 dtype: torch.dtype | None = None):
+        dtype = torch.float32 if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype) or str(dtype).removeprefix("torch.") not in COMPUTE_DTYPES:
             raise InvalidInput(f"compute dtype {dtype} is not supported; use float32, float16 or bfloat16")
         self.dtype = dtype
         for src in [*models, *([base] if base is not None else [])]:
@@ -273,15 +276,15 @@ def merge_tensors(method: str, tensors: Sequence[torch.Tensor], base: torch.Tens
                   params: Mapping[str, Any] | None = None, *, seed: int = 0, tensor_name: str | None = None,
                   per_model: Sequence[Mapping[str, Any] | None] | None = None, exact_ties: bool = False,
                   device: str | torch.device | None = None, out_dtype: torch.dtype | None = None,
-                  step: int = 0, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  step: int = 0, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Merge one tensor of several models in memory, with exactly the math the executor runs.
 
     ``tensors`` are the method's inputs besides the base, in order; ``base`` the base model's tensor. For slerp
     the base is the t=0 endpoint and may also be given as one of two ``tensors`` (``merge_tensors("slerp",
     [a, b], a, {"t": 0.3})``). Computation is in ``compute_dtype`` (float32 unless given; mergekit's ``dtype``);
-    the result has ``out_dtype`` (default: the base's dtype, else the first tensor's). ``seed`` and ``tensor_name`` seed the random masks of DARE / DELLA as the executor
-    does for a tensor of that name, so ``merge(..., seed=s)`` writes ``merge_tensors(..., seed=s,
-    tensor_name=name)``.
+    the result has ``out_dtype`` (default: the base's dtype, else the first tensor's). ``seed`` and
+    ``tensor_name`` seed the random masks of DARE / DELLA as the executor does for a tensor of that name, so
+    ``merge(..., seed=s)`` writes ``merge_tensors(..., seed=s, tensor_name=name)``.
 
     >>> import torch
     >>> a, b = torch.tensor([1.0, 3.0]), torch.tensor([3.0, 5.0])

@@ -1,10 +1,13 @@
 """Linear (model soup): ``sum_i w_i x_i``, divided by ``sum_i w_i`` when ``normalize`` (mergekit's ``linear``).
 
 mergekit accumulates ``result.addcmul_(x_i, w_i)`` in float32 (float64 for float64 inputs) in input order, divides,
-and rounds the result to the compute dtype; so does this kernel, so the results are equal in every compute dtype. A zero weight sum with ``normalize`` is refused (mergekit would write inf/NaN).
+and rounds the result to the compute dtype; so does this kernel, so the results are equal in every compute dtype.
+A zero weight sum with ``normalize`` is refused (mergekit would write inf/NaN).
 """
 
-import torch
+from __future__ import annotations
+
+from ..lazy import torch
 
 from ..errors import InvalidInput
 from .base import MethodSpec, normalize, weight

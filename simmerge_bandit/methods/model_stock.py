@@ -7,9 +7,11 @@ row with ``filter_wise`` (a 1-D tensor is one row). Per tensor, the norms and do
 (:func:`.job.total`) rounded to the compute dtype where mergekit's whole-tensor reductions round.
 """
 
+from __future__ import annotations
+
 import math
 
-import torch
+from ..lazy import torch
 
 from .base import MethodSpec, ParamSpec
 from .job import scalar, total

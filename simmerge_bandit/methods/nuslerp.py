@@ -7,9 +7,11 @@ Everything is computed in the compute dtype, as mergekit does: the elementwise s
 flattened norm and dot product are streamed sums (see :func:`.job.total`) rounded to the compute dtype.
 """
 
+from __future__ import annotations
+
 import math
 
-import torch
+from ..lazy import torch
 
 from .base import MethodSpec, ParamSpec, weight
 from .job import scalar, total

@@ -8,7 +8,9 @@ sin(theta) * v0 + sin(t theta) / sin(theta) * v1``. The same torch calls on the 
 the tensors are mergekit's bit for bit when both run torch with the same thread count.
 """
 
-import torch
+from __future__ import annotations
+
+from ..lazy import torch
 
 from .base import MethodSpec, ParamSpec
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
+from ..lazy import torch
 
 from ..errors import InvalidInput
 from .job import TensorJob, scalar, total
@@ -45,8 +45,12 @@ SAMPLE_SIZE = 1 << 16
 #: More candidates than this inside a bracket means the sample misled: fall back to the materialized path.
 MAX_CANDIDATES = 1 << 23
 _RESCALE_EPS = 1e-7
-_INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
-             torch.float64: torch.int64}
+#: The integer dtype of each float dtype's width, by torch's names (torch is imported on first use).
+_INT_VIEW = {"bfloat16": "int16", "float16": "int16", "float32": "int32", "float64": "int64"}
+
+
+def _int_view(dtype):
+    return getattr(torch, _INT_VIEW[str(dtype).removeprefix("torch.")])
 
 
 def below(v: float, dtype: torch.dtype) -> float:
@@ -57,7 +61,7 @@ def below(v: float, dtype: torch.dtype) -> float:
     t = torch.tensor(v, dtype=dtype)
     if float(t) != v:  # pragma: no cover - thresholds are values of the tensor's own dtype
         raise ValueError(f"{v!r} is not a {dtype} value")
-    return float((t.view(_INT_VIEW[dtype]) - 1).view(dtype))
+    return float((t.view(_int_view(dtype)) - 1).view(dtype))
 
 
 def _kept_above(d: torch.Tensor, v: float) -> torch.Tensor:
@@ -73,7 +77,7 @@ class _Keys:
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
-        self.int_dtype = _INT_VIEW[dtype]
+        self.int_dtype = _int_view(dtype)
         self.mask = (1 << (8 * dtype.itemsize - 1)) - 1
 
     def of(self, d: torch.Tensor):

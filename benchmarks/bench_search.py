@@ -63,8 +63,8 @@ PEERS = ("random", "optuna", "cma-ties", "cma-ta")
 LEVELS = (0.90, 0.95)
 #: Version of this script's search logic (the peers, the candidate space, the engine adapter, the metric's
 #: inputs): finished runs are reused across invocations only under the same version (bump it when they change).
-BENCH_VERSION = 3  # 2: the space holds the target's group (the engine's n-way candidate) besides the pairs;
-#                    3: and the group less one model
+BENCH_VERSION = 4  # 2: the space holds the target's group (the engine's n-way candidate) besides the pairs;
+#                    3: and the group less one model; 4: and a group's focused weights (candidates.FOCUS)
 #: goals of issue 16 (section 3)
 GOALS = {"ours_at_10_min": 0.95, "speedup_min": 3.0}
 
@@ -205,13 +205,20 @@ class Space:
     ``Engine.pairs``), and the target's group (every expert tagged with a target task, when there are at least
     three: the engine's n-way candidate, merged with each model at 2/n of the method's weight as the engine
     does, ``candidates.group_operator``) with its subsets less one model (``candidates.group_sets``), times the
-    methods of :data:`SPACE_METHODS` that can merge that many models, with the ranges of :data:`FAMILIES`."""
+    methods of :data:`SPACE_METHODS` that can merge that many models, with the ranges of :data:`FAMILIES`. A
+    group merged by a method with per-model weights also takes a focus: 0 (one weight for all) or one of the
+    engine's ``candidates.FOCUS``, each member weighted by its known score on the target as the engine does
+    (``candidates.focused_weights``; ``known`` holds each member's score over the best member's per task,
+    weighted as the target weighs them)."""
 
     pairs: list[tuple[str, ...]]
     methods: tuple[str, ...] = SPACE_METHODS
+    #: each expert's known raw score per task (the manifest's), and the target's weights
+    known: dict[str, dict[str, float]] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, manifest: dict, tasks: Sequence[str]) -> Space:
+    def of(cls, manifest: dict, tasks: Sequence[str], weights: dict[str, float] | None = None) -> Space:
         experts = [m for m in manifest["models"] if m["base"] is not None]
         tagged = {m["name"] for m in experts if set(m["tasks"]) & set(tasks)}
         pairs: list[tuple[str, ...]] = [
@@ -227,39 +234,64 @@ class Space:
                                  f"{list(tasks)}: the engine would choose its group by known score, which this "
                                  f"space does not")
             pairs.extend(candidates.group_sets(tags_of, set(tasks)))
-        return cls(pairs)
+        weights = weights or {t: 1 / len(tasks) for t in tasks}
+        return cls(pairs, known={m["name"]: m.get("scores") or {} for m in experts}, weights=dict(weights))
+
+    def focuses(self, models: Sequence[str], method: str) -> list[float]:
+        """The focus values a model set takes with ``method``: 0 alone for a pair or a method without per-model
+        weights (and for a group with a member of no known score, or whose members all score alike, as the engine
+        offers none there)."""
+        from simmerge_bandit import candidates
+
+        if len(models) < 3 or not candidates._weighs_each_model({"method": method}):
+            return [0.0]
+        if any(t not in self.known.get(m, {}) for m in models for t in self.weights):
+            return [0.0]
+        s = self.scores(models)
+        return [0.0] if max(s) - min(s) <= 1e-9 else [0.0, *candidates.FOCUS]
+
+    def scores(self, models: Sequence[str]) -> list[float]:
+        """Each member's known score on the target over the best member's, per task, weighted by the target."""
+        best = {t: max(self.known[m][t] for m in models) for t in self.weights}
+        return [sum(w * (self.known[m][t] / best[t] if best[t] > 0 else self.known[m][t])
+                    for t, w in self.weights.items()) for m in models]
 
     def methods_for(self, models: Sequence[str]) -> list[str]:
         from simmerge_bandit.methods import get_method
 
         return [m for m in self.methods if get_method(m).merges(len(models))]
 
-    def candidate(self, pair: Sequence[str], method: str, values: dict) -> Candidate:
+    def candidate(self, pair: Sequence[str], method: str, values: dict, focus: float = 0.0) -> Candidate:
         params = {**FIXED.get(method, {}), **values}
         if len(pair) > 2:
-            from simmerge_bandit.candidates import group_operator
+            from simmerge_bandit.candidates import focused_weights, group_operator
 
             params = group_operator({"method": method, "params": params}, len(pair))["params"]
+            if focus:
+                params["weight"] = focused_weights(float(params["weight"]), self.scores(pair), focus)
         return Candidate.of(pair, method, params)
 
     def sample(self, rng) -> Candidate:
         """Uniform: a model set (a pair or the group), a method that can merge it, each parameter uniform in its
-        range."""
+        range, a group's focus uniform among those it takes (:meth:`focuses`)."""
         pair = self.pairs[int(rng.integers(len(self.pairs)))]
         methods = self.methods_for(pair)
         method = methods[int(rng.integers(len(methods)))]
         values = {p: float(rng.uniform(lo, hi)) for p, (lo, hi) in FAMILIES.get(method, {}).items()}
-        return self.candidate(pair, method, values)
+        focuses = self.focuses(pair, method)
+        return self.candidate(pair, method, values, focuses[int(rng.integers(len(focuses)))])
 
     def suggest(self, trial) -> Candidate:
         """Optuna's define-by-run encoding: categorical model set and method (the group's methods a categorical
-        of their own), the method's parameters conditional."""
+        of their own), the method's parameters conditional, a group's focus a categorical when it takes one."""
         key = trial.suggest_categorical("pair", ["|".join(p) for p in self.pairs])
         models = tuple(key.split("|"))
         name = "method" if len(models) == 2 else "group_method"
         method = trial.suggest_categorical(name, self.methods_for(models))
         values = {p: trial.suggest_float(f"{method}.{p}", lo, hi) for p, (lo, hi) in FAMILIES.get(method, {}).items()}
-        return self.candidate(models, method, values)
+        focuses = self.focuses(models, method)
+        focus = trial.suggest_categorical("focus", focuses) if len(focuses) > 1 else 0.0
+        return self.candidate(models, method, values, focus)
 
 
 @dataclass
@@ -950,7 +982,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with deterministic(1):
         for case in cases:
             t0 = time.time()
-            space = Space.of(manifest, case.tasks)
+            space = Space.of(manifest, case.tasks, case.weights)
             experts = target_experts(manifest, case.tasks)
 
             def objective(c: Candidate, case=case) -> float:

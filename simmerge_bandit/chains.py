@@ -4,9 +4,9 @@ A chain ``((a op1 b) op2 c) ...`` is built greedily: the first pair comes from t
 ranks (merge so far, next model, operator). The merge so far is not a catalog model, so nothing about it is
 stored yet; rather than guess its similarity to the next model from its members' (no signal of a non-linear
 network is linear in its weights), the engine merges it for real, with the streaming executor, into
-``$SIMMERGE_HOME/artifacts/intermediates/<key>``, and gives it a signature like any model: one forward pass over the task's
-probes and one pass over its weights. The key covers the members' fingerprints in order, the operators and their
-parameters, the base and the seed, so an intermediate is merged once and reused by every later suggestion (and
+``$SIMMERGE_HOME/artifacts/intermediates/<key>``, and gives it a signature like any model: one forward pass over
+the task's probes and one pass over its weights. The key covers the members' fingerprints in order, the operators
+and their parameters, the base and the seed, so an intermediate is merged once and reused by every later suggestion (and
 removed by deleting the folder; it is a cache). Randomised operators (DARE, DELLA) use the engine's seed here, so the
 intermediate is one draw of that merge; the merge that is finally evaluated uses its decision's own seed.
 

@@ -20,7 +20,6 @@ import secrets
 import threading
 import time
 from importlib import resources
-from typing import Any
 
 from .eventlog import event
 from .httpserver import RawBody

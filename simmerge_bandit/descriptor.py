@@ -9,7 +9,10 @@ An operator (a merge method plus parameter values) is described by a vector ``z`
 - ``param:NAME``: each describing parameter's value ``v`` as ``(v - low) / (high - low)`` over its declared span,
   clipped to [0, 1]; booleans are 0 or 1. A method without the parameter reads as ``v = 0`` (as in layout 1), so
   a change of span is one affine map per coordinate (see :func:`mapping`). Every coordinate lies in [0, 1], so no
-  finite parameter can overflow a policy.
+  finite parameter can overflow a policy. A per-model parameter given one value per model (a group's focused
+  weights, :data:`~simmerge_bandit.candidates.FOCUS`) reads as their mean;
+- ``spread:weight``: how unequal per-model weights are, ``1 - n_eff / n`` with ``n_eff = (sum w)^2 / sum w^2``
+  over ``|w|`` (0 for one weight for all models, ``1 - 1/n`` when one model has all of it);
 
 The coordinates follow from the method registry's metadata (:class:`~.methods.base.MethodSpec`: family, flags;
 :class:`~.methods.base.ParamSpec`: ``describe`` and ``span``), in an order that does not depend on the
@@ -59,6 +62,8 @@ LEGACY_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties
 LEGACY_PARAMS = ("weight", "density", "t", "lambda", "gamma", "epsilon", "normalize", "rescale", "filter_wise",
                  "nuslerp_flatten", "nuslerp_row_wise")
 FLAGS = ("consensus", "random", "uses_base")
+#: Per-model parameters whose inequality across the models is a coordinate (``spread:NAME``) of its own.
+SPREAD = ("weight",)
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,14 @@ class ArmSchema:
         described = set()
         for p in spec.params:
             if p.describe:
-                put(f"param:{p.name}", _number(spec.name, p, params.get(p.name, p.default)))
+                v = params.get(p.name, p.default)
+                if isinstance(v, (list, tuple)) and v and p.scope == "model":  # one value per model
+                    values = [_number(spec.name, p, x) for x in v]
+                    put(f"param:{p.name}", sum(values) / len(values))
+                    if p.name in SPREAD:
+                        put(f"spread:{p.name}", _spread(values))
+                else:
+                    put(f"param:{p.name}", _number(spec.name, p, v))
                 described.add(f"param:{p.name}")
         for i, c in self._param_coords:  # a parameter the method lacks reads as the value 0 (see the module doc)
             if c.name not in described:
@@ -143,6 +155,13 @@ def _number(method: str, p, v: Any) -> float:
     if isinstance(v, bool) or not math.isfinite(x):
         raise InvalidInput(f"operator of {method}: parameter {p.name!r} = {v!r} is not a finite number")
     return x
+
+
+def _spread(values: Sequence[float]) -> float:
+    """``1 - n_eff / n`` of ``|values|``, ``n_eff = (sum)^2 / sum of squares`` (0 when all are equal or all 0)."""
+    a = [abs(v) for v in values]
+    sq = sum(v * v for v in a)
+    return 0.0 if sq == 0 else 1.0 - (sum(a) ** 2 / sq) / len(a)
 
 
 def _digest(coordinates: Sequence[Coordinate]) -> str:
@@ -170,6 +189,7 @@ def schema_of(registry: Mapping[str, Any]) -> ArmSchema:
                 raise InvalidInput(f"parameter {p.name!r} spans {list(span)} in method {s.name!r} but "
                                    f"{list(first[0])} in {first[1]!r}; a shared parameter name must share its span")
     coords += [Coordinate(f"param:{n}", *spans[n][0]) for n in sorted(spans)]
+    coords += [Coordinate(f"spread:{n}") for n in SPREAD if n in spans]
     return ArmSchema(coords)
 
 
@@ -448,7 +468,10 @@ def methods_markdown() -> str:
             f"How the policies see an operator (`simmerge_bandit/descriptor.py`): {len(schema)} named coordinates, "
             f"schema version `{schema.version}` with the methods above. `param:NAME` is the value `v` as "
             "`(v - low) / (high - low)` over its span, clipped to [0, 1] (a method without the parameter reads as "
-            "`v = 0`); every other coordinate is 0 or 1. A decision and a policy snapshot record the version they "
+            "`v = 0`; a per-model parameter given one value per model reads as their mean); `spread:weight` is "
+            "how unequal per-model weights are, `1 - n_eff / n` with `n_eff = (sum w)^2 / sum w^2` (0 when every "
+            "model has the same weight: a group's focused weights, docs/search.md); every other coordinate is 0 or "
+            "1. A decision and a policy snapshot record the version they "
             "were made in; a new method or parameter gives a new version, and older snapshots are mapped by name "
             "or rebuilt from the decision log.", "",
             "| coordinate | low | high |", "|---|---|---|"]

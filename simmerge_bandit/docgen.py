@@ -378,7 +378,8 @@ def _policies(d: dict) -> tuple[str, str]:
 
 def _daemon(d: dict) -> tuple[str, str]:
     s = d["suggest"]
-    return (f"{s['rps']:,.0f} suggest and {d['feedback']['rps']:,.0f} feedback calls/s, suggest p99 {s['p99_ms']:.1f} ms "
+    return (f"{s['rps']:,.0f} suggest and {d['feedback']['rps']:,.0f} feedback calls/s, "
+            f"suggest p99 {s['p99_ms']:.1f} ms "
             f"({d['clients']} clients, {d['candidates']:,} candidates, one recorded run)",
             f"in-process `Engine.suggest` p99 {d['in_process_suggest']['p99_ms']:.1f} ms")
 

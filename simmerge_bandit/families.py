@@ -97,6 +97,8 @@ def arm_name(op: Mapping[str, Any], params: Mapping[str, Any], catalog: Mapping[
 
 
 def _text(v: Any) -> str:
+    if isinstance(v, (list, tuple)):  # one value per model (a group's focused weights): ``1.02/0.46/0.02``
+        return "/".join(_text(x) for x in v)
     return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v).lower()
 
 

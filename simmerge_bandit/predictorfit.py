@@ -159,10 +159,10 @@ AUTO_GRID: tuple[dict, ...] = ({"model": "anchored", "l2": 1e8}, {"model": "anch
 
 def choose_model(X: np.ndarray, Z: np.ndarray, y: np.ndarray, cases: list[tuple[str, str, str]],
                  init_seed: int = 0, grid: tuple[dict, ...] = AUTO_GRID) -> tuple[dict, dict]:
-    """The predictor model of ``grid`` (default :data:`AUTO_GRID`) whose choices on tasks it was not fitted on are best: leave one
-    task out (every case whose target includes it), fit on the rest, choose each held-out case's operator by
-    the prediction, and score the share of the best-fixed -> oracle gap closed, pooled over the held-out tasks.
-    Returns ``(params of the best, {label: share})``; with fewer than two tasks nothing can be held out and the
+    """The predictor model of ``grid`` (default :data:`AUTO_GRID`) whose choices on tasks it was not fitted on are
+    best: leave one task out (every case whose target includes it), fit on the rest, choose each held-out case's
+    operator by the prediction, and score the share of the best-fixed -> oracle gap closed, pooled over the held-out
+    tasks. Returns ``(params of the best, {label: share})``; with fewer than two tasks nothing can be held out and the
     first entry is returned."""
     from .policies import make_policy
 

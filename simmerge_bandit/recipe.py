@@ -51,10 +51,26 @@ class Recipe:
         names = [s.get("operator") for s in self.steps]
         if len(self.steps) == 1:
             s = self.steps[0]
-            return executor.merge_pair(paths, s["method"], s["params"], out, base=base, operator=names[0],
-                                       **kwargs)
+            params, per_model = per_model_params(s["params"], len(paths))
+            return executor.merge_pair(paths, s["method"], params, out, base=base, operator=names[0],
+                                       per_model=per_model, **kwargs)
         return executor.merge_chain_pairs(paths, [(s["method"], s["params"]) for s in self.steps], out, base=base,
                                           operators=names, **kwargs)
+
+
+def per_model_params(params: dict, n: int) -> tuple[dict, list[dict] | None]:
+    """A step's parameters as the executor takes them: a value given as a list of ``n`` values (one per model, a
+    group's focused weights) becomes each model's own parameter (mergekit's per-model ``parameters``; a list in a
+    mergekit config's parameter would be a gradient over layers instead). Returns ``(global params, per_model or
+    None)``."""
+    listed = {k: v for k, v in params.items() if isinstance(v, (list, tuple))}
+    if not listed:
+        return params, None
+    for k, v in listed.items():
+        if len(v) != n:
+            raise InvalidInput(f"parameter {k!r} has {len(v)} values for {n} models")
+    rest = {k: v for k, v in params.items() if k not in listed}
+    return rest, [{k: v[i] for k, v in listed.items()} for i in range(n)]
 
 
 def build(catalog, models: Sequence[str], operators: Sequence[str],

@@ -116,7 +116,9 @@ def test_online_head_update_equals_the_weighted_closed_form():
     pred = make_policy("predictor", online_weight=w, l2=l2, **SMALL).fit(Xr, Zr, names, y)
     arrays, _ = pred.snapshot()
     Phi = _head_features(arrays, Xr, Zr)
-    level = lambda A: np.hstack([np.ones((len(A), 1)), (A - arrays["mu_x"]) / arrays["sd_x"]]) @ arrays["level"]
+
+    def level(A):
+        return np.hstack([np.ones((len(A), 1)), (A - arrays["mu_x"]) / arrays["sd_x"]]) @ arrays["level"]
     # the fitted head is the ridge solve of the within-pair target on Phi
     yc = y - np.repeat(y.reshape(-1, 3).mean(1), 3)
     A = Phi.T @ Phi + l2 * np.eye(Phi.shape[1])
@@ -200,3 +202,20 @@ def test_ranking_every_pair_x_every_operator_equals_the_general_path():
     np.testing.assert_allclose(a.predicted[perm], b.predicted, atol=1e-10)
     np.testing.assert_allclose(a.uncertainty[perm], b.uncertainty, atol=1e-10)
     np.testing.assert_allclose(a.predicted, pred.predict(Xt, Zt), atol=1e-10)
+
+
+@pytest.mark.parametrize("model", ["mlp", "linear"])
+def test_a_descriptor_coordinate_no_fitted_row_varied_does_not_move_a_prediction(model):
+    """A coordinate constant over the fit (here appended as 0, as a group's ``spread:weight`` is on a table of
+    pairs) says nothing the fit learned: a candidate that has it predicts as one that does not."""
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(120, 4))
+    Xr, Zr, names = grid_rows(X)
+    Zr = np.hstack([Zr, np.zeros((len(Zr), 1))])
+    y = best_by_abs(X).ravel()
+    p = make_policy("predictor", model=model, **SMALL).fit(Xr, Zr, names, y)
+    Xt, Zt, _ = grid_rows(rng.normal(size=(30, 4)))
+    off = np.hstack([Zt, np.zeros((len(Zt), 1))])
+    on = np.hstack([Zt, np.full((len(Zt), 1), 0.6)])
+    assert not np.allclose(p.predict(Xt, off), 0)
+    assert np.allclose(p.predict(Xt, on), p.predict(Xt, off), atol=1e-9)

@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -326,3 +327,78 @@ def test_a_group_larger_than_the_cap_is_chosen_by_known_score(group4_home, monke
         assert eng.groups(target) == [("ft_a", "ft_c", "ft_d")]  # ft_b's known scores are the lowest
         cat.record_score("ft_b", "triple", 2.0)  # now the best known on triple: (0.1/0.9 + 2.0/2.0) / 2
         assert eng.groups(target) == [("ft_a", "ft_b", "ft_c")]
+
+
+
+def _tensors(path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_a_group_with_known_scores_is_offered_focused_weights_that_merge_and_rebuild(group_home, tmp_path):
+    """Besides its uniform setting, a group whose members have known scores on the target is offered settings
+    that weigh each member by exp(focus * (s - max s)); the chosen weights merge per model, are written to the
+    mergekit config, and describe the decision again from the log."""
+    import numpy as np
+    import torch
+    import yaml
+
+    from simmerge_bandit.candidates import FOCUS, focused_weights
+    from simmerge_bandit.descriptor import current
+    from simmerge_bandit.methods import merge_tensors
+    from simmerge_bandit.recipe import Recipe
+
+    group = ("ft_a", "ft_b", "ft_c")
+    known = {"ft_a": (0.8, 0.2), "ft_b": (0.1, 0.6), "ft_c": (0.4, 0.3)}  # (double, triple)
+    with Store.open(group_home) as store:
+        cat = Catalog(store)
+        for m, (d, t) in known.items():
+            cat.record_score(m, "double", d)
+            cat.record_score(m, "triple", t)
+        eng = Engine(store)
+        target = Target.of(["double", "triple"])
+        cs = eng.candidates(target.key)
+        rows = [i for i in range(len(cs)) if cs.models_of(i) == group]
+        # each member's known score over the best member's, per task, averaged as the target weighs them
+        s = np.array([(known[m][0] / 0.8 + known[m][1] / 0.6) / 2 for m in group])
+        want = ["lin[weight=0.666667]", "ta[weight=0.666667]"]
+        for f in FOCUS:
+            e = np.exp(f * (s - s.max()))
+            ws = [round(float(x), 4) for x in e / e.sum() * 3 * 0.666667]  # the uniform setting's total weight
+            assert focused_weights(0.666667, list(s), f) == ws
+            text = "/".join(f"{x:g}" for x in ws)
+            want += [f"lin[weight={text}]", f"ta[weight={text}]"]
+        assert [cs.arms[i] for i in rows] == want
+        schema = current()
+        ta_rows = [i for i in rows if cs.arms[i].startswith("ta")]
+        spread = [cs.Z[i, schema.index["spread:weight"]] for i in ta_rows]
+        assert spread[0] == 0 and 0 < spread[1] < spread[2] < 1 - 1 / 3
+        mean_weight = cs.Z[ta_rows, schema.index["param:weight"]]
+        assert np.allclose(mean_weight, mean_weight[0], atol=1e-4)  # the same total weight, spread otherwise
+        # the most focused task-arithmetic setting, suggested and logged, merges with one weight per model
+        most = cs.params(ta_rows[-1])["weight"]
+        offered = eng.suggest(target, top=len(cs), policy="random", queue=False)
+        pick = next(x for x in offered if x["operator"] == "ta" and tuple(x["models"]) == group
+                    and x["params"]["weight"] == most)
+        spec = pipeline.job_spec(eng, pick["id"])
+        assert spec["steps"][0]["params"]["weight"] == most
+        out = tmp_path / "merged"
+        Recipe.from_json(spec).merge(out, device="cpu", seed=0)
+        config = yaml.safe_load((out / "mergekit_config.yml").read_text())
+        assert [m["parameters"]["weight"] for m in config["models"]] == pytest.approx(most)
+        merged = _tensors(out)
+        paths = {m["name"]: m["path"] for m in cat.models()}
+        src = {m: _tensors(paths[m]) for m in ("base", *group)}
+        for name in [n for n in merged if n.endswith("q_proj.weight")][:1]:
+            base, xs = src["base"][name].float(), [src[m][name].float() for m in group]
+            hand = base + 0.5 * sum(w * (x - base) for w, x in zip(most, xs))
+            assert torch.allclose(merged[name].float(), hand, atol=1e-6)
+            assert torch.equal(merged[name], merge_tensors("task_arithmetic", xs, base, {"lambda": 0.5,
+                                                                                          "weight": most}))
+        # the decision, read back from the log, is described as it was offered
+        arm, z = eng.descriptors.arm("ta", pick["params"])
+        assert arm == cs.arms[ta_rows[-1]] and np.array_equal(z, cs.Z[ta_rows[-1]])

@@ -8,8 +8,8 @@ never be the strict best. Two ReLU layers on ``[x_std, z_std]`` learn those inte
 Training is mini-batch AdamW on one thread from fixed seeds (initialisation and batch order, one per ensemble
 member), so a fit is a deterministic function of its data and settings (no dependence on the policy's exploration
 seed). One thread: on a shared two-core machine, two torch threads contending with other work ran a fit ~5x
-slower than one. Only training needs torch; prediction and the features the ridge head reads are plain numpy matrix products, so ranking costs
-microseconds per candidate and a snapshot is a handful of arrays.
+slower than one. Only training needs torch; prediction and the features the ridge head reads are plain numpy
+matrix products, so ranking costs microseconds per candidate and a snapshot is a handful of arrays.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ def train(inputs: np.ndarray, y: np.ndarray, *, hidden: int, epochs: int, member
     """Fit ``members`` networks ``inputs -> y`` (mean squared error) and return their weights as arrays.
 
     Each member is ``Linear(n, hidden) -> ReLU -> Linear(hidden, hidden) -> ReLU -> Linear(hidden, 1)``, member
-    ``i`` seeded with ``seed * members + i`` (so seed 0 seeds them 0, 1, ...; other seeds never share one). The target is centred (the caller's head refits the output layer with an intercept), which
-    speeds up convergence at this small number of epochs. Callers must not modify the returned arrays.
+    ``i`` seeded with ``seed * members + i`` (so seed 0 seeds them 0, 1, ...; other seeds never share one). The
+    target is centred (the caller's head refits the output layer with an intercept), which speeds up convergence at
+    this small number of epochs. Callers must not modify the returned arrays.
     """
     inputs = np.ascontiguousarray(inputs, dtype=np.float64)
     y = np.ascontiguousarray(y, dtype=np.float64)

@@ -252,8 +252,9 @@ class SimMergePredictor(Policy):
         if self.model == "mlp":
             y = self._fit_level(X, y)
             inputs = np.hstack([(X - self._mu_x) / self._sd_x, (Z - self._mu_z) / self._sd_z])
-            self._nets = _mlp.train(inputs, y, hidden=self.hidden, epochs=self.epochs, members=self.members,
-                                    seed=self.init_seed)
+            nets = _mlp.train(inputs, y, hidden=self.hidden, epochs=self.epochs, members=self.members,
+                              seed=self.init_seed)
+            self._nets = _without_unseen(nets, X.shape[1] + np.flatnonzero(Z.std(0) <= 1e-12))
             Phi = self._neural_phi(X, Z)
         else:
             self._nets = self._level = None
@@ -544,6 +545,23 @@ def rule_features(X: np.ndarray, Z: np.ndarray) -> np.ndarray:
     # dozen pairs, flipped sign between training splits of the realistic zoo
     out[:, 0] = lean * np.sign(meta[:, col["known_diff"]])
     out[:, 1] = lean * np.sign(meta[:, col["tag_share_a"]] - meta[:, col["tag_share_b"]])
+    return out
+
+
+def _without_unseen(nets: list[dict], columns: np.ndarray) -> list[dict]:
+    """The networks with zero first-layer weights on input ``columns``: inputs no fitted row varied (a descriptor
+    coordinate of a method or setting the fit never saw, such as a group's focused weights). Those inputs are 0 on
+    every fitted row once standardized, so their weights never moved from their random start; left there, they
+    would shift the prediction of every candidate that has the coordinate by a random amount. Zero, the network
+    predicts such a candidate as it does the fitted ones, as :meth:`SimMergePredictor.remap_descriptor` does for
+    a coordinate added later. New dicts: a fit's arrays may be shared with ``_mlp``'s cache of fits."""
+    if columns.size == 0:
+        return nets
+    out = []
+    for w in nets:
+        W = np.array(w["0_weight"], copy=True)
+        W[:, columns] = 0.0
+        out.append({**w, "0_weight": W})
     return out
 
 

@@ -17,9 +17,10 @@ How each family is estimated (see :mod:`.schema` for the definitions):
   per-token terms js(x, y) are tabulated at log-spaced values of y and interpolated, so that a sum over tokens is one
   dot product; the estimate is symmetrized and each model's own interpolation error is subtracted (JS(a, a) = 0).
   A subset of positions alone is a sample (on the test zoo its mean missed the mean over all positions by up to 0.09
-  nats: benchmarks/results/signals_exact.json). So the subset's mean is corrected with a control variate known at every position: the exact
-  per-position KLs both ways, mapped through ``kl_to_js``, track JS closely (JS ~ (KL_ab + KL_ba) / 8 for close
-  distributions, -> ln 2 for far ones). The estimate is ``mean_subset(JS) + mean_all(g) - mean_subset(g)``.
+  nats: benchmarks/results/signals_exact.json). So the subset's mean is corrected with a control variate known at
+  every position: the exact per-position KLs both ways, mapped through ``kl_to_js``, track JS closely
+  (JS ~ (KL_ab + KL_ba) / 8 for close distributions, -> ln 2 for far ones). The estimate is
+  ``mean_subset(JS) + mean_all(g) - mean_subset(g)``.
 * Activation cosine and CKA: dot products of stored unit vectors (projected token states; centered Gram matrices).
 * Task vectors: per-layer-group count-sketch dot products, normalized by the sketch norms; sign agreement and
   top-20% overlap from the shared coordinate sample; norms exact.

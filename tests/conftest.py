@@ -23,8 +23,9 @@ XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 #: Under ``--dist loadfile`` each file runs whole on one worker, handed out in collection order
 #: (``--no-loadscope-reorder``); starting with the longest balances the two workers' ends (the longest file
 #: last would leave one worker idle while the other finishes it).
-LONGEST_FIRST = ("test_daemon.py", "test_engine.py", "test_zoo.py", "test_ray.py", "test_mergekit_reference.py",
-                 "test_search.py")
+#: test_fused.py compiles its loops with numba in a fresh clone (about 40 s; a few seconds once cached).
+LONGEST_FIRST = ("test_daemon.py", "test_engine.py", "test_zoo.py", "test_fused.py", "test_ray.py",
+                 "test_mergekit_reference.py", "test_search.py")
 
 
 def pytest_collection_modifyitems(config, items):

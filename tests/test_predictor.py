@@ -205,17 +205,20 @@ def test_ranking_every_pair_x_every_operator_equals_the_general_path():
 
 
 @pytest.mark.parametrize("model", ["mlp", "linear"])
-def test_a_descriptor_coordinate_no_fitted_row_varied_does_not_move_a_prediction(model):
+def test_a_descriptor_coordinate_no_fitted_row_varied_changes_nothing(model):
     """A coordinate constant over the fit (here appended as 0, as a group's ``spread:weight`` is on a table of
-    pairs) says nothing the fit learned: a candidate that has it predicts as one that does not."""
+    pairs) says nothing the fit could learn: the fit with it predicts exactly as the fit without it, and a
+    candidate that has a value there predicts as one that does not."""
     rng = np.random.default_rng(4)
     X = rng.normal(size=(120, 4))
     Xr, Zr, names = grid_rows(X)
-    Zr = np.hstack([Zr, np.zeros((len(Zr), 1))])
     y = best_by_abs(X).ravel()
-    p = make_policy("predictor", model=model, **SMALL).fit(Xr, Zr, names, y)
+    wide = np.hstack([Zr, np.zeros((len(Zr), 1))])
+    p = make_policy("predictor", model=model, **SMALL).fit(Xr, wide, names, y)
+    q = make_policy("predictor", model=model, **SMALL).fit(Xr, Zr, names, y)
     Xt, Zt, _ = grid_rows(rng.normal(size=(30, 4)))
     off = np.hstack([Zt, np.zeros((len(Zt), 1))])
     on = np.hstack([Zt, np.full((len(Zt), 1), 0.6)])
     assert not np.allclose(p.predict(Xt, off), 0)
+    assert np.allclose(p.predict(Xt, off), q.predict(Xt, Zt), atol=1e-9)
     assert np.allclose(p.predict(Xt, on), p.predict(Xt, off), atol=1e-9)

@@ -252,9 +252,12 @@ class SimMergePredictor(Policy):
         if self.model == "mlp":
             y = self._fit_level(X, y)
             inputs = np.hstack([(X - self._mu_x) / self._sd_x, (Z - self._mu_z) / self._sd_z])
-            nets = _mlp.train(inputs, y, hidden=self.hidden, epochs=self.epochs, members=self.members,
+            live = np.concatenate([X.std(0), Z.std(0)]) > 1e-12
+            if not live.any():  # nothing varies: the networks have nothing to learn from; keep their inputs
+                live[:] = True
+            nets = _mlp.train(inputs[:, live], y, hidden=self.hidden, epochs=self.epochs, members=self.members,
                               seed=self.init_seed)
-            self._nets = _without_unseen(nets, X.shape[1] + np.flatnonzero(Z.std(0) <= 1e-12))
+            self._nets = _with_dead_inputs(nets, live)
             Phi = self._neural_phi(X, Z)
         else:
             self._nets = self._level = None
@@ -548,19 +551,22 @@ def rule_features(X: np.ndarray, Z: np.ndarray) -> np.ndarray:
     return out
 
 
-def _without_unseen(nets: list[dict], columns: np.ndarray) -> list[dict]:
-    """The networks with zero first-layer weights on input ``columns``: inputs no fitted row varied (a descriptor
-    coordinate of a method or setting the fit never saw, such as a group's focused weights). Those inputs are 0 on
-    every fitted row once standardized, so their weights never moved from their random start; left there, they
-    would shift the prediction of every candidate that has the coordinate by a random amount. Zero, the network
-    predicts such a candidate as it does the fitted ones, as :meth:`SimMergePredictor.remap_descriptor` does for
-    a coordinate added later. New dicts: a fit's arrays may be shared with ``_mlp``'s cache of fits."""
-    if columns.size == 0:
+def _with_dead_inputs(nets: list[dict], live: np.ndarray) -> list[dict]:
+    """Networks trained on the ``live`` inputs only, as networks of every input: a zero first-layer weight on each
+    input no fitted row varied (a context feature or a descriptor coordinate the fit never saw change, such as a
+    group's ``spread:weight`` on a table of pairs, or a method absent from the table).
+
+    Such an input carries nothing the fit could learn: left in, its weights would keep their random start and
+    shift the prediction of any candidate that has it by a random amount, and merely having it (a method added to
+    the registry, a new coordinate) would change the network's random start and so every fit. Left out, a fit
+    depends only on what its rows vary, and a candidate with a value there is predicted as the fitted rows are, as
+    :meth:`SimMergePredictor.remap_descriptor` does for a coordinate added later."""
+    if live.all():
         return nets
     out = []
     for w in nets:
-        W = np.array(w["0_weight"], copy=True)
-        W[:, columns] = 0.0
+        W = np.zeros((w["0_weight"].shape[0], live.size))
+        W[:, live] = w["0_weight"]
         out.append({**w, "0_weight": W})
     return out
 

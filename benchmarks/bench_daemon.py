@@ -201,7 +201,8 @@ def markdown_table(res: dict) -> str:
     n = res["clients"]
     rows = ["| what | recorded run | goal |", "|---|---|---|",
             f"| {n} saturating clients: calls per second (each of suggest, feedback) | {s['rps']:,.0f} | |",
-            f"| {n} saturating clients: suggest p50 / p90 / p99 / max | {lat(s, 'p50_ms', 'p90_ms', 'p99_ms', 'max_ms')}"
+            f"| {n} saturating clients: suggest p50 / p90 / p99 / max | "
+            f"{lat(s, 'p50_ms', 'p90_ms', 'p99_ms', 'max_ms')}"
             f" | p99 < {g['suggest_p99_ms_max']:.0f} ms: {'met' if met['suggest_p99'] else 'not met'} |",
             f"| {n} saturating clients: feedback p50 / p90 / p99 / max (answered once durable) "
             f"| {lat(f, 'p50_ms', 'p90_ms', 'p99_ms', 'max_ms')} | |",
@@ -215,7 +216,8 @@ def markdown_table(res: dict) -> str:
             f"| daemon RSS: after warm-up -> the instant the load ends | {rss['start'] / 1024:.0f} -> "
             f"{rss['end'] / 1024:.0f} MiB, {rss['growth']:+.1%} | <= {g['rss_growth_max']:.0%}: "
             f"{'met' if met['rss_growth'] else 'not met'} |",
-            f"| daemon RSS 2 s after the load | {rss['end_settled_2s'] / 1024:.0f} MiB, {rss['growth_settled']:+.1%} | |",
+            f"| daemon RSS 2 s after the load | {rss['end_settled_2s'] / 1024:.0f} MiB, "
+            f"{rss['growth_settled']:+.1%} | |",
             f"| in-process `Engine.suggest` (rank {res['in_process_suggest']['candidates']:,} candidates, log 5 "
             f"decisions, commit) | p50 {res['in_process_suggest']['p50_ms']:.1f} ms, p99 "
             f"{res['in_process_suggest']['p99_ms']:.1f} ms | |"]

@@ -617,7 +617,8 @@ def run_config(preset, zoo_seed, objective, args, log) -> dict:
             "cases": len(table.contexts), "operators": table.operators, "tasks": tasks, "holdout_splits": holdouts,
             "pool_sizes": pools.tolist(), "training_sizes": [len(t) for t in trains],
             "oracle_final_score": float(oracle @ pools / pools.sum()),
-            "fixed_final_score": float(fixed @ pools / pools.sum()), "best_fixed_per_split": [s.best_fixed for s in zero],
+            "fixed_final_score": float(fixed @ pools / pools.sum()),
+            "best_fixed_per_split": [s.best_fixed for s in zero],
             "choices_by_training_task_cv": choices, "results": results, "seconds": time.time() - t0}
 
 

@@ -438,7 +438,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "policies.json"))
-    ap.add_argument("--table", action="store_true", help="print the benchmark page's tables from the results file and exit")
+    ap.add_argument("--table", action="store_true",
+                    help="print the benchmark page's tables from the results file and exit")
     args = ap.parse_args(argv)
     if args.table:
         print(markdown_table(json.loads(Path(args.out).read_text())))

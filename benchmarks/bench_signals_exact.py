@@ -47,7 +47,8 @@ def markdown_table(res: dict) -> str:
                      f"| {f['absent']} | {err}{'' if f['within'] else ' **(over)**'} | {w['task']}: {w['a']}, "
                      f"{w['b']} | {w['sketch']:.4f} / {w['exact']:.4f} |")
     old = res["js_without_control_variate"]
-    lines += ["", "Without the control variate (the sampled positions' mean alone, the estimator before it), the largest "
+    lines += ["", "Without the control variate (the sampled positions' mean alone, the estimator before it), "
+              "the largest "
               "errors on the same cases were: " + "; ".join(
                   f"`{n}` {w['max_abs_error']:.3f} ({w['task']}: {w['a']}, {w['b']}: {w['sketch']:.3f} / "
                   f"{w['exact']:.3f})" for n, w in old.items()) + "."]
@@ -128,7 +129,8 @@ def run(preset: str, zoo_dir: Path | None, seed: int) -> dict:
                      max_rel_error=max(abs(r[3] - r[4]) / max(abs(r[4]), 1e-12) for r in rows),
                      worst={"task": t, "a": a, "b": b, "sketch": s, "exact": e})
         feats.append(f)
-    return {"benchmark": "signals_exact", "preset": preset, "js_without_control_variate": without_cv, "seed": seed, "zoo_key": manifest.get("key"),
+    return {"benchmark": "signals_exact", "preset": preset, "js_without_control_variate": without_cv, "seed": seed,
+            "zoo_key": manifest.get("key"),
             "models": experts, "tasks": tasks, "ordered_pairs": len(experts) * (len(experts) - 1),
             "cases": len(cases), "bound": {"abs": EXACT_ABS, "rel": EXACT_REL}, "features": feats,
             "all_within": all(f["within"] for f in feats), "seconds": time.perf_counter() - t0,

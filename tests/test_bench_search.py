@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_search as bs
+import bench_search as bs  # noqa: E402 (the benchmarks folder is put on the path above)
 
 MANIFEST = {"models": [
     {"name": "base", "base": None, "tasks": ["x", "y", "z"]},

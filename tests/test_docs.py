@@ -97,7 +97,8 @@ def test_generated_blocks_of_the_docs_are_current(block):
 
 def test_replace_block_keeps_the_prose_around_it():
     text = "intro\n<!-- table: t -->\nold\n<!-- /table -->\noutro\n"
-    assert docgen.replace_block(text, "t", "new\nrows") == "intro\n<!-- table: t -->\nnew\nrows\n<!-- /table -->\noutro\n"
+    want = "intro\n<!-- table: t -->\nnew\nrows\n<!-- /table -->\noutro\n"
+    assert docgen.replace_block(text, "t", "new\nrows") == want
     assert docgen.read_block(text, "t") == "old"
     with pytest.raises(KeyError):
         docgen.replace_block(text, "other", "x")

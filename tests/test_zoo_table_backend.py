@@ -15,7 +15,6 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from simmerge_bandit import migrations
 from simmerge_bandit.backend import LocalBackend
 from simmerge_bandit.cli import cli
 from simmerge_bandit.errors import InvalidInput

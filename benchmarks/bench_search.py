@@ -251,10 +251,13 @@ class Space:
         return [0.0] if max(s) - min(s) <= 1e-9 else [0.0, *candidates.FOCUS]
 
     def scores(self, models: Sequence[str]) -> list[float]:
-        """Each member's known score on the target over the best member's, per task, weighted by the target."""
-        best = {t: max(self.known[m][t] for m in models) for t in self.weights}
-        return [sum(w * (self.known[m][t] / best[t] if best[t] > 0 else self.known[m][t])
-                    for t, w in self.weights.items()) for m in models]
+        """Each member's known score on the target over the best member's, per task, weighted by the target (as
+        the engine computes it: ``candidates.relative_known``)."""
+        from simmerge_bandit.candidates import relative_known
+        from simmerge_bandit.target import Target
+
+        rel = relative_known({m: self.known[m] for m in models}, Target.of(list(self.weights), self.weights))
+        return [rel[m] for m in models]
 
     def methods_for(self, models: Sequence[str]) -> list[str]:
         from simmerge_bandit.methods import get_method

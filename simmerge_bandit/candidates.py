@@ -163,6 +163,15 @@ def focused_weights(weight: float, scores: Sequence[float], focus: float) -> lis
     return [round(float(v), 4) for v in e / e.sum() * weight * len(s)]
 
 
+def relative_known(known: dict[str, dict[str, float]], target: Target) -> dict[str, float]:
+    """Each model's known raw scores (``known[model][task]``) over the best of any of them per task, weighted as
+    the target weighs its tasks; only the models known on every task of the target."""
+    best = {t: max([v[t] for v in known.values() if t in v], default=0.0) for t in target.tasks}
+    scores = {m: target.aggregate({t: v[t] / best[t] if best[t] > 0 else v[t] for t in target.tasks if t in v})
+              for m, v in known.items()}
+    return {m: x for m, x in scores.items() if x is not None}
+
+
 def _weighs_each_model(op: dict) -> bool:
     """Whether ``op`` (a group's setting) has a per-model ``weight`` that no range of its own chooses."""
     from .methods import get_method
@@ -279,10 +288,7 @@ class CandidateIndex:
         from .context import catalog_meta
 
         meta = catalog_meta(self.store, models, target.tasks)
-        best = {t: max([v.known[t] for v in meta.values() if t in v.known], default=0.0) for t in target.tasks}
-        scores = {m: target.aggregate({t: x / best[t] if best[t] > 0 else x for t, x in v.known.items()})
-                  for m, v in meta.items()}
-        return {m: x for m, x in scores.items() if x is not None}
+        return relative_known({m: v.known for m, v in meta.items()}, target)
 
     def _catalog_key(self, task: str) -> tuple:
         """What a task's candidate set depends on; a change of any of it (a model's weights, an operator, the

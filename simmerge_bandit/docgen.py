@@ -300,6 +300,9 @@ DOC_BLOCKS: list[DocBlock] = [
              BenchTable("bench_zoo_frontier", ("benchmarks/bench_zoo.py", "--frontier")).render),
     DocBlock(ROOT / "docs" / "search.md", "bench_search",
              BenchTable("bench_search", ("benchmarks/bench_search.py", "--table")).render),
+    DocBlock(ROOT / "docs" / "search.md", "bench_search_seed1",
+             BenchTable("bench_search_seed1", ("benchmarks/bench_search.py", "--table", "--out",
+                                               "benchmarks/results/search_seed1.json")).render),
     DocBlock(ROOT / "docs" / "daemon.md", "bench_http",
              BenchTable("bench_http", ("benchmarks/bench_http.py", "--table")).render),
     DocBlock(ROOT / "docs" / "daemon.md", "bench_daemon_large_task",
@@ -388,6 +391,7 @@ def _daemon(d: dict) -> tuple[str, str]:
 HEADLINES: list[Headline] = [
     Headline("Decision quality", "decision.json", _decision, "decision-quality"),
     Headline("Budgeted search", "search.json", _search, "budgeted-search"),
+    Headline("Budgeted search, zoo seed 1 (nothing tuned on it)", "search_seed1.json", _search, "budgeted-search"),
     Headline("Merge executor", "merge.json", _merge, "merge-executor-against-mergekit"),
     Headline("Pairwise signals at catalog scale", "signals.json", _signals,
              "signals-signature-cost-and-pairwise-features-at-catalog-scale"),

@@ -103,6 +103,26 @@ class CandidateSet:
             raise InvalidInput(f"no candidate merge for target {self.task} among the models asked for")
         return self._subset(keep)
 
+    def settings(self, settings: Sequence[tuple[tuple[str, ...], dict, str]]) -> "CandidateSet":
+        """A set of just ``settings``: ``(models, operator, arm)`` with ``models`` one of this set's model tuples and
+        ``operator`` a catalog operator with concrete ``params`` that need not be among this set's (a search's
+        moves of one member's weight around its best merge, :func:`reweighted`). Each row has its models'
+        context and its own descriptor. :class:`InvalidInput` when a model tuple is not a candidate here."""
+        if not settings:
+            raise InvalidInput(f"no settings to rank for target {self.task}")
+        row_of: dict[tuple[str, ...], int] = {}
+        for i in range(len(self.arms)):
+            row_of.setdefault(tuple(self.models_of(i)), i)
+        rows = []
+        for models, _op, _arm in settings:
+            if tuple(models) not in row_of:
+                raise InvalidInput(f"{'+'.join(models)} is not a candidate merge for target {self.task}")
+            rows.append(row_of[tuple(models)])
+        ops = [op for _m, op, _a in settings]
+        return CandidateSet(self.task, self.pairs, ops, self.X[rows], np.stack([operator_descriptor(o) for o in ops]),
+                            [a for _m, _o, a in settings], self.pair_index[rows], self.names, self.feature_schema,
+                            self.target, np.arange(len(ops)), self.groups, None, self.pair_ops)
+
     def _subset(self, keep: list[int]) -> "CandidateSet":
         idx = np.array(keep)
         return CandidateSet(self.task, self.pairs, self.operators, self.X[idx], self.Z[idx],
@@ -161,6 +181,26 @@ def focused_weights(weight: float, scores: Sequence[float], focus: float) -> lis
     s = np.asarray(scores, dtype=np.float64)
     e = np.exp(focus * (s - s.max()))
     return [round(float(v), 4) for v in e / e.sum() * weight * len(s)]
+
+
+#: A search's moves around its best merge when that merge weighs each model (:func:`reweighted`): one member's
+#: weight times each factor, the others rescaled so the total stays. mergekit-evolve's CMA-ES moves every weight
+#: at once; one member at a time is a coordinate search over the same genome, which the few evaluations of a
+#: budget can afford and a reader can follow. Set from first principles (a doubling and a halving), not tuned.
+REWEIGHT = (2.0, 0.5)
+
+
+def reweighted(weights: Sequence[float], factor: float, i: int) -> list[float]:
+    """``weights`` with member ``i``'s multiplied by ``factor`` and all of them rescaled to the same total, each
+    rounded to 1e-4 (as :func:`focused_weights`).
+
+    >>> reweighted([1.0, 1.0, 1.0], 2.0, 0)
+    [1.5, 0.75, 0.75]
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    moved = w.copy()
+    moved[i] *= factor
+    return [round(float(v), 4) for v in moved * (w.sum() / moved.sum())]
 
 
 def relative_known(known: dict[str, dict[str, float]], target: Target) -> dict[str, float]:

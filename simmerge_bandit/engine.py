@@ -159,7 +159,8 @@ class Engine(CandidateIndex, PolicyStore, PredictorFitting, DecisionLog):
     def suggest(self, task: str | Sequence[str] | Target, top: int = 5, policy: str | None = None,
                 chain: int | None = None, weights: dict | None = None, *,
                 exclude: set[tuple[tuple[str, ...], str]] | None = None,
-                within: set[tuple[str, ...]] | None = None, queue: bool = True) -> list[dict]:
+                within: set[tuple[str, ...]] | None = None, queue: bool = True,
+                moves: Sequence[tuple[tuple[str, ...], dict, str]] | None = None) -> list[dict]:
         """Rank candidate merges for a target (a task name, several task names with optional ``weights``, a
         :class:`~simmerge_bandit.target.Target` or its key); log each returned entry as a decision. The first is
         the choice. Each suggestion's reward is the target-weighted mean of the merge's normalized scores.
@@ -167,7 +168,9 @@ class Engine(CandidateIndex, PolicyStore, PredictorFitting, DecisionLog):
         ``exclude``: candidates ``(models, operator)`` not to rank (a search's tried merges); ``within``: rank only
         the candidates that merge one of these model tuples (a pair, or a group of the target's tagged models).
         ``queue=False``: the caller evaluates the suggestions itself (a search), so none goes to the evaluation
-        queue. A chain starts from a pair."""
+        queue. ``moves``: rank these settings ``(models, operator with concrete params, arm name)`` instead of the
+        catalog's candidates (a search's moves around its best merge, :meth:`CandidateSet.settings`). A chain
+        starts from a pair."""
         if top < 1:
             raise InvalidInput("--top must be at least 1")
         if chain is not None and chain < 2:
@@ -182,11 +185,13 @@ class Engine(CandidateIndex, PolicyStore, PredictorFitting, DecisionLog):
                                    f"has at most {n}")
             if chain and chain > 2 and cs.groups:
                 within = set(within or cs.pairs) & set(cs.pairs)
-            if within is not None:
+            if moves is not None:
+                cs = cs.settings(moves)
+            elif within is not None:
                 cs = cs.within(within)
             if exclude:
                 cs = cs.without(exclude)
-            ranking = pol.rank(cs.ranked, reuse=not exclude and within is None)
+            ranking = pol.rank(cs.ranked, reuse=not exclude and within is None and moves is None)
             if chain and chain > 2:
                 entries = self._chains(cs, pol, ranking, top, chain)
             else:

@@ -5,8 +5,11 @@ merge, evaluate on every task of the target, feed the reward back, keep the best
 Which candidates a step ranks (:func:`scope`): when the target has a group (at least three models tagged with its
 tasks), the first step merges the group at once and the second a pair, each the policy's best of its kind (the
 two merges a team tries first: all its experts together, or the best two); after that, every other step looks
-near the best merge so far (the same models, another operator or parameter setting) and the steps between choose
-among every candidate.
+near the best merge so far and the steps between choose among every candidate. Near the best merge means, on
+every fourth step (4, 8, ...) when the best merge is n-way and its operator weighs each model, its *moves*: the
+same merge with one member's weight doubled or halved, the total kept (:func:`moves`; a coordinate search over
+mergekit-evolve's genome), and otherwise its models with another operator or parameter setting, or the model
+sets one model away.
 Every step is a logged decision with its reward, so the policy learns from each evaluation, and the search is
 recorded in the store (``searches``, ``search_steps``): rerun with the same target and policy, it resumes where it
 stopped (a step merged but not scored is scored first) instead of starting over.
@@ -140,13 +143,7 @@ def run_search(engine, target: Target, budget: int, *, policy: str | None = None
                 else:
                     tried = {(tuple(s["models"]), s["operator"][-1], params_key(_step_params(s, engine)[-1]))
                              for s in steps}
-                    within = scope(engine, target, len(steps), best)
-                    try:
-                        s = engine.suggest(target, top=1, policy=policy, exclude=tried, within=within, queue=False)[0]
-                    except InvalidInput:
-                        if within is None:
-                            raise
-                        s = engine.suggest(target, top=1, policy=policy, exclude=tried, queue=False)[0]
+                    s = _suggest(engine, target, policy, tried, len(steps), best)
                     did = s["id"]
                     with store.transaction():
                         store.execute("INSERT INTO search_steps (search_id, n, decision_id) VALUES (?,?,?)",
@@ -191,6 +188,60 @@ def run_search(engine, target: Target, budget: int, *, policy: str | None = None
             raise
     _set_state(store, sid, "done")
     return describe(engine, sid)
+
+
+def _suggest(engine, target: Target, policy: str, tried: set, n: int, best: dict | None) -> dict:
+    """Step ``n``'s suggestion: among the best merge's untried :func:`moves` on a move step, else within
+    :func:`scope`; a scope with nothing left to try widens to the next (moves, then the scope, then everything)."""
+    tries: list[dict] = []
+    if n >= 2 and n % 4 == 0:
+        tries.append({"moves": moves(engine, best)})
+    within = scope(engine, target, n, best)
+    if within is not None:
+        tries.append({"within": within})
+    tries.append({})
+    for k, kw in enumerate(tries):
+        if kw.get("moves") == []:
+            continue
+        try:
+            return engine.suggest(target, top=1, policy=policy, exclude=tried, queue=False, **kw)[0]
+        except InvalidInput:
+            if k == len(tries) - 1:
+                raise
+    raise AssertionError("unreachable: the last try has no scope")
+
+
+def moves(engine, best: dict | None) -> list[tuple[tuple[str, ...], dict, str]]:
+    """The best merge's moves ``(models, operator, arm)``: for each member and each factor of
+    :data:`~.candidates.REWEIGHT`, its setting with that member's weight multiplied by the factor and the total
+    kept (:func:`~.candidates.reweighted`); none when it is a pair (whose relative weight its operators' settings
+    already span) or a chain, or when its operator has no per-model weight of its own (or a range chooses it)."""
+    from .candidates import REWEIGHT, _weighs_each_model, reweighted
+    from .families import arm_name
+    from .methods import get_method
+
+    if best is None or len(best["operator"]) != 1 or len(best["models"]) < 3:
+        return []
+    try:
+        op = engine.catalog.operator(best["operator"][0])
+    except SimmergeError:  # removed from the catalog since
+        return []
+    if not _weighs_each_model(op):
+        return []
+    models = tuple(best["models"])
+    params = _step_params(best, engine)[-1]
+    w = params.get("weight", get_method(op["method"]).param("weight").default)
+    weights = [float(x) for x in w] if isinstance(w, list) else [float(w)] * len(models)
+    out, seen = [], {tuple(weights)}
+    for i in range(len(models)):
+        for f in REWEIGHT:
+            moved = reweighted(weights, f, i)
+            if tuple(moved) in seen:
+                continue
+            seen.add(tuple(moved))
+            p = {**params, "weight": moved}
+            out.append((models, {**op, "params": p}, arm_name(op, p, op["params"])))
+    return out
 
 
 def scope(engine, target: Target, n: int, best: dict | None) -> set[tuple[str, ...]] | None:

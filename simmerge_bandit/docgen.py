@@ -391,7 +391,7 @@ def _daemon(d: dict) -> tuple[str, str]:
 HEADLINES: list[Headline] = [
     Headline("Decision quality", "decision.json", _decision, "decision-quality"),
     Headline("Budgeted search", "search.json", _search, "budgeted-search"),
-    Headline("Budgeted search, zoo seed 1 (nothing tuned on it)", "search_seed1.json", _search, "budgeted-search"),
+    Headline("Budgeted search, zoo seed 1", "search_seed1.json", _search, "budgeted-search"),
     Headline("Merge executor", "merge.json", _merge, "merge-executor-against-mergekit"),
     Headline("Pairwise signals at catalog scale", "signals.json", _signals,
              "signals-signature-cost-and-pairwise-features-at-catalog-scale"),

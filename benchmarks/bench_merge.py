@@ -30,6 +30,15 @@ also reads the report this script wrote before bf16 configs were measured (``met
 ``dtype: float32``), so ``--table`` and the README's headline (:func:`headline`, used by ``simmerge_bandit.docgen``)
 work on either; nothing here needs torch unless a merge is run.
 
+Warm guest memory (``--pretouch-gb``, default 3): on a virtual machine the hypervisor backs a guest page with host
+memory the first time it is touched, and may take it back once freed. On this benchmark's 2-core VM that first
+touch cost about 1.3-3 s per GB (a fresh 0.58 GB output file took 2.1 s to write into the page cache, 0.15 s right
+after 3 GB had been touched and freed), so a merge's wall time depended on how recently the memory it gets had
+been used, and more so for the tool that touches more of it (mergekit's peak RSS is 3-4x ours). Before each timed
+command (either tool) and each file-I/O floor, the benchmark touches and frees that many GB, so both run on memory
+the host already backs; ``pretouch_s`` records what that touch cost (how cold the memory was). ``--pretouch-gb 0``
+measures as before (reports without ``pretouch_gb`` were made that way).
+
 mergekit: ``--mergekit``, else $SIMMERGE_MERGEKIT_YAML, else ``mergekit-yaml`` on PATH (``.ci/setup-mergekit``
 makes one). Our side runs with ``--threads 1`` (the CLI default), mergekit with torch's default threads. The
 machine is shared: compare ratios within one run, and read the load averages beside them. Before anything is timed,
@@ -207,6 +216,24 @@ def memcpy_here(nbytes: int = 256 << 20) -> float:
         torch.set_num_threads(old)
 
 
+def pretouch(gb: float) -> float:
+    """Touch ``gb`` GB of fresh anonymous memory one byte per page and free it (see the module's docstring); the
+    seconds it took."""
+    if gb <= 0:
+        return 0.0
+    import mmap
+
+    import numpy as np
+
+    t = time.perf_counter()
+    m = mmap.mmap(-1, int(gb * (1 << 30)))
+    a = np.frombuffer(m, dtype=np.uint8)
+    a[::mmap.PAGESIZE] = 1
+    del a
+    m.close()
+    return round(time.perf_counter() - t, 3)
+
+
 def file_floor(inputs: list[Path], out_bytes: int, work: Path) -> dict:
     """Seconds to move a merge's bytes through the file system and nothing else, 1 thread: read every shard of
     ``inputs`` from the page cache (``readinto`` a 1 MiB buffer) and write ``out_bytes`` into a new file beside the
@@ -300,7 +327,9 @@ def run_once(paths: dict[str, Path], dtypes: list[str], methods: list[str], args
                 [Path(cfgs[m]["base_model"])] if "base_model" in cfgs[m] else [])
             # Both floors measured just before our merge, in the load it then runs in.
             bandwidth = memcpy_here() if args.device == "cpu" else memcpy["threads_1"]
+            touched = {"floor": pretouch(args.pretouch_gb)}
             files = file_floor(list(dict.fromkeys(inputs)), out_bytes, args.work)  # out_dtype bf16, as stored
+            touched["ours"] = pretouch(args.pretouch_gb)
             ours = measure([*simmerge, "merge", str(cfg_path), "--out", str(out_ours), "--force", "--device",
                             args.device, "--json"])
             stats = json.loads((out_ours / "provenance.json").read_text())["stats"]
@@ -313,9 +342,11 @@ def run_once(paths: dict[str, Path], dtypes: list[str], methods: list[str], args
                      "memcpy_floor_s": round(floor_s, 4),
                      "merge_over_memcpy": round(stats["seconds"] / floor_s, 1),
                      "file_floor": files,
-                     "merge_over_file_floor": round(stats["seconds"] / files["seconds"], 1)}
+                     "merge_over_file_floor": round(stats["seconds"] / files["seconds"], 1),
+                     "pretouch_s": touched}
             if args.mergekit:
                 shutil.rmtree(out_mk, ignore_errors=True)
+                touched["mergekit"] = pretouch(args.pretouch_gb)
                 mk = measure([args.mergekit, str(cfg_path), str(out_mk), "--quiet", "--random-seed", "0"]
                              + (["--cuda"] if args.device.startswith("cuda") else []))
                 entry.update({
@@ -404,6 +435,11 @@ def markdown_table(res: dict) -> str:
     rows.append(f"{fam['params_per_model'] / 1e9:.2f} B parameters per model, bf16 on disk, base + 2 experts; "
                 f"{res['machine']['cpus']} CPUs, torch {res['machine']['torch']}; {memcpy}. Load average: "
                 f"ours / mergekit, just before each.")
+    if res.get("pretouch_gb"):
+        rows[-1] += (f" Before each timed command of either tool and each floor, {res['pretouch_gb']:g} GB of memory "
+                     f"were touched and freed (warm guest memory; see the benchmark's docstring).")
+    else:
+        rows[-1] += " Measured without warming guest memory first (the VM's first-touch cost falls on either tool)."
     loops = res.get("compiled_loops")
     if loops:
         rows[-1] += (f" The compiled TIES loops took {loops['compile_empty_cache_s']:.1f} s to compile with an empty "
@@ -465,6 +501,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(RESULTS / "merge.json"))
     ap.add_argument("--work", type=Path, default=WORK, help="where the family, configs and outputs go")
+    ap.add_argument("--pretouch-gb", type=float, default=3.0,
+                    help="GB of memory touched and freed before each timed command (0: none; see the docstring)")
     ap.add_argument("--table", action="store_true", help="print docs/merge.md's table from --out and exit")
     args = ap.parse_args(argv)
     if args.table:
@@ -491,7 +529,7 @@ def main(argv=None) -> int:
                "family": {"params_per_model": n_params, "dtype": "bfloat16", "models": 3,
                           "bytes_per_model": n_params * 2},
                "memcpy_gb_per_s": memcpy, "goals": {"speedup": GOALS, "merge_over_memcpy": BANDWIDTH_GOAL},
-               "compiled_loops": loops, "runs": []}
+               "compiled_loops": loops, "pretouch_gb": args.pretouch_gb, "runs": []}
     for _ in range(args.runs):
         results["runs"].append(run_once(paths, args.dtypes.split(","), args.methods.split(","), args, simmerge,
                                         memcpy))

@@ -136,3 +136,13 @@ def test_the_committed_report_gives_a_table_and_a_headline(tmp_path):
     figure, baseline = docgen._merge(committed)
     assert figure.startswith("TIES merge") and baseline.startswith("mergekit: ")
     assert ("old format" in text) == ("runs" not in committed)
+
+
+def test_the_table_says_whether_guest_memory_was_warmed_before_each_measurement():
+    report = new_report()
+    assert "without warming guest memory" in bm.markdown_table(report)
+    assert "touched and freed" not in bm.markdown_table(report)
+    report["pretouch_gb"] = 3.0
+    table = bm.markdown_table(report)
+    assert "3 GB of memory were touched and freed" in table and "without warming" not in table
+    assert bm.pretouch(0) == 0.0 and bm.pretouch(0.01) >= 0.0

@@ -32,8 +32,8 @@ work on either; nothing here needs torch unless a merge is run.
 
 Warm guest memory (``--pretouch-gb``, default 3): on a virtual machine the hypervisor backs a guest page with host
 memory the first time it is touched, and may take it back once freed. On this benchmark's 2-core VM that first
-touch cost about 1.3-3 s per GB (a fresh 0.58 GB output file took 2.1 s to write into the page cache, 0.15 s right
-after 3 GB had been touched and freed), so a merge's wall time depended on how recently the memory it gets had
+touch cost about 1-3.3 s per GB (the committed report's ``pretouch_s``: 3 GB in 3.2-9.9 s), and writing a fresh
+output file into the page cache pays it, so a merge's wall time depended on how recently the memory it gets had
 been used, and more so for the tool that touches more of it (mergekit's peak RSS is 3-4x ours). Before each timed
 command (either tool) and each file-I/O floor, the benchmark touches and frees that many GB, so both run on memory
 the host already backs; ``pretouch_s`` records what that touch cost (how cold the memory was). ``--pretouch-gb 0``

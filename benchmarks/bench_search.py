@@ -243,7 +243,7 @@ class Space:
         offers none there)."""
         from simmerge_bandit import candidates
 
-        if len(models) < 3 or not candidates._weighs_each_model({"method": method}):
+        if len(models) < 3 or not candidates.weighs_each_model({"method": method}):
             return [0.0]
         if any(t not in self.known.get(m, {}) for m in models for t in self.weights):
             return [0.0]

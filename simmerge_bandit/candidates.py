@@ -110,14 +110,13 @@ class CandidateSet:
         context and its own descriptor. :class:`InvalidInput` when a model tuple is not a candidate here."""
         if not settings:
             raise InvalidInput(f"no settings to rank for target {self.task}")
-        row_of: dict[tuple[str, ...], int] = {}
-        for i in range(len(self.arms)):
-            row_of.setdefault(tuple(self.models_of(i)), i)
+        sets = [*self.pairs, *self.groups]  # what pair_index indexes
         rows = []
         for models, _op, _arm in settings:
-            if tuple(models) not in row_of:
+            first = np.flatnonzero(self.pair_index == sets.index(tuple(models))) if tuple(models) in sets else []
+            if len(first) == 0:
                 raise InvalidInput(f"{'+'.join(models)} is not a candidate merge for target {self.task}")
-            rows.append(row_of[tuple(models)])
+            rows.append(int(first[0]))
         ops = [op for _m, op, _a in settings]
         return CandidateSet(self.task, self.pairs, ops, self.X[rows], np.stack([operator_descriptor(o) for o in ops]),
                             [a for _m, _o, a in settings], self.pair_index[rows], self.names, self.feature_schema,
@@ -212,7 +211,7 @@ def relative_known(known: dict[str, dict[str, float]], target: Target) -> dict[s
     return {m: x for m, x in scores.items() if x is not None}
 
 
-def _weighs_each_model(op: dict) -> bool:
+def weighs_each_model(op: dict) -> bool:
     """Whether ``op`` (a group's setting) has a per-model ``weight`` that no range of its own chooses."""
     from .methods import get_method
 
@@ -444,7 +443,7 @@ class CandidateIndex:
         out = []
         for f in FOCUS:
             for o in g_ops:
-                if _weighs_each_model(o):
+                if weighs_each_model(o):
                     w = focused_weights(float(o["params"].get("weight", 1.0)), scores, f)
                     out.append({**o, "params": {**o["params"], "weight": w}})
         return out

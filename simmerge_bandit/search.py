@@ -193,22 +193,18 @@ def run_search(engine, target: Target, budget: int, *, policy: str | None = None
 def _suggest(engine, target: Target, policy: str, tried: set, n: int, best: dict | None) -> dict:
     """Step ``n``'s suggestion: among the best merge's untried :func:`moves` on a move step, else within
     :func:`scope`; a scope with nothing left to try widens to the next (moves, then the scope, then everything)."""
-    tries: list[dict] = []
-    if n >= 2 and n % 4 == 0:
-        tries.append({"moves": moves(engine, best)})
+    scopes: list[dict] = []
+    if n >= 2 and n % 4 == 0 and (mv := moves(engine, best)):
+        scopes.append({"moves": mv})
     within = scope(engine, target, n, best)
     if within is not None:
-        tries.append({"within": within})
-    tries.append({})
-    for k, kw in enumerate(tries):
-        if kw.get("moves") == []:
-            continue
+        scopes.append({"within": within})
+    for kw in scopes:
         try:
             return engine.suggest(target, top=1, policy=policy, exclude=tried, queue=False, **kw)[0]
         except InvalidInput:
-            if k == len(tries) - 1:
-                raise
-    raise AssertionError("unreachable: the last try has no scope")
+            continue
+    return engine.suggest(target, top=1, policy=policy, exclude=tried, queue=False)[0]
 
 
 def moves(engine, best: dict | None) -> list[tuple[tuple[str, ...], dict, str]]:
@@ -216,7 +212,7 @@ def moves(engine, best: dict | None) -> list[tuple[tuple[str, ...], dict, str]]:
     :data:`~.candidates.REWEIGHT`, its setting with that member's weight multiplied by the factor and the total
     kept (:func:`~.candidates.reweighted`); none when it is a pair (whose relative weight its operators' settings
     already span) or a chain, or when its operator has no per-model weight of its own (or a range chooses it)."""
-    from .candidates import REWEIGHT, _weighs_each_model, reweighted
+    from .candidates import REWEIGHT, reweighted, weighs_each_model
     from .families import arm_name
     from .methods import get_method
 
@@ -226,7 +222,7 @@ def moves(engine, best: dict | None) -> list[tuple[tuple[str, ...], dict, str]]:
         op = engine.catalog.operator(best["operator"][0])
     except SimmergeError:  # removed from the catalog since
         return []
-    if not _weighs_each_model(op):
+    if not weighs_each_model(op):
         return []
     models = tuple(best["models"])
     params = _step_params(best, engine)[-1]

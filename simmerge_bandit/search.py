@@ -143,7 +143,7 @@ def run_search(engine, target: Target, budget: int, *, policy: str | None = None
                 else:
                     tried = {(tuple(s["models"]), s["operator"][-1], params_key(_step_params(s, engine)[-1]))
                              for s in steps}
-                    s = _suggest(engine, target, policy, tried, len(steps), best)
+                    s = _suggest(engine, target, policy, tried, len(steps), best, steps)
                     did = s["id"]
                     with store.transaction():
                         store.execute("INSERT INTO search_steps (search_id, n, decision_id) VALUES (?,?,?)",
@@ -190,12 +190,15 @@ def run_search(engine, target: Target, budget: int, *, policy: str | None = None
     return describe(engine, sid)
 
 
-def _suggest(engine, target: Target, policy: str, tried: set, n: int, best: dict | None) -> dict:
-    """Step ``n``'s suggestion: among the best merge's untried :func:`moves` on a move step, else within
-    :func:`scope`; a scope with nothing left to try widens to the next (moves, then the scope, then everything)."""
+def _suggest(engine, target: Target, policy: str, tried: set, n: int, best: dict | None,
+             steps: list[dict]) -> dict:
+    """Step ``n``'s suggestion: among the best merge's untried :func:`moves` that the steps so far favour
+    (:func:`favoured`) on a move step, else within :func:`scope`; a scope with nothing left to try widens to the
+    next (moves, then the scope, then everything)."""
     scopes: list[dict] = []
     if n >= 2 and n % 4 == 0 and (mv := moves(engine, best)):
-        scopes.append({"moves": mv})
+        untried = [m for m in mv if (m[0], m[1]["name"], params_key(m[1]["params"])) not in tried]
+        scopes.append({"moves": favoured(untried, best, steps, engine) or mv})
     within = scope(engine, target, n, best)
     if within is not None:
         scopes.append({"within": within})
@@ -238,6 +241,79 @@ def moves(engine, best: dict | None) -> list[tuple[tuple[str, ...], dict, str]]:
             p = {**params, "weight": moved}
             out.append((models, {**op, "params": p}, arm_name(op, p, op["params"])))
     return out
+
+
+def favoured(mv: list[tuple[tuple[str, ...], dict, str]], best: dict | None, steps: list[dict],
+             engine) -> list[tuple[tuple[str, ...], dict, str]]:
+    """The moves of ``mv`` (the best merge's, :func:`moves`) that the scored ``steps`` favour most; all of them
+    when the steps say nothing about which member to move. Two kinds of evidence, in this order:
+
+    - *momentum*: the best merge was itself a move of an earlier step's setting (one member's weight times a
+      factor, total kept): the same move again;
+    - *leave one out*: the merges of the best's models less one member, where two or more of them were scored. The
+      member whose removal cost least (its model set's best reward nearest the best merge's) is halved first, the
+      one whose removal cost most doubled first: halving a member scores how far its cost is below the mean cost
+      of the members with evidence, doubling it how far above.
+
+    The policy then ranks what is left (its descriptor sees a setting's mean weight and spread, not which member
+    carries which weight, so without this it cannot tell one member's move from another's).
+    """
+    from .candidates import REWEIGHT, reweighted
+    from .methods import get_method
+
+    if not mv or best is None:
+        return mv
+    models = tuple(best["models"])
+    rest = {k: v for k, v in mv[0][1]["params"].items() if k != "weight"}
+    default = get_method(mv[0][1]["method"]).param("weight").default
+
+    def weights(step) -> list[float] | None:
+        """The step's per-model weights when it merges the best's models with the best's setting but weights."""
+        if tuple(step["models"]) != models or step["operator"] != best["operator"]:
+            return None
+        p = _step_params(step, engine)[-1]
+        if {k: v for k, v in p.items() if k != "weight"} != rest:
+            return None
+        w = p.get("weight", default)
+        return [float(x) for x in w] if isinstance(w, list) else [float(w)] * len(models)
+
+    def move(frm: list[float], to: list[float]) -> tuple[int, float] | None:
+        """The move (member, factor) that takes weights ``frm`` to ``to``, if one does."""
+        for i in range(len(models)):
+            for f in REWEIGHT:
+                if _close(reweighted(frm, f, i), to):
+                    return i, f
+        return None
+
+    w_best = weights(best)
+    if w_best is None:
+        return mv
+    which = {id(m): move(w_best, m[1]["params"]["weight"]) for m in mv}
+    score = dict.fromkeys(which, 0.0)
+    scored = [s for s in steps if s["reward"] is not None and s is not best]
+    for s in scored:  # momentum
+        w = weights(s)
+        came = move(w, w_best) if w is not None else None
+        for m in mv:
+            if came is not None and which[id(m)] == came:
+                score[id(m)] += 1.0
+    cost: dict[int, float] = {}  # leave one out: what removing member i cost
+    for s in scored:
+        if len(s["models"]) == len(models) - 1 and set(s["models"]) < set(models):
+            i = models.index((set(models) - set(s["models"])).pop())
+            cost[i] = min(cost.get(i, float("inf")), best["reward"] - s["reward"])
+    if len(cost) >= 2:
+        mean = sum(cost.values()) / len(cost)
+        for m in mv:
+            im = which[id(m)]
+            if im is not None and im[0] in cost:
+                score[id(m)] += (mean - cost[im[0]]) if im[1] < 1 else (cost[im[0]] - mean)
+    top = max(score.values())
+    return mv if top <= 0.0 else [m for m in mv if score[id(m)] == top]
+
+
+def _close(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= 2e-4 for x, y in zip(a, b))
 
 
 def scope(engine, target: Target, n: int, best: dict | None) -> set[tuple[str, ...]] | None:

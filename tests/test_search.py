@@ -455,6 +455,55 @@ def test_search_moves_one_members_weight_around_its_best_merge(group_home):
         # known scores (none here); the moves pass that
         assert res["best"]["reward"] > 1 / 3 + 0.05
         assert ev_[8]["params"]["weight"][0] / sum(ev_[8]["params"]["weight"]) > 1 / 3
+        # each move step took one of the moves the steps before it favoured
+        from simmerge_bandit.search import favoured
+
+        internal = [{"models": e["models"], "operator": [e["operator"]], "params": [e["params"]],
+                     "reward": e["reward"]} for e in ev_]
+        for n in (4, 8):
+            before = internal[:n]
+            best_n = max(before, key=lambda s: s["reward"])
+            picked = favoured([m for m in moves(eng, best_n) if all(m[1]["params"] != s["params"][0] for s in before)],
+                              best_n, before, eng)
+            assert ev_[n]["params"]["weight"] in [m[1]["params"]["weight"] for m in picked]
         # a logged move is read back with its weights: its job spec merges them
         spec = pipeline.job_spec(eng, at4["id"])
         assert spec["steps"][0]["params"]["weight"] == at4["params"]["weight"]
+
+
+def test_favoured_moves_follow_momentum_then_leave_one_out(group_home):
+    """Which member a move step moves, from the steps already scored (hand-worked): the same move again when the
+    best merge was a move; else halve the member whose removal cost least / double the one whose removal cost most;
+    every move when nothing tells them apart."""
+    from simmerge_bandit.search import favoured, moves
+
+    group = ["ft_a", "ft_b", "ft_c"]
+    with Store.open(group_home) as store:
+        eng = Engine(store)
+
+        def step(models, reward, weight=None, op="ta"):
+            params = {"lambda": 0.5, **({} if weight is None else {"weight": weight})}
+            return {"models": models, "operator": [op], "params": [params], "reward": reward}
+
+        def weights_of(mv):
+            return [m[1]["params"]["weight"] for m in mv]
+
+        uniform = step(group, 0.8, 0.666667)
+        # leave one out: removing ft_a cost 0.01, ft_b 0.3, ft_c 0.2 (mean 0.17): halve ft_a (score 0.16) before
+        # doubling ft_b (0.13)
+        subsets = [step(["ft_b", "ft_c"], 0.79), step(["ft_a", "ft_c"], 0.5), step(["ft_a", "ft_b"], 0.6, op="lin")]
+        mv = moves(eng, uniform)
+        assert weights_of(favoured(mv, uniform, [uniform, *subsets], eng)) == [[0.4, 0.8, 0.8]]
+        # without ft_a's subset: ft_b 0.3, ft_c 0.2, mean 0.25: doubling ft_b and halving ft_c score 0.05 each
+        assert weights_of(favoured(mv, uniform, [uniform, *subsets[1:]], eng)) == [[0.5, 1.0, 0.5], [0.8, 0.8, 0.4]]
+        # one subset alone tells nothing; no steps tell nothing
+        assert favoured(mv, uniform, [uniform, subsets[1]], eng) == mv
+        assert favoured(mv, uniform, [uniform], eng) == mv
+        # momentum: the best came from the uniform setting with ft_a doubled; double ft_a again, whatever the
+        # subsets say
+        moved = step(group, 0.85, [1.0, 0.5, 0.5])
+        mv = moves(eng, moved)
+        assert weights_of(favoured(mv, moved, [uniform, moved, *subsets], eng)) == [[1.3333, 0.3333, 0.3333]]
+        # a step with another setting of the same models is no momentum
+        other = step(group, 0.7, 0.666667, op="lin")
+        assert favoured(mv, moved, [other, moved], eng) == mv

@@ -8,8 +8,8 @@ two merges a team tries first: all its experts together, or the best two); after
 near the best merge so far and the steps between choose among every candidate. Near the best merge means, on
 every fourth step (4, 8, ...) when the best merge is n-way and its operator weighs each model, its *moves*: the
 same merge with one member's weight doubled or halved, the total kept (:func:`moves`; a coordinate search over
-mergekit-evolve's genome), and otherwise its models with another operator or parameter setting, or the model
-sets one model away.
+mergekit-evolve's genome; which member, from the steps so far: :func:`favoured`), and otherwise its models with
+another operator or parameter setting, or the model sets one model away.
 Every step is a logged decision with its reward, so the policy learns from each evaluation, and the search is
 recorded in the store (``searches``, ``search_steps``): rerun with the same target and policy, it resumes where it
 stopped (a step merged but not scored is scored first) instead of starting over.

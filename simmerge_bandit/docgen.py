@@ -294,6 +294,8 @@ DOC_BLOCKS: list[DocBlock] = [
                                                                                    "--table")).render),
     DocBlock(ROOT / "docs" / "decision.md", "bench_decision",
              BenchTable("bench_decision", ("benchmarks/bench_decision.py", "--table")).render),
+    DocBlock(ROOT / "docs" / "decision.md", "probe_eval_examples",
+             BenchTable("probe_eval_examples", ("benchmarks/probe_eval_examples.py", "--table")).render),
     DocBlock(ROOT / "docs" / "zoo.md", "bench_zoo_realistic",
              BenchTable("bench_zoo_realistic", ("benchmarks/bench_zoo.py", "--table")).render),
     DocBlock(ROOT / "docs" / "zoo.md", "bench_zoo_frontier",

@@ -198,7 +198,8 @@ def _suggest(engine, target: Target, policy: str, tried: set, n: int, best: dict
     scopes: list[dict] = []
     if n >= 2 and n % 4 == 0 and (mv := moves(engine, best)):
         untried = [m for m in mv if (m[0], m[1]["name"], params_key(m[1]["params"])) not in tried]
-        scopes.append({"moves": favoured(untried, best, steps, engine) or mv})
+        if untried:
+            scopes.append({"moves": favoured(untried, best, steps, engine)})
     within = scope(engine, target, n, best)
     if within is not None:
         scopes.append({"within": within})
@@ -217,7 +218,6 @@ def moves(engine, best: dict | None) -> list[tuple[tuple[str, ...], dict, str]]:
     already span) or a chain, or when its operator has no per-model weight of its own (or a range chooses it)."""
     from .candidates import REWEIGHT, reweighted, weighs_each_model
     from .families import arm_name
-    from .methods import get_method
 
     if best is None or len(best["operator"]) != 1 or len(best["models"]) < 3:
         return []
@@ -229,8 +229,7 @@ def moves(engine, best: dict | None) -> list[tuple[tuple[str, ...], dict, str]]:
         return []
     models = tuple(best["models"])
     params = _step_params(best, engine)[-1]
-    w = params.get("weight", get_method(op["method"]).param("weight").default)
-    weights = [float(x) for x in w] if isinstance(w, list) else [float(w)] * len(models)
+    weights = _model_weights(params, op["method"], len(models))
     out, seen = [], {tuple(weights)}
     for i in range(len(models)):
         for f in REWEIGHT:
@@ -259,13 +258,12 @@ def favoured(mv: list[tuple[tuple[str, ...], dict, str]], best: dict | None, ste
     carries which weight, so without this it cannot tell one member's move from another's).
     """
     from .candidates import REWEIGHT, reweighted
-    from .methods import get_method
 
     if not mv or best is None:
         return mv
     models = tuple(best["models"])
+    method = mv[0][1]["method"]
     rest = {k: v for k, v in mv[0][1]["params"].items() if k != "weight"}
-    default = get_method(mv[0][1]["method"]).param("weight").default
 
     def weights(step) -> list[float] | None:
         """The step's per-model weights when it merges the best's models with the best's setting but weights."""
@@ -274,8 +272,7 @@ def favoured(mv: list[tuple[tuple[str, ...], dict, str]], best: dict | None, ste
         p = _step_params(step, engine)[-1]
         if {k: v for k, v in p.items() if k != "weight"} != rest:
             return None
-        w = p.get("weight", default)
-        return [float(x) for x in w] if isinstance(w, list) else [float(w)] * len(models)
+        return _model_weights(p, method, len(models))
 
     def move(frm: list[float], to: list[float]) -> tuple[int, float] | None:
         """The move (member, factor) that takes weights ``frm`` to ``to``, if one does."""
@@ -288,15 +285,14 @@ def favoured(mv: list[tuple[tuple[str, ...], dict, str]], best: dict | None, ste
     w_best = weights(best)
     if w_best is None:
         return mv
-    which = {id(m): move(w_best, m[1]["params"]["weight"]) for m in mv}
-    score = dict.fromkeys(which, 0.0)
+    which = [move(w_best, m[1]["params"]["weight"]) for m in mv]  # each move's (member, factor)
+    score = [0.0] * len(mv)
     scored = [s for s in steps if s["reward"] is not None and s is not best]
     for s in scored:  # momentum
         w = weights(s)
         came = move(w, w_best) if w is not None else None
-        for m in mv:
-            if came is not None and which[id(m)] == came:
-                score[id(m)] += 1.0
+        if came is not None:
+            score = [x + (which[j] == came) for j, x in enumerate(score)]
     cost: dict[int, float] = {}  # leave one out: what removing member i cost
     for s in scored:
         if len(s["models"]) == len(models) - 1 and set(s["models"]) < set(models):
@@ -304,12 +300,19 @@ def favoured(mv: list[tuple[tuple[str, ...], dict, str]], best: dict | None, ste
             cost[i] = min(cost.get(i, float("inf")), best["reward"] - s["reward"])
     if len(cost) >= 2:
         mean = sum(cost.values()) / len(cost)
-        for m in mv:
-            im = which[id(m)]
+        for j, im in enumerate(which):
             if im is not None and im[0] in cost:
-                score[id(m)] += (mean - cost[im[0]]) if im[1] < 1 else (cost[im[0]] - mean)
-    top = max(score.values())
-    return mv if top <= 0.0 else [m for m in mv if score[id(m)] == top]
+                score[j] += (mean - cost[im[0]]) if im[1] < 1 else (cost[im[0]] - mean)
+    top = max(score)
+    return mv if top <= 0.0 else [m for m, x in zip(mv, score) if x == top]
+
+
+def _model_weights(params: dict, method: str, n: int) -> list[float]:
+    """Each of ``n`` models' weight in ``params`` (a list, or one value for all; the method's default if absent)."""
+    from .methods import get_method
+
+    w = params.get("weight", get_method(method).param("weight").default)
+    return [float(x) for x in w] if isinstance(w, list) else [float(w)] * n
 
 
 def _close(a: list[float], b: list[float]) -> bool:

@@ -73,7 +73,10 @@ class Recipe:
     format (tag, answer alphabet and length, when to stop) but not its skill. ``replay`` is the share of each
     batch drawn from the parent's mixture, trained as the parent was trained (its tasks, loss and shuffled
     answers): a fine-tune that keeps rehearsing what its parent knew forgets little of it, as instruction-tuned
-    experts of a pretrained LLM still know what the LLM knew.
+    experts of a pretrained LLM still know what the LLM knew. ``train_only``: when given, only the parameters
+    whose names contain one of these strings are trained (e.g. ``("self_attn",)``: an attention-only fine-tune,
+    as adapters on the attention projections are); the others keep the parent's values exactly, so the task
+    vector is zero there.
     """
 
     name: str
@@ -87,6 +90,7 @@ class Recipe:
     shuffle_answers: tuple[str, ...] = ()
     warmup: int = 20
     replay: float = 0.0
+    train_only: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,9 @@ class Preset:
             if not 0 <= r.replay < 1 or (r.replay and r.parent is None):
                 raise InvalidInput(f"preset {self.name!r}: model {r.name!r} needs 0 <= replay < 1, and a parent "
                                    f"to replay from when replay > 0")
+            if not all(isinstance(x, str) and x for x in r.train_only):
+                raise InvalidInput(f"preset {self.name!r}: model {r.name!r}: train_only must name parameters "
+                                   f"by non-empty strings")
             seen.add(r.name)
         if not self.recipes or self.recipes[0].parent is not None:
             raise InvalidInput(f"preset {self.name!r}: the first model must be a base trained from scratch")
@@ -140,6 +147,8 @@ def _recipe_dict(r: Recipe) -> dict:
     d = asdict(r)
     if d["replay"] == 0:
         del d["replay"]
+    if not d["train_only"]:
+        del d["train_only"]
     return d
 
 
@@ -282,7 +291,15 @@ def train(model, recipe: Recipe, encoded: list[_Encoded], *, seed: int, pad: int
     import torch
 
     gen = torch.Generator().manual_seed(_seed_int("batches", seed, recipe.name, recipe.seed))
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    params = [p for n, p in model.named_parameters()
+              if not recipe.train_only or any(s in n for s in recipe.train_only)]
+    if not params:
+        raise InvalidInput(f"model {recipe.name!r}: no parameter name contains any of {list(recipe.train_only)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0, betas=(0.9, 0.98))
     warm = max(1, min(recipe.warmup, recipe.steps // 4))
 
     def schedule(step: int) -> float:
@@ -302,7 +319,7 @@ def train(model, recipe: Recipe, encoded: list[_Encoded], *, seed: int, pad: int
                                                  labels[:, 1:].reshape(-1), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step >= recipe.steps - tail:

@@ -93,6 +93,26 @@ def test_replay_is_validated_and_leaves_old_recipe_hashes_alone():
             Preset("bad", Arch(), ("max",), (base, bad) if bad.parent else (bad,)).check()
 
 
+def test_train_only_freezes_every_other_parameter_and_leaves_old_recipe_hashes_alone(tmp_path):
+    assert "train_only" not in _recipe_dict(Recipe("x", ("max",), "base", 1, 1e-3))
+    assert _recipe_dict(Recipe("x", ("max",), "base", 1, 1e-3, train_only=("mlp",)))["train_only"] == ("mlp",)
+    arch = Arch(hidden=32, layers=1, heads=4, kv_heads=2, intermediate=64)
+    base = Recipe("base", ("max",), None, 5, 3e-3, batch_size=8, full_loss=True)
+    preset = Preset("t", arch, ("max",), (base, Recipe("mlp", ("max",), "base", 5, 1e-2, batch_size=8,
+                                                       train_only=("mlp",))), n_train=40, n_eval=8, n_probes=4)
+    build_zoo(tmp_path / "z", preset, progress=False)
+    b, e = load_state(tmp_path / "z" / "models" / "base"), load_state(tmp_path / "z" / "models" / "mlp")
+    moved = {k for k in b if not torch.equal(b[k], e[k])}
+    assert moved and all(".mlp." in k for k in moved)                          # nothing else moved, not a bit
+    assert {k for k in b if ".mlp." in k} == moved                              # and every MLP matrix did
+    nothing = Preset("t", arch, ("max",), (base, Recipe("x", ("max",), "base", 5, 1e-2, train_only=("lora",))),
+                     n_train=40, n_eval=8, n_probes=4)
+    with pytest.raises(InvalidInput, match="no parameter name contains"):
+        build_zoo(tmp_path / "z", nothing, progress=False)
+    with pytest.raises(InvalidInput, match="train_only"):
+        Preset("t", arch, ("max",), (base, Recipe("x", ("max",), "base", 5, 1e-2, train_only=("",)))).check()
+
+
 def test_replay_rehearses_the_parents_mixture():
     from simmerge_bandit.zoo import Replay, _batch, _Encoded
 

@@ -1,0 +1,45 @@
+"""benchmarks/probe_zoo_variants.py: the variants are valid presets on the realistic base; its table, hand-worked."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import probe_zoo_variants as probe  # noqa: E402 (the benchmarks folder is put on the path above)
+
+from simmerge_bandit.zoo import get_preset  # noqa: E402
+
+
+def test_every_variant_keeps_the_realistic_base_and_changes_only_the_experts():
+    real = get_preset("realistic")
+    for name in probe.VARIANTS:
+        p = probe.variant_preset(name)
+        assert p.recipes[0] == real.recipes[0] and p.arch == real.arch and p.tasks == real.tasks
+        assert p.n_eval == real.n_eval and p.name == f"realistic-{name}"
+        assert all(r.parent == "base" and r.replay == probe.REPLAY for r in p.recipes[1:])
+        assert len(p.recipes) >= 11                                  # at least 45 unordered pairs
+    mods = probe.variant_preset("modules")
+    assert {r.train_only for r in mods.recipes[1:]} == {(), ("self_attn",), ("mlp",)}
+
+
+def test_lend_base_copies_the_base_once(tmp_path):
+    src = tmp_path / "src"
+    (src / "models" / "base").mkdir(parents=True)
+    (src / "models" / "base" / "model.safetensors").write_bytes(b"w")
+    (src / "models" / "copy").mkdir()
+    (src / ".cache").mkdir()
+    (src / ".cache" / "base.json").write_text("{}")
+    assert probe.lend_base(src, tmp_path / "d")
+    assert sorted(p.name for p in (tmp_path / "d" / "models").iterdir()) == ["base"]
+    assert not probe.lend_base(src, tmp_path / "d")                # never over a zoo being built
+
+
+def test_variants_table_hand_worked():
+    fig = {"oracle_mean": 0.9, "best_fixed_mean": 0.87, "best_fixed_operator": "slerp_t0.5", "oracle_gap": 0.03,
+           "oracle_gap_nc": 0.02, "best_rule": "stronger", "best_rule_share": 0.9,
+           "expert_margin": {"min": 0.13, "median": 0.25, "off_task_max_drop": 0.395}}
+    res = {"runs": {"modules/seed0": {"variant": "modules", "seed": 0, "figures": {**fig, "oracle_gap": 0.02}},
+                    "hot/seed0": {"variant": "hot", "seed": 0, "figures": fig}}}
+    lines = probe.markdown_table(res).splitlines()
+    assert lines[2] == "| hot | 0 | 0.900 | 0.870 (slerp_t0.5) | 0.030 | 0.020 | stronger 90% | 0.130 / 0.250 | 0.395 |"
+    assert lines[3].startswith("| modules | 0 | 0.900 | 0.870 (slerp_t0.5) | 0.020 |")
+    assert "`hot`:" in lines[5] and "`fast`" not in lines[5]

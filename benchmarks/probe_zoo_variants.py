@@ -15,7 +15,11 @@ realistic operator set):
 - ``norms``: long (1,500 steps) and short (250 steps) experts of each task: task vectors of different sizes;
 - ``modules``: full fine-tunes, attention-only and MLP-only fine-tunes of each task (``Recipe.train_only``): two
   experts that changed disjoint parameters add without interfering, two that changed the same ones interfere,
-  and no tag or known score says which.
+  and no tag or known score says which;
+- ``lineage``: half the experts fine-tuned from the base, half from a continued pretraining of it (``base-cpt``,
+  600 more steps of the base's mixture, an intermediate checkpoint and not an expert): merges across the two
+  lines carry the continued pretraining's delta once, merges within the second line twice (task arithmetic
+  measures task vectors from the zoo's base), and no tag or known score says which line a model is on.
 
 Each variant is built in ``--work/v-<name>-seed<N>`` (the zoo built before it in the same run, or a realistic zoo
 of the same seed in ``--base-from``, lends its trained base: the build keeps it when its cache key says it is the
@@ -58,17 +62,26 @@ def _experts(*groups) -> Callable:
     return make
 
 
-def _single(suffix: str, steps: int, lr: float, seed: int, **kw) -> Callable:
+def _single(suffix: str, steps: int, lr: float, seed: int, parent: str = "base", **kw) -> Callable:
     from simmerge_bandit.zoo import Recipe
 
-    return lambda: [Recipe(f"{t}{suffix}", (t,), "base", steps, lr, seed=seed, replay=REPLAY, **kw) for t in SKILLS]
+    return lambda: [Recipe(f"{t}{suffix}", (t,), parent, steps, lr, seed=seed, replay=REPLAY, **kw) for t in SKILLS]
 
 
-def _two_task(steps: int = 800, lr: float = 5e-4, pairs=PAIRS, suffix: str = "", seed: int = 5) -> Callable:
+def _two_task(steps: int = 800, lr: float = 5e-4, pairs=PAIRS, suffix: str = "", seed: int = 5,
+              parent: str = "base") -> Callable:
     from simmerge_bandit.zoo import Recipe
 
-    return lambda: [Recipe(f"{a}+{b}{suffix}", (a, b), "base", steps, lr, seed=seed, replay=REPLAY)
+    return lambda: [Recipe(f"{a}+{b}{suffix}", (a, b), parent, steps, lr, seed=seed, replay=REPLAY)
                     for a, b in pairs]
+
+
+def _continued(name: str, steps: int, lr: float, seed: int) -> Callable:
+    """An intermediate checkpoint: the base trained further on its own mixture, as the base was."""
+    from simmerge_bandit.zoo import get_preset
+
+    return lambda: [replace(get_preset("realistic").recipes[0], name=name, parent="base", steps=steps, lr=lr,
+                            seed=seed)]
 
 
 #: The variants: name -> (what changes, the preset it builds).
@@ -87,6 +100,12 @@ VARIANTS: dict[str, tuple[str, Callable]] = {
                 _experts(_single("", 600, 5e-4, 1), _single("-attn", 600, 1e-3, 3, train_only=("self_attn",)),
                          _single("-mlp", 600, 1e-3, 4, train_only=("mlp",)),
                          _two_task(pairs=(("shift", "dsum"),)))),
+    "lineage": ("experts of each task from the base and from base-cpt (the base after 600 more pretraining steps at "
+                "lr 1e-3; 600 steps, lr 5e-4); two-task experts from each line",
+                _experts(_continued("base-cpt", 600, 1e-3, 7), _single("", 600, 5e-4, 1),
+                         _single("-cpt", 600, 5e-4, 3, parent="base-cpt"),
+                         _two_task(pairs=(("copy", "shift"), ("shift", "dsum"))),
+                         _two_task(pairs=(("copy", "dsum"), ("shift", "dsum")), suffix="-cpt", parent="base-cpt"))),
 }
 
 
@@ -108,9 +127,17 @@ def lend_base(src: Path, dest: Path) -> bool:
     return True
 
 
+def intermediates(manifest: dict) -> set[str]:
+    """Models other models were fine-tuned from (a base's continued pretraining): checkpoints, not experts."""
+    return {m["parent"] for m in manifest["models"] if m.get("parent")} - {m["name"] for m in manifest["models"]
+                                                                            if m.get("base") is None}
+
+
 def figures(df, manifest: dict) -> dict:
     from simmerge_bandit.zoo import table_stats
 
+    skip = intermediates(manifest)
+    manifest = {**manifest, "models": [m for m in manifest["models"] if m["name"] not in skip]}
     st = table_stats(df, manifest, objective="target")
     two = st["two_way"]
     keep = ("cases", "oracle_mean", "best_fixed_operator", "best_fixed_mean", "oracle_gap", "oracle_gap_nc",
@@ -125,7 +152,7 @@ def figures(df, manifest: dict) -> dict:
 def run(name: str, seed: int, work: Path, base_from: Path | None, jobs: int) -> dict:
     import pandas as pd  # noqa: F401 - the table is a DataFrame
 
-    from simmerge_bandit.zoo import build_table, build_zoo, default_operators, load_manifest
+    from simmerge_bandit.zoo import build_table, build_zoo, default_operators, load_manifest, table_cases
 
     preset = variant_preset(name)
     dest = work / f"v-{name}-seed{seed}"
@@ -133,13 +160,16 @@ def run(name: str, seed: int, work: Path, base_from: Path | None, jobs: int) -> 
     t0 = time.perf_counter()
     build_zoo(dest, preset, seed, progress=False, jobs=jobs)
     build_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    df = build_table(dest, operators=default_operators("realistic"), seed=seed, progress=False, jobs=jobs)
-    table_s = time.perf_counter() - t0
     manifest = load_manifest(dest)
+    skip = intermediates(manifest)
+    cases = [c for c in table_cases(manifest, 0, seed) if not skip & set(c)]
+    t0 = time.perf_counter()
+    df = build_table(dest, operators=default_operators("realistic"), seed=seed, progress=False, jobs=jobs,
+                     cases=cases)
+    table_s = time.perf_counter() - t0
     return {"variant": name, "what": VARIANTS[name][0], "seed": seed, "zoo_key": manifest["key"],
-            "experts": {m["name"]: {"tasks": m["tasks"], "steps": m["steps"], "lr": m["lr"],
-                                    "scores": m["scores"]} for m in manifest["models"]},
+            "models": {m["name"]: {"parent": m["parent"], "tasks": m["tasks"], "steps": m["steps"], "lr": m["lr"],
+                                   "scores": m["scores"]} for m in manifest["models"]},
             "base_lent": lent, "build_s": round(build_s, 1), "table_s": round(table_s, 1),
             "operators": int(df["operator"].nunique()), "figures": figures(df, manifest),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_after": os.getloadavg()}}

@@ -15,10 +15,23 @@ def test_every_variant_keeps_the_realistic_base_and_changes_only_the_experts():
         p = probe.variant_preset(name)
         assert p.recipes[0] == real.recipes[0] and p.arch == real.arch and p.tasks == real.tasks
         assert p.n_eval == real.n_eval and p.name == f"realistic-{name}"
-        assert all(r.parent == "base" and r.replay == probe.REPLAY for r in p.recipes[1:])
-        assert len(p.recipes) >= 11                                  # at least 45 unordered pairs
+        experts = [r for r in p.recipes[1:] if r.name not in {x.parent for x in p.recipes}]
+        assert all(r.replay == probe.REPLAY for r in experts)
+        assert len(experts) >= 10                                    # at least 45 unordered pairs
     mods = probe.variant_preset("modules")
     assert {r.train_only for r in mods.recipes[1:]} == {(), ("self_attn",), ("mlp",)}
+    lin = probe.variant_preset("lineage")
+    cpt = lin.recipe("base-cpt")
+    assert (cpt.parent, cpt.tasks, cpt.full_loss, cpt.replay) == ("base", lin.recipes[0].tasks, True, 0)
+    assert {r.parent for r in lin.recipes[1:]} == {"base", "base-cpt"}
+
+
+def test_intermediate_checkpoints_are_not_experts():
+    manifest = {"models": [{"name": "base", "parent": None, "base": None}, {"name": "cpt", "parent": "base",
+                                                                            "base": "base"},
+                           {"name": "a", "parent": "base", "base": "base"}, {"name": "b", "parent": "cpt",
+                                                                             "base": "base"}]}
+    assert probe.intermediates(manifest) == {"cpt"}
 
 
 def test_lend_base_copies_the_base_once(tmp_path):

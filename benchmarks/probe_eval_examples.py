@@ -88,7 +88,7 @@ def figures(df, manifest: dict) -> dict:
             "median_spread", "best_rule_share")
     out = {k: two.get(k) for k in keep}
     out["nc_share"] = (two["oracle_gap_nc"] / two["oracle_gap"]) if two.get("oracle_gap") else None
-    out["cases"] = two["cases"]
+    out["cases"] = two["n_cases"]
     return out
 
 

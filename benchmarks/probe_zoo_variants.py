@@ -12,6 +12,7 @@ realistic operator set):
   another path);
 - ``hot``: the second expert at four times the rate for a quarter of the steps (larger, more forgetful task
   vectors);
+- ``hot-replay``: ``hot`` with 70% of the hot experts' batches replayed (less forgetting);
 - ``norms``: long (1,500 steps) and short (250 steps) experts of each task: task vectors of different sizes;
 - ``modules``: full fine-tunes, attention-only and MLP-only fine-tunes of each task (``Recipe.train_only``): two
   experts that changed disjoint parameters add without interfering, two that changed the same ones interfere,
@@ -23,8 +24,8 @@ realistic operator set):
 
 Each variant is built in ``--work/v-<name>-seed<N>`` (the zoo built before it in the same run, or a realistic zoo
 of the same seed in ``--base-from``, lends its trained base: the build keeps it when its cache key says it is the
-same model), its 2-way table is built with ``--jobs`` processes, and its figures are merged into
-``results/zoo_variants.json`` under ``<name>/seed<N>``.
+same model), its 2-way table is built with ``--jobs`` processes (kept there as ``table_2way.parquet``), and
+its figures are merged into ``results/zoo_variants.json`` under ``<name>/seed<N>``.
 
     python benchmarks/probe_zoo_variants.py --variant fast --variant modules --seed 0 --work /work/zoos
     python benchmarks/probe_zoo_variants.py --table          # the table docs/zoo.md shows
@@ -62,17 +63,18 @@ def _experts(*groups) -> Callable:
     return make
 
 
-def _single(suffix: str, steps: int, lr: float, seed: int, parent: str = "base", **kw) -> Callable:
+def _single(suffix: str, steps: int, lr: float, seed: int, parent: str = "base", replay: float = REPLAY,
+            **kw) -> Callable:
     from simmerge_bandit.zoo import Recipe
 
-    return lambda: [Recipe(f"{t}{suffix}", (t,), parent, steps, lr, seed=seed, replay=REPLAY, **kw) for t in SKILLS]
+    return lambda: [Recipe(f"{t}{suffix}", (t,), parent, steps, lr, seed=seed, replay=replay, **kw) for t in SKILLS]
 
 
 def _two_task(steps: int = 800, lr: float = 5e-4, pairs=PAIRS, suffix: str = "", seed: int = 5,
-              parent: str = "base") -> Callable:
+              parent: str = "base", replay: float = REPLAY) -> Callable:
     from simmerge_bandit.zoo import Recipe
 
-    return lambda: [Recipe(f"{a}+{b}{suffix}", (a, b), parent, steps, lr, seed=seed, replay=REPLAY)
+    return lambda: [Recipe(f"{a}+{b}{suffix}", (a, b), parent, steps, lr, seed=seed, replay=replay)
                     for a, b in pairs]
 
 
@@ -92,6 +94,10 @@ VARIANTS: dict[str, tuple[str, Callable]] = {
     "hot": ("experts at 600 steps, lr 5e-4 and at 150 steps, lr 2e-3; three two-task experts and a hot one",
             _experts(_single("", 600, 5e-4, 1), _single("-fast", 150, 2e-3, 3), _two_task(),
                      _two_task(200, 2e-3, (("shift", "dsum"),), "-hot", 6))),
+    "hot-replay": ("as hot, with 70% of every batch of the hot experts replayed from the base's mixture (40% for "
+                   "the others)",
+                   _experts(_single("", 600, 5e-4, 1), _single("-fast", 150, 2e-3, 3, replay=0.7), _two_task(),
+                            _two_task(200, 2e-3, (("shift", "dsum"),), "-hot", 6, replay=0.7))),
     "norms": ("experts at 1,500 steps and at 250 steps (lr 5e-4); three two-task experts and a 2,000-step one",
               _experts(_single("", 1500, 5e-4, 1), _single("-short", 250, 5e-4, 3), _two_task(),
                        _two_task(2000, 5e-4, (("copy", "shift"),), "-long", 6))),
@@ -140,7 +146,7 @@ def figures(df, manifest: dict) -> dict:
     manifest = {**manifest, "models": [m for m in manifest["models"] if m["name"] not in skip]}
     st = table_stats(df, manifest, objective="target")
     two = st["two_way"]
-    keep = ("cases", "oracle_mean", "best_fixed_operator", "best_fixed_mean", "oracle_gap", "oracle_gap_nc",
+    keep = ("n_cases", "oracle_mean", "best_fixed_operator", "best_fixed_mean", "oracle_gap", "oracle_gap_nc",
             "median_spread", "max_best_share", "max_best_share_operator", "best_rule", "best_rule_share")
     out = {k: two.get(k) for k in keep}
     out["expert_margin"] = {k: v for k, v in (st.get("expert_margin") or {}).items()
@@ -167,6 +173,7 @@ def run(name: str, seed: int, work: Path, base_from: Path | None, jobs: int) -> 
     df = build_table(dest, operators=default_operators("realistic"), seed=seed, progress=False, jobs=jobs,
                      cases=cases)
     table_s = time.perf_counter() - t0
+    df.to_parquet(dest / "table_2way.parquet")
     return {"variant": name, "what": VARIANTS[name][0], "seed": seed, "zoo_key": manifest["key"],
             "models": {m["name"]: {"parent": m["parent"], "tasks": m["tasks"], "steps": m["steps"], "lr": m["lr"],
                                    "scores": m["scores"]} for m in manifest["models"]},

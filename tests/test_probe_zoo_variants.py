@@ -16,7 +16,7 @@ def test_every_variant_keeps_the_realistic_base_and_changes_only_the_experts():
         assert p.recipes[0] == real.recipes[0] and p.arch == real.arch and p.tasks == real.tasks
         assert p.n_eval == real.n_eval and p.name == f"realistic-{name}"
         experts = [r for r in p.recipes[1:] if r.name not in {x.parent for x in p.recipes}]
-        assert all(r.replay == probe.REPLAY for r in experts)
+        assert all(r.replay == (0.7 if name == "hot-replay" and r.lr == 2e-3 else probe.REPLAY) for r in experts)
         assert len(experts) >= 10                                    # at least 45 unordered pairs
     mods = probe.variant_preset("modules")
     assert {r.train_only for r in mods.recipes[1:]} == {(), ("self_attn",), ("mlp",)}
@@ -56,3 +56,14 @@ def test_variants_table_hand_worked():
     assert lines[2] == "| hot | 0 | 0.900 | 0.870 (slerp_t0.5) | 0.030 | 0.020 | stronger 90% | 0.130 / 0.250 | 0.395 |"
     assert lines[3].startswith("| modules | 0 | 0.900 | 0.870 (slerp_t0.5) | 0.020 |")
     assert "`hot`:" in lines[5] and "`fast`" not in lines[5]
+
+
+def test_figures_read_what_table_stats_writes(unit_zoo_dir):
+    from simmerge_bandit.zoo import build_table, default_operators, load_manifest
+
+    ops = [o for o in default_operators() if o["name"] in ("linear", "slerp_t0.3")]
+    df = build_table(unit_zoo_dir, operators=ops, progress=False)
+    f = probe.figures(df, load_manifest(unit_zoo_dir))
+    assert f["n_cases"] == df[["model_a", "model_b"]].drop_duplicates().shape[0] > 0
+    assert set(f["expert_margin"]) == {"min", "median", "off_task_max_drop"} and f["checks"]
+    assert f["best_rule"] is None or f["best_rule"] in ("tag", "weaker", "stronger", "lookup")

@@ -50,6 +50,8 @@ OUT = ROOT / "benchmarks" / "results" / "zoo_variants.json"
 SKILLS = ("copy", "shift", "dsum")
 PAIRS = (("copy", "shift"), ("shift", "dsum"), ("copy", "dsum"))
 REPLAY = 0.4
+#: operators whose means the table shows on pairs of experts that trained disjoint parameters
+DISJOINT_SHOWN = ("linear", "task_arithmetic_l0.7", "task_arithmetic_l1.0", "ties_d0.8", "slerp_t0.5")
 
 
 def _experts(*groups) -> Callable:
@@ -147,12 +149,35 @@ def figures(df, manifest: dict) -> dict:
     st = table_stats(df, manifest, objective="target")
     two = st["two_way"]
     keep = ("n_cases", "oracle_mean", "best_fixed_operator", "best_fixed_mean", "oracle_gap", "oracle_gap_nc",
-            "median_spread", "max_best_share", "max_best_share_operator", "best_rule", "best_rule_share")
+            "median_spread", "max_best_share", "max_best_share_operator", "best_rule", "best_rule_share",
+            "best_share", "operator_mean_normalized")
     out = {k: two.get(k) for k in keep}
     out["expert_margin"] = {k: v for k, v in (st.get("expert_margin") or {}).items()
                             if k in ("min", "median", "off_task_max_drop")}
     out["checks"] = st.get("checks")
     return out
+
+
+def disjoint_pairs(preset) -> set[tuple[str, str]]:
+    """Ordered pairs of experts that trained disjoint parameters: each was trained on some parameters only
+    (``Recipe.train_only``) and no name string of one is a name string of the other."""
+    part = {r.name: set(r.train_only) for r in preset.recipes[1:] if r.train_only}
+    return {(a, b) for a in part for b in part if a != b and not part[a] & part[b]}
+
+
+def operator_means_on(df, manifest: dict, pairs: set[tuple[str, str]]) -> dict | None:
+    """Each operator's mean value (target objective) over the given ordered pairs, or None when there are none."""
+    import numpy as np
+
+    from simmerge_bandit.zoo import case_matrix
+
+    if not pairs:
+        return None
+    m = case_matrix(df, "target", 2, manifest)
+    rows = [i for i, k in enumerate(m.keys) if (k[0], k[1]) in pairs]
+    V = np.asarray(m.V)[rows]
+    names = [o["name"] if isinstance(o, dict) else o for o in m.operators]
+    return {"n_cases": len(rows), "operator_mean": {n: float(v) for n, v in zip(names, V.mean(0))}}
 
 
 def run(name: str, seed: int, work: Path, base_from: Path | None, jobs: int) -> dict:
@@ -179,6 +204,7 @@ def run(name: str, seed: int, work: Path, base_from: Path | None, jobs: int) -> 
                                    "scores": m["scores"]} for m in manifest["models"]},
             "base_lent": lent, "build_s": round(build_s, 1), "table_s": round(table_s, 1),
             "operators": int(df["operator"].nunique()), "figures": figures(df, manifest),
+            "disjoint_pairs": operator_means_on(df, manifest, disjoint_pairs(preset)),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_after": os.getloadavg()}}
 
 
@@ -195,6 +221,15 @@ def markdown_table(res: dict) -> str:
                     f"({f['best_fixed_operator']}) | {f['oracle_gap']:.3f} | {f['oracle_gap_nc']:.3f} | "
                     f"{f['best_rule']} {f['best_rule_share']:.0%} | {m['min']:.3f} / {m['median']:.3f} | "
                     f"{m['off_task_max_drop']:.3f} |")
+    for key in sorted(res["runs"]):
+        r = res["runs"][key]
+        d = r.get("disjoint_pairs")
+        if d:
+            means = d["operator_mean"]
+            shown = ", ".join(f"{n} {means[n]:.3f}" for n in DISJOINT_SHOWN if n in means)
+            rows += ["", f"On the {d['n_cases']} ordered pairs of `{r['variant']}` (seed {r['seed']}) whose experts "
+                     f"trained disjoint parameters (attention only with MLP only), each operator's mean value: "
+                     f"{shown}; best: {max(means, key=means.get)}."]
     rows += ["", "Variants: " + "; ".join(f"`{k}`: {v[0]}" for k, v in VARIANTS.items()
                                           if any(r["variant"] == k for r in res["runs"].values())) + ". "
              "2-way merges, target objective, 200 eval examples per task; goals: gap >= 0.05 (also noise-corrected), "

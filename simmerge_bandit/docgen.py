@@ -303,6 +303,8 @@ DOC_BLOCKS: list[DocBlock] = [
              BenchTable("bench_zoo_realistic", ("benchmarks/bench_zoo.py", "--table")).render),
     DocBlock(ROOT / "docs" / "zoo.md", "bench_zoo_frontier",
              BenchTable("bench_zoo_frontier", ("benchmarks/bench_zoo.py", "--frontier")).render),
+    DocBlock(ROOT / "docs" / "zoo.md", "probe_zoo_variants",
+             BenchTable("probe_zoo_variants", ("benchmarks/probe_zoo_variants.py", "--table")).render),
     DocBlock(ROOT / "docs" / "search.md", "bench_search",
              BenchTable("bench_search", ("benchmarks/bench_search.py", "--table")).render),
     DocBlock(ROOT / "docs" / "search.md", "bench_search_seed1",

@@ -135,17 +135,9 @@ def lend_base(src: Path, dest: Path) -> bool:
     return True
 
 
-def intermediates(manifest: dict) -> set[str]:
-    """Models other models were fine-tuned from (a base's continued pretraining): checkpoints, not experts."""
-    return {m["parent"] for m in manifest["models"] if m.get("parent")} - {m["name"] for m in manifest["models"]
-                                                                            if m.get("base") is None}
-
-
 def figures(df, manifest: dict) -> dict:
     from simmerge_bandit.zoo import table_stats
 
-    skip = intermediates(manifest)
-    manifest = {**manifest, "models": [m for m in manifest["models"] if m["name"] not in skip]}
     st = table_stats(df, manifest, objective="target")
     two = st["two_way"]
     keep = ("n_cases", "oracle_mean", "best_fixed_operator", "best_fixed_mean", "oracle_gap", "oracle_gap_nc",
@@ -183,7 +175,7 @@ def operator_means_on(df, manifest: dict, pairs: set[tuple[str, str]]) -> dict |
 def run(name: str, seed: int, work: Path, base_from: Path | None, jobs: int) -> dict:
     import pandas as pd  # noqa: F401 - the table is a DataFrame
 
-    from simmerge_bandit.zoo import build_table, build_zoo, default_operators, load_manifest, table_cases
+    from simmerge_bandit.zoo import build_table, build_zoo, default_operators, load_manifest
 
     preset = variant_preset(name)
     dest = work / f"v-{name}-seed{seed}"
@@ -192,11 +184,9 @@ def run(name: str, seed: int, work: Path, base_from: Path | None, jobs: int) -> 
     build_zoo(dest, preset, seed, progress=False, jobs=jobs)
     build_s = time.perf_counter() - t0
     manifest = load_manifest(dest)
-    skip = intermediates(manifest)
-    cases = [c for c in table_cases(manifest, 0, seed) if not skip & set(c)]
     t0 = time.perf_counter()
-    df = build_table(dest, operators=default_operators("realistic"), seed=seed, progress=False, jobs=jobs,
-                     cases=cases)
+    # every ordered pair of experts (zoo.expert_names: a continued pretraining others start from is no expert)
+    df = build_table(dest, operators=default_operators("realistic"), seed=seed, progress=False, jobs=jobs)
     table_s = time.perf_counter() - t0
     df.to_parquet(dest / "table_2way.parquet")
     return {"variant": name, "what": VARIANTS[name][0], "seed": seed, "zoo_key": manifest["key"],

@@ -69,9 +69,10 @@ def _write_parquet(rows: list[dict], path: Path) -> None:
 def training_table(zoo_dir: Path, manifest: dict, train: list[str], operators: list[dict], *,
                    echo: Callable[[str], None], jobs: int = 1, pool=None) -> Path:
     """The full merge table of every ordered pair of experts tagged only with training tasks (cached)."""
-    from .zoo import build_table
+    from .zoo import build_table, expert_names
 
-    experts = [m["name"] for m in manifest["models"] if m["base"] is not None and set(m["tasks"]) <= set(train)]
+    by = {m["name"]: m for m in manifest["models"]}
+    experts = [n for n in expert_names(manifest) if set(by[n]["tasks"]) <= set(train)]
     cases = [(a, b) for a in experts for b in experts if a != b]
     key = hashlib.blake2b(json.dumps([manifest["key"], train, [o["name"] for o in operators], cases])
                           .encode(), digest_size=8).hexdigest()
@@ -192,7 +193,7 @@ def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: i
     from .engine import Engine, EngineConfig
     from .store import Store
     from .threads import torch_threads
-    from .zoo import build_zoo, register_zoo, worker_pool
+    from .zoo import build_zoo, expert_names, register_zoo, worker_pool
 
     t0 = time.time()
     with contextlib.ExitStack() as stack:
@@ -219,8 +220,8 @@ def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: i
         cat = Catalog(store)
         operators = [{"name": o["name"], "method": o["method"], "params": o["params"]} for o in cat.operators()]
         # tasks some expert is tagged with (a task no expert is tuned for is no merge target)
-        tasks = [t["name"] for t in manifest["tasks"]
-                 if any(t["name"] in m["tasks"] for m in manifest["models"] if m["base"] is not None)]
+        experts = [m for m in manifest["models"] if m["name"] in set(expert_names(manifest))]
+        tasks = [t["name"] for t in manifest["tasks"] if any(t["name"] in m["tasks"] for m in experts)]
         train, held = split_tasks(tasks, seed)
         echo(f"registered {len(cat.models())} models, {len(cat.tasks())} tasks ({len(tasks)} with experts), "
              f"{len(operators)} operators; held out: {', '.join(held)} (the engine has never seen a merge scored "

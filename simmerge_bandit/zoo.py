@@ -784,9 +784,10 @@ def register_zoo(store, directory: str | os.PathLike, *, operators: Sequence[dic
             out[kind]["skipped"].append(name)
 
     ordered = sorted(manifest["models"], key=lambda m: m["base"] is not None)
+    experts = set(expert_names(manifest))
     for m in ordered:
         path = str((root / m["path"]).resolve())
-        tasks = m["tasks"] if m["base"] is not None else []
+        tasks = m["tasks"] if m["name"] in experts else []  # a base or checkpoint is no expert of its mixture
         add("models", m["name"], lambda: be.add_model(path, name=m["name"], base=m["base"], tasks=tasks))
     for t in manifest["tasks"]:
         data, probes = str(root / t["eval"]), str(root / t["probes"])
@@ -903,11 +904,19 @@ def resolve_operators(names: Sequence[str] | None, store=None, preset: str | Non
     return out
 
 
+def expert_names(manifest: dict) -> list[str]:
+    """The zoo's experts, in manifest order: models fine-tuned from a base that no other model was fine-tuned from
+    (a model others start from, such as a continued pretraining of the base, is a checkpoint, not an expert)."""
+    parents = {m.get("parent") for m in manifest["models"]}
+    return [m["name"] for m in manifest["models"] if m["base"] is not None and m["name"] not in parents]
+
+
 def table_cases(manifest: dict, n_triples: int = 0, seed: int = 0) -> list[tuple[str, ...]]:
-    """Every ordered pair of experts that share a base, then ``n_triples`` seeded random triples."""
+    """Every ordered pair of experts (:func:`expert_names`) that share a base, then ``n_triples`` seeded random
+    triples."""
     import random
 
-    experts = [m["name"] for m in manifest["models"] if m["base"] is not None]
+    experts = expert_names(manifest)
     base_of = {m["name"]: m["base"] for m in manifest["models"]}
     pairs = [(a, b) for a in experts for b in experts if a != b and base_of[a] == base_of[b]]
     rng = random.Random(_seed_int("triples", seed))
@@ -1307,9 +1316,10 @@ def expert_margins(manifest: dict) -> dict:
     import numpy as np
 
     by = {m["name"]: m for m in manifest["models"]}
+    experts = set(expert_names(manifest))
     own, off = [], []
     for m in manifest["models"]:
-        if m["base"] is None:
+        if m["name"] not in experts:
             continue
         base = by[m["base"]]["scores"]
         for t, x in m["scores"].items():

@@ -31,14 +31,6 @@ def test_every_variant_keeps_the_realistic_base_and_changes_only_the_experts():
     assert {r.parent for r in lin.recipes[1:]} == {"base", "base-cpt"}
 
 
-def test_intermediate_checkpoints_are_not_experts():
-    manifest = {"models": [{"name": "base", "parent": None, "base": None}, {"name": "cpt", "parent": "base",
-                                                                            "base": "base"},
-                           {"name": "a", "parent": "base", "base": "base"}, {"name": "b", "parent": "cpt",
-                                                                             "base": "base"}]}
-    assert probe.intermediates(manifest) == {"cpt"}
-
-
 def test_lend_base_copies_the_base_once(tmp_path):
     src = tmp_path / "src"
     (src / "models" / "base").mkdir(parents=True)

@@ -113,6 +113,22 @@ def test_train_only_freezes_every_other_parameter_and_leaves_old_recipe_hashes_a
         Preset("t", arch, ("max",), (base, Recipe("x", ("max",), "base", 5, 1e-2, train_only=("",)))).check()
 
 
+def test_a_checkpoint_other_models_start_from_is_not_an_expert():
+    from simmerge_bandit.zoo import expert_margins, expert_names
+
+    def model(name, parent, base, tasks, scores):
+        return {"name": name, "parent": parent, "base": base, "tasks": tasks, "scores": scores}
+
+    manifest = {"models": [model("base", None, None, ["a", "b"], {"a": 0.4, "b": 0.5}),
+                           model("cpt", "base", "base", ["a", "b"], {"a": 0.0, "b": 0.5}),   # continued pretraining
+                           model("x", "base", "base", ["a"], {"a": 0.9, "b": 0.5}),
+                           model("y", "cpt", "base", ["b"], {"a": 0.4, "b": 0.8})]}
+    assert expert_names(manifest) == ["x", "y"]
+    assert table_cases(manifest) == [("x", "y"), ("y", "x")]
+    m = expert_margins(manifest)
+    assert (m["min"], m["off_task_max_drop"]) == (pytest.approx(0.3), pytest.approx(0.0))   # cpt's -0.4 not counted
+
+
 def test_replay_rehearses_the_parents_mixture():
     from simmerge_bandit.zoo import Replay, _batch, _Encoded
 

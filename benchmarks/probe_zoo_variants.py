@@ -151,8 +151,8 @@ def figures(df, manifest: dict) -> dict:
 
 
 def disjoint_pairs(preset) -> set[tuple[str, str]]:
-    """Ordered pairs of experts that trained disjoint parameters: each was trained on some parameters only
-    (``Recipe.train_only``) and no name string of one is a name string of the other."""
+    """Ordered pairs of experts that trained disjoint parameters, as their recipes say: each trained only some
+    parameters (``Recipe.train_only``) and the two share no name string (attention-only with MLP-only)."""
     part = {r.name: set(r.train_only) for r in preset.recipes[1:] if r.train_only}
     return {(a, b) for a in part for b in part if a != b and not part[a] & part[b]}
 
@@ -168,13 +168,11 @@ def operator_means_on(df, manifest: dict, pairs: set[tuple[str, str]]) -> dict |
     m = case_matrix(df, "target", 2, manifest)
     rows = [i for i, k in enumerate(m.keys) if (k[0], k[1]) in pairs]
     V = np.asarray(m.V)[rows]
-    names = [o["name"] if isinstance(o, dict) else o for o in m.operators]
+    names = [o["name"] for o in m.operators]
     return {"n_cases": len(rows), "operator_mean": {n: float(v) for n, v in zip(names, V.mean(0))}}
 
 
 def run(name: str, seed: int, work: Path, base_from: Path | None, jobs: int) -> dict:
-    import pandas as pd  # noqa: F401 - the table is a DataFrame
-
     from simmerge_bandit.zoo import build_table, build_zoo, default_operators, load_manifest
 
     preset = variant_preset(name)

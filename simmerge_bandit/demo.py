@@ -220,7 +220,7 @@ def run_demo(home: str | os.PathLike | None = None, *, rounds: int = 12, seed: i
         cat = Catalog(store)
         operators = [{"name": o["name"], "method": o["method"], "params": o["params"]} for o in cat.operators()]
         # tasks some expert is tagged with (a task no expert is tuned for is no merge target)
-        experts = [m for m in manifest["models"] if m["name"] in set(expert_names(manifest))]
+        experts = [by_name[n] for n in expert_names(manifest)]
         tasks = [t["name"] for t in manifest["tasks"] if any(t["name"] in m["tasks"] for m in experts)]
         train, held = split_tasks(tasks, seed)
         echo(f"registered {len(cat.models())} models, {len(cat.tasks())} tasks ({len(tasks)} with experts), "

@@ -155,6 +155,15 @@ def unit_zoo_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def unit_pair_table(unit_zoo_dir):
+    """The unit zoo's 2-way merge table with two operators (linear, slerp_t0.3), built once per test run."""
+    from simmerge_bandit.zoo import build_table, default_operators
+
+    ops = [o for o in default_operators() if o["name"] in ("linear", "slerp_t0.3")]
+    return build_table(unit_zoo_dir, operators=ops, progress=False)
+
+
+@pytest.fixture(scope="session")
 def unit_zoo(unit_zoo_dir) -> tuple[Path, dict]:
     """(directory, manifest as build_zoo returns it) of the shared unit zoo (a cache hit here)."""
     from simmerge_bandit.zoo import build_zoo

@@ -71,12 +71,11 @@ def test_nc_share_is_the_noise_corrected_gap_over_the_gap(monkeypatch):
     assert f["nc_share"] == pytest.approx(0.3) and f["cases"] == 7 and f["oracle_gap"] == 0.1
 
 
-def test_figures_read_what_table_stats_writes(unit_zoo_dir):
+def test_figures_read_what_table_stats_writes(unit_zoo_dir, unit_pair_table):
     # on a real (tiny) table, not a hand-made dict: a key table_stats does not write fails here
-    from simmerge_bandit.zoo import build_table, default_operators, load_manifest
+    from simmerge_bandit.zoo import load_manifest
 
-    ops = [o for o in default_operators() if o["name"] in ("linear", "slerp_t0.3")]
-    df = build_table(unit_zoo_dir, operators=ops, progress=False)
+    df = unit_pair_table
     f = probe.figures(df, load_manifest(unit_zoo_dir))
     assert f["cases"] == df[["model_a", "model_b"]].drop_duplicates().shape[0] > 0
     assert f["best_fixed_operator"] in ("linear", "slerp_t0.3") and f["oracle_mean"] >= f["best_fixed_mean"]

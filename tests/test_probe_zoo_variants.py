@@ -60,11 +60,10 @@ def test_variants_table_hand_worked():
     assert "`hot`:" in lines[7] and "`fast`" not in lines[7]
 
 
-def test_figures_read_what_table_stats_writes(unit_zoo_dir):
-    from simmerge_bandit.zoo import build_table, default_operators, load_manifest
+def test_figures_read_what_table_stats_writes(unit_zoo_dir, unit_pair_table):
+    from simmerge_bandit.zoo import load_manifest
 
-    ops = [o for o in default_operators() if o["name"] in ("linear", "slerp_t0.3")]
-    df = build_table(unit_zoo_dir, operators=ops, progress=False)
+    df = unit_pair_table
     f = probe.figures(df, load_manifest(unit_zoo_dir))
     assert f["n_cases"] == df[["model_a", "model_b"]].drop_duplicates().shape[0] > 0
     assert set(f["expert_margin"]) == {"min", "median", "off_task_max_drop"} and f["checks"]
